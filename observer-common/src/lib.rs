@@ -1,0 +1,182 @@
+//! The contract between observer's eBPF programs and its daemon: map keys,
+//! map values, records and settings, laid out `#[repr(C)]` so both sides read
+//! the same bytes. Nothing else may define a type that crosses the boundary.
+#![no_std]
+
+/// `AF_INET` as the kernel stores it in `sock_common.skc_family`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` as the kernel stores it in `sock_common.skc_family`.
+pub const AF_INET6: u16 = 10;
+/// `TCP_LISTEN` in `sock_common.skc_state`.
+pub const TCP_LISTEN: u8 = 10;
+/// `IPPROTO_TCP` in `sock.sk_protocol`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Upper bounds (inclusive, microseconds) of the accept-queue wait histogram
+/// buckets, from 100 µs to 60 s. The kernel side counts each accepted
+/// connection into the first bucket whose bound is >= its wait; one extra slot
+/// past the end holds waits above the last bound (+Inf).
+pub const WAIT_BUCKET_BOUNDS_US: [u64; WAIT_BUCKETS] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+/// Number of finite histogram buckets.
+pub const WAIT_BUCKETS: usize = 18;
+
+/// Capacity of the `ACCEPTS` map (distinct listener address × accepting
+/// process pairs alive at once). Inserts beyond it are counted in
+/// [`Health::AcceptMapFull`], never silently lost.
+pub const ACCEPT_MAP_CAPACITY: u32 = 8192;
+
+/// Where the accepted child socket was bound, and who accepted it.
+///
+/// `addr`/`port` are the child's *local* address: the daemon maps them to the
+/// listening socket (which may be bound to a wildcard address) in userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AcceptKey {
+    /// Inode number of the network namespace (what `ls -l /proc/PID/ns/net` shows).
+    pub netns: u32,
+    /// Thread-group id (the process id) that called accept.
+    pub tgid: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Local address: IPv4 in the first 4 bytes, or IPv6 (network order).
+    pub addr: [u8; 16],
+}
+
+/// What was counted for one [`AcceptKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Sum of their waits in the accept queue, nanoseconds.
+    pub wait_sum_ns: u64,
+    /// Per-bucket (not cumulative) counts; the last slot is the +Inf overflow.
+    pub wait_buckets: [u64; WAIT_BUCKETS + 1],
+    /// Accepted connections whose queue-entry stamp could not be read (not in
+    /// the histogram).
+    pub wait_unknown: u64,
+}
+
+impl AcceptStats {
+    pub const ZERO: AcceptStats = AcceptStats {
+        accepted: 0,
+        wait_sum_ns: 0,
+        wait_buckets: [0; WAIT_BUCKETS + 1],
+        wait_unknown: 0,
+    };
+}
+
+/// One listening TCP socket, as the `iter/tcp` program writes it to its seq file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenerRecord {
+    pub netns: u32,
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+    /// Connections waiting in the accept queue (`sk_ack_backlog`, ss Recv-Q).
+    pub queue_len: u32,
+    /// The accept-queue limit (`sk_max_ack_backlog`, ss Send-Q).
+    pub queue_max: u32,
+    /// Half-open connections (`icsk_accept_queue.qlen`).
+    pub syn_queue_len: u32,
+    /// Connections this listener dropped (`sk_drops`, incremented with
+    /// ListenDrops).
+    pub drops: u32,
+    /// Inode of the socket (`socket:[N]` in /proc/PID/fd), 0 if orphaned.
+    pub inode: u64,
+}
+
+/// Byte offsets of the kernel struct fields the programs read, resolved by the
+/// daemon from the running kernel's BTF and written into the programs'
+/// read-only data before they load. This keeps one object file valid across
+/// kernel versions without CO-RE support in the Rust toolchain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_state: u32,
+    pub sk_num: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_net: u32,
+    pub net_ns_inum: u32,
+    pub sk_protocol: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    pub sk_drops: u32,
+    pub sk_socket: u32,
+    pub icsk_accept_queue_qlen: u32,
+    pub tcp_rcvq_space_time: u32,
+    pub socket_alloc_vfs_inode: u32,
+    pub inode_i_ino: u32,
+}
+
+/// Slots of the `HEALTH` per-CPU array: events the programs could not fully
+/// handle. Exported so that nothing is lost silently.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// An accept could not be counted because `ACCEPTS` was full.
+    AcceptMapFull = 0,
+    /// A kernel read failed while following an accepted fd to its socket.
+    AcceptReadError = 1,
+}
+
+/// Number of [`Health`] slots.
+pub const HEALTH_SLOTS: u32 = 2;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all impls): plain `#[repr(C)]` integers and byte arrays with
+    // explicit padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::AcceptKey {}
+    unsafe impl aya::Pod for super::AcceptStats {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+/// Index of the histogram slot that a wait of `wait_us` microseconds falls in.
+#[inline(always)]
+pub fn wait_bucket(wait_us: u64) -> usize {
+    let mut i = 0;
+    while i < WAIT_BUCKETS {
+        if wait_us <= WAIT_BUCKET_BOUNDS_US[i] {
+            return i;
+        }
+        i += 1;
+    }
+    WAIT_BUCKETS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_bucket_boundaries_are_inclusive_upper_bounds() {
+        assert_eq!(wait_bucket(0), 0);
+        assert_eq!(wait_bucket(100), 0);
+        assert_eq!(wait_bucket(101), 1);
+        assert_eq!(wait_bucket(60_000_000), WAIT_BUCKETS - 1);
+        assert_eq!(wait_bucket(60_000_001), WAIT_BUCKETS);
+    }
+
+    #[test]
+    fn shared_layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
+        assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
+        assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 4));
+    }
+}

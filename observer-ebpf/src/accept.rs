@@ -1,0 +1,126 @@
+//! `syscalls/sys_exit_accept4` and `syscalls/sys_exit_accept`: one accepted
+//! connection → one count, and its wait in the listen queue.
+//!
+//! The wait needs no hook of its own: when the handshake completes and the
+//! child socket enters the accept queue, the kernel stamps
+//! `tcp_sock.rcvq_space.time` (µs, the clock of `bpf_ktime_get_ns`), and
+//! nothing moves that stamp until the owner reads from the socket, which it
+//! can only do after accept. So wait = now − that stamp.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use observer_common::{
+    AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, WAIT_BUCKETS, wait_bucket,
+};
+
+use crate::{
+    kernel::{offsets, read, read_ptr, socket_place},
+    maps::{ACCEPTS, count_health},
+};
+
+/// Offset of `long ret` in every `syscalls/sys_exit_*` event record.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: `ret` sits at this offset in every sys_exit_* format.
+    let fd: i64 = match unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) } {
+        Ok(fd) => fd,
+        Err(_) => return 0,
+    };
+    if fd < 0 {
+        return 0;
+    }
+    let off = offsets();
+    match accepted_sock(fd as u64, &off) {
+        Some(sk) => count_accept(sk, &off),
+        None => count_health(Health::AcceptReadError),
+    }
+    0
+}
+
+/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk.
+#[inline(always)]
+fn accepted_sock(fd: u64, off: &KernelOffsets) -> Option<u64> {
+    // SAFETY: the helper takes no arguments and returns the running task.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_ptr(task, off.task_files)?;
+    let fdt = read_ptr(files, off.files_fdt)?;
+    let max_fds: u32 = read(fdt, off.fdtable_max_fds)?;
+    if fd >= max_fds as u64 {
+        return None;
+    }
+    let fd_array = read_ptr(fdt, off.fdtable_fd)?;
+    let file = read_ptr(fd_array + fd * 8, 0)?;
+    let socket = read_ptr(file, off.file_private_data)?;
+    read_ptr(socket, off.socket_sk)
+}
+
+#[inline(always)]
+fn count_accept(sk: u64, off: &KernelOffsets) {
+    // Unix-domain and non-TCP accepts are none of our business.
+    let Some(place) = socket_place(sk, off) else {
+        return;
+    };
+    if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
+        return;
+    }
+    let key = AcceptKey {
+        netns: place.netns,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        family: place.family,
+        port: place.port,
+        _pad: 0,
+        addr: place.addr,
+    };
+    let Some(stats) = stats_for(&key) else {
+        count_health(Health::AcceptMapFull);
+        return;
+    };
+    // SAFETY (whole block): `stats` points into a live map value (RCU keeps it
+    // alive for this program run); atomics because other CPUs add to it too.
+    unsafe {
+        add(&raw mut (*stats).accepted, 1);
+        let queued_at_us: u64 = read(sk, off.tcp_rcvq_space_time).unwrap_or(0);
+        // SAFETY: helper without arguments.
+        let now_us = bpf_ktime_get_ns() / 1000;
+        if queued_at_us == 0 || queued_at_us > now_us {
+            add(&raw mut (*stats).wait_unknown, 1);
+            return;
+        }
+        let wait_us = now_us - queued_at_us;
+        add(&raw mut (*stats).wait_sum_ns, wait_us * 1000);
+        let mut bucket = wait_bucket(wait_us);
+        if bucket > WAIT_BUCKETS {
+            bucket = WAIT_BUCKETS; // proves the bound to the verifier
+        }
+        add(
+            (&raw mut (*stats).wait_buckets).cast::<u64>().add(bucket),
+            1,
+        );
+    }
+}
+
+/// The stats slot for `key`, created zeroed on first use; `None` when full.
+#[inline(always)]
+fn stats_for(key: &AcceptKey) -> Option<*mut AcceptStats> {
+    if let Some(stats) = ACCEPTS.get_ptr_mut(key) {
+        return Some(stats);
+    }
+    // Another CPU may insert the same key first: NOEXIST fails, lookup wins.
+    let _ = ACCEPTS.insert(key, &AcceptStats::ZERO, BPF_NOEXIST as u64);
+    ACCEPTS.get_ptr_mut(key)
+}
+
+/// # Safety
+/// `slot` must point to a live, 8-byte aligned u64 in a map value.
+#[inline(always)]
+unsafe fn add(slot: *mut u64, value: u64) {
+    // SAFETY: guaranteed by the caller. (core's AtomicU64 has no fetch_add on
+    // the bpf target; the intrinsic lowers to the BPF atomic add.)
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
+}

@@ -1,0 +1,27 @@
+//! observer's eBPF programs. They stay small and dumb: follow a pointer,
+//! build a key, count, and leave everything else to the daemon.
+//!
+//! - `accept`: on return from accept()/accept4(), counts the accepted
+//!   connection and how long it waited in the listen queue.
+//! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
+//!   every listening socket's queue depth and limit in every network namespace.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod accept;
+mod kernel;
+mod listeners;
+mod maps;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible: bpf_probe_read_kernel and bpf_get_current_task are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

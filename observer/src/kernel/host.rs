@@ -1,0 +1,114 @@
+//! What the host must provide before programs can load: privileges, tracefs,
+//! and a lockdown mode that allows reading kernel memory. Each check fails
+//! with one line naming the problem and the fix.
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+const SECURITYFS: &str = "/sys/kernel/security";
+
+/// The effective capability set of this process (CapEff in /proc/self/status).
+fn effective_capabilities() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("0");
+    Ok(u64::from_str_radix(hex, 16).unwrap_or(0))
+}
+
+/// Names of the capabilities that loading our programs needs and we lack.
+pub fn missing_capabilities() -> Result<Vec<&'static str>> {
+    let caps = effective_capabilities()?;
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) && has(CAP_PERFMON) || has(CAP_BPF) && has(CAP_PERFMON) {
+        return Ok(vec![]);
+    }
+    let mut missing = vec![];
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    Ok(missing)
+}
+
+pub fn require_privileges() -> Result<()> {
+    let missing = missing_capabilities()?;
+    if !missing.is_empty() {
+        bail!(
+            "missing privileges: observer needs {} to load eBPF programs; run it as root \
+             (e.g. `sudo observer serve`) or grant those capabilities",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
+    let c = |s: &str| std::ffi::CString::new(s).expect("static mount strings have no NUL");
+    let (source, target_c, fstype_c) = (c(fstype), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Mounts tracefs at /sys/kernel/tracing unless it (or the debugfs copy) is there.
+/// Returns whether this call mounted it.
+pub fn ensure_tracefs() -> Result<bool> {
+    if Path::new(TRACEFS).join("events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        return Ok(false);
+    }
+    match mount("tracefs", TRACEFS) {
+        Ok(()) => Ok(true),
+        Err(e) => bail!(
+            "tracefs is not mounted and mounting it at {TRACEFS} failed ({e}): run \
+             `mount -t tracefs tracefs {TRACEFS}` as root, or give observer CAP_SYS_ADMIN"
+        ),
+    }
+}
+
+/// The kernel lockdown mode ("none", "integrity", "confidentiality"), or None
+/// when the kernel has no lockdown support or securityfs can't be mounted.
+pub fn lockdown_mode() -> Option<String> {
+    let file = Path::new(SECURITYFS).join("lockdown");
+    if !file.exists() {
+        let _ = mount("securityfs", SECURITYFS);
+    }
+    let text = std::fs::read_to_string(file).ok()?;
+    // The active mode is in brackets: "none [integrity] confidentiality".
+    let start = text.find('[')? + 1;
+    let end = text[start..].find(']')? + start;
+    Some(text[start..end].to_owned())
+}
+
+pub fn require_lockdown_allows_reads() -> Result<()> {
+    if lockdown_mode().as_deref() == Some("confidentiality") {
+        bail!(
+            "kernel lockdown is 'confidentiality', which forbids eBPF programs from reading \
+             kernel memory; boot with lockdown=integrity (or none) to use observer"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! Stage 1 of the data path, kernel facing: what the host must provide, the
+//! struct offsets of this kernel, and the loaded programs with their maps.
+pub mod btf;
+pub mod host;
+pub mod offsets;
+pub mod probes;

@@ -1,0 +1,219 @@
+//! Loads observer's eBPF programs, attaches the accept source, and reads what
+//! they counted. The only module that talks to aya.
+use std::{io::Read as _, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{HashMap, PerCpuArray},
+    programs::{Iter, ProgramError, TracePoint},
+};
+use observer_common::{
+    AcceptKey, AcceptStats, HEALTH_SLOTS, Health, KernelOffsets, ListenerRecord,
+};
+
+/// The compiled programs, built by build.rs from observer-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+/// Where accepted connections are seen. More sources (fexit/kprobe on
+/// `inet_csk_accept`) slot in here on kernels that allow them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceptSource {
+    /// Pick the best source that loads on this kernel.
+    Auto,
+    /// `syscalls/sys_exit_accept4` and `sys_exit_accept` tracepoints.
+    Tracepoint,
+}
+
+impl AcceptSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcceptSource::Auto => "auto",
+            AcceptSource::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// A program that could not be attached but was not essential.
+#[derive(Clone, Debug)]
+pub struct AttachError {
+    pub program: &'static str,
+    pub message: String,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub accept_source: AcceptSource,
+    /// Non-fatal load/attach failures, exported as metrics.
+    pub attach_errors: Vec<AttachError>,
+}
+
+/// One readable line for a program error; the verifier log goes to debug level.
+fn describe(program: &str, err: ProgramError) -> anyhow::Error {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            log::debug!("verifier log for {program}:\n{verifier_log}");
+            anyhow!(
+                "the kernel refused to load eBPF program {program}: {io_error} (rerun with \
+                 --verbose for the verifier log)"
+            )
+        }
+        other => anyhow!("eBPF program {program}: {other}"),
+    }
+}
+
+impl Probes {
+    /// Loads the programs with this kernel's struct offsets and attaches the
+    /// accept source. `btf_path` is the kernel BTF the offsets came from.
+    pub fn load(offsets: &KernelOffsets, btf_path: &Path, requested: AcceptSource) -> Result<Self> {
+        let btf = Btf::parse_file(btf_path, Endianness::default())
+            .with_context(|| format!("reading kernel BTF from {}", btf_path.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", offsets, true)
+            .load(OBJECT)
+            .map_err(|e| match e {
+                aya::EbpfError::MapError(m) => anyhow!("creating eBPF maps failed: {m}"),
+                other => anyhow!("loading the eBPF object failed: {other}"),
+            })?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            log::debug!("no eBPF log stream: {e}");
+        }
+        let mut attach_errors = Vec::new();
+        let accept_source = attach_accept_source(&mut ebpf, requested, &mut attach_errors)?;
+        let iter: &mut Iter = program(&mut ebpf, "listeners")?;
+        iter.load("tcp", &btf)
+            .map_err(|e| describe("listeners (iter/tcp)", e))?;
+        Ok(Probes {
+            ebpf,
+            accept_source,
+            attach_errors,
+        })
+    }
+
+    /// Every listening TCP socket in every network namespace, right now.
+    pub fn listeners(&mut self) -> Result<Vec<ListenerRecord>> {
+        let iter: &mut Iter = program(&mut self.ebpf, "listeners")?;
+        let link_id = iter
+            .attach()
+            .map_err(|e| describe("listeners (iter/tcp)", e))?;
+        let link = iter
+            .take_link(link_id)
+            .map_err(|e| describe("listeners", e))?;
+        let mut file = link
+            .into_file()
+            .context("opening the TCP socket iterator")?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .context("reading the TCP socket iterator")?;
+        Ok(parse_listener_records(&bytes))
+    }
+
+    /// Everything the accept program counted, per child address and process.
+    pub fn accepts(&self) -> Result<Vec<(AcceptKey, AcceptStats)>> {
+        let map: HashMap<_, AcceptKey, AcceptStats> =
+            HashMap::try_from(self.ebpf.map("ACCEPTS").context("map ACCEPTS missing")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            match entry {
+                Ok(kv) => out.push(kv),
+                // A key deleted while we walk is not an error worth failing a scrape.
+                Err(e) => log::debug!("reading ACCEPTS: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets counted keys (dead processes, closed listeners).
+    pub fn forget_accepts(&mut self, keys: &[AcceptKey]) -> Result<()> {
+        let mut map: HashMap<_, AcceptKey, AcceptStats> = HashMap::try_from(
+            self.ebpf
+                .map_mut("ACCEPTS")
+                .context("map ACCEPTS missing")?,
+        )?;
+        for key in keys {
+            if let Err(e) = map.remove(key) {
+                log::debug!("removing an ACCEPTS key: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Totals of the programs' health counters, indexed by [`Health`].
+    pub fn health(&self) -> Result<[u64; HEALTH_SLOTS as usize]> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("HEALTH").context("map HEALTH missing")?)?;
+        let mut totals = [0u64; HEALTH_SLOTS as usize];
+        for (slot, total) in totals.iter_mut().enumerate() {
+            *total = map.get(&(slot as u32), 0)?.iter().sum();
+        }
+        Ok(totals)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?;
+    program.try_into().map_err(|e| describe(name, e))
+}
+
+fn attach_accept_source(
+    ebpf: &mut Ebpf,
+    requested: AcceptSource,
+    errors: &mut Vec<AttachError>,
+) -> Result<AcceptSource> {
+    match requested {
+        AcceptSource::Auto | AcceptSource::Tracepoint => {
+            let tp: &mut TracePoint = program(ebpf, "accept_exit")?;
+            tp.load().map_err(|e| describe("accept_exit", e))?;
+            tp.attach("syscalls", "sys_exit_accept4").map_err(|e| {
+                anyhow!(
+                    "attaching to tracepoint syscalls/sys_exit_accept4 failed ({}): this \
+                     kernel needs CONFIG_FTRACE_SYSCALLS=y for the tracepoint accept source",
+                    e
+                )
+            })?;
+            // accept(2) is rarer (and absent on some architectures): not fatal.
+            if let Err(e) = tp.attach("syscalls", "sys_exit_accept") {
+                errors.push(AttachError {
+                    program: "accept_exit",
+                    message: e.to_string(),
+                });
+            }
+            Ok(AcceptSource::Tracepoint)
+        }
+    }
+}
+
+/// Splits the iterator's output into records; a torn tail is ignored.
+pub fn parse_listener_records(bytes: &[u8]) -> Vec<ListenerRecord> {
+    bytes
+        .chunks_exact(std::mem::size_of::<ListenerRecord>())
+        // SAFETY: ListenerRecord is repr(C) plain integers; the chunk has its
+        // exact size and read_unaligned copes with any alignment.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ListenerRecord>()) })
+        .collect()
+}
+
+/// Human names of the health slots, used as metric labels.
+pub fn health_name(slot: usize) -> &'static str {
+    match slot {
+        s if s == Health::AcceptMapFull as usize => "accept_map_full",
+        s if s == Health::AcceptReadError as usize => "accept_read_error",
+        _ => "unknown",
+    }
+}
+
+pub fn ensure_object_sane() -> Result<()> {
+    if OBJECT.is_empty() {
+        bail!("this observer binary was built without its eBPF programs (AYA_BUILD_SKIP?)");
+    }
+    Ok(())
+}

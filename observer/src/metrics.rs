@@ -1,0 +1,288 @@
+//! Stage 4a: Prometheus exposition. Builds metric families from a
+//! [`Collection`] and the daemon's own health, and encodes them as text.
+use anyhow::{Context as _, Result};
+use observer_common::WAIT_BUCKET_BOUNDS_US;
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::aggregate::{Collection, ListenerView, Waits};
+
+/// The daemon's view of itself, exported next to the listener figures.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonHealth {
+    pub accept_source: String,
+    pub lockdown: String,
+    /// (program, message) for every non-fatal load/attach failure.
+    pub program_errors: Vec<(String, String)>,
+    /// (reason, count) of kernel events the programs could not count.
+    pub kernel_events_lost: Vec<(&'static str, u64)>,
+    pub collect_errors: u64,
+    pub last_collect_seconds: f64,
+}
+
+fn label(name: &str, value: impl Into<String>) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.into());
+    l
+}
+
+fn listener_labels(v: &ListenerView) -> Vec<LabelPair> {
+    vec![
+        label("addr", v.id.ip().to_string()),
+        label("netns", v.id.netns.to_string()),
+        label("port", v.id.port.to_string()),
+    ]
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_gauge(g);
+    m.set_label(labels);
+    m
+}
+
+fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut m = Metric::from_label(labels);
+    m.set_counter(c);
+    m
+}
+
+/// A histogram in seconds from per-bucket microsecond counts.
+fn histogram(labels: Vec<LabelPair>, waits: &Waits) -> Metric {
+    let mut cumulative = 0;
+    let buckets = WAIT_BUCKET_BOUNDS_US
+        .iter()
+        .zip(waits.buckets.iter())
+        .map(|(bound_us, n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound_us as f64 / 1e6);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_bucket(buckets); // the encoder adds le="+Inf" = sample count
+    h.set_sample_count(waits.count());
+    h.set_sample_sum(waits.sum_ns as f64 / 1e9);
+    let mut m = Metric::from_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+fn per_listener(
+    c: &Collection,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: impl Fn(&ListenerView) -> f64,
+) -> MetricFamily {
+    let make = if kind == MetricType::COUNTER {
+        counter
+    } else {
+        gauge
+    };
+    let metrics = c
+        .listeners
+        .iter()
+        .map(|v| make(listener_labels(v), value(v)))
+        .collect();
+    family(name, help, kind, metrics)
+}
+
+/// Every listener metric family, in the order of the README's reference table.
+pub fn listener_families(c: &Collection) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    vec![
+        per_listener(
+            c,
+            "observer_listen_queue_length",
+            "Connections waiting in the listening socket's accept queue now (ss Recv-Q).",
+            GAUGE,
+            |v| v.queue_len as f64,
+        ),
+        per_listener(
+            c,
+            "observer_listen_queue_max",
+            "Accept queue limit of the listening socket (the backlog; ss Send-Q).",
+            GAUGE,
+            |v| v.queue_max as f64,
+        ),
+        per_listener(
+            c,
+            "observer_connections_queued_total",
+            "Connections that completed the handshake and entered the accept queue since observer started.",
+            COUNTER,
+            |v| v.queued as f64,
+        ),
+        per_listener(
+            c,
+            "observer_connections_accepted_total",
+            "Connections taken from the accept queue by accept() since observer started.",
+            COUNTER,
+            |v| v.accepts.accepted as f64,
+        ),
+        family(
+            "observer_accept_queue_wait_seconds",
+            "Time each accepted connection waited in the accept queue, from handshake completion to accept().",
+            HISTOGRAM,
+            c.listeners
+                .iter()
+                .map(|v| histogram(listener_labels(v), &v.accepts.waits))
+                .collect(),
+        ),
+    ]
+}
+
+/// The daemon's own health and build information.
+pub fn daemon_families(c: &Collection, d: &DaemonHealth) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let build = gauge(
+        vec![
+            label("accept_source", d.accept_source.clone()),
+            label("lockdown", d.lockdown.clone()),
+            label("version", env!("CARGO_PKG_VERSION")),
+        ],
+        1.0,
+    );
+    let program_errors = d
+        .program_errors
+        .iter()
+        .map(|(program, _)| counter(vec![label("program", program.clone())], 1.0))
+        .collect();
+    let lost = d
+        .kernel_events_lost
+        .iter()
+        .map(|(reason, n)| counter(vec![label("reason", *reason)], *n as f64))
+        .collect();
+    vec![
+        family(
+            "observer_build_info",
+            "Build and probe information: the accept source in use and the kernel lockdown mode.",
+            GAUGE,
+            vec![build],
+        ),
+        family(
+            "observer_program_errors_total",
+            "eBPF programs or attach points that failed to load or attach (non-fatal ones).",
+            COUNTER,
+            program_errors,
+        ),
+        family(
+            "observer_kernel_events_lost_total",
+            "Kernel events the eBPF programs could not count, by reason (e.g. a full map).",
+            COUNTER,
+            lost,
+        ),
+        family(
+            "observer_listeners_over_limit",
+            "Listening addresses left out of this scrape because of --collector.max-listeners.",
+            GAUGE,
+            vec![gauge(vec![], c.listeners_over_cap as f64)],
+        ),
+        family(
+            "observer_collect_errors_total",
+            "Scrapes whose collection from the kernel failed.",
+            COUNTER,
+            vec![counter(vec![], d.collect_errors as f64)],
+        ),
+        family(
+            "observer_collect_duration_seconds",
+            "Time the last collection from the kernel took.",
+            GAUGE,
+            vec![gauge(vec![], d.last_collect_seconds)],
+        ),
+    ]
+}
+
+/// Encodes metric families in the Prometheus text format.
+pub fn encode(families: &[MetricFamily]) -> Result<String> {
+    // The text format has no way to say "a family with no series": leave them out.
+    let present: Vec<MetricFamily> = families
+        .iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&present, &mut out)
+        .context("encoding metrics")?;
+    String::from_utf8(out).context("metrics text is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{Accepts, ListenerId};
+    use observer_common::AF_INET;
+
+    fn one_listener() -> Collection {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut waits = Waits::default();
+        waits.buckets[0] = 2; // <= 100 µs
+        waits.buckets[12] = 1; // <= 1 s
+        waits.sum_ns = 900_000_000;
+        Collection {
+            listeners: vec![ListenerView {
+                id: ListenerId {
+                    netns: 4026531840,
+                    family: AF_INET,
+                    addr,
+                    port: 8080,
+                },
+                sockets: 1,
+                queue_len: 3,
+                queue_max: 128,
+                syn_queue_len: 0,
+                queued: 6,
+                accepts: Accepts { accepted: 3, waits },
+                by_process: Default::default(),
+                inodes: vec![],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn listener_metrics_carry_addr_port_netns_labels() {
+        let text = encode(&listener_families(&one_listener())).unwrap();
+        assert!(text.contains(
+            "observer_listen_queue_length{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\"} 3"
+        ), "{text}");
+        assert!(text.contains("# TYPE observer_connections_accepted_total counter"));
+    }
+
+    #[test]
+    fn wait_histogram_is_cumulative_in_seconds_with_inf() {
+        let text = encode(&listener_families(&one_listener())).unwrap();
+        let line = |le: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("observer_accept_queue_wait_seconds_bucket")
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(line("0.0001").as_deref(), Some("2"));
+        assert_eq!(line("0.5").as_deref(), Some("2"));
+        assert_eq!(line("1").as_deref(), Some("3"));
+        assert_eq!(line("+Inf").as_deref(), Some("3"));
+        assert!(text.contains("observer_accept_queue_wait_seconds_sum{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\"} 0.9"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Stage 4b: the daemon. Serves /metrics (collected from the kernel at scrape
+//! time, like node_exporter), /healthz, and a landing page; detaches the
+//! programs on SIGINT/SIGTERM.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode, body::Bytes, header, server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::core::Collector as _;
+
+use crate::{
+    metrics,
+    pipeline::{KernelOptions, Pipeline},
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeOptions {
+    /// Address to serve metrics on. Loopback by default: exposing the endpoint
+    /// on other interfaces is an explicit choice.
+    #[arg(
+        long = "web.listen-address",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9688"
+    )]
+    pub listen_address: SocketAddr,
+    /// Path under which metrics are served.
+    #[arg(
+        long = "web.telemetry-path",
+        value_name = "PATH",
+        default_value = "/metrics"
+    )]
+    pub telemetry_path: String,
+    /// Most listening addresses exported per scrape (the rest are counted in
+    /// observer_listeners_over_limit).
+    #[arg(
+        long = "collector.max-listeners",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_listeners: usize,
+    #[command(flatten)]
+    pub kernel: KernelOptions,
+}
+
+struct State {
+    pipeline: Mutex<Pipeline>,
+    process: prometheus::process_collector::ProcessCollector,
+    telemetry_path: String,
+}
+
+const LANDING: &str = "<html><head><title>observer</title></head><body><h1>observer</h1>\
+<p>eBPF observer of TCP listen queues and worker activity.</p><p><a href=\"{path}\">Metrics</a></p>\
+</body></html>\n";
+
+pub fn run(opts: ServeOptions) -> Result<()> {
+    if !opts.telemetry_path.starts_with('/') || opts.telemetry_path == "/healthz" {
+        bail!(
+            "--web.telemetry-path must start with '/' and differ from /healthz (got {:?})",
+            opts.telemetry_path
+        );
+    }
+    // Take the port before loading anything, so a clash fails fast.
+    let listener = std::net::TcpListener::bind(opts.listen_address).with_context(|| {
+        format!(
+            "cannot listen on {}; pick a free address with --web.listen-address",
+            opts.listen_address
+        )
+    })?;
+    listener.set_nonblocking(true)?;
+    let pipeline = Pipeline::start(&opts.kernel, opts.max_listeners)?;
+    let state = Arc::new(State {
+        pipeline: Mutex::new(pipeline),
+        process: prometheus::process_collector::ProcessCollector::for_self(),
+        telemetry_path: opts.telemetry_path.clone(),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    log::info!(
+        "serving metrics on http://{}{}",
+        opts.listen_address,
+        opts.telemetry_path
+    );
+    runtime.block_on(accept_loop(listener, state))?;
+    log::info!("stopping: detaching eBPF programs");
+    Ok(())
+}
+
+async fn accept_loop(listener: std::net::TcpListener, state: Arc<State>) -> Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => { log::warn!("accepting an HTTP connection: {e}"); continue; }
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(&req, &state)) }
+                    });
+                    let served = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .max_buf_size(64 * 1024)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    if let Err(e) = served {
+                        log::debug!("HTTP connection: {e}");
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn handle<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n".into(),
+        );
+    }
+    match req.uri().path() {
+        p if p == state.telemetry_path => match scrape(state) {
+            Ok(text) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, text),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("collection failed: {e:#}\n"),
+            ),
+        },
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/" => respond(
+            StatusCode::OK,
+            "text/html",
+            LANDING.replace("{path}", &state.telemetry_path),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn scrape(state: &State) -> Result<String> {
+    let mut pipeline = state
+        .pipeline
+        .lock()
+        .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+    let collection = pipeline.collect()?;
+    let mut families = metrics::listener_families(&collection);
+    families.extend(metrics::daemon_families(&collection, &pipeline.health));
+    families.extend(state.process.collect());
+    metrics::encode(&families)
+}
