@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], aya_build::Toolchain::default()).context(
-        "building the eBPF programs failed; run `cargo xtask setup` to install the nightly \
-         rust-src component and bpf-linker",
+        "building the eBPF programs (observer-ebpf) failed: see the compiler output above; if \
+         the nightly rust-src component or bpf-linker is missing, run `cargo xtask setup`",
     )
 }

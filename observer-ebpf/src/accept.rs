@@ -38,6 +38,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let off = offsets();
     match accepted_sock(fd as u64, &off) {
         Some(sk) => count_accept(sk, &off),
+        // Rare, and a sign of wrong offsets: counted and exported.
         None => count_health(Health::AcceptReadError),
     }
     0
@@ -112,7 +113,7 @@ fn stats_for(key: &AcceptKey) -> Option<*mut AcceptStats> {
         return Some(stats);
     }
     // Another CPU may insert the same key first: NOEXIST fails, lookup wins.
-    let _ = ACCEPTS.insert(key, &AcceptStats::ZERO, BPF_NOEXIST as u64);
+    let _ = ACCEPTS.insert(key, AcceptStats::ZERO, BPF_NOEXIST as u64);
     ACCEPTS.get_ptr_mut(key)
 }
 

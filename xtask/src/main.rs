@@ -1,1 +1,296 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | run`.
+//!
+//! Everything a fresh machine lacks is installed here, idempotently: the
+//! nightly `rust-src` component and `bpf-linker` (to build the eBPF programs),
+//! and the Debian packages the end-to-end tests drive (nginx, wrk, ss).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, set up and test observer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Set up, then build the release binary (target/release/observer).
+    Build,
+    /// rustfmt check and clippy -D warnings on every crate (the eBPF crate on
+    /// nightly for its own target).
+    Lint,
+    /// Set up, build, and run every test: unit tests and end-to-end tests
+    /// against the real kernel and real servers (needs root).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run `observer serve` with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the tests use, with a binary that shows each is present.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("nginx-light", "/usr/sbin/nginx"),
+    ("wrk", "/usr/bin/wrk"),
+    ("iproute2", "/usr/bin/ss"),
+    ("util-linux", "/usr/bin/setpriv"),
+    ("curl", "/usr/bin/curl"),
+    ("bpftool", "/usr/sbin/bpftool"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "observer"])
+        }
+        Task::Lint => {
+            setup()?;
+            lint()
+        }
+        Task::Test { args } => test(&args),
+        Task::Run { args } => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            let bin = workspace_root().join("target/release/observer");
+            let mut full = vec!["serve".to_owned()];
+            full.extend(args);
+            println!("xtask: starting {} {}", bin.display(), full.join(" "));
+            println!(
+                "xtask: metrics at http://127.0.0.1:9688/metrics (unless --web.listen-address says otherwise); Ctrl-C stops"
+            );
+            check(Command::new(bin).args(full), "observer serve")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn check(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    check(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(workspace_root()),
+        &format!("cargo {}", args.join(" ")),
+    )
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .context("no nightly Rust toolchain: install it with `rustup toolchain install nightly` (the eBPF programs build with nightly)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("xtask: installing rust-src for the nightly toolchain");
+    check(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "`rustup component add rust-src --toolchain nightly`",
+    )
+}
+
+/// bpf-linker built against the nightly toolchain's own LLVM shared library,
+/// so that no system LLVM is needed.
+fn ensure_bpf_linker() -> Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("`rustc +nightly --print sysroot` failed")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find_map(|n| {
+            n.strip_prefix("lib")
+                .and_then(|n| n.strip_suffix(".so"))
+                .filter(|n| n.starts_with("LLVM"))
+                .map(str::to_owned)
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM*.so in {}: the nightly toolchain lacks its LLVM library",
+                lib.display()
+            )
+        })?;
+    let major = llvm
+        .trim_start_matches("LLVM-")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (about a minute)");
+    let rustflags = format!(
+        "-L {0} -C link-arg=-l{llvm} -C link-arg=-Wl,-rpath,{0}",
+        lib.display()
+    );
+    check(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major},no-llvm-linking"),
+            ])
+            .env("RUSTFLAGS", rustflags),
+        "building bpf-linker (see the cargo output above; it needs crates.io)",
+    )
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, binary)| !Path::new(binary).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("xtask: installing Debian packages: {}", missing.join(" "));
+    check(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "`apt-get update` (run setup as root)",
+    )?;
+    check(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("`apt-get install {}`", missing.join(" ")),
+    )
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "observer-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    check(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "clippy",
+                "--package",
+                "observer-ebpf",
+                "--release",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(workspace_root()),
+        "clippy on observer-ebpf",
+    )
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    lint()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "the end-to-end tests load eBPF programs and start servers: run `cargo xtask test` as root"
+        );
+    }
+    cargo(&["build", "--package", "observer"])?;
+    let bin = workspace_root().join("target/debug/observer");
+    // Unit tests run in parallel; end-to-end tests one at a time, so that one
+    // test's load does not skew another's timings.
+    cargo(&[
+        "test",
+        "--package",
+        "observer",
+        "--package",
+        "observer-common",
+    ])?;
+    let mut e2e = vec![
+        "test",
+        "--package",
+        "observer-tests",
+        "--",
+        "--test-threads=1",
+    ];
+    e2e.extend(args.iter().map(String::as_str));
+    check(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(&e2e)
+            .env("OBSERVER_BIN", &bin)
+            .current_dir(workspace_root()),
+        "end-to-end tests",
+    )
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -226,8 +226,11 @@ impl Btf {
 mod tests {
     use super::*;
 
-    /// Builds BTF bytes from (name, kind, size_or_type, members) records.
-    fn btf_bytes(types: &[(&str, u32, u32, &[(&str, u32, u32)])]) -> Vec<u8> {
+    /// (name, kind, size_or_type, members as (name, type id, bit offset)).
+    type TypeSpec<'a> = (&'a str, u32, u32, &'a [(&'a str, u32, u32)]);
+
+    /// Builds BTF bytes from type records.
+    fn btf_bytes(types: &[TypeSpec]) -> Vec<u8> {
         let mut strings = vec![0u8];
         let mut add = |s: &str| -> u32 {
             if s.is_empty() {
@@ -248,6 +251,9 @@ mod tests {
                 for v in [add(m_name), *m_type, *m_bits] {
                     type_section.extend_from_slice(&v.to_le_bytes());
                 }
+            }
+            if *kind == 1 {
+                type_section.extend_from_slice(&[0; 4]); // INT encoding word
             }
         }
         let mut out = Vec::new();
@@ -282,14 +288,7 @@ mod tests {
                 &[("first", 1, 0), ("space", 3, 128), ("", 4, 256)],
             ),
         ]);
-        // INT carries 4 extra bytes: patch them in after the int record.
-        let mut patched = bytes[..24 + 12].to_vec();
-        patched.extend_from_slice(&[0, 0, 0, 0]);
-        patched.extend_from_slice(&bytes[24 + 12..]);
-        let type_len = u32::from_le_bytes(patched[12..16].try_into().unwrap()) + 4;
-        patched[12..16].copy_from_slice(&type_len.to_le_bytes());
-        patched[16..20].copy_from_slice(&type_len.to_le_bytes());
-        Btf::parse(&patched).expect("sample BTF parses")
+        Btf::parse(&bytes).expect("sample BTF parses")
     }
 
     #[test]

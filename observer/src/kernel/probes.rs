@@ -79,9 +79,6 @@ impl Probes {
                 aya::EbpfError::MapError(m) => anyhow!("creating eBPF maps failed: {m}"),
                 other => anyhow!("loading the eBPF object failed: {other}"),
             })?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            log::debug!("no eBPF log stream: {e}");
-        }
         let mut attach_errors = Vec::new();
         let accept_source = attach_accept_source(&mut ebpf, requested, &mut attach_errors)?;
         let iter: &mut Iter = program(&mut ebpf, "listeners")?;

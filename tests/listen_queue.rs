@@ -1,0 +1,214 @@
+//! Listen-queue figures against independent ground truth: `ss` for depth and
+//! limit, the clients' own counts, and the clients' own clocks for waits.
+mod support;
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, listen, ss_listen_queues};
+
+/// Connects `n` clients that each send a request line at once, and returns
+/// them with the instant each connect completed, by local port.
+fn connect_clients(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, HashMap<u16, Instant>) {
+    let mut clients = Vec::new();
+    let mut connected_at = HashMap::new();
+    for _ in 0..n {
+        let mut c = TcpStream::connect(addr).expect("client connect");
+        connected_at.insert(c.local_addr().expect("client addr").port(), Instant::now());
+        c.write_all(b"GET / HTTP/1.0\r\n").expect("client write");
+        clients.push(c);
+    }
+    (clients, connected_at)
+}
+
+/// Waits until the kernel shows `depth` connections queued on `port`.
+fn wait_for_depth(port: u16, depth: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ss_listen_queues(port).first().map(|q| q.0) != Some(depth) {
+        assert!(
+            Instant::now() < deadline,
+            "queue on port {port} never reached {depth}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn depth_and_limit_equal_ss(addr: &str) {
+    let listener = listen(addr.parse().expect("addr"), 8);
+    let local = listener.local_addr().expect("local addr");
+    let port = local.port();
+    // Connections queue up before the daemon starts: the first scrape must see them.
+    let (_clients, _) = connect_clients(local, 5);
+    wait_for_depth(port, 5);
+    let daemon = Daemon::start();
+    let m = daemon.scrape();
+    let ss = ss_listen_queues(port);
+    assert_eq!(ss, vec![(5, 8)], "ss sees 5 queued of a backlog of 8");
+    assert_eq!(
+        m.listener("observer_listen_queue_length", port),
+        ss[0].0 as f64
+    );
+    assert_eq!(
+        m.listener("observer_listen_queue_max", port),
+        ss[0].1 as f64
+    );
+    // Counters count from daemon start: those 5 were queued before it.
+    assert_eq!(m.listener("observer_connections_queued_total", port), 0.0);
+    assert_eq!(m.listener("observer_connections_accepted_total", port), 0.0);
+    drop(listener);
+}
+
+#[test]
+fn queue_depth_and_limit_equal_ss_for_a_listener_that_never_accepts_ipv4() {
+    depth_and_limit_equal_ss("127.0.0.1:0");
+}
+
+#[test]
+fn queue_depth_and_limit_equal_ss_for_a_listener_that_never_accepts_ipv6() {
+    depth_and_limit_equal_ss("[::1]:0");
+}
+
+fn counts_and_waits_match_clients(addr: &str) {
+    let daemon = Daemon::start();
+    let listener = listen(addr.parse().expect("addr"), 16);
+    let local = listener.local_addr().expect("local addr");
+    let port = local.port();
+    let (_clients, connected_at) = connect_clients(local, 5);
+    wait_for_depth(port, 5);
+
+    // Accept 3 of the 5 after known sleeps; the clients' clocks say how long
+    // each one waited.
+    let mut expected_wait = Duration::ZERO;
+    let mut accepted = Vec::new();
+    for sleep_ms in [300, 200, 100] {
+        std::thread::sleep(Duration::from_millis(sleep_ms));
+        let (conn, peer) = listener.accept().expect("accept");
+        expected_wait += connected_at[&peer.port()].elapsed();
+        accepted.push(conn);
+    }
+
+    let m = daemon.scrape();
+    let count = m.listener("observer_accept_queue_wait_seconds_count", port);
+    let sum = m.listener("observer_accept_queue_wait_seconds_sum", port);
+    println!(
+        "waits: observer sum {sum:.6} s, clients {:.6} s",
+        expected_wait.as_secs_f64()
+    );
+    assert_eq!(m.listener("observer_connections_queued_total", port), 5.0);
+    assert_eq!(m.listener("observer_connections_accepted_total", port), 3.0);
+    assert_eq!(count, 3.0);
+    assert!(
+        (sum - expected_wait.as_secs_f64()).abs() <= 3.0 * 0.005,
+        "wait sum {sum} s is not within 5 ms per connection of the clients' {:?}",
+        expected_wait
+    );
+    // The two left waiting are what ss shows.
+    assert_eq!(
+        m.listener("observer_listen_queue_length", port),
+        ss_listen_queues(port)[0].0 as f64
+    );
+    assert_eq!(m.listener("observer_listen_queue_length", port), 2.0);
+}
+
+#[test]
+fn queued_and_accepted_counts_and_wait_sum_match_the_clients_ipv4() {
+    counts_and_waits_match_clients("127.0.0.1:0");
+}
+
+#[test]
+fn queued_and_accepted_counts_and_wait_sum_match_the_clients_ipv6() {
+    counts_and_waits_match_clients("[::1]:0");
+}
+
+#[test]
+fn waits_land_in_the_histogram_bucket_of_their_length() {
+    let daemon = Daemon::start();
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 16);
+    let port = listener.local_addr().expect("addr").port();
+    let (_clients, _) = connect_clients(listener.local_addr().expect("addr"), 1);
+    std::thread::sleep(Duration::from_millis(700));
+    let _conn = listener.accept().expect("accept");
+    let m = daemon.scrape();
+    let bucket = |le: &str| {
+        m.get(
+            "observer_accept_queue_wait_seconds_bucket",
+            &[("port", &port.to_string()), ("le", le)],
+        )
+        .unwrap_or_else(|| panic!("bucket le={le} missing"))
+    };
+    // 700 ms: above the 0.5 s bound, within the 1 s bound.
+    assert_eq!(bucket("0.5"), 0.0);
+    assert_eq!(bucket("1"), 1.0);
+    assert_eq!(bucket("+Inf"), 1.0);
+}
+
+#[test]
+fn a_client_trickling_data_while_queued_does_not_shorten_its_wait() {
+    let daemon = Daemon::start();
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 16);
+    let port = listener.local_addr().expect("addr").port();
+    let (mut clients, connected_at) = connect_clients(listener.local_addr().expect("addr"), 1);
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        clients[0].write_all(b"X-Slow: 1\r\n").expect("trickle");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (_conn, peer) = listener.accept().expect("accept");
+    let expected = connected_at[&peer.port()].elapsed().as_secs_f64();
+    let sum = daemon
+        .scrape()
+        .listener("observer_accept_queue_wait_seconds_sum", port);
+    assert!(
+        (sum - expected).abs() <= 0.005,
+        "observer {sum} s vs client {expected} s"
+    );
+}
+
+#[test]
+fn a_closed_listener_disappears_from_the_output() {
+    let daemon = Daemon::start();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    assert!(
+        daemon.scrape().has_listener(port),
+        "new listener is exported"
+    );
+    drop(listener);
+    assert!(ss_listen_queues(port).is_empty(), "ss no longer shows it");
+    let m = daemon.scrape();
+    assert!(
+        !m.has_listener(port),
+        "closed listener still exported:\n{}",
+        m.text
+    );
+    assert!(
+        m.get(
+            "observer_connections_accepted_total",
+            &[("port", &port.to_string())]
+        )
+        .is_none()
+    );
+}
+
+#[test]
+fn the_daemon_exports_its_build_info_and_stops_cleanly_on_sigterm() {
+    let daemon = Daemon::start();
+    let m = daemon.scrape();
+    assert_eq!(
+        m.get("observer_build_info", &[("accept_source", "tracepoint")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "observer_kernel_events_lost_total",
+            &[("reason", "accept_map_full")]
+        ),
+        Some(0.0)
+    );
+    let status = daemon.terminate();
+    assert!(status.success(), "observer exited with {status} on SIGTERM");
+}

@@ -1,0 +1,127 @@
+//! A real nginx on loopback under wrk (a new connection per request): the
+//! observer's accepted count equals nginx's own `stub_status` accepts.
+mod support;
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, free_port, http_get, run, ss_listen_queues};
+
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: graceful stop of master and workers.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_nginx(workers: u32) -> Nginx {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("observer-nginx-{port}"));
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         server {{\n  listen 127.0.0.1:{port};\n  location = /status {{ stub_status; }}\n\
+         location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .args([
+            "-p",
+            &dir.display().to_string(),
+            "-c",
+            &dir.join("nginx.conf").display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start nginx (cargo xtask setup installs nginx-light)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ss_listen_queues(port).is_empty() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx {
+        child,
+        port,
+        _dir: TempDir(dir),
+    }
+}
+
+/// nginx's own count of accepted connections (this request's included).
+fn stub_status_accepts(port: u16) -> u64 {
+    let body = http_get(port, "/status").expect("stub_status");
+    // "Active connections: 1 \nserver accepts handled requests\n 5 5 5 \n..."
+    let counts = body.lines().nth(2).expect("stub_status counts line");
+    counts
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("accepts number")
+}
+
+#[test]
+fn accepted_total_equals_nginx_stub_status_accepts_under_wrk() {
+    let daemon = Daemon::start();
+    let nginx = start_nginx(2);
+    let wrk = run(Command::new("wrk").args([
+        "-t2",
+        "-c32",
+        "-d3s",
+        "-H",
+        "Connection: close",
+        &format!("http://127.0.0.1:{}/", nginx.port),
+    ]));
+    assert!(
+        wrk.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&wrk.stderr)
+    );
+    let wrk_report = String::from_utf8_lossy(&wrk.stdout);
+    let accepts = stub_status_accepts(nginx.port);
+    let m = daemon.scrape();
+    let observed = m.listener("observer_connections_accepted_total", nginx.port);
+    println!("nginx stub_status accepts {accepts}, observer accepted {observed}\n{wrk_report}");
+    assert!(
+        accepts > 1000,
+        "wrk made too few connections to prove anything: {accepts}"
+    );
+    assert_eq!(observed, accepts as f64);
+    // Nothing is left waiting, so every queued connection was accepted.
+    assert_eq!(m.listener("observer_listen_queue_length", nginx.port), 0.0);
+    assert_eq!(
+        m.listener("observer_connections_queued_total", nginx.port),
+        observed
+    );
+    assert_eq!(
+        m.listener("observer_accept_queue_wait_seconds_count", nginx.port),
+        observed
+    );
+}

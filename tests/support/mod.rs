@@ -1,0 +1,202 @@
+//! Helpers shared by the end-to-end tests: start the real observer binary,
+//! scrape it, and read the kernel's own view through `ss`.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{FromRawFd as _, IntoRawFd as _},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The observer binary under test (set by `cargo xtask test`).
+pub fn observer_bin() -> PathBuf {
+    std::env::var_os("OBSERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/observer")
+        })
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `observer serve`, killed on drop.
+pub struct Daemon {
+    child: Child,
+    pub port: u16,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let child = Command::new(observer_bin())
+            .args([
+                "serve",
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start observer");
+        let mut daemon = Daemon { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(port, "/healthz")
+            .map(|b| b != "ok\n")
+            .unwrap_or(true)
+        {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("observer exited during start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "observer did not serve /healthz within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        Metrics::parse(&http_get(self.port, "/metrics").expect("scrape /metrics"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for observer");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns the body of a 200 response.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
+}
+
+/// Parsed Prometheus text: (name, labels) → value.
+pub struct Metrics {
+    pub text: String,
+    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once("=\""))
+                .map(|(k, v)| (k.to_owned(), v.trim_end_matches('"').to_owned()))
+                .collect();
+            samples.push((
+                name.to_owned(),
+                labels,
+                value.parse().expect("numeric value"),
+            ));
+        }
+        Metrics {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    /// The value of `name` whose labels include every pair in `want`.
+    pub fn get(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(n, labels, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+    }
+
+    /// Like `get` for a listener on `port`, panicking with the scrape if absent.
+    pub fn listener(&self, name: &str, port: u16) -> f64 {
+        let port = port.to_string();
+        self.get(name, &[("port", &port)])
+            .unwrap_or_else(|| panic!("{name} for port {port} missing from scrape:\n{}", self.text))
+    }
+
+    pub fn has_listener(&self, port: u16) -> bool {
+        let port = port.to_string();
+        self.get("observer_listen_queue_length", &[("port", &port)])
+            .is_some()
+    }
+}
+
+/// `ss -ltn` for one local port: (Recv-Q, Send-Q) per listening socket.
+pub fn ss_listen_queues(port: u16) -> Vec<(u64, u64)> {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A listening socket with an exact backlog (std always asks for its own).
+pub fn listen(addr: SocketAddr, backlog: i32) -> TcpListener {
+    let l = TcpListener::bind(addr).expect("bind test listener");
+    // SAFETY: listen(2) on a socket we own; calling it again only resizes the backlog.
+    let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), backlog) };
+    assert_eq!(rc, 0, "listen({backlog})");
+    let fd = l.into_raw_fd();
+    // SAFETY: fd came from into_raw_fd just above.
+    unsafe { TcpListener::from_raw_fd(fd) }
+}
+
+/// Runs a command to completion, returning its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
