@@ -11,6 +11,10 @@ pub const AF_INET6: u16 = 10;
 pub const TCP_LISTEN: u8 = 10;
 /// `IPPROTO_TCP` in `sock.sk_protocol`.
 pub const IPPROTO_TCP: u16 = 6;
+/// `TCP_ESTABLISHED` in `sock_common.skc_state`.
+pub const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_CLOSE_WAIT` in `sock_common.skc_state` (peer closed, we have not yet).
+pub const TCP_CLOSE_WAIT: u8 = 8;
 
 /// Upper bounds (inclusive, microseconds) of the accept-queue wait histogram
 /// buckets, from 100 µs to 60 s. The kernel side counts each accepted
@@ -27,6 +31,63 @@ pub const WAIT_BUCKETS: usize = 18;
 /// process pairs alive at once). Inserts beyond it are counted in
 /// [`Health::AcceptMapFull`], never silently lost.
 pub const ACCEPT_MAP_CAPACITY: u32 = 8192;
+
+/// Capacity of the `WORKERS` map (threads tracked as acceptors of a listener).
+pub const WORKER_MAP_CAPACITY: u32 = 16384;
+
+/// Capacity of the `LISTEN_PORTS` map ((netns, port) pairs with a listener).
+pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
+
+/// `WorkerThread::registered_by`: the thread accepted a connection.
+pub const REGISTERED_BY_ACCEPT: u32 = 1;
+/// `WorkerThread::registered_by`: the daemon found the process holding a
+/// listener before it accepted anything, and tracks its main thread.
+pub const REGISTERED_BY_DAEMON: u32 = 2;
+
+/// Key of `LISTEN_PORTS`: the daemon lists the ports that have a listener so
+/// that the socket-holder iterator reports only accepted connections of them.
+#[inline(always)]
+pub fn listen_port_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
+/// A thread tracked as a worker: whether it waits for new work now, and how
+/// long it has been busy. Written only by the thread itself (on its
+/// syscalls), so no atomics are needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkerThread {
+    pub tgid: u32,
+    /// 1 while the thread is in accept/select/poll/epoll_wait, else 0.
+    pub waiting: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last change of `waiting`.
+    pub since_ns: u64,
+    /// Nanoseconds spent busy (not waiting) before `since_ns`.
+    pub busy_ns: u64,
+    /// [`REGISTERED_BY_ACCEPT`] or [`REGISTERED_BY_DAEMON`].
+    pub registered_by: u32,
+    pub _pad: u32,
+}
+
+/// One TCP socket held open by a process, as the `iter/task_file` program
+/// writes it: listening sockets, and accepted connections of listened ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HolderRecord {
+    pub tgid: u32,
+    /// Parent's tgid, to tell a pool's master from its workers.
+    pub ppid: u32,
+    pub fd: u32,
+    pub netns: u32,
+    pub family: u16,
+    pub port: u16,
+    /// `TCP_LISTEN`, `TCP_ESTABLISHED` or `TCP_CLOSE_WAIT`.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+    pub inode: u64,
+    pub comm: [u8; 16],
+}
 
 /// Where the accepted child socket was bound, and who accepted it.
 ///
@@ -122,6 +183,12 @@ pub struct KernelOffsets {
     pub tcp_rcvq_space_time: u32,
     pub socket_alloc_vfs_inode: u32,
     pub inode_i_ino: u32,
+    pub inode_i_mode: u32,
+    pub file_f_inode: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_comm: u32,
+    pub _pad: u32,
 }
 
 /// Slots of the `HEALTH` per-CPU array: events the programs could not fully
@@ -133,10 +200,12 @@ pub enum Health {
     AcceptMapFull = 0,
     /// A kernel read failed while following an accepted fd to its socket.
     AcceptReadError = 1,
+    /// A thread that accepted could not be tracked because `WORKERS` was full.
+    WorkerMapFull = 2,
 }
 
 /// Number of [`Health`] slots.
-pub const HEALTH_SLOTS: u32 = 2;
+pub const HEALTH_SLOTS: u32 = 3;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -145,6 +214,9 @@ mod pod {
     unsafe impl aya::Pod for super::AcceptKey {}
     unsafe impl aya::Pod for super::AcceptStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::WorkerThread {}
+    unsafe impl aya::Pod for super::ListenerRecord {}
+    unsafe impl aya::Pod for super::HolderRecord {}
 }
 
 /// Index of the histogram slot that a wait of `wait_us` microseconds falls in.
@@ -177,6 +249,8 @@ mod tests {
     fn shared_layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
+        assert_eq!(core::mem::size_of::<HolderRecord>(), 64);
+        assert_eq!(core::mem::size_of::<WorkerThread>(), 32);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 4));
     }
 }

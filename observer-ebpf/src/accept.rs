@@ -32,6 +32,9 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         Ok(fd) => fd,
         Err(_) => return 0,
     };
+    // Leaving accept, a tracked worker is busy (also when accept failed,
+    // e.g. EAGAIN on a non-blocking listener: it goes on to do other work).
+    crate::workers::stop_waiting_current();
     if fd < 0 {
         return 0;
     }
@@ -70,9 +73,11 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
         return;
     }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    crate::workers::track_acceptor(tgid);
     let key = AcceptKey {
         netns: place.netns,
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        tgid,
         family: place.family,
         port: place.port,
         _pad: 0,

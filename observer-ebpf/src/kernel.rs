@@ -28,6 +28,12 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_rcvq_space_time: 0,
     socket_alloc_vfs_inode: 0,
     inode_i_ino: 0,
+    inode_i_mode: 0,
+    file_f_inode: 0,
+    task_tgid: 0,
+    task_real_parent: 0,
+    task_comm: 0,
+    _pad: 0,
 };
 
 /// The offsets, read through a volatile load so that the compiler cannot fold

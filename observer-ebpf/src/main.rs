@@ -5,15 +5,21 @@
 //!   connection and how long it waited in the listen queue.
 //! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
 //!   every listening socket's queue depth and limit in every network namespace.
+//! - `wait_enter`/`wait_exit`: on accept/select/poll/epoll_wait of tracked
+//!   worker threads, flip them between idle (waiting for work) and busy.
+//! - `holders`: a `iter/task_file` program the daemon runs at scrape time to
+//!   find which processes hold listeners and accepted connections.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 mod accept;
+mod holders;
 mod kernel;
 mod listeners;
 mod maps;
+mod workers;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,7 +3,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use observer_common::{ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, HEALTH_SLOTS, Health};
+use observer_common::{
+    ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, HEALTH_SLOTS, Health, LISTEN_PORT_MAP_CAPACITY,
+    WORKER_MAP_CAPACITY, WorkerThread,
+};
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
 /// a dead process's key can never make a running program write into a reused
@@ -15,6 +18,17 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 pub static ACCEPTS: HashMap<AcceptKey, AcceptStats> =
     HashMap::with_max_entries(ACCEPT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Threads tracked as workers, by thread id. Lookups of untracked threads
+/// are the first (and only) thing the wait-syscall programs do for them.
+#[map]
+pub static WORKERS: HashMap<u32, WorkerThread> =
+    HashMap::with_max_entries(WORKER_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// (netns, port) pairs that have a listener, filled by the daemon; see
+/// `observer_common::listen_port_key`.
+#[map]
+pub static LISTEN_PORTS: HashMap<u64, u8> = HashMap::with_max_entries(LISTEN_PORT_MAP_CAPACITY, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]

@@ -35,14 +35,7 @@ impl ListenerId {
         }
     }
 
-    fn is_wildcard(&self) -> bool {
-        match self.family {
-            AF_INET => self.addr[..4] == [0; 4],
-            _ => self.addr == [0; 16],
-        }
-    }
-
-    fn from_record(r: &ListenerRecord) -> Self {
+    pub fn from_record(r: &ListenerRecord) -> Self {
         ListenerId {
             netns: r.netns,
             family: r.family,
@@ -175,7 +168,13 @@ impl Aggregator {
         let mut forget = Vec::new();
         let mut live: HashMap<ListenerId, Accepts> = HashMap::new();
         for (key, stats) in accepts {
-            let Some(id) = listener_of(key, &present) else {
+            let child = ListenerId {
+                netns: key.netns,
+                family: key.family,
+                addr: key.addr,
+                port: key.port,
+            };
+            let Some(id) = listener_of(child, &present) else {
                 forget.push(*key);
                 continue;
             };
@@ -247,27 +246,21 @@ fn group_listeners(records: &[ListenerRecord]) -> HashMap<ListenerId, ListenerVi
     views
 }
 
-/// The listener that accepted a child bound to `key`'s local address: the one
-/// bound to exactly that address, else the wildcard listener on that port
-/// (for IPv4 children of a dual-stack `[::]` listener, the child is an IPv6
-/// socket with a v4-mapped address).
-fn listener_of(key: &AcceptKey, present: &HashSet<ListenerId>) -> Option<ListenerId> {
-    let exact = ListenerId {
-        netns: key.netns,
-        family: key.family,
-        addr: key.addr,
-        port: key.port,
-    };
-    if present.contains(&exact) {
-        return Some(exact);
+/// The listener that accepted a child socket bound to `child` (its local
+/// address): the listener bound to exactly that address, else the wildcard
+/// listener on that port (for IPv4 children of a dual-stack `[::]` listener,
+/// the child is an IPv6 socket with a v4-mapped address).
+pub fn listener_of(child: ListenerId, present: &HashSet<ListenerId>) -> Option<ListenerId> {
+    if present.contains(&child) {
+        return Some(child);
     }
-    if key.family == AF_INET6 && is_v4_mapped(&key.addr) {
+    if child.family == AF_INET6 && is_v4_mapped(&child.addr) {
         let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&key.addr[12..16]);
+        v4[..4].copy_from_slice(&child.addr[12..16]);
         let as_v4 = ListenerId {
             family: AF_INET,
             addr: v4,
-            ..exact
+            ..child
         };
         if present.contains(&as_v4) {
             return Some(as_v4);
@@ -275,9 +268,9 @@ fn listener_of(key: &AcceptKey, present: &HashSet<ListenerId>) -> Option<Listene
     }
     let wildcard = ListenerId {
         addr: [0; 16],
-        ..exact
+        ..child
     };
-    if present.contains(&wildcard) && wildcard.is_wildcard() {
+    if present.contains(&wildcard) {
         return Some(wildcard);
     }
     None

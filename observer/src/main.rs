@@ -2,13 +2,15 @@
 //!
 //! The data path, one module per stage:
 //! kernel programs (observer-ebpf) → `kernel` (load, attach, read maps) →
-//! `aggregate` (per-listener figures) → `metrics` / `serve` (Prometheus).
+//! `aggregate` (per-listener figures) and `workers` (per-pool figures) →
+//! `metrics` / `serve` (Prometheus).
 mod aggregate;
 mod cli;
 mod kernel;
 mod metrics;
 mod pipeline;
 mod serve;
+mod workers;
 
 use clap::Parser as _;
 

@@ -7,7 +7,11 @@ use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::aggregate::{Collection, ListenerView, Waits};
+use crate::{
+    aggregate::{Collection, ListenerId, ListenerView, Waits},
+    pipeline::Snapshot,
+    workers::{PoolView, Pools, WorkerView},
+};
 
 /// The daemon's view of itself, exported next to the listener figures.
 #[derive(Clone, Debug, Default)]
@@ -29,12 +33,23 @@ fn label(name: &str, value: impl Into<String>) -> LabelPair {
     l
 }
 
-fn listener_labels(v: &ListenerView) -> Vec<LabelPair> {
+fn id_labels(id: &ListenerId) -> Vec<LabelPair> {
     vec![
-        label("addr", v.id.ip().to_string()),
-        label("netns", v.id.netns.to_string()),
-        label("port", v.id.port.to_string()),
+        label("addr", id.ip().to_string()),
+        label("netns", id.netns.to_string()),
+        label("port", id.port.to_string()),
     ]
+}
+
+fn listener_labels(v: &ListenerView) -> Vec<LabelPair> {
+    id_labels(&v.id)
+}
+
+fn worker_labels(pool: &PoolView, w: &WorkerView) -> Vec<LabelPair> {
+    let mut labels = id_labels(&pool.listener); // addr, netns, port
+    labels.insert(1, label("comm", w.comm.clone()));
+    labels.insert(3, label("pid", w.pid.to_string()));
+    labels
 }
 
 fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
@@ -149,8 +164,92 @@ pub fn listener_families(c: &Collection) -> Vec<MetricFamily> {
     ]
 }
 
+fn per_worker(
+    p: &Pools,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: impl Fn(&WorkerView) -> Option<f64>,
+) -> MetricFamily {
+    let make = if kind == MetricType::COUNTER {
+        counter
+    } else {
+        gauge
+    };
+    let value = &value;
+    let metrics = p
+        .pools
+        .iter()
+        .flat_map(|pool| {
+            pool.workers
+                .iter()
+                .filter_map(move |w| Some(make(worker_labels(pool, w), value(w)?)))
+        })
+        .collect();
+    family(name, help, kind, metrics)
+}
+
+/// Worker pool families: per pool busy/idle counts, and per worker figures.
+pub fn worker_families(p: &Pools) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let pool_states = p
+        .pools
+        .iter()
+        .flat_map(|pool| {
+            [("busy", pool.busy()), ("idle", pool.idle())].map(|(state, n)| {
+                let mut labels = id_labels(&pool.listener);
+                labels.push(label("state", state));
+                gauge(labels, n as f64)
+            })
+        })
+        .collect();
+    vec![
+        family(
+            "observer_workers",
+            "Worker processes of the listener's pool by state: busy (not waiting for new work) or idle (waiting in accept/select/poll/epoll).",
+            GAUGE,
+            pool_states,
+        ),
+        per_worker(
+            p,
+            "observer_worker_busy",
+            "1 while the worker is busy (its acceptor thread is not waiting for new work), 0 while idle.",
+            GAUGE,
+            |w| w.busy.map(|b| b as u8 as f64),
+        ),
+        per_worker(
+            p,
+            "observer_worker_busy_seconds_total",
+            "Time the worker spent busy since observer started tracking it; rate() of it is utilisation.",
+            COUNTER,
+            |w| Some(w.busy_seconds),
+        ),
+        per_worker(
+            p,
+            "observer_worker_accepts_total",
+            "Connections the worker accepted from this listener since observer started.",
+            COUNTER,
+            |w| Some(w.accepts as f64),
+        ),
+        per_worker(
+            p,
+            "observer_worker_active_connections",
+            "Connections the worker accepted from this listener that are still open.",
+            GAUGE,
+            |w| Some(w.active_connections as f64),
+        ),
+        family(
+            "observer_workers_over_limit",
+            "Worker processes left out of this scrape because of --collector.max-workers.",
+            GAUGE,
+            vec![gauge(vec![], p.workers_over_cap as f64)],
+        ),
+    ]
+}
+
 /// The daemon's own health and build information.
-pub fn daemon_families(c: &Collection, d: &DaemonHealth) -> Vec<MetricFamily> {
+pub fn daemon_families(snapshot: &Snapshot, d: &DaemonHealth) -> Vec<MetricFamily> {
+    let c = &snapshot.listeners;
     use MetricType::{COUNTER, GAUGE};
     let build = gauge(
         vec![

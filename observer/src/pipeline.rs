@@ -1,17 +1,28 @@
-//! Wires the stages: kernel (probes) → aggregation → a [`Collection`].
+//! Wires the stages: kernel (probes) → aggregation (listeners, worker pools)
+//! → a [`Snapshot`].
 //! Shared by `serve` and the one-shot CLI commands.
 use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
+
+use observer_common::{REGISTERED_BY_DAEMON, WorkerThread, listen_port_key};
 
 use crate::{
     aggregate::{Aggregator, Collection},
     kernel::{
         host, offsets,
         probes::{self, AcceptSource, Probes},
+        procfs,
     },
     metrics::DaemonHealth,
+    workers::{self, Membership, Pools},
 };
+
+/// Everything one collection produced.
+pub struct Snapshot {
+    pub listeners: Collection,
+    pub pools: Pools,
+}
 
 /// How to reach the kernel: where its BTF is and which accept source to use.
 #[derive(Clone, Debug, clap::Args)]
@@ -32,13 +43,14 @@ pub struct KernelOptions {
 pub struct Pipeline {
     probes: Probes,
     aggregator: Aggregator,
+    max_workers: usize,
     pub health: DaemonHealth,
 }
 
 impl Pipeline {
     /// Checks the host, loads and attaches the programs, and takes the
     /// baseline collection (queue depths at start).
-    pub fn start(kernel: &KernelOptions, max_listeners: usize) -> Result<Self> {
+    pub fn start(kernel: &KernelOptions, max_listeners: usize, max_workers: usize) -> Result<Self> {
         probes::ensure_object_sane()?;
         host::require_privileges()?;
         host::require_lockdown_allows_reads()?;
@@ -65,6 +77,7 @@ impl Pipeline {
         let mut pipeline = Pipeline {
             probes,
             aggregator: Aggregator::new(max_listeners),
+            max_workers,
             health,
         };
         pipeline.collect().context("first collection")?;
@@ -72,7 +85,7 @@ impl Pipeline {
     }
 
     /// Reads the kernel and aggregates; deletes map keys the aggregator folded in.
-    pub fn collect(&mut self) -> Result<Collection> {
+    pub fn collect(&mut self) -> Result<Snapshot> {
         let started = Instant::now();
         let result = self.collect_inner();
         self.health.last_collect_seconds = started.elapsed().as_secs_f64();
@@ -82,26 +95,64 @@ impl Pipeline {
         result
     }
 
-    fn collect_inner(&mut self) -> Result<Collection> {
-        let listeners = self.probes.listeners()?;
+    fn collect_inner(&mut self) -> Result<Snapshot> {
+        let listener_records = self.probes.listeners()?;
+        let ports = listener_records
+            .iter()
+            .map(|l| listen_port_key(l.netns, l.port))
+            .collect();
+        self.probes.set_listen_ports(&ports)?;
+        let holders = self.probes.holders()?;
         let accepts = self.probes.accepts()?;
-        let collection = self
-            .aggregator
-            .collect(&listeners, &accepts, process_is_alive);
-        self.probes.forget_accepts(&collection.forget)?;
+        let listeners =
+            self.aggregator
+                .collect(&listener_records, &accepts, procfs::process_is_alive);
+        self.probes.forget_accepts(&listeners.forget)?;
+
+        let membership = Membership::from_holders(&listeners.listeners, &holders);
+        let mut threads = self.probes.worker_threads()?;
+        let untracked = membership.untracked(&threads);
+        if !untracked.is_empty() {
+            self.probes.track_threads(&main_threads(&untracked))?;
+            threads = self.probes.worker_threads()?;
+        }
+        let stale = workers::stale_threads(&threads, &membership, procfs::thread_is_alive);
+        self.probes.forget_threads(&stale)?;
+        threads.retain(|(tid, _)| !stale.contains(tid));
+        let pools = workers::pools(
+            &listeners.listeners,
+            &membership,
+            &threads,
+            procfs::monotonic_ns(),
+            self.max_workers,
+        );
+
         let health = self.probes.health()?;
         self.health.kernel_events_lost = health
             .iter()
             .enumerate()
             .map(|(slot, n)| (probes::health_name(slot), *n))
             .collect();
-        Ok(collection)
+        Ok(Snapshot { listeners, pools })
     }
 }
 
-/// Whether a process (by its id in the initial PID namespace) still exists.
-fn process_is_alive(tgid: u32) -> bool {
-    std::path::Path::new("/proc")
-        .join(tgid.to_string())
-        .exists()
+/// Tracks the main thread of worker processes that have not accepted yet
+/// (they are idle if blocked in a wait syscall now, else busy).
+fn main_threads(pids: &[u32]) -> Vec<(u32, WorkerThread)> {
+    let now = procfs::monotonic_ns();
+    pids.iter()
+        .map(|pid| {
+            let waiting = procfs::waits_for_work(*pid, *pid) as u32;
+            let thread = WorkerThread {
+                tgid: *pid,
+                waiting,
+                since_ns: now,
+                busy_ns: 0,
+                registered_by: REGISTERED_BY_DAEMON,
+                _pad: 0,
+            };
+            (*pid, thread)
+        })
+        .collect()
 }

@@ -47,6 +47,14 @@ pub struct ServeOptions {
         default_value_t = 10_000
     )]
     pub max_listeners: usize,
+    /// Most worker processes exported per scrape (the rest are counted in
+    /// observer_workers_over_limit).
+    #[arg(
+        long = "collector.max-workers",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_workers: usize,
     #[command(flatten)]
     pub kernel: KernelOptions,
 }
@@ -76,7 +84,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         )
     })?;
     listener.set_nonblocking(true)?;
-    let pipeline = Pipeline::start(&opts.kernel, opts.max_listeners)?;
+    let pipeline = Pipeline::start(&opts.kernel, opts.max_listeners, opts.max_workers)?;
     let state = Arc::new(State {
         pipeline: Mutex::new(pipeline),
         process: prometheus::process_collector::ProcessCollector::for_self(),
@@ -170,9 +178,10 @@ fn scrape(state: &State) -> Result<String> {
         .pipeline
         .lock()
         .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
-    let collection = pipeline.collect()?;
-    let mut families = metrics::listener_families(&collection);
-    families.extend(metrics::daemon_families(&collection, &pipeline.health));
+    let snapshot = pipeline.collect()?;
+    let mut families = metrics::listener_families(&snapshot.listeners);
+    families.extend(metrics::worker_families(&snapshot.pools));
+    families.extend(metrics::daemon_families(&snapshot, &pipeline.health));
     families.extend(state.process.collect());
     metrics::encode(&families)
 }

@@ -4,3 +4,4 @@ pub mod btf;
 pub mod host;
 pub mod offsets;
 pub mod probes;
+pub mod procfs;

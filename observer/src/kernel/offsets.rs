@@ -32,6 +32,12 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         tcp_rcvq_space_time: at("tcp_sock", &["rcvq_space", "time"])?,
         socket_alloc_vfs_inode: at("socket_alloc", &["vfs_inode"])?,
         inode_i_ino: at("inode", &["i_ino"])?,
+        inode_i_mode: at("inode", &["i_mode"])?,
+        file_f_inode: at("file", &["f_inode"])?,
+        task_tgid: at("task_struct", &["tgid"])?,
+        task_real_parent: at("task_struct", &["real_parent"])?,
+        task_comm: at("task_struct", &["comm"])?,
+        _pad: 0,
     };
     Ok(offsets)
 }

@@ -9,8 +9,23 @@ use aya::{
     programs::{Iter, ProgramError, TracePoint},
 };
 use observer_common::{
-    AcceptKey, AcceptStats, HEALTH_SLOTS, Health, KernelOffsets, ListenerRecord,
+    AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets, ListenerRecord,
+    WorkerThread,
 };
+
+/// Syscalls in which a worker waits for new work: entering one makes a
+/// tracked thread idle, leaving it busy. accept's exit is the accept program.
+const WAIT_SYSCALLS: &[&str] = &[
+    "accept",
+    "accept4",
+    "select",
+    "pselect6",
+    "poll",
+    "ppoll",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+];
 
 /// The compiled programs, built by build.rs from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -81,9 +96,13 @@ impl Probes {
             })?;
         let mut attach_errors = Vec::new();
         let accept_source = attach_accept_source(&mut ebpf, requested, &mut attach_errors)?;
+        attach_wait_programs(&mut ebpf, &mut attach_errors)?;
         let iter: &mut Iter = program(&mut ebpf, "listeners")?;
         iter.load("tcp", &btf)
             .map_err(|e| describe("listeners (iter/tcp)", e))?;
+        let iter: &mut Iter = program(&mut ebpf, "holders")?;
+        iter.load("task_file", &btf)
+            .map_err(|e| describe("holders (iter/task_file)", e))?;
         Ok(Probes {
             ebpf,
             accept_source,
@@ -91,22 +110,89 @@ impl Probes {
         })
     }
 
-    /// Every listening TCP socket in every network namespace, right now.
-    pub fn listeners(&mut self) -> Result<Vec<ListenerRecord>> {
-        let iter: &mut Iter = program(&mut self.ebpf, "listeners")?;
-        let link_id = iter
-            .attach()
-            .map_err(|e| describe("listeners (iter/tcp)", e))?;
-        let link = iter
-            .take_link(link_id)
-            .map_err(|e| describe("listeners", e))?;
+    /// Runs one of the iterator programs and returns what it wrote.
+    fn run_iterator(&mut self, name: &str) -> Result<Vec<u8>> {
+        let iter: &mut Iter = program(&mut self.ebpf, name)?;
+        let link_id = iter.attach().map_err(|e| describe(name, e))?;
+        let link = iter.take_link(link_id).map_err(|e| describe(name, e))?;
         let mut file = link
             .into_file()
-            .context("opening the TCP socket iterator")?;
+            .with_context(|| format!("opening the {name} iterator"))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
-            .context("reading the TCP socket iterator")?;
-        Ok(parse_listener_records(&bytes))
+            .with_context(|| format!("reading the {name} iterator"))?;
+        Ok(bytes)
+    }
+
+    /// Every listening TCP socket in every network namespace, right now.
+    pub fn listeners(&mut self) -> Result<Vec<ListenerRecord>> {
+        Ok(parse_records(&self.run_iterator("listeners")?))
+    }
+
+    /// Every process's listening sockets and its accepted connections of the
+    /// ports in `LISTEN_PORTS`, right now.
+    pub fn holders(&mut self) -> Result<Vec<HolderRecord>> {
+        Ok(parse_records(&self.run_iterator("holders")?))
+    }
+
+    /// Makes `LISTEN_PORTS` hold exactly `keys`.
+    pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
+        let mut map: HashMap<_, u64, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut("LISTEN_PORTS")
+                .context("map LISTEN_PORTS missing")?,
+        )?;
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !keys.contains(k))
+            .collect();
+        for key in stale {
+            let _ = map.remove(&key);
+        }
+        for key in keys {
+            if let Err(e) = map.insert(key, 1, 0) {
+                log::debug!("LISTEN_PORTS full: {e}");
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tracked worker threads by thread id.
+    pub fn worker_threads(&self) -> Result<Vec<(u32, WorkerThread)>> {
+        let map: HashMap<_, u32, WorkerThread> =
+            HashMap::try_from(self.ebpf.map("WORKERS").context("map WORKERS missing")?)?;
+        Ok(map.iter().filter_map(|e| e.ok()).collect())
+    }
+
+    /// Starts tracking threads (unless the kernel side already does).
+    pub fn track_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
+        const BPF_NOEXIST: u64 = 1;
+        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
+            self.ebpf
+                .map_mut("WORKERS")
+                .context("map WORKERS missing")?,
+        )?;
+        for (tid, thread) in threads {
+            if let Err(e) = map.insert(tid, thread, BPF_NOEXIST) {
+                log::debug!("tracking thread {tid}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops tracking threads.
+    pub fn forget_threads(&mut self, tids: &[u32]) -> Result<()> {
+        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
+            self.ebpf
+                .map_mut("WORKERS")
+                .context("map WORKERS missing")?,
+        )?;
+        for tid in tids {
+            let _ = map.remove(tid);
+        }
+        Ok(())
     }
 
     /// Everything the accept program counted, per child address and process.
@@ -189,13 +275,35 @@ fn attach_accept_source(
     }
 }
 
-/// Splits the iterator's output into records; a torn tail is ignored.
-pub fn parse_listener_records(bytes: &[u8]) -> Vec<ListenerRecord> {
+/// Attaches the idle/busy programs to every wait syscall this kernel has.
+fn attach_wait_programs(ebpf: &mut Ebpf, errors: &mut Vec<AttachError>) -> Result<()> {
+    for (name, direction) in [("wait_enter", "enter"), ("wait_exit", "exit")] {
+        let tp: &mut TracePoint = program(ebpf, name)?;
+        tp.load().map_err(|e| describe(name, e))?;
+        for syscall in WAIT_SYSCALLS {
+            if direction == "exit" && syscall.starts_with("accept") {
+                continue; // the accept program handles accept's exit
+            }
+            let tracepoint = format!("sys_{direction}_{syscall}");
+            if let Err(e) = tp.attach("syscalls", &tracepoint) {
+                errors.push(AttachError {
+                    program: name,
+                    message: format!("syscalls/{tracepoint}: {e}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits an iterator's output into fixed-size records; a torn tail is ignored.
+///
+pub fn parse_records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
     bytes
-        .chunks_exact(std::mem::size_of::<ListenerRecord>())
-        // SAFETY: ListenerRecord is repr(C) plain integers; the chunk has its
-        // exact size and read_unaligned copes with any alignment.
-        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ListenerRecord>()) })
+        .chunks_exact(std::mem::size_of::<T>())
+        // SAFETY: T is Pod (any bit pattern is valid); the chunk has its exact
+        // size and read_unaligned copes with any alignment.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) })
         .collect()
 }
 
@@ -204,6 +312,7 @@ pub fn health_name(slot: usize) -> &'static str {
     match slot {
         s if s == Health::AcceptMapFull as usize => "accept_map_full",
         s if s == Health::AcceptReadError as usize => "accept_read_error",
+        s if s == Health::WorkerMapFull as usize => "worker_map_full",
         _ => "unknown",
     }
 }

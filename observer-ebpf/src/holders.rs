@@ -1,0 +1,96 @@
+//! `iter/task_file`: the daemon runs this iterator at scrape time. It visits
+//! every open file of every process and writes a [`HolderRecord`] for each
+//! TCP listener and each accepted connection of a listened port: who holds
+//! which listener (the worker pool) and how many connections each has open.
+use aya_ebpf::{
+    bindings::seq_file,
+    helpers::{bpf_probe_read_kernel, generated::bpf_seq_write},
+};
+use core::ffi::c_void;
+use observer_common::{
+    HolderRecord, IPPROTO_TCP, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, listen_port_key,
+};
+
+use crate::{
+    kernel::{offsets, read, read_ptr, socket_place},
+    maps::LISTEN_PORTS,
+};
+
+/// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
+const ITER_TASK: usize = 8;
+const ITER_FD: usize = 16;
+const ITER_FILE: usize = 24;
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// # Safety
+/// Called by the kernel with a valid `struct bpf_iter__task_file *`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
+    // SAFETY: ctx->meta is the first field, and meta->seq the first of bpf_iter_meta.
+    let seq: *mut seq_file = unsafe { **(ctx as *const *const *mut seq_file) };
+    // Copy the fields out as plain numbers (probe reads) so later arithmetic
+    // on them is not pointer arithmetic to the verifier.
+    let field = |offset: usize| -> u64 {
+        // SAFETY: reading a field of our own context.
+        unsafe { bpf_probe_read_kernel((ctx as *const u8).add(offset) as *const u64) }.unwrap_or(0)
+    };
+    let (task, file) = (field(ITER_TASK), field(ITER_FILE));
+    if task == 0 || file == 0 {
+        return 0;
+    }
+    let fd = field(ITER_FD) as u32;
+    let off = offsets();
+    let Some(inode) = read_ptr(file, off.file_f_inode) else {
+        return 0;
+    };
+    if read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
+        return 0;
+    }
+    let Some(sk) = read_ptr(file, off.file_private_data).and_then(|s| read_ptr(s, off.socket_sk))
+    else {
+        return 0;
+    };
+    let Some(place) = socket_place(sk, &off) else {
+        return 0;
+    };
+    if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let state: u8 = read(sk, off.sk_state).unwrap_or(0);
+    let wanted = state == TCP_LISTEN
+        || ((state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
+            && LISTEN_PORTS
+                .get_ptr(&listen_port_key(place.netns, place.port))
+                .is_some());
+    if !wanted {
+        return 0;
+    }
+    let ppid = read_ptr(task, off.task_real_parent)
+        .and_then(|p| read::<u32>(p, off.task_tgid))
+        .unwrap_or(0);
+    let record = HolderRecord {
+        tgid: read(task, off.task_tgid).unwrap_or(0),
+        ppid,
+        fd,
+        netns: place.netns,
+        family: place.family,
+        port: place.port,
+        state,
+        _pad: [0; 3],
+        addr: place.addr,
+        inode: read(inode, off.inode_i_ino).unwrap_or(0),
+        comm: read(task, off.task_comm).unwrap_or([0; 16]),
+    };
+    // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
+    unsafe {
+        bpf_seq_write(
+            seq,
+            &record as *const HolderRecord as *const c_void,
+            core::mem::size_of::<HolderRecord>() as u32,
+        );
+    }
+    0
+}
