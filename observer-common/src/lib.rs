@@ -69,6 +69,28 @@ pub struct WorkerThread {
     pub _pad: u32,
 }
 
+/// Listener fds (and epoll fds watching a listener) kept per worker process.
+pub const WORKER_FD_SLOTS: usize = 4;
+
+/// The fds on which a worker process waits for new work: its listening
+/// sockets, and epoll instances that have a listening socket in their set.
+/// A wait syscall counts as "waiting for work" only when it waits on one of
+/// them (a `ppoll` inside Ruby's `sleep`, or Python's socket timeouts, does
+/// not). Unused slots are -1. Written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerFds {
+    pub listen: [i32; WORKER_FD_SLOTS],
+    pub epoll: [i32; WORKER_FD_SLOTS],
+}
+
+impl WorkerFds {
+    pub const EMPTY: WorkerFds = WorkerFds {
+        listen: [-1; WORKER_FD_SLOTS],
+        epoll: [-1; WORKER_FD_SLOTS],
+    };
+}
+
 /// One TCP socket held open by a process, as the `iter/task_file` program
 /// writes it: listening sockets, and accepted connections of listened ports.
 #[repr(C)]
@@ -215,6 +237,7 @@ mod pod {
     unsafe impl aya::Pod for super::AcceptStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::WorkerThread {}
+    unsafe impl aya::Pod for super::WorkerFds {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
 }

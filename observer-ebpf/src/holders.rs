@@ -63,7 +63,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     let wanted = state == TCP_LISTEN
         || ((state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
             && LISTEN_PORTS
-                .get_ptr(&listen_port_key(place.netns, place.port))
+                .get_ptr(listen_port_key(place.netns, place.port))
                 .is_some());
     if !wanted {
         return 0;

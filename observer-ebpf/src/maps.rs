@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, HEALTH_SLOTS, Health, LISTEN_PORT_MAP_CAPACITY,
-    WORKER_MAP_CAPACITY, WorkerThread,
+    WORKER_MAP_CAPACITY, WorkerFds, WorkerThread,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -23,6 +23,11 @@ pub static ACCEPTS: HashMap<AcceptKey, AcceptStats> =
 /// are the first (and only) thing the wait-syscall programs do for them.
 #[map]
 pub static WORKERS: HashMap<u32, WorkerThread> =
+    HashMap::with_max_entries(WORKER_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Per worker process (tgid): the fds it waits on for new work.
+#[map]
+pub static WORKER_FDS: HashMap<u32, WorkerFds> =
     HashMap::with_max_entries(WORKER_MAP_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// (netns, port) pairs that have a listener, filled by the daemon; see

@@ -1,27 +1,114 @@
 //! Busy/idle of worker threads. A tracked thread is idle while it waits for
-//! new work in accept/accept4/select/pselect6/poll/ppoll/epoll_wait/
-//! epoll_pwait/epoll_pwait2, and busy otherwise.
+//! new work: in accept/accept4 on its listener, in select/pselect6/poll/ppoll
+//! with its listener in the set, or in epoll_wait/epoll_pwait/epoll_pwait2 on
+//! an epoll instance that watches its listener. Busy otherwise, including
+//! while it waits on anything else (a database socket, a sleep).
 //!
 //! These tracepoints fire for every process on the host, so the programs do
 //! one map lookup by thread id and return at once for untracked threads.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use observer_common::{Health, REGISTERED_BY_ACCEPT, WorkerThread};
+use observer_common::{Health, REGISTERED_BY_ACCEPT, WORKER_FD_SLOTS, WorkerFds, WorkerThread};
 
-use crate::maps::{WORKERS, count_health};
+use crate::maps::{WORKER_FDS, WORKERS, count_health};
 
-/// `syscalls/sys_enter_<wait syscall>`: a tracked thread starts waiting.
-#[tracepoint]
-pub fn wait_enter(_ctx: TracePointContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(worker) = WORKERS.get_ptr_mut(&tid) {
+/// Offset of a sys_enter_* event's first argument; each takes 8 bytes.
+const SYS_ENTER_ARG0: usize = 16;
+
+/// Most pollfd entries looked at in a poll()/ppoll() call.
+const POLL_FDS_CHECKED: u64 = 8;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: sys_enter_* records hold the syscall's arguments from offset 16.
+    unsafe { ctx.read_at::<u64>(SYS_ENTER_ARG0 + 8 * n) }.unwrap_or(0)
+}
+
+/// The current thread, if tracked, starts waiting when `waits_on_work`
+/// says the call waits on one of its process's work fds. Without known fds
+/// (the daemon has not scanned the process yet) any wait counts.
+#[inline(always)]
+fn enter_wait(waits_on_work: impl Fn(&WorkerFds) -> bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(worker) = WORKERS.get_ptr_mut(pid_tgid as u32) else {
+        return;
+    };
+    let waits = match WORKER_FDS.get_ptr((pid_tgid >> 32) as u32) {
+        // SAFETY: a live map value, only read.
+        Some(fds) => waits_on_work(unsafe { &*fds }),
+        None => true,
+    };
+    if waits {
         // SAFETY: a live map value, written only by this thread.
         unsafe { start_waiting(worker) };
     }
+}
+
+#[inline(always)]
+fn is_one_of(fd: i64, set: &[i32; WORKER_FD_SLOTS]) -> bool {
+    fd >= 0 && set.iter().any(|f| *f as i64 == fd)
+}
+
+/// `sys_enter_accept`, `sys_enter_accept4`: waits on the listener passed.
+#[tracepoint]
+pub fn wait_enter_accept(ctx: TracePointContext) -> u32 {
+    let fd = arg(&ctx, 0) as i32 as i64;
+    enter_wait(|fds| is_one_of(fd, &fds.listen));
+    0
+}
+
+/// `sys_enter_select`, `sys_enter_pselect6`: waits on a listener whose bit
+/// is set in the read set.
+#[tracepoint]
+pub fn wait_enter_select(ctx: TracePointContext) -> u32 {
+    let (nfds, readfds) = (arg(&ctx, 0) as i32 as i64, arg(&ctx, 1));
+    enter_wait(|fds| {
+        readfds != 0
+            && fds.listen.iter().any(|fd| {
+                let fd = *fd as i64;
+                if fd < 0 || fd >= nfds {
+                    return false;
+                }
+                let word = readfds + (fd as u64 / 64) * 8;
+                // SAFETY: reading the caller's fd_set; a bad pointer fails cleanly.
+                let bits = unsafe { bpf_probe_read_user(word as *const u64) }.unwrap_or(0);
+                bits & (1u64 << (fd as u64 % 64)) != 0
+            })
+    });
+    0
+}
+
+/// `sys_enter_poll`, `sys_enter_ppoll`: waits on a listener among the first
+/// pollfd entries.
+#[tracepoint]
+pub fn wait_enter_poll(ctx: TracePointContext) -> u32 {
+    let (pollfds, nfds) = (arg(&ctx, 0), arg(&ctx, 1));
+    enter_wait(|fds| {
+        let mut i = 0;
+        while i < POLL_FDS_CHECKED && i < nfds {
+            // struct pollfd { int fd; short events; short revents; }: 8 bytes.
+            // SAFETY: reading the caller's pollfd array; a bad pointer fails cleanly.
+            let fd = unsafe { bpf_probe_read_user((pollfds + i * 8) as *const i32) }.unwrap_or(-1);
+            if is_one_of(fd as i64, &fds.listen) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    });
+    0
+}
+
+/// `sys_enter_epoll_wait`, `epoll_pwait`, `epoll_pwait2`: waits on an epoll
+/// instance that watches a listener.
+#[tracepoint]
+pub fn wait_enter_epoll(ctx: TracePointContext) -> u32 {
+    let epfd = arg(&ctx, 0) as i32 as i64;
+    enter_wait(|fds| is_one_of(epfd, &fds.epoll));
     0
 }
 
@@ -36,7 +123,7 @@ pub fn wait_exit(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 pub fn stop_waiting_current() {
     let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(worker) = WORKERS.get_ptr_mut(&tid) {
+    if let Some(worker) = WORKERS.get_ptr_mut(tid) {
         // SAFETY: a live map value, written only by this thread.
         unsafe { stop_waiting(worker) };
     }
@@ -75,7 +162,7 @@ unsafe fn stop_waiting(w: *mut WorkerThread) {
 #[inline(always)]
 pub fn track_acceptor(tgid: u32) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(worker) = WORKERS.get_ptr_mut(&tid) {
+    if let Some(worker) = WORKERS.get_ptr_mut(tid) {
         // SAFETY: a live map value, written only by this thread.
         unsafe { (*worker).registered_by = REGISTERED_BY_ACCEPT };
         return;
@@ -90,8 +177,7 @@ pub fn track_acceptor(tgid: u32) {
         registered_by: REGISTERED_BY_ACCEPT,
         _pad: 0,
     };
-    if WORKERS.insert(&tid, &worker, BPF_NOEXIST as u64).is_err() && WORKERS.get_ptr(&tid).is_none()
-    {
+    if WORKERS.insert(tid, worker, BPF_NOEXIST as u64).is_err() && WORKERS.get_ptr(tid).is_none() {
         count_health(Health::WorkerMapFull);
     }
 }

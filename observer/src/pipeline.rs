@@ -5,7 +5,9 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
 
-use observer_common::{REGISTERED_BY_DAEMON, WorkerThread, listen_port_key};
+use std::collections::HashMap;
+
+use observer_common::{REGISTERED_BY_DAEMON, WorkerFds, WorkerThread, listen_port_key};
 
 use crate::{
     aggregate::{Aggregator, Collection},
@@ -44,6 +46,8 @@ pub struct Pipeline {
     probes: Probes,
     aggregator: Aggregator,
     max_workers: usize,
+    /// Epoll fds watching a listener, per worker process (found once).
+    epolls: HashMap<u32, Vec<i32>>,
     pub health: DaemonHealth,
 }
 
@@ -78,6 +82,7 @@ impl Pipeline {
             probes,
             aggregator: Aggregator::new(max_listeners),
             max_workers,
+            epolls: Default::default(),
             health,
         };
         pipeline.collect().context("first collection")?;
@@ -113,12 +118,15 @@ impl Pipeline {
         let mut threads = self.probes.worker_threads()?;
         let untracked = membership.untracked(&threads);
         if !untracked.is_empty() {
-            self.probes.track_threads(&main_threads(&untracked))?;
+            let fds = workers::worker_fds(&membership, &self.epolls);
+            self.probes.track_threads(&main_threads(&untracked, &fds))?;
             threads = self.probes.worker_threads()?;
         }
+        let worker_fds = self.refresh_worker_fds(&membership)?;
         let stale = workers::stale_threads(&threads, &membership, procfs::thread_is_alive);
         self.probes.forget_threads(&stale)?;
         threads.retain(|(tid, _)| !stale.contains(tid));
+        self.reconcile_waiting(&mut threads, &worker_fds)?;
         let pools = workers::pools(
             &listeners.listeners,
             &membership,
@@ -137,13 +145,69 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Tells the kernel side which fds each worker waits on for new work.
+    /// Epoll sets are looked up once per process (until one is found).
+    fn refresh_worker_fds(&mut self, membership: &Membership) -> Result<HashMap<u32, WorkerFds>> {
+        let listen_fds = membership.worker_listen_fds();
+        self.epolls.retain(|pid, _| listen_fds.contains_key(pid));
+        for (pid, fds) in &listen_fds {
+            if !self.epolls.contains_key(pid) {
+                let found = procfs::epolls_watching(*pid, fds);
+                if !found.is_empty() {
+                    self.epolls.insert(*pid, found);
+                }
+            }
+        }
+        let fds = workers::worker_fds(membership, &self.epolls);
+        self.probes.set_worker_fds(&fds)?;
+        Ok(fds)
+    }
+
+    /// A thread that entered its wait before it was tracked, or before its
+    /// epoll set was known, sends no event until it leaves the wait: it
+    /// would look busy all that time. Threads that have looked busy for a
+    /// while are checked against /proc and marked idle if they are in fact
+    /// blocked waiting for new work.
+    fn reconcile_waiting(
+        &mut self,
+        threads: &mut [(u32, WorkerThread)],
+        fds: &HashMap<u32, WorkerFds>,
+    ) -> Result<()> {
+        const LOOKS_STUCK_NS: u64 = 200_000_000;
+        let now = procfs::monotonic_ns();
+        let mut fixed = Vec::new();
+        for (tid, t) in threads.iter_mut() {
+            if t.waiting != 0 || now.saturating_sub(t.since_ns) < LOOKS_STUCK_NS {
+                continue;
+            }
+            let worker_fds = fds.get(&t.tgid).map(|f| (&f.listen[..], &f.epoll[..]));
+            if procfs::waits_for_work(t.tgid, *tid, worker_fds) {
+                t.busy_ns += now.saturating_sub(t.since_ns);
+                t.waiting = 1;
+                t.since_ns = now;
+                fixed.push((*tid, *t));
+            }
+        }
+        if !fixed.is_empty() {
+            log::debug!(
+                "{} tracked threads were waiting for work unseen",
+                fixed.len()
+            );
+            self.probes.update_threads(&fixed)?;
+        }
+        Ok(())
+    }
+}
+
 /// Tracks the main thread of worker processes that have not accepted yet
 /// (they are idle if blocked in a wait syscall now, else busy).
-fn main_threads(pids: &[u32]) -> Vec<(u32, WorkerThread)> {
+fn main_threads(pids: &[u32], fds: &HashMap<u32, WorkerFds>) -> Vec<(u32, WorkerThread)> {
     let now = procfs::monotonic_ns();
     pids.iter()
         .map(|pid| {
-            let waiting = procfs::waits_for_work(*pid, *pid) as u32;
+            let worker_fds = fds.get(pid).map(|f| (&f.listen[..], &f.epoll[..]));
+            let waiting = procfs::waits_for_work(*pid, *pid, worker_fds) as u32;
             let thread = WorkerThread {
                 tgid: *pid,
                 waiting,

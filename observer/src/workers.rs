@@ -10,7 +10,7 @@
 //! work. Pure logic, no I/O.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use observer_common::{HolderRecord, REGISTERED_BY_ACCEPT, TCP_LISTEN, WorkerThread};
+use observer_common::{HolderRecord, REGISTERED_BY_ACCEPT, TCP_LISTEN, WorkerFds, WorkerThread};
 
 use crate::aggregate::{ListenerId, ListenerView, listener_of};
 
@@ -62,6 +62,8 @@ pub struct Membership {
     comms: HashMap<u32, String>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerId, u32), u64>,
+    /// Listening-socket fds per process.
+    listen_fds: HashMap<u32, BTreeSet<i32>>,
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
@@ -86,6 +88,7 @@ impl Membership {
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
         let mut seen_sockets = HashSet::new();
+        let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         for h in holders {
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
             if h.state == TCP_LISTEN {
@@ -94,6 +97,7 @@ impl Membership {
                         .entry(holder_id(h))
                         .or_default()
                         .insert(h.tgid, h.ppid);
+                    listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
                 }
             } else if let Some(id) = listener_of(holder_id(h), &present) {
                 // Count each open connection once per process (threads share fds).
@@ -118,6 +122,7 @@ impl Membership {
             workers,
             comms,
             active,
+            listen_fds,
         }
     }
 
@@ -127,6 +132,23 @@ impl Membership {
         let all: BTreeSet<u32> = self.workers.values().flatten().copied().collect();
         all.into_iter()
             .filter(|pid| !tracked.contains(pid))
+            .collect()
+    }
+
+    /// Every worker process with its listening-socket fds.
+    pub fn worker_listen_fds(&self) -> BTreeMap<u32, Vec<i32>> {
+        let workers: BTreeSet<u32> = self.workers.values().flatten().copied().collect();
+        workers
+            .into_iter()
+            .map(|pid| {
+                (
+                    pid,
+                    self.listen_fds
+                        .get(&pid)
+                        .map(|f| f.iter().copied().collect())
+                        .unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
@@ -220,6 +242,32 @@ pub fn pools(
         pools,
         workers_over_cap: over,
     }
+}
+
+/// The fds each worker waits on for new work, for the kernel side: its
+/// listeners, and `epolls` (epoll fds watching a listener, by process).
+pub fn worker_fds(
+    membership: &Membership,
+    epolls: &HashMap<u32, Vec<i32>>,
+) -> HashMap<u32, WorkerFds> {
+    membership
+        .worker_listen_fds()
+        .into_iter()
+        .map(|(pid, listen)| {
+            let mut fds = WorkerFds::EMPTY;
+            for (slot, fd) in fds.listen.iter_mut().zip(listen.iter()) {
+                *slot = *fd;
+            }
+            for (slot, fd) in fds
+                .epoll
+                .iter_mut()
+                .zip(epolls.get(&pid).into_iter().flatten())
+            {
+                *slot = *fd;
+            }
+            (pid, fds)
+        })
+        .collect()
 }
 
 /// Tracked threads to stop tracking: their thread is gone, or the daemon
@@ -376,6 +424,19 @@ mod tests {
         let mut stale = stale_threads(&threads, &m, |tgid, _| tgid != 50);
         stale.sort();
         assert_eq!(stale, vec![40, 50]);
+    }
+
+    #[test]
+    fn worker_fds_hold_listeners_and_listener_epolls() {
+        let holders = [
+            holder(10, 1, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_LISTEN, 5),
+        ];
+        let m = Membership::from_holders(&[view(80)], &holders);
+        let fds = worker_fds(&m, &HashMap::from([(11, vec![7])]));
+        assert_eq!(fds.len(), 1, "only the worker, not the master");
+        assert_eq!(fds[&11].listen, [3, -1, -1, -1]);
+        assert_eq!(fds[&11].epoll, [7, -1, -1, -1]);
     }
 
     #[test]

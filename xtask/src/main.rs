@@ -41,14 +41,21 @@ enum Task {
     },
 }
 
-/// Debian packages the tests use, with a binary that shows each is present.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("nginx-light", "/usr/sbin/nginx"),
-    ("wrk", "/usr/bin/wrk"),
-    ("iproute2", "/usr/bin/ss"),
-    ("util-linux", "/usr/bin/setpriv"),
-    ("curl", "/usr/bin/curl"),
-    ("bpftool", "/usr/sbin/bpftool"),
+/// Debian packages the end-to-end tests drive (real servers, load
+/// generators, ground truth).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "nginx-light",
+    "wrk",
+    "iproute2",
+    "util-linux",
+    "procps",
+    "curl",
+    "bpftool",
+    "gunicorn",
+    "uwsgi-core",
+    "uwsgi-plugin-python3",
+    "unicorn",
+    "ruby-raindrops",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -195,11 +202,16 @@ fn ensure_bpf_linker() -> Result<()> {
     )
 }
 
+fn is_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.ends_with("install ok installed"))
+}
+
 fn ensure_debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
-        .filter(|(_, binary)| !Path::new(binary).exists())
-        .map(|(package, _)| *package)
+        .copied()
+        .filter(|p| !is_installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());

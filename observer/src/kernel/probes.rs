@@ -10,21 +10,23 @@ use aya::{
 };
 use observer_common::{
     AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets, ListenerRecord,
-    WorkerThread,
+    WorkerFds, WorkerThread,
 };
 
-/// Syscalls in which a worker waits for new work: entering one makes a
-/// tracked thread idle, leaving it busy. accept's exit is the accept program.
-const WAIT_SYSCALLS: &[&str] = &[
-    "accept",
-    "accept4",
-    "select",
-    "pselect6",
-    "poll",
-    "ppoll",
-    "epoll_wait",
-    "epoll_pwait",
-    "epoll_pwait2",
+/// Syscalls in which a worker may wait for new work, with the program that
+/// checks, on entry, whether the call waits on one of the worker's listeners.
+/// Leaving any of them makes a tracked thread busy (accept's exit is the
+/// accept program).
+const WAIT_SYSCALLS: &[(&str, &str)] = &[
+    ("accept", "wait_enter_accept"),
+    ("accept4", "wait_enter_accept"),
+    ("select", "wait_enter_select"),
+    ("pselect6", "wait_enter_select"),
+    ("poll", "wait_enter_poll"),
+    ("ppoll", "wait_enter_poll"),
+    ("epoll_wait", "wait_enter_epoll"),
+    ("epoll_pwait", "wait_enter_epoll"),
+    ("epoll_pwait2", "wait_enter_epoll"),
 ];
 
 /// The compiled programs, built by build.rs from observer-ebpf.
@@ -182,6 +184,47 @@ impl Probes {
         Ok(())
     }
 
+    /// Makes `WORKER_FDS` hold exactly `fds` (per worker process).
+    pub fn set_worker_fds(
+        &mut self,
+        fds: &std::collections::HashMap<u32, WorkerFds>,
+    ) -> Result<()> {
+        let mut map: HashMap<_, u32, WorkerFds> = HashMap::try_from(
+            self.ebpf
+                .map_mut("WORKER_FDS")
+                .context("map WORKER_FDS missing")?,
+        )?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !fds.contains_key(k))
+            .collect();
+        for tgid in stale {
+            let _ = map.remove(&tgid);
+        }
+        for (tgid, worker_fds) in fds {
+            if let Err(e) = map.insert(tgid, worker_fds, 0) {
+                log::debug!("WORKER_FDS: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites the state of tracked threads (only for threads blocked in
+    /// a syscall, which do not write their own entry meanwhile).
+    pub fn update_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
+        const BPF_EXIST: u64 = 2;
+        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
+            self.ebpf
+                .map_mut("WORKERS")
+                .context("map WORKERS missing")?,
+        )?;
+        for (tid, thread) in threads {
+            let _ = map.insert(tid, thread, BPF_EXIST);
+        }
+        Ok(())
+    }
+
     /// Stops tracking threads.
     pub fn forget_threads(&mut self, tids: &[u32]) -> Result<()> {
         let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
@@ -277,20 +320,30 @@ fn attach_accept_source(
 
 /// Attaches the idle/busy programs to every wait syscall this kernel has.
 fn attach_wait_programs(ebpf: &mut Ebpf, errors: &mut Vec<AttachError>) -> Result<()> {
-    for (name, direction) in [("wait_enter", "enter"), ("wait_exit", "exit")] {
+    let enter_programs = [
+        "wait_enter_accept",
+        "wait_enter_select",
+        "wait_enter_poll",
+        "wait_enter_epoll",
+    ];
+    for name in enter_programs.into_iter().chain(["wait_exit"]) {
         let tp: &mut TracePoint = program(ebpf, name)?;
         tp.load().map_err(|e| describe(name, e))?;
-        for syscall in WAIT_SYSCALLS {
-            if direction == "exit" && syscall.starts_with("accept") {
-                continue; // the accept program handles accept's exit
-            }
-            let tracepoint = format!("sys_{direction}_{syscall}");
+    }
+    for (syscall, enter) in WAIT_SYSCALLS {
+        let mut attach = |name: &'static str, tracepoint: String| -> Result<()> {
+            let tp: &mut TracePoint = program(ebpf, name)?;
             if let Err(e) = tp.attach("syscalls", &tracepoint) {
                 errors.push(AttachError {
                     program: name,
                     message: format!("syscalls/{tracepoint}: {e}"),
                 });
             }
+            Ok(())
+        };
+        attach(enter, format!("sys_enter_{syscall}"))?;
+        if !syscall.starts_with("accept") {
+            attach("wait_exit", format!("sys_exit_{syscall}"))?;
         }
     }
     Ok(())

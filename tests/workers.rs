@@ -1,0 +1,561 @@
+//! Worker pools of real servers against each server's own view of its
+//! workers: gunicorn's classic busy-worker semaphore in pre/post_request
+//! hooks, uWSGI's stats server, unicorn's listener stats from raindrops.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, Metrics, free_port, ss_listen_queues};
+
+/// A server started in its own process group (master and workers die together).
+struct Server {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(name: &str, port: u16, files: &[(&str, &str)], cmd: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!("observer-{name}-{port}"));
+        std::fs::create_dir_all(&dir).expect("server dir");
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).expect("write server file");
+        }
+        let child = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .current_dir(&dir)
+            .env("BUSY_FILE", dir.join("busy"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("log file"))
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} (cargo xtask setup installs it): {e}"));
+        let server = Server { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ss_listen_queues(port).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not listen on {port}: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// The semaphore value the gunicorn hooks write (0 before any request).
+    fn semaphore(&self) -> i64 {
+        std::fs::read_to_string(self.dir.join("busy"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Pids of the master's children (the workers, as the OS sees them).
+    fn worker_pids(&self) -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .expect("pgrep");
+        let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        pids.sort();
+        pids
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as i32;
+        // SAFETY: signals to the process group we created for this server.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above; anything left is killed.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const WSGI_APP: &str = r#"import time
+def app(environ, start_response):
+    time.sleep(float(environ.get('QUERY_STRING') or 0.3))
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'ok\n']
+"#;
+
+/// The classic busy-worker semaphore, shared by all workers (created before
+/// the fork), published to a file on every change.
+const GUNICORN_HOOKS: &str = r#"import multiprocessing, os
+busy = multiprocessing.Value('i', 0)
+def _publish():
+    tmp = os.environ['BUSY_FILE'] + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(str(busy.value))
+    os.replace(tmp, os.environ['BUSY_FILE'])
+def pre_request(worker, req):
+    with busy.get_lock():
+        busy.value += 1
+        _publish()
+def post_request(worker, req, environ, resp):
+    with busy.get_lock():
+        busy.value -= 1
+        _publish()
+"#;
+
+fn gunicorn(extra: &[&str]) -> Server {
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut cmd = vec!["gunicorn", "-c", "hooks.py", "-b", &bind];
+    cmd.extend_from_slice(extra);
+    cmd.push("app:app");
+    Server::start(
+        "gunicorn",
+        port,
+        &[("app.py", WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
+        &cmd,
+    )
+}
+
+/// `clients` threads, each making `requests` HTTP/1.0 requests (a new
+/// connection each) for a response delayed by `sleep_s`. Returns how many
+/// completed.
+fn load(port: u16, clients: usize, requests: usize, sleep_s: f64) -> Vec<JoinHandle<usize>> {
+    (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut done = 0;
+                for _ in 0..requests {
+                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = write!(s, "GET /?{sleep_s} HTTP/1.0\r\n\r\n");
+                    let mut reply = String::new();
+                    if s.read_to_string(&mut reply).is_ok()
+                        && reply.starts_with("HTTP/1.")
+                        && reply.contains(" 200 ")
+                    {
+                        done += 1;
+                    }
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+fn finish(clients: Vec<JoinHandle<usize>>) -> usize {
+    clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .sum()
+}
+
+fn pool_state(m: &Metrics, port: u16, state: &str) -> f64 {
+    m.get(
+        "observer_workers",
+        &[("port", &port.to_string()), ("state", state)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn sum_per_worker(m: &Metrics, name: &str, port: u16) -> f64 {
+    let port = port.to_string();
+    m.samples
+        .iter()
+        .filter(|(n, l, _)| n == name && l.get("port") == Some(&port))
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+fn worker_pids_seen(m: &Metrics, port: u16) -> Vec<u32> {
+    let port = port.to_string();
+    let mut pids: Vec<u32> = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| n == "observer_worker_busy" && l.get("port") == Some(&port))
+        .filter_map(|(_, l, _)| l.get("pid")?.parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// Waits until the observer sees `n` workers in the pool, all idle.
+fn wait_for_idle_pool(daemon: &Daemon, port: u16, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = daemon.scrape();
+        if pool_state(&m, port, "idle") == n && pool_state(&m, port, "busy") == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never showed {n} idle workers:\n{}",
+            m.text
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One sample: the observer's figure, with the ground truth read just
+/// before and just after it (the two are never read at the same instant).
+#[derive(Debug)]
+struct Sample {
+    observer: f64,
+    truth_before: f64,
+    truth_after: f64,
+}
+
+/// Takes `count` samples `every` apart.
+fn sample(
+    count: usize,
+    every: Duration,
+    observer: impl Fn() -> f64,
+    truth: impl Fn() -> f64,
+) -> Vec<Sample> {
+    (0..count)
+        .map(|_| {
+            std::thread::sleep(every);
+            let truth_before = truth();
+            let observer = observer();
+            Sample {
+                observer,
+                truth_before,
+                truth_after: truth(),
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Every sample within ±1 of the ground truth around it.
+fn assert_tracks(samples: &[Sample], what: &str) {
+    println!(
+        "{what}: {:?}",
+        samples
+            .iter()
+            .map(|s| (s.observer, s.truth_before, s.truth_after))
+            .collect::<Vec<_>>()
+    );
+    let off: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            let (lo, hi) = (
+                s.truth_before.min(s.truth_after),
+                s.truth_before.max(s.truth_after),
+            );
+            s.observer < lo - 1.0 || s.observer > hi + 1.0
+        })
+        .collect();
+    assert!(
+        off.is_empty(),
+        "{what}: samples off by more than 1: {off:?}"
+    );
+}
+
+fn observed(samples: &[Sample]) -> Vec<f64> {
+    samples.iter().map(|s| s.observer).collect()
+}
+
+#[test]
+fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
+    let daemon = Daemon::start();
+    let server = gunicorn(&["-w", "4"]);
+    wait_for_idle_pool(&daemon, server.port, 4.0);
+    let (clients, requests) = (2, 10);
+    let load = load(server.port, clients, requests, 0.3);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        12,
+        Duration::from_millis(150),
+        || pool_state(&daemon.scrape(), server.port, "busy"),
+        || server.semaphore() as f64,
+    );
+    let done = finish(load);
+    assert_tracks(&samples, "busy workers vs semaphore");
+    assert_eq!(
+        median(observed(&samples)),
+        clients as f64,
+        "min(k, workers) busy"
+    );
+
+    let m = daemon.scrape();
+    assert_eq!(done, clients * requests, "every client request succeeded");
+    assert_eq!(
+        m.listener("observer_connections_accepted_total", server.port),
+        done as f64
+    );
+    assert_eq!(
+        sum_per_worker(&m, "observer_worker_accepts_total", server.port),
+        done as f64
+    );
+    assert_eq!(
+        worker_pids_seen(&m, server.port),
+        server.worker_pids(),
+        "workers are the arbiter's children"
+    );
+    // Everything finished: all idle, nothing open, and busy time adds up to
+    // about the requests' sleeps (20 × 0.3 s; every worker was idle at start).
+    assert_eq!(
+        (
+            pool_state(&m, server.port, "busy"),
+            pool_state(&m, server.port, "idle")
+        ),
+        (0.0, 4.0)
+    );
+    assert_eq!(
+        sum_per_worker(&m, "observer_worker_active_connections", server.port),
+        0.0
+    );
+    let busy_s = sum_per_worker(&m, "observer_worker_busy_seconds_total", server.port);
+    let slept = done as f64 * 0.3;
+    assert!(
+        busy_s >= slept && busy_s < slept + 1.0,
+        "busy {busy_s} s vs {slept} s of sleeps"
+    );
+}
+
+#[test]
+fn all_workers_busy_makes_the_queue_grow_and_waits_show_it_then_both_drain() {
+    let daemon = Daemon::start();
+    let server = gunicorn(&["-w", "2"]);
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    // 4 clients against 2 workers: 2 connections wait in the queue.
+    let load = load(server.port, 4, 4, 0.4);
+    std::thread::sleep(Duration::from_millis(300));
+    let samples: Vec<(f64, f64)> = (0..8)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(150));
+            let m = daemon.scrape();
+            (
+                pool_state(&m, server.port, "busy"),
+                m.listener("observer_listen_queue_length", server.port),
+            )
+        })
+        .collect();
+    println!("(busy, queue length) = {samples:?}");
+    assert_eq!(
+        median(samples.iter().map(|s| s.0).collect()),
+        2.0,
+        "both workers busy"
+    );
+    assert!(
+        samples.iter().any(|s| s.1 >= 1.0),
+        "queue grew while all workers were busy: {samples:?}"
+    );
+    finish(load);
+    let m = daemon.scrape();
+    let port = server.port.to_string();
+    let under = |le: &str| {
+        m.get(
+            "observer_accept_queue_wait_seconds_bucket",
+            &[("port", &port), ("le", le)],
+        )
+        .unwrap_or(0.0)
+    };
+    let count = m.listener("observer_accept_queue_wait_seconds_count", server.port);
+    assert_eq!(count, 16.0);
+    assert!(
+        under("0.25") < count,
+        "some connections waited longer than 250 ms in the queue"
+    );
+    assert_eq!(
+        m.listener("observer_listen_queue_length", server.port),
+        0.0,
+        "queue drained"
+    );
+    assert_eq!(pool_state(&m, server.port, "busy"), 0.0, "workers freed");
+}
+
+#[test]
+fn gunicorn_gthread_active_connections_track_the_semaphore() {
+    let daemon = Daemon::start();
+    let server = gunicorn(&["-k", "gthread", "-w", "2", "--threads", "3"]);
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    let load = load(server.port, 4, 8, 0.3);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        12,
+        Duration::from_millis(150),
+        || {
+            sum_per_worker(
+                &daemon.scrape(),
+                "observer_worker_active_connections",
+                server.port,
+            )
+        },
+        || server.semaphore() as f64,
+    );
+    let done = finish(load);
+    assert_tracks(&samples, "gthread: open connections vs semaphore");
+    assert_eq!(median(observed(&samples)), 4.0);
+    let m = daemon.scrape();
+    assert_eq!(
+        sum_per_worker(&m, "observer_worker_accepts_total", server.port),
+        done as f64
+    );
+}
+
+#[test]
+fn gunicorn_worker_restarts_leave_no_stale_pids_and_counts_stay_exact() {
+    let daemon = Daemon::start();
+    // Each worker exits after 3 requests and the arbiter starts a new one.
+    let server = gunicorn(&["-w", "2", "--max-requests", "3"]);
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    let done = finish(load(server.port, 2, 9, 0.05));
+    assert_eq!(done, 18);
+    std::thread::sleep(Duration::from_millis(1500)); // let the arbiter respawn
+    let m = daemon.scrape();
+    assert_eq!(
+        m.listener("observer_connections_accepted_total", server.port),
+        18.0
+    );
+    assert_eq!(
+        worker_pids_seen(&m, server.port),
+        server.worker_pids(),
+        "only live workers are exported"
+    );
+    assert!(
+        sum_per_worker(&m, "observer_worker_accepts_total", server.port) < 18.0,
+        "restarted workers' counts left with them"
+    );
+}
+
+/// uWSGI's stats server: number of workers whose status is "busy".
+fn uwsgi_busy(stats_port: u16) -> f64 {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", stats_port)) else {
+        return -1.0;
+    };
+    let mut json = String::new();
+    let _ = s.read_to_string(&mut json);
+    json.matches("\"status\":\"busy\"").count() as f64
+}
+
+#[test]
+fn uwsgi_busy_workers_track_its_stats_server() {
+    let daemon = Daemon::start();
+    let (port, stats) = (free_port(), free_port());
+    let server = Server::start(
+        "uwsgi",
+        port,
+        &[("app.py", WSGI_APP)],
+        &[
+            "uwsgi_python3",
+            "--http-socket",
+            &format!("127.0.0.1:{port}"),
+            "--wsgi-file",
+            "app.py",
+            "--callable",
+            "app",
+            "--master",
+            "--processes",
+            "4",
+            "--stats",
+            &format!("127.0.0.1:{stats}"),
+            "--disable-logging",
+        ],
+    );
+    wait_for_idle_pool(&daemon, server.port, 4.0);
+    let load = load(server.port, 3, 8, 0.3);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        12,
+        Duration::from_millis(150),
+        || pool_state(&daemon.scrape(), server.port, "busy"),
+        || uwsgi_busy(stats),
+    );
+    let done = finish(load);
+    assert_tracks(&samples, "uWSGI busy workers vs stats server");
+    assert_eq!(median(observed(&samples)), 3.0);
+    assert_eq!(
+        sum_per_worker(
+            &daemon.scrape(),
+            "observer_worker_accepts_total",
+            server.port
+        ),
+        done as f64
+    );
+}
+
+/// raindrops' view of a listener: connections being served ("active").
+fn raindrops_active(port: u16) -> f64 {
+    let script = format!(
+        "s = Raindrops::Linux.tcp_listener_stats(['127.0.0.1:{port}'])['127.0.0.1:{port}']; print s.active"
+    );
+    let out = Command::new("ruby")
+        .args(["-rraindrops", "-e", &script])
+        .output()
+        .expect("ruby raindrops");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn unicorn_busy_workers_track_raindrops_active_connections() {
+    let daemon = Daemon::start();
+    let port = free_port();
+    let config = "worker_processes 3\n";
+    let app = "run lambda { |env| sleep(env['QUERY_STRING'].to_f); [200, {'content-type' => 'text/plain'}, [\"ok\\n\"]] }\n";
+    let server = Server::start(
+        "unicorn",
+        port,
+        &[("config.ru", app), ("unicorn.rb", config)],
+        &[
+            "unicorn",
+            "-E",
+            "none",
+            "-o",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-c",
+            "unicorn.rb",
+            "config.ru",
+        ],
+    );
+    wait_for_idle_pool(&daemon, server.port, 3.0);
+    let load = load(server.port, 2, 12, 0.4);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        10,
+        Duration::from_millis(200),
+        || pool_state(&daemon.scrape(), server.port, "busy"),
+        || raindrops_active(server.port),
+    );
+    let done = finish(load);
+    assert_tracks(&samples, "unicorn busy workers vs raindrops active");
+    assert_eq!(median(observed(&samples)), 2.0);
+    assert_eq!(
+        sum_per_worker(
+            &daemon.scrape(),
+            "observer_worker_accepts_total",
+            server.port
+        ),
+        done as f64
+    );
+}
