@@ -56,6 +56,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "uwsgi-plugin-python3",
     "unicorn",
     "ruby-raindrops",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
