@@ -92,7 +92,9 @@ impl WorkerFds {
 }
 
 /// One TCP socket held open by a process, as the `iter/task_file` program
-/// writes it: listening sockets, and accepted connections of listened ports.
+/// writes it: listening sockets (with their queue figures: this iterator sees
+/// every network namespace, `iter/tcp` only the daemon's), and accepted
+/// connections of listened ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct HolderRecord {
@@ -109,6 +111,11 @@ pub struct HolderRecord {
     pub addr: [u8; 16],
     pub inode: u64,
     pub comm: [u8; 16],
+    /// For listening sockets, as in [`ListenerRecord`]; 0 otherwise.
+    pub queue_len: u32,
+    pub queue_max: u32,
+    pub syn_queue_len: u32,
+    pub drops: u32,
 }
 
 /// Where the accepted child socket was bound, and who accepted it.
@@ -272,7 +279,7 @@ mod tests {
     fn shared_layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
-        assert_eq!(core::mem::size_of::<HolderRecord>(), 64);
+        assert_eq!(core::mem::size_of::<HolderRecord>(), 80);
         assert_eq!(core::mem::size_of::<WorkerThread>(), 32);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 4));
     }

@@ -2,6 +2,9 @@
 //! every open file of every process and writes a [`HolderRecord`] for each
 //! TCP listener and each accepted connection of a listened port: who holds
 //! which listener (the worker pool) and how many connections each has open.
+//! Unlike `iter/tcp`, which the kernel limits to the iterator's own network
+//! namespace, this sees the sockets of every process in every namespace, so
+//! it also reports each listener's queue figures.
 use aya_ebpf::{
     bindings::seq_file,
     helpers::{bpf_probe_read_kernel, generated::bpf_seq_write},
@@ -71,7 +74,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     let ppid = read_ptr(task, off.task_real_parent)
         .and_then(|p| read::<u32>(p, off.task_tgid))
         .unwrap_or(0);
-    let record = HolderRecord {
+    let mut record = HolderRecord {
         tgid: read(task, off.task_tgid).unwrap_or(0),
         ppid,
         fd,
@@ -83,7 +86,17 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         addr: place.addr,
         inode: read(inode, off.inode_i_ino).unwrap_or(0),
         comm: read(task, off.task_comm).unwrap_or([0; 16]),
+        queue_len: 0,
+        queue_max: 0,
+        syn_queue_len: 0,
+        drops: 0,
     };
+    if state == TCP_LISTEN {
+        record.queue_len = read(sk, off.sk_ack_backlog).unwrap_or(0);
+        record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
+        record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
+        record.drops = read(sk, off.sk_drops).unwrap_or(0);
+    }
     // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
     unsafe {
         bpf_seq_write(

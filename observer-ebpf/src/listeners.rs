@@ -1,6 +1,8 @@
 //! `iter/tcp`: the daemon runs this iterator at scrape time. It visits every
-//! TCP socket of every network namespace and writes one fixed-size
-//! [`ListenerRecord`] per listening socket to the iterator's seq file.
+//! TCP socket of the daemon's network namespace (the kernel filters the walk
+//! by the iterator's namespace) and writes one fixed-size [`ListenerRecord`]
+//! per listening socket to the iterator's seq file. Listeners of other
+//! namespaces come from `holders.rs`.
 //! Reading depth at scrape time costs nothing per packet.
 use aya_ebpf::{
     bindings::seq_file,

@@ -99,6 +99,12 @@ pub struct ListenerView {
     pub syn_queue_len: u64,
     /// Connections that entered the accept queue since the daemon started.
     pub queued: u64,
+    /// Connections the listener dropped since the daemon started (accept
+    /// queue full, or SYN queue overflow): the kernel's per-socket `sk_drops`,
+    /// which moves with ListenDrops.
+    pub drops: u64,
+    /// `sk_drops` as read now (since the sockets were created).
+    pub drops_raw: u64,
     pub accepts: Accepts,
     /// Accepts per live process (tgid) since the daemon started.
     pub by_process: BTreeMap<u32, Accepts>,
@@ -125,6 +131,10 @@ struct ListenerState {
     retired: Accepts,
     /// Last exported `queued`, to keep it monotonic across sampling races.
     last_queued: u64,
+    /// `sk_drops` when first seen at daemon start (0 for later listeners).
+    drops_baseline: u64,
+    /// Last exported `drops`.
+    last_drops: u64,
 }
 
 /// Holds what must survive between collections.
@@ -161,6 +171,7 @@ impl Aggregator {
         for (id, view) in &views {
             self.listeners.entry(*id).or_insert_with(|| ListenerState {
                 depth_baseline: if startup { view.queue_len } else { 0 },
+                drops_baseline: if startup { view.drops_raw } else { 0 },
                 ..Default::default()
             });
         }
@@ -202,6 +213,10 @@ impl Aggregator {
                 (view.accepts.accepted + view.queue_len).saturating_sub(state.depth_baseline);
             state.last_queued = state.last_queued.max(derived);
             view.queued = state.last_queued;
+            state.last_drops = state
+                .last_drops
+                .max(view.drops_raw.saturating_sub(state.drops_baseline));
+            view.drops = state.last_drops;
         }
 
         let mut listeners: Vec<ListenerView> = views.into_values().collect();
@@ -231,6 +246,8 @@ fn group_listeners(records: &[ListenerRecord]) -> HashMap<ListenerId, ListenerVi
             queue_max: 0,
             syn_queue_len: 0,
             queued: 0,
+            drops: 0,
+            drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
             inodes: Vec::new(),
@@ -239,6 +256,7 @@ fn group_listeners(records: &[ListenerRecord]) -> HashMap<ListenerId, ListenerVi
         view.queue_len += r.queue_len as u64;
         view.queue_max += r.queue_max as u64;
         view.syn_queue_len += r.syn_queue_len as u64;
+        view.drops_raw += r.drops as u64;
         if r.inode != 0 {
             view.inodes.push(r.inode);
         }
@@ -413,6 +431,17 @@ mod tests {
         let c = agg.collect(&[], &[(k, stats(1, 0))], |_| true);
         assert!(c.listeners.is_empty());
         assert_eq!(c.forget, vec![k]);
+    }
+
+    #[test]
+    fn drops_count_from_daemon_start() {
+        let mut agg = Aggregator::new(100);
+        let l = |drops| ListenerRecord {
+            drops,
+            ..listener([0; 16], AF_INET, 80, 0)
+        };
+        assert_eq!(agg.collect(&[l(7)], &[], |_| true).listeners[0].drops, 0);
+        assert_eq!(agg.collect(&[l(10)], &[], |_| true).listeners[0].drops, 3);
     }
 
     #[test]

@@ -7,7 +7,10 @@ use anyhow::{Context as _, Result};
 
 use std::collections::HashMap;
 
-use observer_common::{REGISTERED_BY_DAEMON, WorkerFds, WorkerThread, listen_port_key};
+use observer_common::{
+    HolderRecord, ListenerRecord, REGISTERED_BY_DAEMON, TCP_LISTEN, WorkerFds, WorkerThread,
+    listen_port_key,
+};
 
 use crate::{
     aggregate::{Aggregator, Collection},
@@ -101,13 +104,20 @@ impl Pipeline {
     }
 
     fn collect_inner(&mut self) -> Result<Snapshot> {
-        let listener_records = self.probes.listeners()?;
+        let holders = self.probes.holders()?;
+        let listener_records = all_listeners(self.probes.listeners()?, &holders);
         let ports = listener_records
             .iter()
             .map(|l| listen_port_key(l.netns, l.port))
             .collect();
         self.probes.set_listen_ports(&ports)?;
-        let holders = self.probes.holders()?;
+        // Accepted connections of listeners first seen just now are reported
+        // only once their ports are in LISTEN_PORTS: read the holders again.
+        let holders = if self.probes.listen_ports_changed() {
+            self.probes.holders()?
+        } else {
+            holders
+        };
         let accepts = self.probes.accepts()?;
         let listeners =
             self.aggregator
@@ -198,6 +208,34 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Every listening socket: those of the daemon's namespace (`iter/tcp`, which
+/// also sees kernel-owned listeners) and those held by any process in any
+/// namespace (`iter/task_file`), once each (by socket inode).
+fn all_listeners(own_netns: Vec<ListenerRecord>, holders: &[HolderRecord]) -> Vec<ListenerRecord> {
+    let mut seen: std::collections::HashSet<u64> = own_netns
+        .iter()
+        .map(|l| l.inode)
+        .filter(|i| *i != 0)
+        .collect();
+    let mut listeners = own_netns;
+    for h in holders.iter().filter(|h| h.state == TCP_LISTEN) {
+        if seen.insert(h.inode) {
+            listeners.push(ListenerRecord {
+                netns: h.netns,
+                family: h.family,
+                port: h.port,
+                addr: h.addr,
+                queue_len: h.queue_len,
+                queue_max: h.queue_max,
+                syn_queue_len: h.syn_queue_len,
+                drops: h.drops,
+                inode: h.inode,
+            });
+        }
+    }
+    listeners
 }
 
 /// Tracks the main thread of worker processes that have not accepted yet

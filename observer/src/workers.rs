@@ -310,6 +310,8 @@ mod tests {
             queue_max: 128,
             syn_queue_len: 0,
             queued: 0,
+            drops: 0,
+            drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
             inodes: vec![],
@@ -335,6 +337,7 @@ mod tests {
             addr,
             inode,
             comm,
+            ..Default::default()
         }
     }
 

@@ -57,6 +57,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "unicorn",
     "ruby-raindrops",
     "prometheus",
+    "iptables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -60,6 +60,8 @@ pub struct AttachError {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Whether the last `set_listen_ports` changed the map.
+    listen_ports_changed: bool,
     pub accept_source: AcceptSource,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
@@ -107,6 +109,7 @@ impl Probes {
             .map_err(|e| describe("holders (iter/task_file)", e))?;
         Ok(Probes {
             ebpf,
+            listen_ports_changed: false,
             accept_source,
             attach_errors,
         })
@@ -149,16 +152,23 @@ impl Probes {
             .filter_map(|k| k.ok())
             .filter(|k| !keys.contains(k))
             .collect();
+        let present: std::collections::HashSet<u64> = map.keys().filter_map(|k| k.ok()).collect();
+        self.listen_ports_changed = !stale.is_empty() || keys.iter().any(|k| !present.contains(k));
         for key in stale {
             let _ = map.remove(&key);
         }
-        for key in keys {
+        for key in keys.iter().filter(|k| !present.contains(k)) {
             if let Err(e) = map.insert(key, 1, 0) {
                 log::debug!("LISTEN_PORTS full: {e}");
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Whether the last `set_listen_ports` added or removed ports.
+    pub fn listen_ports_changed(&self) -> bool {
+        self.listen_ports_changed
     }
 
     /// Tracked worker threads by thread id.

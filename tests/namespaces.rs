@@ -1,0 +1,266 @@
+//! Listeners in network namespaces the tests create: each appears with its
+//! own `netns`; SYN-queue depth and per-listener drops agree with `ss` and
+//! `nstat` run inside the same namespace.
+mod support;
+
+use std::{
+    net::TcpListener,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, run};
+
+/// A network namespace made for one test (loopback up), deleted on drop.
+struct Netns {
+    name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!(
+            "obs-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        assert!(
+            run(Command::new("ip").args(["netns", "add", &name]))
+                .status
+                .success(),
+            "ip netns add"
+        );
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's inode: what observer's `netns` label holds.
+    fn inode(&self) -> String {
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns file")
+            .ino()
+            .to_string()
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    fn exec(&self, cmd: &[&str]) -> String {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd));
+        assert!(
+            out.status.success(),
+            "{cmd:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it
+    /// creates belong to the namespace.
+    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    }
+
+    /// (Recv-Q, Send-Q) of the listener on `port`, per `ss` in the namespace.
+    fn ss_listen(&self, port: u16) -> (f64, f64) {
+        let out = self.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
+        let f: Vec<f64> = out
+            .split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        (f[0], f[1])
+    }
+
+    /// An absolute counter of `nstat` in the namespace (without touching its history).
+    fn nstat(&self, counter: &str) -> f64 {
+        let out = self.exec(&["nstat", "-asz", counter]);
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix(counter)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{counter} missing from nstat: {out}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn listen_in(ns: &Netns, port: u16, backlog: i32) -> TcpListener {
+    ns.enter(move || support::listen(format!("127.0.0.1:{port}").parse().expect("addr"), backlog))
+}
+
+/// Starts a non-blocking connect (it completes, or keeps retrying SYNs, in the background).
+fn start_connects(ns: &Netns, port: u16, n: usize) -> Vec<OwnedFd> {
+    ns.enter(move || {
+        (0..n)
+            .map(|_| {
+                // SAFETY: plain socket(2); the fd is owned by the OwnedFd below.
+                let fd = unsafe {
+                    libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
+                };
+                assert!(fd >= 0, "socket");
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: connect with a sockaddr_in of the right size; EINPROGRESS is expected.
+                unsafe {
+                    libc::connect(
+                        fd,
+                        &addr as *const _ as *const libc::sockaddr,
+                        std::mem::size_of_val(&addr) as u32,
+                    )
+                };
+                // SAFETY: fd is a socket we just created and own.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
+            .collect()
+    })
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn listeners_in_two_namespaces_appear_with_their_own_netns_depth_and_limit() {
+    let daemon = Daemon::start();
+    let (a, b) = (Netns::new(), Netns::new());
+    let port = 8080; // the same port in both: only netns tells them apart
+    let (_la, _lb) = (listen_in(&a, port, 5), listen_in(&b, port, 7));
+    let (_ca, _cb) = (start_connects(&a, port, 2), start_connects(&b, port, 3));
+    wait_until("queues to fill", || {
+        a.ss_listen(port).0 == 2.0 && b.ss_listen(port).0 == 3.0
+    });
+    let m = daemon.scrape();
+    let (ia, ib) = (a.inode(), b.inode());
+    assert_ne!(ia, ib);
+    for (ns, inode) in [(&a, &ia), (&b, &ib)] {
+        let (recv_q, send_q) = ns.ss_listen(port);
+        let labels = [("port", "8080"), ("netns", inode.as_str())];
+        assert_eq!(
+            m.get("observer_listen_queue_length", &labels),
+            Some(recv_q),
+            "depth in {inode}"
+        );
+        assert_eq!(
+            m.get("observer_listen_queue_max", &labels),
+            Some(send_q),
+            "limit in {inode}"
+        );
+    }
+}
+
+#[test]
+fn per_listener_drops_equal_the_namespace_listen_drops_from_nstat() {
+    let daemon = Daemon::start();
+    let ns = Netns::new();
+    let port = 8081;
+    let _listener = listen_in(&ns, port, 1);
+    let drops_before = ns.nstat("TcpExtListenDrops");
+    // Backlog 1 holds 2 connections; the other 18 SYNs (and their retries) are dropped.
+    let clients = start_connects(&ns, port, 20);
+    std::thread::sleep(Duration::from_millis(1500)); // at least one SYN retry each
+    drop(clients); // closing stops the retries, so the counts settle
+    std::thread::sleep(Duration::from_millis(200));
+    let nstat_drops = ns.nstat("TcpExtListenDrops") - drops_before;
+    let m = daemon.scrape();
+    let inode = ns.inode();
+    let labels = [("port", "8081"), ("netns", inode.as_str())];
+    let observed = m
+        .get("observer_listen_drops_total", &labels)
+        .expect("drops series");
+    println!("listen drops: observer {observed}, nstat {nstat_drops}");
+    assert!(nstat_drops >= 18.0, "the flood was dropped: {nstat_drops}");
+    assert_eq!(observed, nstat_drops);
+    assert_eq!(
+        ns.nstat("TcpExtListenOverflows") - drops_before,
+        nstat_drops,
+        "all drops were overflows"
+    );
+}
+
+#[test]
+fn syn_queue_length_equals_half_open_connections_in_ss() {
+    let daemon = Daemon::start();
+    let ns = Netns::new();
+    let port = 8082;
+    // The server's SYN-ACKs never leave: handshakes stay half open.
+    ns.exec(&[
+        "iptables",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "SYN,ACK",
+        "SYN,ACK",
+        "-j",
+        "DROP",
+    ]);
+    let _listener = listen_in(&ns, port, 16);
+    let _clients = start_connects(&ns, port, 3);
+    let half_open = || {
+        ns.exec(&[
+            "ss",
+            "-Htn",
+            "state",
+            "syn-recv",
+            &format!("sport = :{port}"),
+        ])
+        .lines()
+        .count() as f64
+    };
+    wait_until("3 half-open connections", || half_open() == 3.0);
+    let m = daemon.scrape();
+    let inode = ns.inode();
+    let labels = [("port", "8082"), ("netns", inode.as_str())];
+    assert_eq!(
+        m.get("observer_listen_syn_queue_length", &labels),
+        Some(half_open())
+    );
+    assert_eq!(
+        m.get("observer_listen_queue_length", &labels),
+        Some(0.0),
+        "none completed"
+    );
+}
