@@ -264,3 +264,77 @@ fn syn_queue_length_equals_half_open_connections_in_ss() {
         "none completed"
     );
 }
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` or, on hybrid hosts,
+/// `/sys/fs/cgroup/unified`).
+fn cgroup2_root() -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| f[1].to_owned())
+        .expect("cgroup2 mounted")
+}
+
+/// A cgroup shaped like Docker's (`…/docker-<id>.scope`), removed on drop.
+struct ContainerCgroup {
+    dir: String,
+    slice: String,
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.slice);
+    }
+}
+
+#[test]
+fn a_listener_in_a_container_cgroup_gets_the_container_id_label() {
+    let daemon = Daemon::start();
+    let id = format!("{:064x}", 0x0b5e_47e5_u64 + std::process::id() as u64);
+    let slice = format!("{}/obs-test-{}.slice", cgroup2_root(), std::process::id());
+    let cgroup = ContainerCgroup {
+        dir: format!("{slice}/docker-{id}.scope"),
+        slice,
+    };
+    std::fs::create_dir_all(&cgroup.dir).expect("create cgroup");
+    let port = support::free_port();
+    // The shell joins the cgroup, then becomes the server.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 -c 'import socket,time; s=socket.socket(); \
+         s.bind((\"127.0.0.1\",{port})); s.listen(8); time.sleep(30)'",
+        cgroup.dir
+    );
+    let mut server = Command::new("sh")
+        .args(["-c", &script])
+        .spawn()
+        .expect("start server");
+    wait_until("the server to listen", || {
+        !support::ss_listen_queues(port).is_empty()
+    });
+    let m = daemon.scrape();
+    let labels = [("port", port.to_string()), ("container_id", id.clone())];
+    let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let found = m.get("observer_listen_queue_max", &labels);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        found,
+        Some(8.0),
+        "no series with container_id={id}:\n{}",
+        m.text
+    );
+    // A host process's listener has no container label.
+    let host = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let host_port = host.local_addr().expect("addr").port().to_string();
+    let m = daemon.scrape();
+    assert!(
+        m.samples
+            .iter()
+            .any(|(n, l, _)| n == "observer_listen_queue_max"
+                && l.get("port") == Some(&host_port)
+                && !l.contains_key("container_id"))
+    );
+}

@@ -6,6 +6,7 @@
 //! `metrics` / `serve` (Prometheus).
 mod aggregate;
 mod cli;
+mod containers;
 mod kernel;
 mod metrics;
 mod pipeline;

@@ -8,9 +8,10 @@ use prometheus::{
 };
 
 use crate::{
-    aggregate::{Collection, ListenerId, ListenerView, Waits},
+    aggregate::{ListenerId, ListenerView, Waits},
+    containers::ContainerInfo,
     pipeline::Snapshot,
-    workers::{PoolView, Pools, WorkerView},
+    workers::{PoolView, WorkerView},
 };
 
 /// The daemon's view of itself, exported next to the listener figures.
@@ -33,24 +34,32 @@ fn label(name: &str, value: impl Into<String>) -> LabelPair {
     l
 }
 
-fn id_labels(id: &ListenerId) -> Vec<LabelPair> {
-    vec![
+/// A listener's labels: addr, netns, port, and its container's when it has one.
+fn id_labels(id: &ListenerId, containers: &Containers) -> Vec<LabelPair> {
+    let mut labels = vec![
         label("addr", id.ip().to_string()),
         label("netns", id.netns.to_string()),
         label("port", id.port.to_string()),
-    ]
-}
-
-fn listener_labels(v: &ListenerView) -> Vec<LabelPair> {
-    id_labels(&v.id)
-}
-
-fn worker_labels(pool: &PoolView, w: &WorkerView) -> Vec<LabelPair> {
-    let mut labels = id_labels(&pool.listener); // addr, netns, port
-    labels.insert(1, label("comm", w.comm.clone()));
-    labels.insert(3, label("pid", w.pid.to_string()));
+    ];
+    if let Some(c) = containers.get(id) {
+        labels.push(label("container_id", c.container_id.clone()));
+        for (name, value) in [("pod", &c.pod), ("namespace", &c.namespace)] {
+            if !value.is_empty() {
+                labels.push(label(name, value.clone()));
+            }
+        }
+    }
     labels
 }
+
+fn worker_labels(pool: &PoolView, w: &WorkerView, containers: &Containers) -> Vec<LabelPair> {
+    let mut labels = id_labels(&pool.listener, containers);
+    labels.push(label("comm", w.comm.clone()));
+    labels.push(label("pid", w.pid.to_string()));
+    labels
+}
+
+type Containers = std::collections::HashMap<ListenerId, ContainerInfo>;
 
 fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
     let mut f = MetricFamily::default();
@@ -101,7 +110,7 @@ fn histogram(labels: Vec<LabelPair>, waits: &Waits) -> Metric {
 }
 
 fn per_listener(
-    c: &Collection,
+    s: &Snapshot,
     name: &str,
     help: &str,
     kind: MetricType,
@@ -112,55 +121,56 @@ fn per_listener(
     } else {
         gauge
     };
-    let metrics = c
+    let metrics = s
+        .listeners
         .listeners
         .iter()
-        .map(|v| make(listener_labels(v), value(v)))
+        .map(|v| make(id_labels(&v.id, &s.containers), value(v)))
         .collect();
     family(name, help, kind, metrics)
 }
 
 /// Every listener metric family, in the order of the README's reference table.
-pub fn listener_families(c: &Collection) -> Vec<MetricFamily> {
+pub fn listener_families(s: &Snapshot) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
     vec![
         per_listener(
-            c,
+            s,
             "observer_listen_queue_length",
             "Connections waiting in the listening socket's accept queue now (ss Recv-Q).",
             GAUGE,
             |v| v.queue_len as f64,
         ),
         per_listener(
-            c,
+            s,
             "observer_listen_queue_max",
             "Accept queue limit of the listening socket (the backlog; ss Send-Q).",
             GAUGE,
             |v| v.queue_max as f64,
         ),
         per_listener(
-            c,
+            s,
             "observer_listen_syn_queue_length",
             "Half-open connections (SYN received, handshake not complete) of the listening socket now.",
             GAUGE,
             |v| v.syn_queue_len as f64,
         ),
         per_listener(
-            c,
+            s,
             "observer_listen_drops_total",
             "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops).",
             COUNTER,
             |v| v.drops as f64,
         ),
         per_listener(
-            c,
+            s,
             "observer_connections_queued_total",
             "Connections that completed the handshake and entered the accept queue since observer started.",
             COUNTER,
             |v| v.queued as f64,
         ),
         per_listener(
-            c,
+            s,
             "observer_connections_accepted_total",
             "Connections taken from the accept queue by accept() since observer started.",
             COUNTER,
@@ -170,16 +180,17 @@ pub fn listener_families(c: &Collection) -> Vec<MetricFamily> {
             "observer_accept_queue_wait_seconds",
             "Time each accepted connection waited in the accept queue, from handshake completion to accept().",
             HISTOGRAM,
-            c.listeners
+            s.listeners
+                .listeners
                 .iter()
-                .map(|v| histogram(listener_labels(v), &v.accepts.waits))
+                .map(|v| histogram(id_labels(&v.id, &s.containers), &v.accepts.waits))
                 .collect(),
         ),
     ]
 }
 
 fn per_worker(
-    p: &Pools,
+    s: &Snapshot,
     name: &str,
     help: &str,
     kind: MetricType,
@@ -191,27 +202,29 @@ fn per_worker(
         gauge
     };
     let value = &value;
-    let metrics = p
+    let metrics = s
+        .pools
         .pools
         .iter()
         .flat_map(|pool| {
             pool.workers
                 .iter()
-                .filter_map(move |w| Some(make(worker_labels(pool, w), value(w)?)))
+                .filter_map(move |w| Some(make(worker_labels(pool, w, &s.containers), value(w)?)))
         })
         .collect();
     family(name, help, kind, metrics)
 }
 
 /// Worker pool families: per pool busy/idle counts, and per worker figures.
-pub fn worker_families(p: &Pools) -> Vec<MetricFamily> {
+pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
+    let p = &s.pools;
     use MetricType::{COUNTER, GAUGE};
     let pool_states = p
         .pools
         .iter()
         .flat_map(|pool| {
             [("busy", pool.busy()), ("idle", pool.idle())].map(|(state, n)| {
-                let mut labels = id_labels(&pool.listener);
+                let mut labels = id_labels(&pool.listener, &s.containers);
                 labels.push(label("state", state));
                 gauge(labels, n as f64)
             })
@@ -225,28 +238,28 @@ pub fn worker_families(p: &Pools) -> Vec<MetricFamily> {
             pool_states,
         ),
         per_worker(
-            p,
+            s,
             "observer_worker_busy",
             "1 while the worker is busy (its acceptor thread is not waiting for new work), 0 while idle.",
             GAUGE,
             |w| w.busy.map(|b| b as u8 as f64),
         ),
         per_worker(
-            p,
+            s,
             "observer_worker_busy_seconds_total",
             "Time the worker spent busy since observer started tracking it; rate() of it is utilisation.",
             COUNTER,
             |w| Some(w.busy_seconds),
         ),
         per_worker(
-            p,
+            s,
             "observer_worker_accepts_total",
             "Connections the worker accepted from this listener since observer started.",
             COUNTER,
             |w| Some(w.accepts as f64),
         ),
         per_worker(
-            p,
+            s,
             "observer_worker_active_connections",
             "Connections the worker accepted from this listener that are still open.",
             GAUGE,
@@ -341,17 +354,18 @@ pub fn encode(families: &[MetricFamily]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Accepts, ListenerId};
+    use crate::aggregate::{Accepts, Collection, ListenerId};
+    use crate::workers::Pools;
     use observer_common::AF_INET;
 
-    fn one_listener() -> Collection {
+    fn one_listener() -> Snapshot {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let mut waits = Waits::default();
         waits.buckets[0] = 2; // <= 100 µs
         waits.buckets[12] = 1; // <= 1 s
         waits.sum_ns = 900_000_000;
-        Collection {
+        let listeners = Collection {
             listeners: vec![ListenerView {
                 id: ListenerId {
                     netns: 4026531840,
@@ -371,6 +385,11 @@ mod tests {
                 inodes: vec![],
             }],
             ..Default::default()
+        };
+        Snapshot {
+            listeners,
+            pools: Pools::default(),
+            containers: Default::default(),
         }
     }
 
@@ -381,6 +400,22 @@ mod tests {
             "observer_listen_queue_length{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\"} 3"
         ), "{text}");
         assert!(text.contains("# TYPE observer_connections_accepted_total counter"));
+    }
+
+    #[test]
+    fn listeners_in_containers_carry_the_container_labels() {
+        let mut snapshot = one_listener();
+        let id = snapshot.listeners.listeners[0].id;
+        let info = ContainerInfo {
+            container_id: "abc".into(),
+            pod: "web-1".into(),
+            ..Default::default()
+        };
+        snapshot.containers.insert(id, info);
+        let text = encode(&listener_families(&snapshot)).unwrap();
+        assert!(text.contains(
+            "observer_listen_queue_max{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\",container_id=\"abc\",pod=\"web-1\"} 128"
+        ), "{text}");
     }
 
     #[test]

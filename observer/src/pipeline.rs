@@ -13,7 +13,8 @@ use observer_common::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Collection},
+    aggregate::{Aggregator, Collection, ListenerId},
+    containers::{ContainerCache, ContainerInfo},
     kernel::{
         host, offsets,
         probes::{self, AcceptSource, Probes},
@@ -27,6 +28,8 @@ use crate::{
 pub struct Snapshot {
     pub listeners: Collection,
     pub pools: Pools,
+    /// Container facts of listeners whose processes run in a container.
+    pub containers: HashMap<ListenerId, ContainerInfo>,
 }
 
 /// How to reach the kernel: where its BTF is and which accept source to use.
@@ -51,6 +54,7 @@ pub struct Pipeline {
     max_workers: usize,
     /// Epoll fds watching a listener, per worker process (found once).
     epolls: HashMap<u32, Vec<i32>>,
+    containers: ContainerCache,
     pub health: DaemonHealth,
 }
 
@@ -86,6 +90,7 @@ impl Pipeline {
             aggregator: Aggregator::new(max_listeners),
             max_workers,
             epolls: Default::default(),
+            containers: Default::default(),
             health,
         };
         pipeline.collect().context("first collection")?;
@@ -151,7 +156,17 @@ impl Pipeline {
             .enumerate()
             .map(|(slot, n)| (probes::health_name(slot), *n))
             .collect();
-        Ok(Snapshot { listeners, pools })
+        self.containers.retain(procfs::process_is_alive);
+        let containers = listeners
+            .listeners
+            .iter()
+            .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
+            .collect();
+        Ok(Snapshot {
+            listeners,
+            pools,
+            containers,
+        })
     }
 }
 

@@ -179,8 +179,8 @@ fn scrape(state: &State) -> Result<String> {
         .lock()
         .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
     let snapshot = pipeline.collect()?;
-    let mut families = metrics::listener_families(&snapshot.listeners);
-    families.extend(metrics::worker_families(&snapshot.pools));
+    let mut families = metrics::listener_families(&snapshot);
+    families.extend(metrics::worker_families(&snapshot));
     families.extend(metrics::daemon_families(&snapshot, &pipeline.health));
     families.extend(state.process.collect());
     metrics::encode(&families)

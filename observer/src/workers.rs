@@ -64,6 +64,8 @@ pub struct Membership {
     active: HashMap<(ListenerId, u32), u64>,
     /// Listening-socket fds per process.
     listen_fds: HashMap<u32, BTreeSet<i32>>,
+    /// Every process holding each listener (masters included).
+    holders: BTreeMap<ListenerId, BTreeSet<u32>>,
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
@@ -106,6 +108,10 @@ impl Membership {
                 }
             }
         }
+        let holders = holders_of
+            .iter()
+            .map(|(id, h)| (*id, h.keys().copied().collect()))
+            .collect();
         let workers = holders_of
             .into_iter()
             .map(|(id, holders)| {
@@ -123,6 +129,7 @@ impl Membership {
             comms,
             active,
             listen_fds,
+            holders,
         }
     }
 
@@ -133,6 +140,12 @@ impl Membership {
         all.into_iter()
             .filter(|pid| !tracked.contains(pid))
             .collect()
+    }
+
+    /// A process that holds the listener (a worker if any), to learn its container.
+    pub fn a_holder(&self, id: &ListenerId) -> Option<u32> {
+        let workers = self.workers.get(id).and_then(|w| w.first().copied());
+        workers.or_else(|| self.holders.get(id).and_then(|h| h.first().copied()))
     }
 
     /// Every worker process with its listening-socket fds.
