@@ -118,6 +118,31 @@ pub struct HolderRecord {
     pub drops: u32,
 }
 
+/// Size of the `EVENTS` ring buffer (trace mode only).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// One accepted connection, streamed to `observer trace` through the
+/// `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AcceptEvent {
+    /// `bpf_ktime_get_ns()` at accept.
+    pub time_ns: u64,
+    /// Time spent in the accept queue; `u64::MAX` when unknown.
+    pub wait_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub netns: u32,
+    pub family: u16,
+    /// Local (listening) port.
+    pub port: u16,
+    pub peer_port: u16,
+    pub _pad: [u8; 6],
+    pub addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
 /// Where the accepted child socket was bound, and who accepted it.
 ///
 /// `addr`/`port` are the child's *local* address: the daemon maps them to the
@@ -217,7 +242,9 @@ pub struct KernelOffsets {
     pub task_tgid: u32,
     pub task_real_parent: u32,
     pub task_comm: u32,
-    pub _pad: u32,
+    pub sk_daddr: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_dport: u32,
 }
 
 /// Slots of the `HEALTH` per-CPU array: events the programs could not fully
@@ -231,10 +258,12 @@ pub enum Health {
     AcceptReadError = 1,
     /// A thread that accepted could not be tracked because `WORKERS` was full.
     WorkerMapFull = 2,
+    /// `observer trace` could not stream an accept: its ring buffer was full.
+    TraceEventLost = 3,
 }
 
 /// Number of [`Health`] slots.
-pub const HEALTH_SLOTS: u32 = 3;
+pub const HEALTH_SLOTS: u32 = 4;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -247,6 +276,7 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerFds {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
+    unsafe impl aya::Pod for super::AcceptEvent {}
 }
 
 /// Index of the histogram slot that a wait of `wait_us` microseconds falls in.
@@ -281,6 +311,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
         assert_eq!(core::mem::size_of::<HolderRecord>(), 80);
         assert_eq!(core::mem::size_of::<WorkerThread>(), 32);
+        assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 4));
     }
 }

@@ -8,18 +8,21 @@
 //! can only do after accept. So wait = now − that stamp.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use observer_common::{
-    AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, WAIT_BUCKETS, wait_bucket,
+    AcceptEvent, AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, WAIT_BUCKETS,
+    wait_bucket,
 };
 
 use crate::{
-    kernel::{offsets, read, read_ptr, socket_place},
-    maps::{ACCEPTS, count_health},
+    kernel::{offsets, read, read_ptr, socket_place, tracing},
+    maps::{ACCEPTS, EVENTS, count_health},
 };
 
 /// Offset of `long ret` in every `syscalls/sys_exit_*` event record.
@@ -93,8 +96,18 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
         add(&raw mut (*stats).accepted, 1);
         let queued_at_us: u64 = read(sk, off.tcp_rcvq_space_time).unwrap_or(0);
         // SAFETY: helper without arguments.
-        let now_us = bpf_ktime_get_ns() / 1000;
-        if queued_at_us == 0 || queued_at_us > now_us {
+        let now_ns = bpf_ktime_get_ns();
+        let now_us = now_ns / 1000;
+        let known = queued_at_us != 0 && queued_at_us <= now_us;
+        if tracing() {
+            let wait_ns = if known {
+                (now_us - queued_at_us) * 1000
+            } else {
+                u64::MAX
+            };
+            emit_event(sk, off, &key, now_ns, wait_ns);
+        }
+        if !known {
             add(&raw mut (*stats).wait_unknown, 1);
             return;
         }
@@ -109,6 +122,39 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
             1,
         );
     }
+}
+
+/// Streams one accepted connection to `observer trace`; a full ring buffer
+/// is counted, never silently lost.
+#[inline(always)]
+fn emit_event(sk: u64, off: &KernelOffsets, key: &AcceptKey, now_ns: u64, wait_ns: u64) {
+    let Some(mut entry) = EVENTS.reserve::<AcceptEvent>(0) else {
+        count_health(Health::TraceEventLost);
+        return;
+    };
+    let mut peer_addr = [0u8; 16];
+    if key.family == observer_common::AF_INET {
+        let v4: [u8; 4] = read(sk, off.sk_daddr).unwrap_or([0; 4]);
+        peer_addr[..4].copy_from_slice(&v4);
+    } else {
+        peer_addr = read(sk, off.sk_v6_daddr).unwrap_or([0; 16]);
+    }
+    let event = AcceptEvent {
+        time_ns: now_ns,
+        wait_ns,
+        tgid: key.tgid,
+        tid: bpf_get_current_pid_tgid() as u32,
+        netns: key.netns,
+        family: key.family,
+        port: key.port,
+        peer_port: u16::from_be(read(sk, off.sk_dport).unwrap_or(0)),
+        _pad: [0; 6],
+        addr: key.addr,
+        peer_addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    entry.write(event);
+    entry.submit(0);
 }
 
 /// The stats slot for `key`, created zeroed on first use; `None` when full.

@@ -33,8 +33,22 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_tgid: 0,
     task_real_parent: 0,
     task_comm: 0,
-    _pad: 0,
+    sk_daddr: 0,
+    sk_v6_daddr: 0,
+    sk_dport: 0,
 };
+
+/// 1 in the copy of the programs that `observer trace` loads: accepted
+/// connections are then streamed to `EVENTS`. 0 (the daemon) makes that code
+/// dead to the verifier, which sees frozen read-only data as constants.
+#[unsafe(no_mangle)]
+static TRACE: u8 = 0;
+
+#[inline(always)]
+pub fn tracing() -> bool {
+    // SAFETY: reading our own static; volatile only defeats constant folding.
+    unsafe { core::ptr::read_volatile(&TRACE) != 0 }
+}
 
 /// The offsets, read through a volatile load so that the compiler cannot fold
 /// the zero placeholders above into the code.

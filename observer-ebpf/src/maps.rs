@@ -1,11 +1,11 @@
 //! Maps shared by the programs. Types come from `observer-common` only.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, HEALTH_SLOTS, Health, LISTEN_PORT_MAP_CAPACITY,
-    WORKER_MAP_CAPACITY, WorkerFds, WorkerThread,
+    ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
+    LISTEN_PORT_MAP_CAPACITY, WORKER_MAP_CAPACITY, WorkerFds, WorkerThread,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -34,6 +34,10 @@ pub static WORKER_FDS: HashMap<u32, WorkerFds> =
 /// `observer_common::listen_port_key`.
 #[map]
 pub static LISTEN_PORTS: HashMap<u64, u8> = HashMap::with_max_entries(LISTEN_PORT_MAP_CAPACITY, 0);
+
+/// Accepted connections for `observer trace` (written only in trace mode).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]

@@ -1,13 +1,41 @@
 //! Command-line interface: one binary, a daemon and ad-hoc commands.
 use clap::{Parser, Subcommand};
 
-use crate::serve::ServeOptions;
+use crate::{
+    serve::ServeOptions,
+    views::{listeners::ListenersOptions, top::TopOptions, trace::TraceOptions},
+};
 
 const EXAMPLES: &str = "\
 Examples:
   observer serve                                  # metrics on http://127.0.0.1:9688/metrics
-  observer serve --web.listen-address 0.0.0.0:9688
+  observer listeners                              # every listener: queue, waits, workers
+  observer trace --port 8000 --min-wait 10ms      # each accepted connection that waited
+  observer top                                    # live view; s: sort, q: quit";
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  observer serve
+  observer serve --web.listen-address 0.0.0.0:9688 --web.telemetry-path /metrics
   curl -s localhost:9688/metrics | grep observer_listen_queue_length";
+
+const LISTENERS_EXAMPLES: &str = "\
+Examples:
+  observer listeners                      # a table, measured over 1 s
+  observer listeners --port 8000 --interval 5
+  observer listeners --json | jq '.[] | select(.queue_length > 0)'";
+
+const TRACE_EXAMPLES: &str = "\
+Examples:
+  observer trace                                  # every accepted TCP connection
+  observer trace --port 8000 --min-wait 100ms     # the ones that waited
+  observer trace --comm gunicorn --json | jq .wait_seconds
+  observer trace --count 100 --duration 10";
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  observer top
+  observer top --sort queue --interval 2 --port 8000";
 
 /// Why requests wait before any worker sees them: an eBPF observer of TCP
 /// listen (accept) queues and the processes that accept from them.
@@ -24,6 +52,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: load the eBPF programs and serve Prometheus metrics.
-    #[command(after_help = EXAMPLES)]
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve(ServeOptions),
+    /// Print every listening socket once: queue depth and limit, accept rate,
+    /// queue-wait p50/p99, busy/total workers, drops, container.
+    #[command(after_help = LISTENERS_EXAMPLES)]
+    Listeners(ListenersOptions),
+    /// Stream one line per accepted connection: listener, peer, accepting
+    /// process, time waited in the accept queue. Ctrl-C stops.
+    #[command(after_help = TRACE_EXAMPLES)]
+    Trace(TraceOptions),
+    /// Live view of listeners and their workers.
+    #[command(after_help = TOP_EXAMPLES)]
+    Top(TopOptions),
 }

@@ -10,23 +10,30 @@ mod containers;
 mod kernel;
 mod metrics;
 mod pipeline;
+mod quantile;
 mod serve;
+mod views;
 mod workers;
 
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    let level = if cli.verbose {
-        "info,observer=debug"
-    } else {
-        "warn,observer=info"
+    // The daemon logs what it attached; the ad-hoc commands keep their
+    // output to what was asked for.
+    let level = match (&cli.command, cli.verbose) {
+        (_, true) => "info,observer=debug",
+        (cli::Command::Serve(_), false) => "warn,observer=info",
+        (_, false) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
     let result = match cli.command {
         cli::Command::Serve(opts) => serve::run(opts),
+        cli::Command::Listeners(opts) => views::listeners::run(opts),
+        cli::Command::Trace(opts) => views::trace::run(opts),
+        cli::Command::Top(opts) => views::top::run(opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

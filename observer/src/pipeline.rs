@@ -62,15 +62,7 @@ impl Pipeline {
     /// Checks the host, loads and attaches the programs, and takes the
     /// baseline collection (queue depths at start).
     pub fn start(kernel: &KernelOptions, max_listeners: usize, max_workers: usize) -> Result<Self> {
-        probes::ensure_object_sane()?;
-        host::require_privileges()?;
-        host::require_lockdown_allows_reads()?;
-        if host::ensure_tracefs()? {
-            log::info!("mounted tracefs at /sys/kernel/tracing");
-        }
-        let offsets = offsets::from_kernel(&kernel.btf)?;
-        log::debug!("kernel struct offsets: {offsets:?}");
-        let probes = Probes::load(&offsets, &kernel.btf, kernel.accept_source)?;
+        let probes = load_probes(kernel, false)?;
         log::info!("accept source: {}", probes.accept_source.name());
         for e in &probes.attach_errors {
             log::warn!("{}: {}", e.program, e.message);
@@ -223,6 +215,19 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Checks the host and loads the programs (`trace`: also stream accepts).
+pub fn load_probes(kernel: &KernelOptions, trace: bool) -> Result<Probes> {
+    probes::ensure_object_sane()?;
+    host::require_privileges()?;
+    host::require_lockdown_allows_reads()?;
+    if host::ensure_tracefs()? {
+        log::info!("mounted tracefs at /sys/kernel/tracing");
+    }
+    let offsets = offsets::from_kernel(&kernel.btf)?;
+    log::debug!("kernel struct offsets: {offsets:?}");
+    Probes::load(&offsets, &kernel.btf, kernel.accept_source, trace)
 }
 
 /// Every listening socket: those of the daemon's namespace (`iter/tcp`, which

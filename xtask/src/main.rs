@@ -58,6 +58,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ruby-raindrops",
     "prometheus",
     "iptables",
+    "tmux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

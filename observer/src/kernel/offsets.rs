@@ -37,7 +37,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         task_tgid: at("task_struct", &["tgid"])?,
         task_real_parent: at("task_struct", &["real_parent"])?,
         task_comm: at("task_struct", &["comm"])?,
-        _pad: 0,
+        sk_daddr: at("sock_common", &["skc_daddr"])?,
+        sk_v6_daddr: at("sock_common", &["skc_v6_daddr"])?,
+        sk_dport: at("sock_common", &["skc_dport"])?,
     };
     Ok(offsets)
 }

@@ -87,12 +87,21 @@ fn describe(program: &str, err: ProgramError) -> anyhow::Error {
 impl Probes {
     /// Loads the programs with this kernel's struct offsets and attaches the
     /// accept source. `btf_path` is the kernel BTF the offsets came from.
-    pub fn load(offsets: &KernelOffsets, btf_path: &Path, requested: AcceptSource) -> Result<Self> {
+    /// With `trace`, accepted connections are also streamed to the `EVENTS`
+    /// ring buffer (see [`Probes::take_events`]).
+    pub fn load(
+        offsets: &KernelOffsets,
+        btf_path: &Path,
+        requested: AcceptSource,
+        trace: bool,
+    ) -> Result<Self> {
+        let trace_flag = trace as u8;
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .with_context(|| format!("reading kernel BTF from {}", btf_path.display()))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", offsets, true)
+            .override_global("TRACE", &trace_flag, true)
             .load(OBJECT)
             .map_err(|e| match e {
                 aya::EbpfError::MapError(m) => anyhow!("creating eBPF maps failed: {m}"),
@@ -248,6 +257,12 @@ impl Probes {
         Ok(())
     }
 
+    /// The ring buffer of accepted connections (trace mode).
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("map EVENTS missing")?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
     /// Everything the accept program counted, per child address and process.
     pub fn accepts(&self) -> Result<Vec<(AcceptKey, AcceptStats)>> {
         let map: HashMap<_, AcceptKey, AcceptStats> =
@@ -376,6 +391,7 @@ pub fn health_name(slot: usize) -> &'static str {
         s if s == Health::AcceptMapFull as usize => "accept_map_full",
         s if s == Health::AcceptReadError as usize => "accept_read_error",
         s if s == Health::WorkerMapFull as usize => "worker_map_full",
+        s if s == Health::TraceEventLost as usize => "trace_event_lost",
         _ => "unknown",
     }
 }

@@ -1,0 +1,145 @@
+//! What one listener looked like over a sampling interval: the rows of
+//! `observer listeners` and `observer top`. Pure: two snapshots in, rows out.
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    aggregate::{ListenerId, ListenerView},
+    pipeline::Snapshot,
+    quantile::{wait_quantile, waits_between},
+    workers::PoolView,
+};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WorkerRow {
+    pub pid: u32,
+    pub comm: String,
+    pub busy: Option<bool>,
+    /// Share of the interval it was busy (0..1).
+    pub utilisation: f64,
+    pub accepts_per_second: f64,
+    pub active_connections: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ListenerRow {
+    pub netns: u32,
+    pub addr: String,
+    pub port: u16,
+    pub queue_length: u64,
+    pub queue_max: u64,
+    pub syn_queue_length: u64,
+    pub accepts_per_second: f64,
+    pub wait_p50_seconds: Option<f64>,
+    pub wait_p99_seconds: Option<f64>,
+    pub workers_busy: usize,
+    pub workers: usize,
+    /// Connections dropped during the interval.
+    pub drops: u64,
+    pub container_id: Option<String>,
+    pub pod: Option<String>,
+    pub worker_list: Vec<WorkerRow>,
+}
+
+/// Which listeners to show.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ListenerFilter {
+    /// Only listeners on this port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only listeners in this network namespace (inode, as in the `netns` label).
+    #[arg(long, value_name = "INODE")]
+    pub netns: Option<u32>,
+}
+
+impl ListenerFilter {
+    fn keeps(&self, id: &ListenerId) -> bool {
+        self.port.is_none_or(|p| p == id.port) && self.netns.is_none_or(|n| n == id.netns)
+    }
+}
+
+fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64) -> Vec<WorkerRow> {
+    let Some(pool) = pool else { return vec![] };
+    pool.workers
+        .iter()
+        .map(|w| {
+            let earlier = before.and_then(|p| p.workers.iter().find(|b| b.pid == w.pid));
+            let busy_s = w.busy_seconds - earlier.map(|e| e.busy_seconds).unwrap_or(0.0);
+            let accepts = w.accepts - earlier.map(|e| e.accepts).unwrap_or(0);
+            WorkerRow {
+                pid: w.pid,
+                comm: w.comm.clone(),
+                busy: w.busy,
+                utilisation: (busy_s / seconds).clamp(0.0, 1.0),
+                accepts_per_second: accepts as f64 / seconds,
+                active_connections: w.active_connections,
+            }
+        })
+        .collect()
+}
+
+/// Rows for the listeners of `after`, with rates over the `seconds` since `before`.
+pub fn rows(
+    before: &Snapshot,
+    after: &Snapshot,
+    seconds: f64,
+    filter: &ListenerFilter,
+) -> Vec<ListenerRow> {
+    let seconds = seconds.max(1e-3);
+    let earlier: HashMap<ListenerId, &ListenerView> = before
+        .listeners
+        .listeners
+        .iter()
+        .map(|v| (v.id, v))
+        .collect();
+    let pools = |s: &Snapshot| -> HashMap<ListenerId, PoolView> {
+        s.pools
+            .pools
+            .iter()
+            .map(|p| (p.listener, p.clone()))
+            .collect()
+    };
+    let (pools_before, pools_after) = (pools(before), pools(after));
+    after
+        .listeners
+        .listeners
+        .iter()
+        .filter(|v| filter.keeps(&v.id))
+        .map(|v| {
+            let prior = earlier.get(&v.id);
+            let waits = prior
+                .map(|p| waits_between(&p.accepts.waits, &v.accepts.waits))
+                .unwrap_or(v.accepts.waits);
+            let accepted = v.accepts.accepted - prior.map(|p| p.accepts.accepted).unwrap_or(0);
+            let pool = pools_after.get(&v.id);
+            let container = after.containers.get(&v.id);
+            ListenerRow {
+                netns: v.id.netns,
+                addr: v.id.ip().to_string(),
+                port: v.id.port,
+                queue_length: v.queue_len,
+                queue_max: v.queue_max,
+                syn_queue_length: v.syn_queue_len,
+                accepts_per_second: accepted as f64 / seconds,
+                wait_p50_seconds: wait_quantile(&waits, 0.5),
+                wait_p99_seconds: wait_quantile(&waits, 0.99),
+                workers_busy: pool.map(|p| p.busy()).unwrap_or(0),
+                workers: pool.map(|p| p.workers.len()).unwrap_or(0),
+                drops: v.drops - prior.map(|p| p.drops).unwrap_or(0),
+                container_id: container.map(|c| c.container_id.clone()),
+                pod: container.map(|c| c.pod.clone()).filter(|p| !p.is_empty()),
+                worker_list: worker_rows(pool, pools_before.get(&v.id), seconds),
+            }
+        })
+        .collect()
+}
+
+/// `addr:port`, with IPv6 addresses in brackets as ss prints them.
+pub fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}

@@ -1,0 +1,274 @@
+//! `observer top`: a live view of listeners and their workers, refreshed
+//! every interval, sorted by queue-wait p99 or queue depth. Keys: `s` sort,
+//! up/down select a listener (its workers show below), `q` quit. Fits 80
+//! columns.
+use std::{
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use crossterm::{
+    cursor, event,
+    event::{Event, KeyCode, KeyEvent, KeyModifiers},
+    execute, queue, terminal,
+};
+
+use crate::{
+    pipeline::{KernelOptions, Pipeline},
+    quantile::human_seconds,
+    views::rows::{ListenerFilter, ListenerRow, endpoint, rows},
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TopOptions {
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = crate::views::listeners::positive_seconds)]
+    pub interval: f64,
+    /// Sort order at start: `wait` (p99 queue wait) or `queue` (depth).
+    #[arg(long, value_enum, default_value = "wait")]
+    pub sort: SortBy,
+    #[command(flatten)]
+    pub filter: ListenerFilter,
+    #[command(flatten)]
+    pub kernel: KernelOptions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortBy {
+    Wait,
+    Queue,
+}
+
+fn sort(rows: &mut [ListenerRow], by: SortBy) {
+    match by {
+        SortBy::Wait => rows.sort_by(|a, b| {
+            b.wait_p99_seconds
+                .unwrap_or(0.0)
+                .total_cmp(&a.wait_p99_seconds.unwrap_or(0.0))
+                .then(b.queue_length.cmp(&a.queue_length))
+        }),
+        SortBy::Queue => rows.sort_by(|a, b| {
+            b.queue_length
+                .cmp(&a.queue_length)
+                .then(b.accepts_per_second.total_cmp(&a.accepts_per_second))
+        }),
+    }
+}
+
+fn short(v: Option<f64>) -> String {
+    v.map(human_seconds).unwrap_or_else(|| "-".into())
+}
+
+fn clip(s: &str, width: usize) -> String {
+    s.chars().take(width).collect()
+}
+
+/// The screen as lines of at most `width` characters.
+pub fn render(
+    rows: &[ListenerRow],
+    selected: usize,
+    by: SortBy,
+    width: usize,
+    height: usize,
+) -> Vec<String> {
+    let sort_name = if by == SortBy::Wait {
+        "wait p99"
+    } else {
+        "queue"
+    };
+    let mut lines = vec![
+        format!(
+            "observer top — {} listeners — sorted by {sort_name} — s: sort  ↑↓: select  q: quit",
+            rows.len()
+        ),
+        format!(
+            "{:<24} {:>11} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "LISTEN", "QUEUE/MAX", "ACC/s", "WAIT-p50", "WAIT-p99", "BUSY/W", "DROPS"
+        ),
+    ];
+    let list_rows = height.saturating_sub(8).max(3);
+    for (i, r) in rows.iter().enumerate().take(list_rows) {
+        let mark = if i == selected { ">" } else { " " };
+        let workers = if r.workers == 0 {
+            "-".into()
+        } else {
+            format!("{}/{}", r.workers_busy, r.workers)
+        };
+        lines.push(format!(
+            "{mark}{:<23} {:>11} {:>8.1} {:>8} {:>8} {:>8} {:>6}",
+            clip(&endpoint(&r.addr, r.port), 23),
+            format!("{}/{}", r.queue_length, r.queue_max),
+            r.accepts_per_second,
+            short(r.wait_p50_seconds),
+            short(r.wait_p99_seconds),
+            workers,
+            r.drops
+        ));
+    }
+    if let Some(r) = rows.get(selected) {
+        lines.push(String::new());
+        lines.push(format!(
+            "workers of {} (netns {})",
+            endpoint(&r.addr, r.port),
+            r.netns
+        ));
+        lines.push(format!(
+            "{:>8} {:<16} {:>5} {:>6} {:>8} {:>6}",
+            "PID", "COMM", "BUSY", "UTIL%", "ACC/s", "OPEN"
+        ));
+        for w in r
+            .worker_list
+            .iter()
+            .take(height.saturating_sub(lines.len() + 1))
+        {
+            let busy = match w.busy {
+                Some(true) => "busy",
+                Some(false) => "idle",
+                None => "?",
+            };
+            lines.push(format!(
+                "{:>8} {:<16} {:>5} {:>6.0} {:>8.1} {:>6}",
+                w.pid,
+                clip(&w.comm, 16),
+                busy,
+                w.utilisation * 100.0,
+                w.accepts_per_second,
+                w.active_connections
+            ));
+        }
+    }
+    lines.into_iter().map(|l| clip(&l, width)).collect()
+}
+
+/// Restores the terminal however `run` ends.
+struct Screen;
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let _ = execute!(
+            std::io::stdout(),
+            terminal::LeaveAlternateScreen,
+            cursor::Show
+        );
+        let _ = terminal::disable_raw_mode();
+    }
+}
+
+pub fn run(opts: TopOptions) -> Result<()> {
+    let mut pipeline = Pipeline::start(&opts.kernel, usize::MAX, usize::MAX)?;
+    let mut before = pipeline.collect()?;
+    let mut taken = Instant::now();
+    terminal::enable_raw_mode()
+        .context("observer top needs a terminal (use `observer listeners` in scripts)")?;
+    let _screen = Screen;
+    execute!(
+        std::io::stdout(),
+        terminal::EnterAlternateScreen,
+        cursor::Hide
+    )?;
+    let (mut by, mut selected) = (opts.sort, 0usize);
+    let mut table: Vec<ListenerRow> = Vec::new();
+    let interval = Duration::from_secs_f64(opts.interval);
+    let mut next_refresh = Instant::now();
+    loop {
+        if Instant::now() >= next_refresh {
+            let after = pipeline.collect()?;
+            table = rows(&before, &after, taken.elapsed().as_secs_f64(), &opts.filter);
+            before = after;
+            taken = Instant::now();
+            next_refresh = taken + interval;
+        }
+        sort(&mut table, by);
+        selected = selected.min(table.len().saturating_sub(1));
+        let (width, height) = terminal::size()?;
+        draw(&render(
+            &table,
+            selected,
+            by,
+            width as usize,
+            height as usize,
+        ))?;
+        if event::poll(next_refresh.saturating_duration_since(Instant::now()))?
+            && let Event::Key(KeyEvent {
+                code, modifiers, ..
+            }) = event::read()?
+        {
+            match code {
+                KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => return Ok(()),
+                KeyCode::Char('s') => {
+                    by = if by == SortBy::Wait {
+                        SortBy::Queue
+                    } else {
+                        SortBy::Wait
+                    }
+                }
+                KeyCode::Down | KeyCode::Char('j') => selected += 1,
+                KeyCode::Up | KeyCode::Char('k') => selected = selected.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn draw(lines: &[String]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    queue!(
+        out,
+        cursor::MoveTo(0, 0),
+        terminal::Clear(terminal::ClearType::All)
+    )?;
+    for (i, line) in lines.iter().enumerate() {
+        queue!(out, cursor::MoveTo(0, i as u16))?;
+        write!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(port: u16, queue: u64, p99: Option<f64>) -> ListenerRow {
+        ListenerRow {
+            netns: 1,
+            addr: "2001:db8:ffff:ffff:ffff:ffff:ffff:1".into(),
+            port,
+            queue_length: queue,
+            queue_max: 4096,
+            syn_queue_length: 0,
+            accepts_per_second: 12345.6,
+            wait_p50_seconds: Some(0.0123),
+            wait_p99_seconds: p99,
+            workers_busy: 16,
+            workers: 16,
+            drops: 12345,
+            container_id: None,
+            pod: None,
+            worker_list: vec![],
+        }
+    }
+
+    #[test]
+    fn every_line_fits_80_columns() {
+        let rows = vec![row(65535, 4096, Some(12.5)), row(80, 0, None)];
+        for line in render(&rows, 0, SortBy::Wait, 80, 24) {
+            assert!(
+                line.chars().count() <= 80,
+                "{} chars: {line}",
+                line.chars().count()
+            );
+        }
+    }
+
+    #[test]
+    fn sorting_by_wait_then_by_queue() {
+        let mut rows = vec![row(1, 5, Some(0.1)), row(2, 1, Some(2.0))];
+        sort(&mut rows, SortBy::Wait);
+        assert_eq!(rows[0].port, 2);
+        sort(&mut rows, SortBy::Queue);
+        assert_eq!(rows[0].port, 1);
+    }
+}

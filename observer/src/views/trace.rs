@@ -1,0 +1,249 @@
+//! `observer trace`: one line per accepted connection as it happens: when,
+//! which listener, which peer, which process took it, and how long it waited
+//! in the accept queue. Events come through a BPF ring buffer; any the kernel
+//! could not hand over are counted and reported, never silently dropped.
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use observer_common::{AF_INET, AcceptEvent, Health};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    kernel::procfs,
+    pipeline::{KernelOptions, load_probes},
+    quantile::human_seconds,
+    views::rows::endpoint,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TraceOptions {
+    /// Only connections to this local (listening) port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only connections accepted by this process id.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Only connections accepted by processes with this name (as in /proc/PID/comm).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only connections in this network namespace (inode).
+    #[arg(long, value_name = "INODE")]
+    pub netns: Option<u32>,
+    /// Only connections that waited at least this long in the queue, e.g. 10ms, 1.5s, 200us.
+    #[arg(long = "min-wait", value_name = "DURATION", value_parser = parse_duration)]
+    pub min_wait: Option<Duration>,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many connections.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::views::listeners::positive_seconds)]
+    pub duration: Option<f64>,
+    #[command(flatten)]
+    pub kernel: KernelOptions,
+}
+
+/// Parses "250ms", "1.5s", "200us"/"200µs", "2m" (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10ms or 1.5s"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}: use us, ms, s or m"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// One traced connection, as printed.
+#[derive(Debug, Serialize)]
+struct Line {
+    time: String,
+    netns: u32,
+    listen: String,
+    peer: String,
+    pid: u32,
+    tid: u32,
+    comm: String,
+    wait_seconds: Option<f64>,
+}
+
+fn ip(family: u16, addr: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    }
+}
+
+/// Wall-clock time of a monotonic kernel timestamp, as UTC "HH:MM:SS.micros".
+fn wall_time(event_ns: u64, mono_now_ns: u64, wall_now: Duration) -> String {
+    let wall = wall_now.saturating_sub(Duration::from_nanos(mono_now_ns.saturating_sub(event_ns)));
+    let secs = wall.as_secs();
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60,
+        wall.subsec_micros()
+    )
+}
+
+impl TraceOptions {
+    fn keeps(&self, e: &AcceptEvent, comm: &str) -> bool {
+        let wait_ok = match self.min_wait {
+            Some(min) => e.wait_ns != u64::MAX && Duration::from_nanos(e.wait_ns) >= min,
+            None => true,
+        };
+        wait_ok
+            && self.port.is_none_or(|p| p == e.port)
+            && self.pid.is_none_or(|p| p == e.tgid)
+            && self.netns.is_none_or(|n| n == e.netns)
+            && self.comm.as_deref().is_none_or(|c| c == comm)
+    }
+}
+
+fn line(e: &AcceptEvent) -> Line {
+    let end = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+    let wall_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Line {
+        time: wall_time(e.time_ns, procfs::monotonic_ns(), wall_now),
+        netns: e.netns,
+        listen: endpoint(&ip(e.family, &e.addr).to_string(), e.port),
+        peer: endpoint(&ip(e.family, &e.peer_addr).to_string(), e.peer_port),
+        pid: e.tgid,
+        tid: e.tid,
+        comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
+        wait_seconds: (e.wait_ns != u64::MAX).then(|| e.wait_ns as f64 / 1e9),
+    }
+}
+
+fn print(out: &mut impl std::io::Write, l: &Line, json: bool) -> Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, l)?;
+        writeln!(out)?;
+    } else {
+        let wait = l
+            .wait_seconds
+            .map(human_seconds)
+            .unwrap_or_else(|| "?".into());
+        writeln!(
+            out,
+            "{:<15}  {:>7}  {:<15}  {:<22}  {:<22}  {:>9}",
+            l.time, l.pid, l.comm, l.listen, l.peer, wait
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub fn run(opts: TraceOptions) -> Result<()> {
+    let mut probes = load_probes(&opts.kernel, true)?;
+    let ring = probes.take_events()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("async runtime")?;
+    let shown = runtime.block_on(stream(&opts, ring))?;
+    let lost = probes
+        .health()
+        .map(|h| h[Health::TraceEventLost as usize])
+        .unwrap_or(0);
+    if lost > 0 {
+        eprintln!(
+            "observer: {lost} accepted connections were not traced (ring buffer full); {shown} shown"
+        );
+    }
+    Ok(())
+}
+
+async fn stream(opts: &TraceOptions, ring: aya::maps::RingBuf<aya::maps::MapData>) -> Result<u64> {
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+    // for as long as the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    eprintln!("observer: tracing accepted connections; Ctrl-C stops");
+    if !opts.json {
+        writeln!(
+            out,
+            "{:<15}  {:>7}  {:<15}  {:<22}  {:<22}  {:>9}",
+            "TIME(UTC)", "PID", "COMM", "LISTEN", "PEER", "WAITED"
+        )?;
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(opts.duration.unwrap_or(1e9)));
+    tokio::pin!(deadline);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut shown = 0u64;
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = ready.context("waiting for events")?;
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if item.len() < std::mem::size_of::<AcceptEvent>() {
+                        continue;
+                    }
+                    // SAFETY: the kernel wrote an AcceptEvent (Pod) here; read_unaligned copes with alignment.
+                    let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<AcceptEvent>()) };
+                    let l = line(&event);
+                    if opts.keeps(&event, &l.comm) {
+                        print(&mut out, &l, opts.json)?;
+                        shown += 1;
+                        if opts.count.is_some_and(|n| shown >= n) {
+                            return Ok(shown);
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = &mut deadline => return Ok(shown),
+            _ = tokio::signal::ctrl_c() => return Ok(shown),
+            _ = terminate.recv() => return Ok(shown),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn kernel_timestamps_become_wall_clock() {
+        // An event 1.5 s before "now" (now = 01:00:02.000000 UTC).
+        assert_eq!(
+            wall_time(500_000_000, 2_000_000_000, Duration::from_secs(3602)),
+            "01:00:00.500000"
+        );
+    }
+}
