@@ -199,7 +199,11 @@ impl Pipeline {
                 continue;
             }
             let worker_fds = fds.get(&t.tgid).map(|f| (&f.listen[..], &f.epoll[..]));
-            if procfs::waits_for_work(t.tgid, *tid, worker_fds) {
+            // The kernel side keeps writing while we look: write only if the
+            // entry is unchanged since the snapshot, checked after /proc.
+            if procfs::waits_for_work(t.tgid, *tid, worker_fds)
+                && self.probes.worker_thread(*tid) == Some(*t)
+            {
                 t.busy_ns += now.saturating_sub(t.since_ns);
                 t.waiting = 1;
                 t.since_ns = now;

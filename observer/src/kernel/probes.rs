@@ -187,6 +187,13 @@ impl Probes {
         Ok(map.iter().filter_map(|e| e.ok()).collect())
     }
 
+    /// One tracked thread's entry now.
+    pub fn worker_thread(&self, tid: u32) -> Option<WorkerThread> {
+        let map: HashMap<_, u32, WorkerThread> =
+            HashMap::try_from(self.ebpf.map("WORKERS")?).ok()?;
+        map.get(&tid, 0).ok()
+    }
+
     /// Starts tracking threads (unless the kernel side already does).
     pub fn track_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
         const BPF_NOEXIST: u64 = 1;
