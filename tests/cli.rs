@@ -15,6 +15,8 @@ use support::{listen, observer_bin, run, ss_listen_queues};
 
 #[test]
 fn trace_shows_exactly_the_connections_made_with_their_waits() {
+    // The CLI loads its own programs: it works alongside a running daemon.
+    let _daemon = support::Daemon::start();
     let listener = listen("127.0.0.1:0".parse().expect("addr"), 8);
     let port = listener.local_addr().expect("addr").port();
     let mut trace = Command::new(observer_bin())

@@ -559,3 +559,75 @@ fn unicorn_busy_workers_track_raindrops_active_connections() {
         done as f64
     );
 }
+
+/// Forks a child that accepts one connection from `listener` and exits.
+fn fork_one_shot_acceptor(listener: &std::net::TcpListener) -> libc::pid_t {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: the child only calls async-signal-safe functions (accept,
+    // close, _exit) before exiting.
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            let fd = libc::accept(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            if fd >= 0 {
+                libc::close(fd);
+            }
+            libc::_exit(0)
+        },
+        pid => {
+            assert!(pid > 0, "fork failed");
+            pid
+        }
+    }
+}
+
+#[test]
+fn thousands_of_short_lived_acceptors_are_counted_exactly_and_leave_nothing_behind() {
+    let daemon = Daemon::start();
+    let listener = support::listen("127.0.0.1:0".parse().expect("addr"), 128);
+    let port = listener.local_addr().expect("addr").port();
+    let rounds = 2000;
+    for round in 0..rounds {
+        let child = fork_one_shot_acceptor(&listener);
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+        drop(client);
+        if round % 500 == 0 {
+            daemon.scrape(); // collections while processes come and go
+        }
+    }
+    let m = daemon.scrape();
+    assert_eq!(
+        m.listener("observer_connections_accepted_total", port),
+        rounds as f64
+    );
+    assert_eq!(
+        m.listener("observer_accept_queue_wait_seconds_count", port),
+        rounds as f64
+    );
+    let port_label = port.to_string();
+    let leftover: Vec<_> = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| n.starts_with("observer_worker_") && l.get("port") == Some(&port_label))
+        .filter(|(_, l, _)| {
+            l.get("pid")
+                .is_some_and(|p| p != &std::process::id().to_string())
+        })
+        .collect();
+    assert!(
+        leftover.is_empty(),
+        "series of exited acceptors: {leftover:?}"
+    );
+    for reason in ["accept_map_full", "worker_map_full"] {
+        assert_eq!(
+            m.get("observer_kernel_events_lost_total", &[("reason", reason)]),
+            Some(0.0),
+            "{reason}"
+        );
+    }
+}
