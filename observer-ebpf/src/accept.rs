@@ -7,6 +7,7 @@
 //! nothing moves that stamp until the owner reads from the socket, which it
 //! can only do after accept. So wait = now − that stamp.
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
@@ -30,10 +31,10 @@ const SYS_EXIT_RET_OFFSET: usize = 16;
 
 #[tracepoint]
 pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: `ret` sits at this offset in every sys_exit_* format.
-    let fd: i64 = match unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) } {
-        Ok(fd) => fd,
-        Err(_) => return 0,
+    // SAFETY: `ret` sits at this offset in every sys_exit_* record; a direct
+    // context load (no helper call).
+    let fd = unsafe {
+        core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYS_EXIT_RET_OFFSET) as *const i64)
     };
     // Leaving accept, a tracked worker is busy (also when accept failed,
     // e.g. EAGAIN on a non-blocking listener: it goes on to do other work).

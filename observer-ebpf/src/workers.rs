@@ -7,6 +7,7 @@
 //! These tracepoints fire for every process on the host, so the programs do
 //! one map lookup by thread id and return at once for untracked threads.
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::tracepoint,
@@ -22,15 +23,24 @@ const SYS_ENTER_ARG0: usize = 16;
 /// Most pollfd entries looked at in a poll()/ppoll() call.
 const POLL_FDS_CHECKED: u64 = 8;
 
+/// Argument `n` of a sys_enter_* event, by a direct context load (the
+/// verifier allows constant-offset loads from a tracepoint's record, and
+/// they cost no helper call).
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: sys_enter_* records hold the syscall's arguments from offset 16.
-    unsafe { ctx.read_at::<u64>(SYS_ENTER_ARG0 + 8 * n) }.unwrap_or(0)
+    // SAFETY: sys_enter_* records hold six 8-byte arguments from offset 16.
+    unsafe {
+        core::ptr::read_volatile(
+            (ctx.as_ptr() as *const u8).add(SYS_ENTER_ARG0 + 8 * n) as *const u64
+        )
+    }
 }
 
 /// The current thread, if tracked, starts waiting when `waits_on_work`
 /// says the call waits on one of its process's work fds. Without known fds
-/// (the daemon has not scanned the process yet) any wait counts.
+/// (the daemon has not scanned the process yet) any wait counts. Untracked
+/// threads (every other process on the host) cost one lookup: the syscall's
+/// arguments are read only for tracked ones.
 #[inline(always)]
 fn enter_wait(waits_on_work: impl Fn(&WorkerFds) -> bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -56,8 +66,7 @@ fn is_one_of(fd: i64, set: &[i32; WORKER_FD_SLOTS]) -> bool {
 /// `sys_enter_accept`, `sys_enter_accept4`: waits on the listener passed.
 #[tracepoint]
 pub fn wait_enter_accept(ctx: TracePointContext) -> u32 {
-    let fd = arg(&ctx, 0) as i32 as i64;
-    enter_wait(|fds| is_one_of(fd, &fds.listen));
+    enter_wait(|fds| is_one_of(arg(&ctx, 0) as i32 as i64, &fds.listen));
     0
 }
 
@@ -65,8 +74,8 @@ pub fn wait_enter_accept(ctx: TracePointContext) -> u32 {
 /// is set in the read set.
 #[tracepoint]
 pub fn wait_enter_select(ctx: TracePointContext) -> u32 {
-    let (nfds, readfds) = (arg(&ctx, 0) as i32 as i64, arg(&ctx, 1));
     enter_wait(|fds| {
+        let (nfds, readfds) = (arg(&ctx, 0) as i32 as i64, arg(&ctx, 1));
         readfds != 0
             && fds.listen.iter().any(|fd| {
                 let fd = *fd as i64;
@@ -86,8 +95,8 @@ pub fn wait_enter_select(ctx: TracePointContext) -> u32 {
 /// pollfd entries.
 #[tracepoint]
 pub fn wait_enter_poll(ctx: TracePointContext) -> u32 {
-    let (pollfds, nfds) = (arg(&ctx, 0), arg(&ctx, 1));
     enter_wait(|fds| {
+        let (pollfds, nfds) = (arg(&ctx, 0), arg(&ctx, 1));
         let mut i = 0;
         while i < POLL_FDS_CHECKED && i < nfds {
             // struct pollfd { int fd; short events; short revents; }: 8 bytes.
@@ -107,8 +116,7 @@ pub fn wait_enter_poll(ctx: TracePointContext) -> u32 {
 /// instance that watches a listener.
 #[tracepoint]
 pub fn wait_enter_epoll(ctx: TracePointContext) -> u32 {
-    let epfd = arg(&ctx, 0) as i32 as i64;
-    enter_wait(|fds| is_one_of(epfd, &fds.epoll));
+    enter_wait(|fds| is_one_of(arg(&ctx, 0) as i32 as i64, &fds.epoll));
     0
 }
 

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, set up and test observer")]
 struct Cli {
@@ -34,6 +36,10 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure what observing costs: served throughput, per-event kernel
+    /// cost, untracked processes' syscalls, daemon CPU/RSS, growth; side by
+    /// side with a bpftrace peer. Needs root; takes a few minutes.
+    Bench(bench::BenchOptions),
     /// Set up, build, and run `observer serve` with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -82,6 +88,12 @@ fn run(cli: Cli) -> Result<()> {
             lint()
         }
         Task::Test { args } => test(&args),
+        Task::Bench(opts) => {
+            setup()?;
+            ensure_packages(&["bpftrace", "hey"])?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            bench::run(&opts, &workspace_root().join("target/release/observer"))
+        }
         Task::Run { args } => {
             setup()?;
             cargo(&["build", "--release", "--package", "observer"])?;
@@ -211,7 +223,11 @@ fn is_installed(package: &str) -> bool {
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !is_installed(p))

@@ -1,0 +1,636 @@
+//! `cargo xtask bench`: what observing costs the observed, measured side by
+//! side in one run, with a peer (a bpftrace script doing the same counting).
+//!
+//! Method (see BENCHMARKS.md): conditions are interleaved round by round so
+//! that machine noise hits each equally, and results are ratios to the
+//! baseline of the same round, reported as median [min, max]. Everything is
+//! bounded in time and targets loopback only.
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchOptions {
+    /// Rounds of each throughput comparison.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of load per run.
+    #[arg(long, default_value_t = 4)]
+    seconds: u64,
+    /// A smoke run: 1 round of 1 s, small growth sizes.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// What runs beside the server during a measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Condition {
+    Baseline,
+    Observer,
+    Bpftrace,
+}
+
+impl Condition {
+    fn name(self) -> &'static str {
+        match self {
+            Condition::Baseline => "baseline",
+            Condition::Observer => "observer",
+            Condition::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// The peer: the same per-process/per-port accept count and queue-wait
+/// histogram as observer's accept program, written for bpftrace.
+const BPFTRACE_PEER: &str = r#"
+tracepoint:syscalls:sys_exit_accept4 /args->ret >= 0/ {
+  $file = (struct file *)*(uint64 *)((uint64)curtask->files->fdt->fd + args->ret * 8);
+  $sock = (struct socket *)$file->private_data;
+  $tp = (struct tcp_sock *)$sock->sk;
+  @accepts[pid, $tp->inet_conn.icsk_inet.sk.__sk_common.skc_num] = count();
+  @wait_us = hist((nsecs / 1000) - $tp->rcvq_space.time);
+}
+"#;
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, what: &str) -> Result<Running> {
+    Ok(Running(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?,
+    ))
+}
+
+fn http_get(port: u16, path: &str) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).ok()?;
+    Some(body)
+}
+
+/// observer serve, scraped every second like a (demanding) Prometheus.
+struct ObserverDaemon {
+    process: Running,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    scraper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ObserverDaemon {
+    fn start(bin: &Path) -> Result<ObserverDaemon> {
+        let port = free_port()?;
+        let process = spawn(
+            Command::new(bin).args([
+                "serve",
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+            ]),
+            "observer",
+        )?;
+        wait_for_port(port, "observer")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let scraper = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let _ = http_get(port, "/metrics");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        Ok(ObserverDaemon {
+            process,
+            port,
+            stop,
+            scraper: Some(scraper),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+}
+
+impl Drop for ObserverDaemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.scraper.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+/// Whatever a condition keeps running while it is measured (held only so
+/// that dropping it stops it).
+#[allow(dead_code)]
+enum Beside {
+    Nothing,
+    Observer(ObserverDaemon),
+    Bpftrace(Running),
+}
+
+fn start_condition(c: Condition, bin: &Path, script: &Path) -> Result<Beside> {
+    Ok(match c {
+        Condition::Baseline => Beside::Nothing,
+        Condition::Observer => Beside::Observer(ObserverDaemon::start(bin)?),
+        Condition::Bpftrace => {
+            let before = prog_stats()?.len();
+            let child = spawn(Command::new("bpftrace").arg(script), "bpftrace")?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while prog_stats()?.len() <= before {
+                if Instant::now() > deadline {
+                    bail!("bpftrace did not load its program");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Beside::Bpftrace(child)
+        }
+    })
+}
+
+/// (name, run_time_ns, run_cnt) per loaded program id, from bpftool.
+fn prog_stats() -> Result<HashMap<u64, (String, u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .context("bpftool prog show")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut stats = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+    {
+        let field = |key: &str| -> Option<&str> {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == key).and_then(|_| words.next())
+        };
+        let Some(id) = line.split(':').next().and_then(|i| i.parse().ok()) else {
+            continue;
+        };
+        let name = field("name").unwrap_or("?").to_owned();
+        let ns = field("run_time_ns")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let cnt = field("run_cnt").and_then(|v| v.parse().ok()).unwrap_or(0);
+        stats.insert(id, (name, ns, cnt));
+    }
+    Ok(stats)
+}
+
+/// wrk with a new connection per request; returns requests/s.
+fn wrk(port: u16, seconds: u64) -> Result<f64> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c32",
+            &format!("-d{seconds}s"),
+            "-H",
+            "Connection: close",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.3} [{:.3}, {:.3}]", median(v.to_vec()), min, max)
+}
+
+struct Servers {
+    _nginx: Running,
+    nginx_port: u16,
+    _gunicorn: Running,
+    gunicorn_port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_servers() -> Result<Servers> {
+    let dir = std::env::temp_dir().join(format!("observer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (nginx_port, gunicorn_port) = (free_port()?, free_port()?);
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\nhttp {{ access_log off; client_body_temp_path {d}/b; \
+             proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+             server {{ listen 127.0.0.1:{nginx_port}; location / {{ return 200 \"ok\\n\"; }} }} }}\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("app.py"),
+        "def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
+    )?;
+    let nginx = spawn(
+        Command::new("nginx").args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")]),
+        "nginx",
+    )?;
+    let gunicorn = spawn(
+        Command::new("gunicorn")
+            .args([
+                "-w",
+                "2",
+                "-b",
+                &format!("127.0.0.1:{gunicorn_port}"),
+                "app:app",
+            ])
+            .current_dir(&dir),
+        "gunicorn",
+    )?;
+    wait_for_port(nginx_port, "nginx")?;
+    wait_for_port(gunicorn_port, "gunicorn")?;
+    Ok(Servers {
+        _nginx: nginx,
+        nginx_port,
+        _gunicorn: gunicorn,
+        gunicorn_port,
+        dir,
+    })
+}
+
+/// Interleaved throughput rounds against one server; returns per-condition
+/// ratios to the same round's baseline, and program costs (ns/event).
+fn throughput(
+    port: u16,
+    rounds: usize,
+    seconds: u64,
+    bin: &Path,
+    script: &Path,
+    report: &mut String,
+    server: &str,
+) -> Result<HashMap<String, (u64, u64)>> {
+    let conditions = [
+        Condition::Baseline,
+        Condition::Observer,
+        Condition::Bpftrace,
+    ];
+    let mut rates: HashMap<Condition, Vec<f64>> = HashMap::new();
+    let mut ratios: HashMap<Condition, Vec<f64>> = HashMap::new();
+    let mut costs: HashMap<String, (u64, u64)> = HashMap::new();
+    for round in 0..rounds {
+        let mut this_round = HashMap::new();
+        for i in 0..conditions.len() {
+            let c = conditions[(i + round) % conditions.len()]; // rotate the order each round
+            let loaded_before = prog_stats()?;
+            let beside = start_condition(c, bin, script)?;
+            let before = prog_stats()?;
+            let rate = wrk(port, seconds)?;
+            let after = prog_stats()?;
+            // The condition's programs: those it loaded.
+            for (id, (name, ns, cnt)) in after
+                .iter()
+                .filter(|(id, _)| !loaded_before.contains_key(id))
+            {
+                let (ns0, cnt0) = before.get(id).map(|(_, n, c)| (*n, *c)).unwrap_or((0, 0));
+                let e = costs.entry(format!("{} {name}", c.name())).or_default();
+                e.0 += ns - ns0;
+                e.1 += cnt - cnt0;
+            }
+            drop(beside);
+            this_round.insert(c, rate);
+            rates.entry(c).or_default().push(rate);
+        }
+        for c in [Condition::Observer, Condition::Bpftrace] {
+            ratios
+                .entry(c)
+                .or_default()
+                .push(this_round[&c] / this_round[&Condition::Baseline]);
+        }
+    }
+    report.push_str(&format!(
+        "| {server} | {:.0} | {} | {} |\n",
+        median(rates[&Condition::Baseline].clone()),
+        spread(&ratios[&Condition::Observer]),
+        spread(&ratios[&Condition::Bpftrace]),
+    ));
+    Ok(costs)
+}
+
+/// Nanoseconds per call of `f`, over `n` calls.
+fn ns_per_call(n: u32, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// Syscalls of a process the observer does not track: what every other
+/// process on the host pays.
+fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut String) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let fd = listener.as_raw_fd();
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    type Call<'a> = (&'a str, Box<dyn Fn()>);
+    let calls: [Call; 3] = [
+        // SAFETY (all three): plain syscalls on our own, valid arguments.
+        (
+            "getppid() (no hook of ours)",
+            Box::new(|| unsafe {
+                libc::getppid();
+            }),
+        ),
+        (
+            "ppoll(none, timeout 0)",
+            Box::new(move || unsafe {
+                libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null());
+            }),
+        ),
+        (
+            "accept4() → EAGAIN",
+            Box::new(move || unsafe {
+                libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+            }),
+        ),
+    ];
+    let mut ns: HashMap<(usize, Condition), Vec<f64>> = HashMap::new();
+    for round in 0..rounds {
+        for i in 0..3 {
+            let c = [
+                Condition::Baseline,
+                Condition::Observer,
+                Condition::Bpftrace,
+            ][(i + round) % 3];
+            let beside = start_condition(c, bin, script)?;
+            for (k, (_, call)) in calls.iter().enumerate() {
+                ns.entry((k, c))
+                    .or_default()
+                    .push(ns_per_call(300_000, call));
+            }
+            drop(beside);
+        }
+    }
+    report.push_str("\n| syscall of an untracked process | baseline ns | with observer ns | with bpftrace ns |\n|---|---|---|---|\n");
+    for (k, (name, _)) in calls.iter().enumerate() {
+        let m = |c| median(ns[&(k, c)].clone());
+        report.push_str(&format!(
+            "| {name} | {:.0} | {:.0} | {:.0} |\n",
+            m(Condition::Baseline),
+            m(Condition::Observer),
+            m(Condition::Bpftrace)
+        ));
+    }
+    Ok(())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some(after.get(11)?.parse::<u64>().ok()? + after.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// The daemon's own CPU and memory at fixed accept rates (hey, rate-limited).
+fn daemon_cost(port: u16, seconds: u64, bin: &Path, report: &mut String) -> Result<()> {
+    report.push_str("\n| target accepts/s | achieved req/s | daemon CPU % of a core (1 s scrapes) | daemon RSS MiB |\n|---|---|---|---|\n");
+    let ticks_per_s = 100.0; // USER_HZ
+    for (clients, per_client) in [(10, 100), (50, 200)] {
+        let daemon = ObserverDaemon::start(bin)?;
+        let (t0, w0) = (cpu_ticks(daemon.pid()), Instant::now());
+        let out = Command::new("hey")
+            .args([
+                "-z",
+                &format!("{seconds}s"),
+                "-c",
+                &clients.to_string(),
+                "-q",
+                &per_client.to_string(),
+                "-disable-keepalive",
+            ])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .context("running hey")?;
+        let cpu = (cpu_ticks(daemon.pid()) - t0) as f64 / ticks_per_s / w0.elapsed().as_secs_f64()
+            * 100.0;
+        let achieved = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Requests/sec:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "?".into());
+        report.push_str(&format!(
+            "| {} | {achieved} | {cpu:.2} | {:.1} |\n",
+            clients * per_client,
+            rss_mib(daemon.pid())
+        ));
+    }
+    Ok(())
+}
+
+/// Scrape latency and daemon memory as listeners and workers grow.
+fn growth(sizes: &[(usize, usize)], bin: &Path, report: &mut String) -> Result<()> {
+    report.push_str("\n| listeners | workers | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB |\n|---|---|---|---|---|\n");
+    raise_fd_limit(sizes.iter().map(|s| s.0).max().unwrap_or(0) as u64 + 1024);
+    for (n_listeners, n_workers) in sizes {
+        let listeners: Vec<TcpListener> = (0..*n_listeners)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        // Workers: children that hold the first listener and block in accept.
+        let first = listeners[0].as_raw_fd();
+        let mut children = Vec::new();
+        for _ in 0..*n_workers {
+            // SAFETY: the child only blocks in accept and is killed below.
+            match unsafe { libc::fork() } {
+                0 => unsafe {
+                    loop {
+                        libc::accept(first, std::ptr::null_mut(), std::ptr::null_mut());
+                    }
+                },
+                pid if pid > 0 => children.push(pid),
+                _ => bail!("fork failed"),
+            }
+        }
+        let daemon = ObserverDaemon::start(bin)?;
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..5 {
+            let start = Instant::now();
+            size = http_get(daemon.port, "/metrics")
+                .map(|b| b.len())
+                .unwrap_or(0);
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        report.push_str(&format!(
+            "| {n_listeners} | {n_workers} | {:.1} | {:.0} | {:.1} |\n",
+            median(times),
+            size as f64 / 1024.0,
+            rss_mib(daemon.pid())
+        ));
+        drop(daemon);
+        for pid in children {
+            // SAFETY: killing and reaping our own children.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn raise_fd_limit(n: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit with a valid struct; failure only limits the growth sizes.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+}
+
+pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
+    let (rounds, seconds) = if opts.quick {
+        (1, 1)
+    } else {
+        (opts.rounds, opts.seconds)
+    };
+    let script = std::env::temp_dir().join("observer-bench-peer.bt");
+    std::fs::write(&script, BPFTRACE_PEER)?;
+    let stats_before =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enabling kernel.bpf_stats_enabled (run as root)")?;
+    let servers = start_servers()?;
+    let mut report = format!(
+        "## Served throughput (wrk, new connection per request, {rounds} rounds × {seconds} s per condition)\n\n\
+         | server | baseline req/s (median) | with observer ÷ baseline | with bpftrace peer ÷ baseline |\n|---|---|---|---|\n"
+    );
+    println!("bench: throughput against nginx…");
+    let mut costs = throughput(
+        servers.nginx_port,
+        rounds,
+        seconds,
+        bin,
+        &script,
+        &mut report,
+        "nginx (2 workers)",
+    )?;
+    println!("bench: throughput against gunicorn…");
+    costs.extend(throughput(
+        servers.gunicorn_port,
+        rounds.div_ceil(2),
+        seconds,
+        bin,
+        &script,
+        &mut report,
+        "gunicorn (2 sync workers)",
+    )?);
+    report.push_str(
+        "\n| program (kernel.bpf_stats_enabled) | events | ns per event |\n|---|---|---|\n",
+    );
+    let mut names: Vec<_> = costs.iter().filter(|(_, (_, cnt))| *cnt > 0).collect();
+    names.sort_by_key(|(name, _)| name.to_string());
+    for (name, (ns, cnt)) in names {
+        report.push_str(&format!(
+            "| {name} | {cnt} | {:.0} |\n",
+            *ns as f64 / *cnt as f64
+        ));
+    }
+    println!("bench: syscalls of untracked processes…");
+    untracked_syscalls(if opts.quick { 1 } else { 3 }, bin, &script, &mut report)?;
+    println!("bench: daemon CPU and memory…");
+    daemon_cost(servers.nginx_port, seconds.max(2), bin, &mut report)?;
+    println!("bench: growth…");
+    let sizes: &[(usize, usize)] = if opts.quick {
+        &[(10, 10)]
+    } else {
+        &[(10, 10), (1000, 100), (10000, 1000)]
+    };
+    growth(sizes, bin, &mut report)?;
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    println!("\n{report}");
+    std::fs::write("target/bench-report.md", &report).context("writing target/bench-report.md")?;
+    println!("(also written to target/bench-report.md)");
+    Ok(())
+}
