@@ -76,6 +76,16 @@ impl Daemon {
         Metrics::parse(&http_get(self.port, "/metrics").expect("scrape /metrics"))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9, as an OOM killer or an operator would.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.

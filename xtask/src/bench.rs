@@ -517,13 +517,18 @@ fn growth(sizes: &[(usize, usize)], bin: &Path, report: &mut String) -> Result<(
         let listeners: Vec<TcpListener> = (0..*n_listeners)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<_, _>>()?;
-        // Workers: children that hold the first listener and block in accept.
+        // Workers: children that hold the first listener (only: like real
+        // workers, not every listener of the bench) and block in accept.
         let first = listeners[0].as_raw_fd();
+        let others: Vec<i32> = listeners[1..].iter().map(|l| l.as_raw_fd()).collect();
         let mut children = Vec::new();
         for _ in 0..*n_workers {
             // SAFETY: the child only blocks in accept and is killed below.
             match unsafe { libc::fork() } {
                 0 => unsafe {
+                    for fd in &others {
+                        libc::close(*fd);
+                    }
                     loop {
                         libc::accept(first, std::ptr::null_mut(), std::ptr::null_mut());
                     }
@@ -586,6 +591,11 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
         "## Served throughput (wrk, new connection per request, {rounds} rounds × {seconds} s per condition)\n\n\
          | server | baseline req/s (median) | with observer ÷ baseline | with bpftrace peer ÷ baseline |\n|---|---|---|---|\n"
     );
+    let mut shown = 0;
+    let mut show = |report: &str| {
+        print!("{}", &report[shown..]);
+        shown = report.len();
+    };
     println!("bench: throughput against nginx…");
     let mut costs = throughput(
         servers.nginx_port,
@@ -617,10 +627,13 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
             *ns as f64 / *cnt as f64
         ));
     }
+    show(&report);
     println!("bench: syscalls of untracked processes…");
     untracked_syscalls(if opts.quick { 1 } else { 3 }, bin, &script, &mut report)?;
+    show(&report);
     println!("bench: daemon CPU and memory…");
     daemon_cost(servers.nginx_port, seconds.max(2), bin, &mut report)?;
+    show(&report);
     println!("bench: growth…");
     let sizes: &[(usize, usize)] = if opts.quick {
         &[(10, 10)]
@@ -629,7 +642,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     };
     growth(sizes, bin, &mut report)?;
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
-    println!("\n{report}");
+    show(&report);
     std::fs::write("target/bench-report.md", &report).context("writing target/bench-report.md")?;
     println!("(also written to target/bench-report.md)");
     Ok(())
