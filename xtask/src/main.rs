@@ -65,6 +65,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "iptables",
     "tmux",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -5,6 +5,9 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -23,30 +26,52 @@ fn effective_capabilities() -> Result<u64> {
     Ok(u64::from_str_radix(hex, 16).unwrap_or(0))
 }
 
-/// Names of the capabilities that loading our programs needs and we lack.
-pub fn missing_capabilities() -> Result<Vec<&'static str>> {
+/// What the daemon needs, each with what it is for. A requirement is met by
+/// any one of its capabilities.
+const REQUIREMENTS: &[(&str, &[u32], &str)] = &[
+    (
+        "CAP_BPF",
+        &[CAP_BPF, CAP_SYS_ADMIN],
+        "to load eBPF programs",
+    ),
+    (
+        "CAP_PERFMON",
+        &[CAP_PERFMON, CAP_SYS_ADMIN],
+        "to attach tracepoints and read kernel memory from them",
+    ),
+    (
+        "CAP_SYS_PTRACE",
+        &[CAP_SYS_PTRACE],
+        "to read, in /proc, which syscall worker threads wait in",
+    ),
+    (
+        "CAP_DAC_READ_SEARCH",
+        &[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE],
+        "to read tracefs and other users' /proc entries",
+    ),
+];
+
+/// The capabilities (with their purpose) that this process lacks.
+pub fn missing_capabilities() -> Result<Vec<(&'static str, &'static str)>> {
     let caps = effective_capabilities()?;
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) && has(CAP_PERFMON) || has(CAP_BPF) && has(CAP_PERFMON) {
-        return Ok(vec![]);
-    }
-    let mut missing = vec![];
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF");
-    }
-    if !has(CAP_PERFMON) {
-        missing.push("CAP_PERFMON");
-    }
-    Ok(missing)
+    Ok(REQUIREMENTS
+        .iter()
+        .filter(|(_, any_of, _)| !any_of.iter().any(|cap| caps & (1 << cap) != 0))
+        .map(|(name, _, why)| (*name, *why))
+        .collect())
 }
 
 pub fn require_privileges() -> Result<()> {
     let missing = missing_capabilities()?;
     if !missing.is_empty() {
+        let needs: Vec<String> = missing
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
         bail!(
-            "missing privileges: observer needs {} to load eBPF programs; run it as root \
-             (e.g. `sudo observer serve`) or grant those capabilities",
-            missing.join(" and ")
+            "missing privileges: observer needs {}; run it as root (e.g. `sudo observer serve`) or \
+             grant those capabilities (see deploy/systemd/observer.service)",
+            needs.join(", ")
         );
     }
     Ok(())
@@ -75,9 +100,16 @@ fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
 /// Mounts tracefs at /sys/kernel/tracing unless it (or the debugfs copy) is there.
 /// Returns whether this call mounted it.
 pub fn ensure_tracefs() -> Result<bool> {
-    if Path::new(TRACEFS).join("events").is_dir()
-        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
-    {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        fields.get(2) == Some(&"tracefs")
+            && matches!(
+                fields.get(1),
+                Some(&TRACEFS) | Some(&"/sys/kernel/debug/tracing")
+            )
+    });
+    if mounted {
         return Ok(false);
     }
     match mount("tracefs", TRACEFS) {

@@ -1,0 +1,166 @@
+//! The systemd unit as shipped: its capability set is the least that works.
+//! The daemon runs as an unprivileged user with exactly those capabilities
+//! and reports a real gunicorn pool correctly; with any one of them removed it
+//! refuses to start with one line naming it.
+mod support;
+
+use std::{
+    io::Write as _,
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{Metrics, free_port, http_get, observer_bin, run, ss_listen_queues};
+
+fn unit_file() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/observer.service"),
+    )
+    .expect("deploy/systemd/observer.service")
+}
+
+/// The capabilities the unit grants (AmbientCapabilities=), e.g. "CAP_BPF".
+fn unit_capabilities() -> Vec<String> {
+    unit_file()
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities= in the unit")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `setpriv` arguments: user nobody, with exactly `caps` (ambient, so they
+/// survive the exec of a non-root process).
+fn as_nobody_with(caps: &[String]) -> Vec<String> {
+    let set = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let set = if set.is_empty() {
+        "-all".to_owned()
+    } else {
+        format!("-all,{set}")
+    };
+    ["--reuid=65534", "--regid=65534", "--clear-groups"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("--inh-caps={set}"),
+            format!("--ambient-caps={set}"),
+            format!("--bounding-set={set}"),
+        ])
+        .collect()
+}
+
+const APP: &str = "import time\ndef app(environ, start_response):\n    time.sleep(float(environ.get('QUERY_STRING') or 0))\n    start_response('200 OK', [])\n    return [b'ok']\n";
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    let unit = unit_file().replace(
+        "/usr/local/bin/observer",
+        &observer_bin().display().to_string(),
+    );
+    let path = std::env::temp_dir().join(format!("observer-{}.service", std::process::id()));
+    std::fs::write(&path, unit).expect("write unit");
+    let out = run(Command::new("systemd-analyze").args(["verify", &path.display().to_string()]));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&path);
+    let about_ours: Vec<&str> = said.lines().filter(|l| l.contains("observer-")).collect();
+    assert!(
+        out.status.success() && about_ours.is_empty(),
+        "systemd-analyze verify: {about_ours:?}"
+    );
+}
+
+#[test]
+fn with_exactly_the_units_capabilities_an_unprivileged_daemon_reports_a_real_pool() {
+    let caps = unit_capabilities();
+    assert_eq!(caps.len(), 4, "{caps:?}");
+    let dir = std::env::temp_dir().join(format!("observer-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("app.py"), APP).expect("app");
+    let app_port = free_port();
+    let mut gunicorn = Command::new("gunicorn")
+        .args(["-w", "2", "-b", &format!("127.0.0.1:{app_port}"), "app:app"])
+        .current_dir(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gunicorn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ss_listen_queues(app_port).is_empty() {
+        assert!(Instant::now() < deadline, "gunicorn did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = free_port();
+    let mut daemon = Command::new("setpriv")
+        .args(as_nobody_with(&caps))
+        .arg(observer_bin())
+        .args([
+            "serve",
+            "--web.listen-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("observer under setpriv");
+    let scrape = || http_get(port, "/metrics").map(|t| Metrics::parse(&t));
+    let pool = |m: &Metrics, state: &str| {
+        m.get(
+            "observer_workers",
+            &[("port", &app_port.to_string()), ("state", state)],
+        )
+    };
+    // No requests: both workers idle (the truth: nothing in flight).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let idle = loop {
+        if let Some(m) = scrape()
+            && pool(&m, "idle") == Some(2.0)
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unprivileged daemon never showed 2 idle workers"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(pool(&idle, "busy"), Some(0.0));
+    // One request in flight (1 s): exactly one busy.
+    let mut client = TcpStream::connect(("127.0.0.1", app_port)).expect("connect");
+    write!(client, "GET /?1 HTTP/1.0\r\n\r\n").expect("request");
+    std::thread::sleep(Duration::from_millis(400));
+    let busy = scrape().expect("scrape");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = gunicorn.kill();
+    let _ = gunicorn.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(pool(&busy, "busy"), Some(1.0), "{}", busy.text);
+}
+
+#[test]
+fn with_any_one_capability_fewer_the_daemon_names_it_and_refuses() {
+    let caps = unit_capabilities();
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
+        let out = run(Command::new("setpriv")
+            .args(as_nobody_with(&fewer))
+            .arg(observer_bin())
+            .args(["serve", "--web.listen-address", "127.0.0.1:0"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(out.status.code(), Some(1), "without {dropped}: {stderr}");
+        assert_eq!(lines.len(), 1, "without {dropped}, one line: {stderr}");
+        assert!(
+            lines[0].contains(dropped.as_str()),
+            "without {dropped}: {stderr}"
+        );
+    }
+}
