@@ -164,3 +164,31 @@ fn with_any_one_capability_fewer_the_daemon_names_it_and_refuses() {
         );
     }
 }
+
+#[test]
+fn the_kubernetes_manifests_validate_against_the_schemas() {
+    let manifest =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/observer.yaml");
+    let out = run(Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(&manifest));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !said.contains("ERROR"), "{said}");
+    for kind in [
+        "namespace/observer",
+        "serviceaccount/observer",
+        "daemonset/observer",
+        "service/observer",
+    ] {
+        assert!(
+            said.contains(&format!("passed for resource {kind}")),
+            "{kind} not validated:\n{said}"
+        );
+    }
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    assert!(text.contains("privileged: false") && !text.contains("privileged: true"));
+}

@@ -146,7 +146,27 @@ fn output(cmd: &mut Command) -> Option<String> {
 fn setup() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()
+    ensure_debian_packages()?;
+    ensure_python_tools()
+}
+
+/// PyPI tools the tests use: the offline Kubernetes schema validator.
+fn ensure_python_tools() -> Result<()> {
+    if output(Command::new("kubernetes-validate").arg("--version")).is_some() {
+        return Ok(());
+    }
+    println!("xtask: installing kubernetes-validate from PyPI");
+    check(
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "kubernetes-validate",
+        ]),
+        "`python3 -m pip install kubernetes-validate`",
+    )
 }
 
 fn ensure_rust_src() -> Result<()> {
