@@ -151,27 +151,8 @@ impl Probes {
 
     /// Makes `LISTEN_PORTS` hold exactly `keys`.
     pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
-        let mut map: HashMap<_, u64, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut("LISTEN_PORTS")
-                .context("map LISTEN_PORTS missing")?,
-        )?;
-        let stale: Vec<u64> = map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !keys.contains(k))
-            .collect();
-        let present: std::collections::HashSet<u64> = map.keys().filter_map(|k| k.ok()).collect();
-        self.listen_ports_changed = !stale.is_empty() || keys.iter().any(|k| !present.contains(k));
-        for key in stale {
-            let _ = map.remove(&key);
-        }
-        for key in keys.iter().filter(|k| !present.contains(k)) {
-            if let Err(e) = map.insert(key, 1, 0) {
-                log::debug!("LISTEN_PORTS full: {e}");
-                break;
-            }
-        }
+        let wanted = keys.iter().map(|k| (*k, 1u8)).collect();
+        self.listen_ports_changed = sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted)?;
         Ok(())
     }
 
@@ -215,25 +196,7 @@ impl Probes {
         &mut self,
         fds: &std::collections::HashMap<u32, WorkerFds>,
     ) -> Result<()> {
-        let mut map: HashMap<_, u32, WorkerFds> = HashMap::try_from(
-            self.ebpf
-                .map_mut("WORKER_FDS")
-                .context("map WORKER_FDS missing")?,
-        )?;
-        let stale: Vec<u32> = map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !fds.contains_key(k))
-            .collect();
-        for tgid in stale {
-            let _ = map.remove(&tgid);
-        }
-        for (tgid, worker_fds) in fds {
-            if let Err(e) = map.insert(tgid, worker_fds, 0) {
-                log::debug!("WORKER_FDS: {e}");
-            }
-        }
-        Ok(())
+        sync_map(&mut self.ebpf, "WORKER_FDS", fds).map(|_| ())
     }
 
     /// Overwrites the state of tracked threads (only for threads blocked in
@@ -348,6 +311,36 @@ fn attach_accept_source(
             Ok(AcceptSource::Tracepoint)
         }
     }
+}
+
+/// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
+/// wanted ones written. Returns whether the set of keys changed.
+fn sync_map<K, V>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    wanted: &std::collections::HashMap<K, V>,
+) -> Result<bool>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let mut map: HashMap<_, K, V> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .with_context(|| format!("map {name} missing"))?,
+    )?;
+    let present: std::collections::HashMap<K, V> = map.iter().filter_map(|e| e.ok()).collect();
+    let stale: Vec<&K> = present.keys().filter(|k| !wanted.contains_key(k)).collect();
+    let changed = !stale.is_empty() || wanted.keys().any(|k| !present.contains_key(k));
+    for key in stale {
+        let _ = map.remove(key);
+    }
+    for (key, value) in wanted.iter().filter(|(k, v)| present.get(k) != Some(v)) {
+        if let Err(e) = map.insert(key, value, 0) {
+            log::debug!("{name}: {e}");
+            break;
+        }
+    }
+    Ok(changed)
 }
 
 /// Attaches the idle/busy programs to every wait syscall this kernel has.
