@@ -1,0 +1,207 @@
+//! A real Prometheus server scrapes a real `observer serve` while a real
+//! gunicorn pool is saturated: the shipped saturation alert fires and
+//! resolves, and every query of the shipped Grafana dashboard returns data.
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, free_port, ss_listen_queues};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// A child killed (and its directory removed) on drop.
+struct Running(Child, PathBuf);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// GET against the Prometheus HTTP API, parsed.
+fn api(port: u16, path_and_query: &str) -> serde_json::Value {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return serde_json::Value::Null; // not up yet
+    };
+    let mut text = String::new();
+    if write!(s, "GET {path_and_query} HTTP/1.0\r\n\r\n").is_err()
+        || s.read_to_string(&mut text).is_err()
+    {
+        return serde_json::Value::Null;
+    }
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn until<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn start_prometheus(observer_port: u16) -> (Running, u16) {
+    let dir = std::env::temp_dir().join(format!("observer-prometheus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // The shipped rules, with `for:` shortened so the test need not wait minutes.
+    let rules =
+        std::fs::read_to_string(repo("deploy/prometheus/observer.rules.yml")).expect("rules");
+    let rules: String = rules
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("for:") {
+                l.split("for:").next().unwrap_or("").to_owned() + "for: 0s"
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\n\
+             scrape_configs:\n  - job_name: observer\n    static_configs:\n      - targets: ['127.0.0.1:{observer_port}']\n"
+        ),
+    )
+    .expect("write config");
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .args([
+            "--config.file=prometheus.yml",
+            "--storage.tsdb.path=data",
+            &format!("--web.listen-address=127.0.0.1:{port}"),
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (cargo xtask setup installs it)");
+    let running = Running(child, dir);
+    until("prometheus to be ready", 30, || {
+        api(port, "/api/v1/status/buildinfo")["status"]
+            .as_str()
+            .map(|_| ())
+    });
+    (running, port)
+}
+
+fn saturation_alerts(prom: u16, port: u16) -> Vec<String> {
+    api(prom, "/api/v1/alerts")["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| {
+            a["labels"]["alertname"] == "ObserverWorkerPoolSaturated"
+                && a["labels"]["port"] == port.to_string()
+        })
+        .filter_map(|a| a["state"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_returns_data() {
+    let daemon = Daemon::start();
+    let dir = std::env::temp_dir().join(format!("observer-prom-app-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("app.py"), "import time\ndef app(e, start_response):\n    time.sleep(0.5)\n    start_response('200 OK', [])\n    return [b'ok']\n").expect("app");
+    let app_port = free_port();
+    let gunicorn = Command::new("gunicorn")
+        .args(["-w", "1", "-b", &format!("127.0.0.1:{app_port}"), "app:app"])
+        .current_dir(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gunicorn");
+    let _gunicorn = Running(gunicorn, dir);
+    until("gunicorn to listen", 20, || {
+        (!ss_listen_queues(app_port).is_empty()).then_some(())
+    });
+    let (_prometheus, prom) = start_prometheus(daemon.port);
+
+    // 3 clients on 1 worker: it is always busy and 2 connections queue.
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..12 {
+                    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", app_port)) {
+                        let _ = write!(s, "GET / HTTP/1.0\r\n\r\n");
+                        let _ = s.read_to_end(&mut Vec::new());
+                    }
+                }
+            })
+        })
+        .collect();
+    until("the saturation alert to fire", 30, || {
+        saturation_alerts(prom, app_port)
+            .contains(&"firing".to_owned())
+            .then_some(())
+    });
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/observer.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(queries.len() >= 10, "{} queries", queries.len());
+    for query in &queries {
+        let concrete = query
+            .replace("$addr", ".*")
+            .replace("$port", &app_port.to_string())
+            .replace("$__rate_interval", "10s");
+        let result = until(&format!("data for {concrete}"), 20, || {
+            let r = api(
+                prom,
+                &format!("/api/v1/query?query={}", percent_encode(&concrete)),
+            );
+            (r["status"] == "success"
+                && r["data"]["result"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty()))
+            .then_some(r)
+        });
+        println!(
+            "{concrete} → {} series",
+            result["data"]["result"].as_array().map_or(0, |a| a.len())
+        );
+    }
+
+    for c in clients {
+        c.join().expect("client");
+    }
+    until("the saturation alert to resolve", 30, || {
+        saturation_alerts(prom, app_port).is_empty().then_some(())
+    });
+}
