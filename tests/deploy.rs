@@ -192,3 +192,58 @@ fn the_kubernetes_manifests_validate_against_the_schemas() {
     let text = std::fs::read_to_string(&manifest).expect("manifest");
     assert!(text.contains("privileged: false") && !text.contains("privileged: true"));
 }
+
+fn buildah(args: &[&str]) -> String {
+    let out = run(Command::new("buildah")
+        .arg("--storage-driver")
+        .arg("vfs")
+        .args(args));
+    assert!(
+        out.status.success(),
+        "buildah {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_image_built_by_xtask_is_small_and_its_binary_runs_on_its_own_libraries() {
+    let tag = concat!("observer:", env!("CARGO_PKG_VERSION"));
+    let config = buildah(&[
+        "inspect",
+        "--type",
+        "image",
+        "--format",
+        "{{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Cmd}}",
+        tag,
+    ]);
+    assert_eq!(
+        config,
+        "[/usr/local/bin/observer] [serve --web.listen-address=0.0.0.0:9688]"
+    );
+    // No container runtime can run here (the sandbox forbids its setrlimit
+    // calls), so run the image's binary in its own root filesystem instead.
+    let container = buildah(&["from", tag]);
+    let root = buildah(&["mount", &container]);
+    let out = run(Command::new("chroot")
+        .arg(&root)
+        .args(["/usr/local/bin/observer", "--version"]));
+    let size_kib: u64 = run(Command::new("du").args(["-sk", &root]))
+        .stdout
+        .split(|b| b.is_ascii_whitespace())
+        .next()
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+        .unwrap_or(u64::MAX);
+    buildah(&["umount", &container]);
+    buildah(&["rm", &container]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        concat!("observer ", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(size_kib < 16 * 1024, "image root is {size_kib} KiB");
+}

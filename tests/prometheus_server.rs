@@ -114,13 +114,14 @@ fn start_prometheus(observer_port: u16) -> (Running, u16) {
 }
 
 fn saturation_alerts(prom: u16, port: u16) -> Vec<String> {
+    let port = port.to_string(); // labels are strings
     api(prom, "/api/v1/alerts")["data"]["alerts"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|a| {
             a["labels"]["alertname"] == "ObserverWorkerPoolSaturated"
-                && a["labels"]["port"] == port.to_string()
+                && a["labels"]["port"] == port.as_str()
         })
         .filter_map(|a| a["state"].as_str().map(str::to_owned))
         .collect()

@@ -40,6 +40,9 @@ enum Task {
     /// cost, untracked processes' syscalls, daemon CPU/RSS, growth; side by
     /// side with a bpftrace peer. Needs root; takes a few minutes.
     Bench(bench::BenchOptions),
+    /// Build the container image `observer:<version>` offline with buildah:
+    /// the release binary and the libraries it links, on scratch.
+    Image,
     /// Set up, build, and run `observer serve` with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,6 +69,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "tmux",
     "systemd",
+    "buildah",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -89,6 +93,12 @@ fn run(cli: Cli) -> Result<()> {
             lint()
         }
         Task::Test { args } => test(&args),
+        Task::Image => {
+            setup()?;
+            ensure_packages(&["buildah"])?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            image()
+        }
         Task::Bench(opts) => {
             setup()?;
             ensure_packages(&["bpftrace", "hey"])?;
@@ -270,6 +280,53 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
     )
 }
 
+/// The image tag `cargo xtask image` builds.
+const IMAGE: &str = concat!("observer:", env!("CARGO_PKG_VERSION"));
+
+/// Stages target/image/root (binary + the shared libraries `ldd` names) and
+/// builds deploy/container/Containerfile from it.
+fn image() -> Result<()> {
+    let root = workspace_root();
+    let binary = root.join("target/release/observer");
+    let context = root.join("target/image");
+    let _ = std::fs::remove_dir_all(&context);
+    let stage = |from: &Path, to: &str| -> Result<()> {
+        let dest = context.join("root").join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().context("staged path has a parent")?)?;
+        std::fs::copy(from, &dest).with_context(|| format!("staging {}", from.display()))?;
+        Ok(())
+    };
+    stage(&binary, "/usr/local/bin/observer")?;
+    let libraries =
+        output(Command::new("ldd").arg(&binary)).context("ldd on the observer binary")?;
+    for path in libraries.split_whitespace().filter(|w| w.starts_with('/')) {
+        let real = std::fs::canonicalize(path).with_context(|| format!("resolving {path}"))?;
+        stage(&real, path)?;
+    }
+    std::fs::copy(
+        root.join("deploy/container/Containerfile"),
+        context.join("Containerfile"),
+    )?;
+    check(
+        Command::new("buildah")
+            .args([
+                "--storage-driver",
+                "vfs",
+                "bud",
+                "--quiet",
+                "-f",
+                "Containerfile",
+                "-t",
+                IMAGE,
+                ".",
+            ])
+            .current_dir(&context),
+        "buildah bud",
+    )?;
+    println!("xtask: built image {IMAGE}");
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&[
@@ -315,6 +372,9 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     cargo(&["build", "--package", "observer"])?;
+    // The image too (release build), so that the tests can inspect it.
+    cargo(&["build", "--release", "--package", "observer"])?;
+    image()?;
     let bin = workspace_root().join("target/debug/observer");
     // Unit tests run in parallel; end-to-end tests one at a time, so that one
     // test's load does not skew another's timings.
