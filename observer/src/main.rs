@@ -13,6 +13,7 @@ mod pipeline;
 mod quantile;
 mod serve;
 mod views;
+mod webconfig;
 mod workers;
 
 use clap::Parser as _;

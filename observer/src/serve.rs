@@ -20,6 +20,7 @@ use prometheus::core::Collector as _;
 use crate::{
     metrics,
     pipeline::{KernelOptions, Pipeline},
+    webconfig::WebConfig,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -32,6 +33,10 @@ pub struct ServeOptions {
         default_value = "127.0.0.1:9688"
     )]
     pub listen_address: SocketAddr,
+    /// TLS and basic auth, in node_exporter's web configuration format
+    /// (tls_server_config: cert_file/key_file; basic_auth_users: bcrypt hashes).
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config: Option<std::path::PathBuf>,
     /// Path under which metrics are served.
     #[arg(
         long = "web.telemetry-path",
@@ -60,6 +65,7 @@ pub struct ServeOptions {
 }
 
 struct State {
+    web: WebConfig,
     pipeline: Mutex<Pipeline>,
     process: prometheus::process_collector::ProcessCollector,
     telemetry_path: String,
@@ -76,6 +82,10 @@ pub fn run(opts: ServeOptions) -> Result<()> {
             opts.telemetry_path
         );
     }
+    let web = match &opts.web_config {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
     // Take the port before loading anything, so a clash fails fast.
     let listener = std::net::TcpListener::bind(opts.listen_address).with_context(|| {
         format!(
@@ -85,7 +95,9 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     })?;
     listener.set_nonblocking(true)?;
     let pipeline = Pipeline::start(&opts.kernel, opts.max_listeners, opts.max_workers)?;
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     let state = Arc::new(State {
+        web,
         pipeline: Mutex::new(pipeline),
         process: prometheus::process_collector::ProcessCollector::for_self(),
         telemetry_path: opts.telemetry_path.clone(),
@@ -95,7 +107,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     log::info!(
-        "serving metrics on http://{}{}",
+        "serving metrics on {scheme}://{}{}",
         opts.listen_address,
         opts.telemetry_path
     );
@@ -116,24 +128,43 @@ async fn accept_loop(listener: std::net::TcpListener, state: Arc<State>) -> Resu
                 };
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(&req, &state)) }
-                    });
-                    let served = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .max_buf_size(64 * 1024)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = served {
-                        log::debug!("HTTP connection: {e}");
+                    match state.web.tls.clone() {
+                        Some(tls) => {
+                            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                                Ok(Ok(tls_stream)) => serve_connection(tls_stream, state).await,
+                                Ok(Err(e)) => log::debug!("TLS handshake: {e}"),
+                                Err(_) => log::debug!("TLS handshake timed out"),
+                            }
+                        }
+                        None => serve_connection(stream, state).await,
                     }
                 });
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         }
+    }
+}
+
+/// HTTP/1.1 on one connection (plain or TLS), with limits against slow or
+/// oversized requests.
+async fn serve_connection<S>(io: S, state: Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&req, &state)) }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = served {
+        log::debug!("HTTP connection: {e}");
     }
 }
 
@@ -147,6 +178,22 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 }
 
 fn handle<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
+    if !state.web.authorized(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
+        let mut response = respond(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "unauthorized\n".into(),
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"observer\""),
+        );
+        return response;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,

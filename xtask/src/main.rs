@@ -70,6 +70,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tmux",
     "systemd",
     "buildah",
+    "apache2-utils",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
