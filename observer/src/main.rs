@@ -1,22 +1,7 @@
-//! observer: why requests wait before any worker sees them.
-//!
-//! The data path, one module per stage:
-//! kernel programs (observer-ebpf) → `kernel` (load, attach, read maps) →
-//! `aggregate` (per-listener figures) and `workers` (per-pool figures) →
-//! `metrics` / `serve` (Prometheus).
-mod aggregate;
-mod cli;
-mod containers;
-mod kernel;
-mod metrics;
-mod pipeline;
-mod quantile;
-mod serve;
-mod views;
-mod webconfig;
-mod workers;
-
+//! The `observer` command: parse flags, run the command, print one error
+//! line on failure.
 use clap::Parser as _;
+use observer::{cli, serve, views};
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();

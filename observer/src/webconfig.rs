@@ -72,17 +72,20 @@ impl WebConfig {
     pub fn load(path: &Path) -> Result<WebConfig> {
         let context = || format!("--web.config.file {}", path.display());
         let text = std::fs::read_to_string(path).with_context(context)?;
-        let file: File = serde_yaml::from_str(&text).with_context(context)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path.parent().unwrap_or(Path::new("."))).with_context(context)
+    }
+
+    /// Checks a configuration's text; files it names are read relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<WebConfig> {
+        let file: File = serde_yaml::from_str(text).context("not a valid web configuration")?;
         let tls = match &file.tls_server_config {
-            Some(files) => Some(Arc::new(tls_config(base, files).with_context(context)?)),
+            Some(files) => Some(Arc::new(tls_config(base, files)?)),
             None => None,
         };
         for (user, hash) in &file.basic_auth_users {
             if !hash.starts_with("$2") {
                 bail!(
-                    "{}: the password of {user:?} is not a bcrypt hash (make one with `htpasswd -nBC 10 {user}`)",
-                    context()
+                    "the password of {user:?} is not a bcrypt hash (make one with `htpasswd -nBC 10 {user}`)"
                 );
             }
         }

@@ -40,6 +40,13 @@ enum Task {
     /// cost, untracked processes' syscalls, daemon CPU/RSS, growth; side by
     /// side with a bpftrace peer. Needs root; takes a few minutes.
     Bench(bench::BenchOptions),
+    /// Fuzz the parsers observer owns (BTF, cgroup paths, web config, /proc
+    /// syscall lines, durations) with cargo fuzz, each for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Build the container image `observer:<version>` offline with buildah:
     /// the release binary and the libraries it links, on scratch.
     Image,
@@ -95,6 +102,10 @@ fn run(cli: Cli) -> Result<()> {
             lint()
         }
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz(seconds)
+        }
         Task::Image => {
             setup()?;
             ensure_packages(&["buildah"])?;
@@ -329,6 +340,36 @@ fn image() -> Result<()> {
     Ok(())
 }
 
+const FUZZ_TARGETS: &[&str] = &["btf", "cgroup", "web_config", "proc_syscall"];
+
+/// Runs every fuzz target for `seconds` (installing cargo-fuzz if missing).
+fn fuzz(seconds: u64) -> Result<()> {
+    if output(Command::new("cargo").args(["+nightly", "fuzz", "--version"])).is_none() {
+        println!("xtask: installing cargo-fuzz from crates.io (a few minutes, once)");
+        check(
+            Command::new("cargo").args(["+nightly", "install", "cargo-fuzz", "--locked"]),
+            "`cargo +nightly install cargo-fuzz`",
+        )?;
+    }
+    for target in FUZZ_TARGETS {
+        println!("xtask: fuzzing {target} for {seconds} s");
+        check(
+            Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    target,
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                ])
+                .current_dir(workspace_root().join("fuzz")),
+            &format!("fuzz target {target} (a crash input is saved under fuzz/artifacts/{target})"),
+        )?;
+    }
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&[
@@ -401,7 +442,9 @@ fn test(args: &[String]) -> Result<()> {
             .env("OBSERVER_BIN", &bin)
             .current_dir(workspace_root()),
         "end-to-end tests",
-    )
+    )?;
+    // The parsers we own, briefly (cargo xtask fuzz runs longer).
+    fuzz(10)
 }
 
 unsafe extern "C" {

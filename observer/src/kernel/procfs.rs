@@ -43,7 +43,12 @@ fn wait_kind(_nr: i64) -> Option<WaitKind> {
 /// /proc/PID/task/TID/syscall ("NR arg0 … arg5 sp pc"; "running" or "-1 …"
 /// when it is not in a syscall).
 fn blocked_syscall(tgid: u32, tid: u32) -> Option<(i64, [u64; 6])> {
-    let text = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
+    parse_syscall_line(&std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?)
+}
+
+/// Parses a /proc/PID/task/TID/syscall line: the syscall number and its six
+/// arguments, or `None` ("running", "-1 …", or anything malformed).
+pub fn parse_syscall_line(text: &str) -> Option<(i64, [u64; 6])> {
     let mut fields = text.split_whitespace();
     let nr: i64 = fields.next()?.parse().ok()?;
     let mut args = [0u64; 6];
@@ -157,6 +162,18 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_lines_parse_or_are_rejected() {
+        let line = "232 0x4 0x7ffe437f97cc 0x80 0xffffffff 0x0 0x0 0x7ffe437f9790 0x7f0a1b2c3d4e";
+        assert_eq!(
+            parse_syscall_line(line),
+            Some((232, [4, 0x7ffe437f97cc, 0x80, 0xffffffff, 0, 0]))
+        );
+        assert_eq!(parse_syscall_line("running"), None);
+        assert_eq!(parse_syscall_line("-1 0x7ffe 0x7f0a"), None);
+        assert_eq!(parse_syscall_line(""), None);
+    }
 
     #[test]
     fn this_process_is_alive_and_running_not_waiting() {
