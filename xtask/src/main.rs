@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, set up and test observer")]
@@ -46,6 +47,12 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// Worker churn against a live daemon for minutes: memory must stay flat
+    /// and counts exact (not part of `test`).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
     },
     /// Build the container image `observer:<version>` offline with buildah:
     /// the release binary and the libraries it links, on scratch.
@@ -105,6 +112,11 @@ fn run(cli: Cli) -> Result<()> {
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz(seconds)
+        }
+        Task::Soak { minutes } => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            soak::run(minutes, &workspace_root().join("target/release/observer"))
         }
         Task::Image => {
             setup()?;
