@@ -5,116 +5,12 @@ mod support;
 
 use std::{
     net::TcpListener,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::fd::{FromRawFd as _, OwnedFd},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-use support::{Daemon, run};
-
-/// A network namespace made for one test (loopback up), deleted on drop.
-struct Netns {
-    name: String,
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!(
-            "obs-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        assert!(
-            run(Command::new("ip").args(["netns", "add", &name]))
-                .status
-                .success(),
-            "ip netns add"
-        );
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// The namespace's inode: what observer's `netns` label holds.
-    fn inode(&self) -> String {
-        std::fs::metadata(format!("/run/netns/{}", self.name))
-            .expect("netns file")
-            .ino()
-            .to_string()
-    }
-
-    /// Runs a command inside the namespace and returns its stdout.
-    fn exec(&self, cmd: &[&str]) -> String {
-        let out = run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd));
-        assert!(
-            out.status.success(),
-            "{cmd:?} in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs `f` on a thread that has entered the namespace: sockets it
-    /// creates belong to the namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a namespace fd we hold open.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    }
-
-    /// (Recv-Q, Send-Q) of the listener on `port`, per `ss` in the namespace.
-    fn ss_listen(&self, port: u16) -> (f64, f64) {
-        let out = self.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
-        let f: Vec<f64> = out
-            .split_whitespace()
-            .skip(1)
-            .take(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        (f[0], f[1])
-    }
-
-    /// An absolute counter of `nstat` in the namespace (without touching its history).
-    fn nstat(&self, counter: &str) -> f64 {
-        let out = self.exec(&["nstat", "-asz", counter]);
-        out.lines()
-            .find_map(|l| {
-                l.strip_prefix(counter)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("{counter} missing from nstat: {out}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
+use support::{Daemon, Netns};
 
 fn listen_in(ns: &Netns, port: u16, backlog: i32) -> TcpListener {
     ns.enter(move || support::listen(format!("127.0.0.1:{port}").parse().expect("addr"), backlog))

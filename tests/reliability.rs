@@ -193,73 +193,145 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Fires `attempts` non-blocking connects at 127.0.0.1:`port` (each socket
+/// closed right away), for at most `limit`; returns how many were sent.
+fn flood(attempts: u64, port: u16, limit: Duration) -> u64 {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let deadline = Instant::now() + limit;
+    let mut sent = 0;
+    while sent < attempts && Instant::now() < deadline {
+        // SAFETY: socket/connect/close on our own fd with a valid sockaddr_in.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                continue;
+            }
+            libc::connect(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&addr) as u32,
+            );
+            libc::close(fd);
+        }
+        sent += 1;
+    }
+    sent
+}
+
 #[test]
-fn a_connection_flood_keeps_counts_exact_and_memory_bounded() {
+fn a_flood_of_connection_attempts_keeps_counts_exact_and_memory_bounded() {
     let daemon = Daemon::start();
-    let listener = listen("127.0.0.1:0".parse().expect("addr"), 16);
+    let ns = support::Netns::new();
+    let port = 8090;
+    let listener = ns.enter(move || listen(format!("127.0.0.1:{port}").parse().expect("addr"), 16));
     listener.set_nonblocking(true).expect("nonblocking");
-    let port = listener.local_addr().expect("addr").port();
     let rss_before = rss_kib(daemon.pid());
-    // 4 threads connect as fast as they can for 5 s while the listener
-    // accepts slowly (the queue stays full and the kernel drops the rest).
-    let flooders: Vec<_> = (0..4)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let (mut ok, deadline) = (0u64, Instant::now() + Duration::from_secs(5));
-                while Instant::now() < deadline {
-                    if TcpStream::connect_timeout(
-                        &format!("127.0.0.1:{port}").parse().expect("addr"),
-                        Duration::from_millis(20),
-                    )
-                    .is_ok()
-                    {
-                        ok += 1;
-                    }
-                }
-                ok
-            })
+    let drops_before = ns.nstat("TcpExtListenDrops");
+    // Hundreds of thousands of attempts while the listener accepts slowly
+    // (the queue stays full and the kernel drops most of them).
+    let flooder = {
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            let netns = std::fs::File::open(format!("/run/netns/{name}")).expect("netns");
+            // SAFETY: setns on this thread only.
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&netns), libc::CLONE_NEWNET) },
+                0
+            );
+            flood(200_000, port, Duration::from_secs(20))
         })
-        .collect();
-    let (mut accepted, deadline) = (0u64, Instant::now() + Duration::from_secs(7));
-    while Instant::now() < deadline {
+    };
+    let mut accepted = 0u64;
+    while !flooder.is_finished() {
         match listener.accept() {
             Ok(_) => accepted += 1,
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
-        if accepted % 100 == 0 {
-            daemon.scrape();
+        if accepted % 200 == 0 {
+            daemon.scrape(); // scrapes during the flood
         }
     }
-    let connected: u64 = flooders
-        .into_iter()
-        .map(|f| f.join().expect("flooder"))
-        .sum();
+    let attempts = flooder.join().expect("flooder");
+    std::thread::sleep(Duration::from_millis(200));
     while listener.accept().is_ok() {
         accepted += 1;
     }
+    let nstat_drops = ns.nstat("TcpExtListenDrops") - drops_before;
     let m = daemon.scrape();
-    println!(
-        "flood: {connected} connects completed, {accepted} accepted, drops {}",
-        m.listener("observer_listen_drops_total", port)
-    );
-    assert_eq!(
-        m.listener("observer_connections_accepted_total", port),
-        accepted as f64
-    );
-    assert!(
-        m.listener("observer_listen_drops_total", port) > 0.0,
-        "the flood overflowed the queue"
-    );
-    assert_eq!(
-        m.get(
-            "observer_kernel_events_lost_total",
-            &[("reason", "accept_map_full")]
-        ),
-        Some(0.0)
-    );
+    let inode = ns.inode();
+    let labels = [("port", "8090"), ("netns", inode.as_str())];
+    let drops = m
+        .get("observer_listen_drops_total", &labels)
+        .expect("drops");
+    let observed_accepts = m
+        .get("observer_connections_accepted_total", &labels)
+        .expect("accepted");
     let rss_after = rss_kib(daemon.pid());
+    println!(
+        "flood: {attempts} attempts, {accepted} accepted, drops observer {drops} / nstat {nstat_drops}, RSS {rss_before} → {rss_after} KiB"
+    );
+    assert!(attempts >= 100_000, "only {attempts} attempts were made");
+    assert_eq!(observed_accepts, accepted as f64);
+    assert!(drops > 1000.0, "the flood overflowed the queue");
+    assert_eq!(
+        drops, nstat_drops,
+        "per-listener drops = the namespace's ListenDrops"
+    );
+    for reason in ["accept_map_full", "worker_map_full"] {
+        assert_eq!(
+            m.get("observer_kernel_events_lost_total", &[("reason", reason)]),
+            Some(0.0),
+            "{reason}"
+        );
+    }
     assert!(
         rss_after < rss_before + 16 * 1024,
         "daemon RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
+}
+
+#[test]
+fn namespaces_vanishing_between_and_during_scrapes_cause_no_error() {
+    let daemon = Daemon::start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    // Namespaces with a listener come and go while the daemon scrapes.
+    let churn = std::thread::spawn(move || {
+        let mut made = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && made < 200 {
+            let ns = support::Netns::new();
+            let listener =
+                ns.enter(|| std::net::TcpListener::bind("127.0.0.1:7000").expect("bind"));
+            drop(listener);
+            drop(ns);
+            made += 1;
+        }
+        made
+    });
+    let mut scrapes = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !churn.is_finished() && Instant::now() < deadline {
+        let m = daemon.scrape();
+        assert_eq!(
+            m.get("observer_collect_errors_total", &[]),
+            Some(0.0),
+            "a collection failed"
+        );
+        scrapes += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let made = churn.join().expect("churn");
+    println!("{made} namespaces created and deleted during {scrapes} scrapes");
+    assert!(
+        made >= 10 && scrapes >= 10,
+        "{made} namespaces, {scrapes} scrapes"
+    );
+    assert_eq!(http_get(daemon.port, "/healthz").as_deref(), Some("ok\n"));
 }

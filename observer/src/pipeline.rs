@@ -101,6 +101,32 @@ impl Pipeline {
     }
 
     fn collect_inner(&mut self) -> Result<Snapshot> {
+        let (listeners, holders) = self.collect_listeners()?;
+        let membership = Membership::from_holders(&listeners.listeners, &holders);
+        let pools = self.collect_pools(&listeners, &membership)?;
+        self.health.kernel_events_lost = self
+            .probes
+            .health()?
+            .iter()
+            .enumerate()
+            .map(|(slot, n)| (probes::health_name(slot), *n))
+            .collect();
+        self.containers.retain(procfs::process_is_alive);
+        let containers = listeners
+            .listeners
+            .iter()
+            .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
+            .collect();
+        Ok(Snapshot {
+            listeners,
+            pools,
+            containers,
+        })
+    }
+
+    /// Listeners of every namespace with their accept counts, and the
+    /// socket holders they were found through.
+    fn collect_listeners(&mut self) -> Result<(Collection, Vec<HolderRecord>)> {
         let holders = self.probes.holders()?;
         let listener_records = all_listeners(self.probes.listeners()?, &holders);
         let ports = listener_records
@@ -120,45 +146,31 @@ impl Pipeline {
             self.aggregator
                 .collect(&listener_records, &accepts, procfs::process_is_alive);
         self.probes.forget_accepts(&listeners.forget)?;
+        Ok((listeners, holders))
+    }
 
-        let membership = Membership::from_holders(&listeners.listeners, &holders);
+    /// Worker pools: tracks new workers, forgets gone ones, reconciles
+    /// threads whose state the kernel side could not see change.
+    fn collect_pools(&mut self, listeners: &Collection, membership: &Membership) -> Result<Pools> {
         let mut threads = self.probes.worker_threads()?;
         let untracked = membership.untracked(&threads);
         if !untracked.is_empty() {
-            let fds = workers::worker_fds(&membership, &self.epolls);
+            let fds = workers::worker_fds(membership, &self.epolls);
             self.probes.track_threads(&main_threads(&untracked, &fds))?;
             threads = self.probes.worker_threads()?;
         }
-        let worker_fds = self.refresh_worker_fds(&membership)?;
-        let stale = workers::stale_threads(&threads, &membership, procfs::thread_is_alive);
+        let worker_fds = self.refresh_worker_fds(membership)?;
+        let stale = workers::stale_threads(&threads, membership, procfs::thread_is_alive);
         self.probes.forget_threads(&stale)?;
         threads.retain(|(tid, _)| !stale.contains(tid));
         self.reconcile_waiting(&mut threads, &worker_fds)?;
-        let pools = workers::pools(
+        Ok(workers::pools(
             &listeners.listeners,
-            &membership,
+            membership,
             &threads,
             procfs::monotonic_ns(),
             self.max_workers,
-        );
-
-        let health = self.probes.health()?;
-        self.health.kernel_events_lost = health
-            .iter()
-            .enumerate()
-            .map(|(slot, n)| (probes::health_name(slot), *n))
-            .collect();
-        self.containers.retain(procfs::process_is_alive);
-        let containers = listeners
-            .listeners
-            .iter()
-            .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
-            .collect();
-        Ok(Snapshot {
-            listeners,
-            pools,
-            containers,
-        })
+        ))
     }
 }
 

@@ -7,8 +7,10 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{FromRawFd as _, IntoRawFd as _},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -209,4 +211,104 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> TcpListener {
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// A network namespace made for one test (loopback up), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = format!(
+            "obs-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        assert!(
+            run(Command::new("ip").args(["netns", "add", &name]))
+                .status
+                .success(),
+            "ip netns add"
+        );
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's inode: what observer's `netns` label holds.
+    pub fn inode(&self) -> String {
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns file")
+            .ino()
+            .to_string()
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd));
+        assert!(
+            out.status.success(),
+            "{cmd:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it
+    /// creates belong to the namespace.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    }
+
+    /// (Recv-Q, Send-Q) of the listener on `port`, per `ss` in the namespace.
+    pub fn ss_listen(&self, port: u16) -> (f64, f64) {
+        let out = self.exec(&["ss", "-Hltn", &format!("sport = :{port}")]);
+        let f: Vec<f64> = out
+            .split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        (f[0], f[1])
+    }
+
+    /// An absolute counter of `nstat` in the namespace (without touching its history).
+    pub fn nstat(&self, counter: &str) -> f64 {
+        let out = self.exec(&["nstat", "-asz", counter]);
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix(counter)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{counter} missing from nstat: {out}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
