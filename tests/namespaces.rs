@@ -26,14 +26,7 @@ fn start_connects(ns: &Netns, port: u16, n: usize) -> Vec<OwnedFd> {
                     libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
                 };
                 assert!(fd >= 0, "socket");
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
+                let addr = support::loopback_v4(port);
                 // SAFETY: connect with a sockaddr_in of the right size; EINPROGRESS is expected.
                 unsafe {
                     libc::connect(

@@ -196,14 +196,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// Fires `attempts` non-blocking connects at 127.0.0.1:`port` (each socket
 /// closed right away), for at most `limit`; returns how many were sent.
 fn flood(attempts: u64, port: u16, limit: Duration) -> u64 {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = support::loopback_v4(port);
     let deadline = Instant::now() + limit;
     let mut sent = 0;
     while sent < attempts && Instant::now() < deadline {

@@ -312,3 +312,15 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// `127.0.0.1:port` as the sockaddr that libc's connect takes.
+pub fn loopback_v4(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}

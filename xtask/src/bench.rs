@@ -455,7 +455,8 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// Resident memory of a process (VmRSS), KiB; 0 once it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -463,11 +464,14 @@ fn rss_mib(pid: u32) -> f64 {
                 .find_map(|l| l.strip_prefix("VmRSS:"))?
                 .split_whitespace()
                 .next()?
-                .parse::<f64>()
+                .parse()
                 .ok()
         })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+        .unwrap_or(0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    rss_kib(pid) as f64 / 1024.0
 }
 
 /// The daemon's own CPU and memory at fixed accept rates (hey, rate-limited).

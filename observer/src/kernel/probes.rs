@@ -178,14 +178,19 @@ impl Probes {
     /// Starts tracking threads (unless the kernel side already does).
     pub fn track_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
         const BPF_NOEXIST: u64 = 1;
+        self.write_threads(threads, BPF_NOEXIST)
+    }
+
+    /// Writes `WORKERS` entries with the given BPF_* update flag.
+    fn write_threads(&mut self, threads: &[(u32, WorkerThread)], flag: u64) -> Result<()> {
         let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
             self.ebpf
                 .map_mut("WORKERS")
                 .context("map WORKERS missing")?,
         )?;
         for (tid, thread) in threads {
-            if let Err(e) = map.insert(tid, thread, BPF_NOEXIST) {
-                log::debug!("tracking thread {tid}: {e}");
+            if let Err(e) = map.insert(tid, thread, flag) {
+                log::debug!("WORKERS entry of thread {tid}: {e}");
             }
         }
         Ok(())
@@ -203,15 +208,7 @@ impl Probes {
     /// a syscall, which do not write their own entry meanwhile).
     pub fn update_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
         const BPF_EXIST: u64 = 2;
-        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
-            self.ebpf
-                .map_mut("WORKERS")
-                .context("map WORKERS missing")?,
-        )?;
-        for (tid, thread) in threads {
-            let _ = map.insert(tid, thread, BPF_EXIST);
-        }
-        Ok(())
+        self.write_threads(threads, BPF_EXIST)
     }
 
     /// Stops tracking threads.
