@@ -247,7 +247,7 @@ fn a_flood_of_connection_attempts_keeps_counts_exact_and_memory_bounded() {
             Ok(_) => accepted += 1,
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
-        if accepted % 200 == 0 {
+        if accepted.is_multiple_of(200) {
             daemon.scrape(); // scrapes during the flood
         }
     }
