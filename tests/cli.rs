@@ -203,6 +203,7 @@ fn every_command_has_help_with_examples() {
         vec!["listeners", "--help"],
         vec!["trace", "--help"],
         vec!["top", "--help"],
+        vec!["doctor", "--help"],
     ] {
         let out = run(Command::new(observer_bin()).args(&args));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -221,5 +222,44 @@ fn bad_durations_are_rejected_with_the_flag_named() {
     assert!(
         stderr.contains("--min-wait") && stderr.contains("unknown unit"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn doctor_says_whether_serve_can_run_here() {
+    let ok = run(Command::new(observer_bin()).arg("doctor"));
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("ok   programs")),
+        "{text}"
+    );
+    assert!(!text.contains("FAIL"), "{text}");
+
+    let nobody = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(observer_bin())
+        .arg("doctor"));
+    let text = String::from_utf8_lossy(&nobody.stdout);
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL privileges") && l.contains("CAP_BPF")),
+        "{text}"
+    );
+
+    let no_btf = run(Command::new(observer_bin()).args(["doctor", "--kernel.btf", "/nonexistent"]));
+    let text = String::from_utf8_lossy(&no_btf.stdout);
+    assert_eq!(no_btf.status.code(), Some(1));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL BTF") && l.contains("CONFIG_DEBUG_INFO_BTF")),
+        "{text}"
     );
 }

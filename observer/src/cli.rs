@@ -3,7 +3,9 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     serve::ServeOptions,
-    views::{listeners::ListenersOptions, top::TopOptions, trace::TraceOptions},
+    views::{
+        doctor::DoctorOptions, listeners::ListenersOptions, top::TopOptions, trace::TraceOptions,
+    },
 };
 
 const EXAMPLES: &str = "\
@@ -11,7 +13,8 @@ Examples:
   observer serve                                  # metrics on http://127.0.0.1:9688/metrics
   observer listeners                              # every listener: queue, waits, workers
   observer trace --port 8000 --min-wait 10ms      # each accepted connection that waited
-  observer top                                    # live view; s: sort, q: quit";
+  observer top                                    # live view; s: sort, q: quit
+  observer doctor                                 # can observer run here, and with what";
 
 const SERVE_EXAMPLES: &str = "\
 Examples:
@@ -31,6 +34,11 @@ Examples:
   observer trace --port 8000 --min-wait 100ms     # the ones that waited
   observer trace --comm gunicorn --json | jq .wait_seconds
   observer trace --count 100 --duration 10";
+
+const DOCTOR_EXAMPLES: &str = "\
+Examples:
+  observer doctor                   # exit status 0: `observer serve` can run here
+  observer doctor --kernel.btf /path/to/vmlinux.btf";
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -65,4 +73,8 @@ pub enum Command {
     /// Live view of listeners and their workers.
     #[command(after_help = TOP_EXAMPLES)]
     Top(TopOptions),
+    /// Check this host: kernel, BTF, lockdown, privileges, tracefs, which
+    /// programs load; exit status 0 when `observer serve` can run.
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorOptions),
 }

@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Listeners(opts) => views::listeners::run(opts),
         cli::Command::Trace(opts) => views::trace::run(opts),
         cli::Command::Top(opts) => views::top::run(opts),
+        cli::Command::Doctor(opts) => views::doctor::run(opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

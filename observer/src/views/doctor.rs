@@ -1,0 +1,140 @@
+//! `observer doctor`: what this host provides, each check on one line with
+//! what its absence costs, and an exit status that says whether `serve` can
+//! run. The programs are loaded (and unloaded) for real: nothing is assumed.
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{
+    kernel::{host, offsets, probes::Probes},
+    pipeline::KernelOptions,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DoctorOptions {
+    #[command(flatten)]
+    pub kernel: KernelOptions,
+}
+
+/// One check: its name, whether `serve` needs it, and what was found.
+struct Check {
+    name: &'static str,
+    required: bool,
+    result: Result<String, String>,
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn checks(opts: &DoctorOptions) -> Vec<Check> {
+    let mut checks = vec![Check {
+        name: "kernel",
+        required: false,
+        result: Ok(kernel_release()),
+    }];
+    let offsets = offsets::from_kernel(&opts.kernel.btf);
+    checks.push(Check {
+        name: "BTF",
+        required: true,
+        result: match &offsets {
+            Ok(_) => Ok(format!(
+                "{}: every struct field observer reads is there",
+                opts.kernel.btf.display()
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    });
+    checks.push(Check {
+        name: "lockdown",
+        required: true,
+        result: match host::lockdown_mode().as_deref() {
+            Some("confidentiality") => {
+                Err("confidentiality: eBPF may not read kernel memory".into())
+            }
+            Some(mode) => Ok(format!("{mode} (eBPF kernel reads allowed)")),
+            None => Ok("not reported (no lockdown LSM)".into()),
+        },
+    });
+    checks.push(Check {
+        name: "privileges",
+        required: true,
+        result: match host::missing_capabilities() {
+            Ok(missing) if missing.is_empty() => {
+                Ok("CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH".into())
+            }
+            Ok(missing) => Err(missing
+                .iter()
+                .map(|(cap, why)| format!("missing {cap} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    });
+    checks.push(Check {
+        name: "tracefs",
+        required: true,
+        result: host::ensure_tracefs()
+            .map(|mounted| {
+                if mounted {
+                    "mounted it now".into()
+                } else {
+                    "mounted".into()
+                }
+            })
+            .map_err(|e| format!("{e:#}")),
+    });
+    // kprobes and fentry are what an `inet_csk_accept` accept source needs
+    // (not built yet); report whether this kernel would offer them.
+    let kprobes = Path::new("/sys/kernel/tracing/kprobe_events").exists()
+        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
+    checks.push(Check {
+        name: "kprobes",
+        required: false,
+        result: if kprobes { Ok("available".into()) } else { Err("not in this kernel: accepts are seen at the accept syscalls, not in inet_csk_accept (io_uring accepts are missed)".into()) },
+    });
+    if let (Ok(offsets), Some(Check { result: Ok(_), .. })) =
+        (&offsets, checks.iter().find(|c| c.name == "privileges"))
+    {
+        checks.push(Check {
+            name: "programs",
+            required: true,
+            result: match Probes::load(offsets, &opts.kernel.btf, opts.kernel.accept_source, true) {
+                Ok(probes) if probes.attach_errors.is_empty() => Ok(format!(
+                    "all load and attach: accept source {}, wait-syscall tracepoints, iter/tcp, iter/task_file, ring buffer",
+                    probes.accept_source.name()
+                )),
+                Ok(probes) => Ok(format!(
+                    "load, with {} attach point(s) missing (non-fatal): {}",
+                    probes.attach_errors.len(),
+                    probes.attach_errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; ")
+                )),
+                Err(e) => Err(format!("{e:#}")),
+            },
+        });
+    }
+    checks
+}
+
+pub fn run(opts: DoctorOptions) -> Result<()> {
+    let checks = checks(&opts);
+    let mut can_serve = true;
+    for c in &checks {
+        let (mark, detail) = match &c.result {
+            Ok(detail) => ("ok  ", detail),
+            Err(detail) if c.required => ("FAIL", detail),
+            Err(detail) => ("warn", detail),
+        };
+        can_serve &= c.result.is_ok() || !c.required;
+        println!("{mark} {:<11} {detail}", c.name);
+    }
+    let ran_programs = checks.iter().any(|c| c.name == "programs");
+    if can_serve && ran_programs {
+        println!("observer serve can run on this host");
+        Ok(())
+    } else {
+        anyhow::bail!("observer serve cannot run on this host: fix the FAIL lines above")
+    }
+}
