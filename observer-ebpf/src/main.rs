@@ -4,11 +4,13 @@
 //! - `accept`: on return from accept()/accept4(), counts the accepted
 //!   connection and how long it waited in the listen queue.
 //! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
-//!   every listening socket's queue depth and limit in every network namespace.
+//!   the queue depth and limit of every listening socket in its own network
+//!   namespace (the kernel limits `iter/tcp` to one namespace).
 //! - `wait_enter`/`wait_exit`: on accept/select/poll/epoll_wait of tracked
 //!   worker threads, flip them between idle (waiting for work) and busy.
 //! - `holders`: a `iter/task_file` program the daemon runs at scrape time to
-//!   find which processes hold listeners and accepted connections.
+//!   find which processes hold listeners (with their queue figures, in every
+//!   network namespace) and accepted connections.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]

@@ -138,7 +138,8 @@ impl Probes {
         Ok(bytes)
     }
 
-    /// Every listening TCP socket in every network namespace, right now.
+    /// Every listening TCP socket of the daemon's network namespace, right
+    /// now (`iter/tcp` is limited to it; see `holders` for the others).
     pub fn listeners(&mut self) -> Result<Vec<ListenerRecord>> {
         Ok(parse_records(&self.run_iterator("listeners")?))
     }
