@@ -108,8 +108,6 @@ pub struct ListenerView {
     pub accepts: Accepts,
     /// Accepts per live process (tgid) since the daemon started.
     pub by_process: BTreeMap<u32, Accepts>,
-    /// Socket inodes, to find the processes holding the listener.
-    pub inodes: Vec<u64>,
 }
 
 /// What one collection produced.
@@ -250,16 +248,12 @@ fn group_listeners(records: &[ListenerRecord]) -> HashMap<ListenerId, ListenerVi
             drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
-            inodes: Vec::new(),
         });
         view.sockets += 1;
         view.queue_len += r.queue_len as u64;
         view.queue_max += r.queue_max as u64;
         view.syn_queue_len += r.syn_queue_len as u64;
         view.drops_raw += r.drops as u64;
-        if r.inode != 0 {
-            view.inodes.push(r.inode);
-        }
     }
     views
 }

@@ -382,7 +382,6 @@ mod tests {
                 drops_raw: 0,
                 accepts: Accepts { accepted: 3, waits },
                 by_process: Default::default(),
-                inodes: vec![],
             }],
             ..Default::default()
         };

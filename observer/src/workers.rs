@@ -327,7 +327,6 @@ mod tests {
             drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
-            inodes: vec![],
         }
     }
 
