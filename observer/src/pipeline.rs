@@ -152,14 +152,14 @@ impl Pipeline {
     /// Worker pools: tracks new workers, forgets gone ones, reconciles
     /// threads whose state the kernel side could not see change.
     fn collect_pools(&mut self, listeners: &Collection, membership: &Membership) -> Result<Pools> {
+        let worker_fds = self.refresh_worker_fds(membership)?;
         let mut threads = self.probes.worker_threads()?;
         let untracked = membership.untracked(&threads);
         if !untracked.is_empty() {
-            let fds = workers::worker_fds(membership, &self.epolls);
-            self.probes.track_threads(&main_threads(&untracked, &fds))?;
+            self.probes
+                .track_threads(&main_threads(&untracked, &worker_fds))?;
             threads = self.probes.worker_threads()?;
         }
-        let worker_fds = self.refresh_worker_fds(membership)?;
         let stale = workers::stale_threads(&threads, membership, procfs::thread_is_alive);
         self.probes.forget_threads(&stale)?;
         threads.retain(|(tid, _)| !stale.contains(tid));
