@@ -280,27 +280,61 @@ fn observed(samples: &[Sample]) -> Vec<f64> {
     samples.iter().map(|s| s.observer).collect()
 }
 
+/// How a pool is loaded and sampled against a server's own view of it.
+struct PoolRun<'a> {
+    workers: f64,
+    clients: usize,
+    requests: usize,
+    sleep_s: f64,
+    samples: usize,
+    every_ms: u64,
+    what: &'a str,
+}
+
+/// Waits for an idle pool of `run.workers`, loads it with `run.clients`
+/// looping clients, and samples the busy count against `truth`: every sample
+/// within ±1, the median equal to the number of clients (fewer than the
+/// workers), and the per-worker accepts adding up to the completed requests.
+/// Returns how many requests completed.
+fn busy_tracks_truth(daemon: &Daemon, port: u16, run: &PoolRun, truth: impl Fn() -> f64) -> usize {
+    wait_for_idle_pool(daemon, port, run.workers);
+    let load = load(port, run.clients, run.requests, run.sleep_s);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        run.samples,
+        Duration::from_millis(run.every_ms),
+        || pool_state(&daemon.scrape(), port, "busy"),
+        truth,
+    );
+    let done = finish(load);
+    assert_tracks(&samples, run.what);
+    assert_eq!(
+        median(observed(&samples)),
+        run.clients as f64,
+        "min(k, workers) busy"
+    );
+    assert_eq!(
+        sum_per_worker(&daemon.scrape(), "observer_worker_accepts_total", port),
+        done as f64
+    );
+    done
+}
+
 #[test]
 fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
     let daemon = Daemon::start();
     let server = gunicorn(&["-w", "4"]);
-    wait_for_idle_pool(&daemon, server.port, 4.0);
     let (clients, requests) = (2, 10);
-    let load = load(server.port, clients, requests, 0.3);
-    std::thread::sleep(Duration::from_millis(400));
-    let samples = sample(
-        12,
-        Duration::from_millis(150),
-        || pool_state(&daemon.scrape(), server.port, "busy"),
-        || server.semaphore() as f64,
-    );
-    let done = finish(load);
-    assert_tracks(&samples, "busy workers vs semaphore");
-    assert_eq!(
-        median(observed(&samples)),
-        clients as f64,
-        "min(k, workers) busy"
-    );
+    let run = PoolRun {
+        workers: 4.0,
+        clients,
+        requests,
+        sleep_s: 0.3,
+        samples: 12,
+        every_ms: 150,
+        what: "busy workers vs semaphore",
+    };
+    let done = busy_tracks_truth(&daemon, server.port, &run, || server.semaphore() as f64);
 
     let m = daemon.scrape();
     assert_eq!(done, clients * requests, "every client request succeeded");
@@ -478,26 +512,16 @@ fn uwsgi_busy_workers_track_its_stats_server() {
             "--disable-logging",
         ],
     );
-    wait_for_idle_pool(&daemon, server.port, 4.0);
-    let load = load(server.port, 3, 8, 0.3);
-    std::thread::sleep(Duration::from_millis(400));
-    let samples = sample(
-        12,
-        Duration::from_millis(150),
-        || pool_state(&daemon.scrape(), server.port, "busy"),
-        || uwsgi_busy(stats),
-    );
-    let done = finish(load);
-    assert_tracks(&samples, "uWSGI busy workers vs stats server");
-    assert_eq!(median(observed(&samples)), 3.0);
-    assert_eq!(
-        sum_per_worker(
-            &daemon.scrape(),
-            "observer_worker_accepts_total",
-            server.port
-        ),
-        done as f64
-    );
+    let run = PoolRun {
+        workers: 4.0,
+        clients: 3,
+        requests: 8,
+        sleep_s: 0.3,
+        samples: 12,
+        every_ms: 150,
+        what: "uWSGI busy workers vs stats server",
+    };
+    busy_tracks_truth(&daemon, server.port, &run, || uwsgi_busy(stats));
 }
 
 /// raindrops' view of a listener: connections being served ("active").
@@ -538,26 +562,16 @@ fn unicorn_busy_workers_track_raindrops_active_connections() {
             "config.ru",
         ],
     );
-    wait_for_idle_pool(&daemon, server.port, 3.0);
-    let load = load(server.port, 2, 12, 0.4);
-    std::thread::sleep(Duration::from_millis(400));
-    let samples = sample(
-        10,
-        Duration::from_millis(200),
-        || pool_state(&daemon.scrape(), server.port, "busy"),
-        || raindrops_active(server.port),
-    );
-    let done = finish(load);
-    assert_tracks(&samples, "unicorn busy workers vs raindrops active");
-    assert_eq!(median(observed(&samples)), 2.0);
-    assert_eq!(
-        sum_per_worker(
-            &daemon.scrape(),
-            "observer_worker_accepts_total",
-            server.port
-        ),
-        done as f64
-    );
+    let run = PoolRun {
+        workers: 3.0,
+        clients: 2,
+        requests: 12,
+        sleep_s: 0.4,
+        samples: 10,
+        every_ms: 200,
+        what: "unicorn busy workers vs raindrops active",
+    };
+    busy_tracks_truth(&daemon, server.port, &run, || raindrops_active(server.port));
 }
 
 /// Forks a child that accepts one connection from `listener` and exits.
