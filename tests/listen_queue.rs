@@ -198,9 +198,11 @@ fn a_closed_listener_disappears_from_the_output() {
 fn the_daemon_exports_its_build_info_and_stops_cleanly_on_sigterm() {
     let daemon = Daemon::start();
     let m = daemon.scrape();
+    let source = support::expected_accept_source();
     assert_eq!(
-        m.get("observer_build_info", &[("accept_source", "tracepoint")]),
-        Some(1.0)
+        m.get("observer_build_info", &[("accept_source", &source)]),
+        Some(1.0),
+        "build_info does not name accept source {source}"
     );
     assert_eq!(
         m.get(

@@ -1,5 +1,14 @@
-//! `syscalls/sys_exit_accept4` and `syscalls/sys_exit_accept`: one accepted
-//! connection → one count, and its wait in the listen queue.
+//! One accepted connection → one count, and its wait in the listen queue.
+//! Three sources see accepted connections; the daemon attaches one of them
+//! (`--accept-source`), best first:
+//!
+//! - `accept_fexit`: fexit on `inet_csk_accept`, whose return value is the
+//!   accepted socket. Every accept passes there, io_uring's included.
+//! - `accept_kretprobe`: the same function's return through a kretprobe, for
+//!   kernels that allow kprobes but not fexit.
+//! - `accept_exit`: the `syscalls/sys_exit_accept4` and `sys_exit_accept`
+//!   tracepoints, which find the socket through the returned fd. Works where
+//!   neither of the above loads; misses accepts that bypass the syscalls.
 //!
 //! The wait needs no hook of its own: when the handshake completes and the
 //! child socket enters the accept queue, the kernel stamps
@@ -12,8 +21,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fexit, kretprobe, tracepoint},
+    programs::{FExitContext, RetProbeContext, TracePointContext},
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use observer_common::{
@@ -47,6 +56,29 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         Some(sk) => count_accept(sk, &off),
         // Rare, and a sign of wrong offsets: counted and exported.
         None => count_health(Health::AcceptReadError),
+    }
+    0
+}
+
+/// `struct sock *inet_csk_accept(...)` returned: the accepted socket or NULL.
+/// (Its arguments changed in 6.10; only the return value is used.)
+#[fexit(function = "inet_csk_accept")]
+pub fn accept_fexit(ctx: FExitContext) -> u32 {
+    // bpf_get_func_ret (5.17+) finds the return value whatever the arity.
+    match ctx.ret::<u64>() {
+        Ok(sk) if sk != 0 => count_accept(sk, &offsets()),
+        Ok(_) => {}
+        Err(_) => count_health(Health::AcceptReadError),
+    }
+    0
+}
+
+/// The kprobe flavour of [`accept_fexit`].
+#[kretprobe]
+pub fn accept_kretprobe(ctx: RetProbeContext) -> u32 {
+    let sk: u64 = ctx.ret();
+    if sk != 0 {
+        count_accept(sk, &offsets());
     }
     0
 }

@@ -43,8 +43,14 @@ pub struct KernelOptions {
         default_value = "/sys/kernel/btf/vmlinux"
     )]
     pub btf: PathBuf,
-    /// Where accepted connections are observed.
-    #[arg(long = "accept-source", value_enum, default_value = "auto")]
+    /// Where accepted connections are observed: auto picks the best that
+    /// this kernel allows (fexit, then kprobe, then tracepoint).
+    #[arg(
+        long = "accept-source",
+        env = "OBSERVER_ACCEPT_SOURCE",
+        value_enum,
+        default_value = "auto"
+    )]
     pub accept_source: AcceptSource,
 }
 

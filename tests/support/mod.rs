@@ -324,3 +324,42 @@ pub fn loopback_v4(port: u16) -> libc::sockaddr_in {
         sin_zero: [0; 8],
     }
 }
+
+/// What `observer doctor` found for each accept source on this kernel, best
+/// first: (name, loads and attaches).
+pub fn accept_sources_on_this_kernel() -> Vec<(String, bool)> {
+    let out = run(Command::new(observer_bin())
+        .arg("doctor")
+        .env_remove("OBSERVER_ACCEPT_SOURCE"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let sources: Vec<(String, bool)> = stdout
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let mark = words.next()?;
+            let name = words.next()?;
+            ["fexit", "kprobe", "tracepoint"]
+                .contains(&name)
+                .then(|| (name.to_owned(), mark == "ok"))
+        })
+        .collect();
+    assert_eq!(
+        sources.len(),
+        3,
+        "doctor printed no line per source:\n{stdout}"
+    );
+    sources
+}
+
+/// The accept source the daemon must be using: the one the environment forces
+/// (`OBSERVER_ACCEPT_SOURCE`, as the VM matrix does), else the best that loads.
+pub fn expected_accept_source() -> String {
+    match std::env::var("OBSERVER_ACCEPT_SOURCE") {
+        Ok(forced) if forced != "auto" => forced,
+        _ => accept_sources_on_this_kernel()
+            .into_iter()
+            .find(|(_, loads)| *loads)
+            .map(|(name, _)| name)
+            .expect("doctor says no accept source loads"),
+    }
+}

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap, PerCpuArray},
-    programs::{Iter, ProgramError, TracePoint},
+    programs::{FExit, Iter, KProbe, ProgramError, TracePoint},
 };
 use observer_common::{
     AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets, ListenerRecord,
@@ -15,8 +15,7 @@ use observer_common::{
 
 /// Syscalls in which a worker may wait for new work, with the program that
 /// checks, on entry, whether the call waits on one of the worker's listeners.
-/// Leaving any of them makes a tracked thread busy (accept's exit is the
-/// accept program).
+/// Leaving any of them makes a tracked thread busy.
 const WAIT_SYSCALLS: &[(&str, &str)] = &[
     ("accept", "wait_enter_accept"),
     ("accept4", "wait_enter_accept"),
@@ -32,20 +31,35 @@ const WAIT_SYSCALLS: &[(&str, &str)] = &[
 /// The compiled programs, built by build.rs from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
-/// Where accepted connections are seen. More sources (fexit/kprobe on
-/// `inet_csk_accept`) slot in here on kernels that allow them.
+/// Where accepted connections are seen (see observer-ebpf's `accept.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AcceptSource {
-    /// Pick the best source that loads on this kernel.
+    /// The best source that loads on this kernel: fexit, then kprobe, then tracepoint.
     Auto,
-    /// `syscalls/sys_exit_accept4` and `sys_exit_accept` tracepoints.
+    /// fexit on `inet_csk_accept` (BTF kernels ≥ 5.17 that allow tracing programs).
+    Fexit,
+    /// kretprobe on `inet_csk_accept` (kernels with CONFIG_KPROBES).
+    Kprobe,
+    /// `syscalls/sys_exit_accept4` and `sys_exit_accept` tracepoints (misses io_uring accepts).
     Tracepoint,
 }
+
+/// What `Auto` tries, in order.
+const SOURCES_BEST_FIRST: [AcceptSource; 3] = [
+    AcceptSource::Fexit,
+    AcceptSource::Kprobe,
+    AcceptSource::Tracepoint,
+];
+
+/// The kernel function the fexit and kprobe sources hook.
+const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 
 impl AcceptSource {
     pub fn name(self) -> &'static str {
         match self {
             AcceptSource::Auto => "auto",
+            AcceptSource::Fexit => "fexit",
+            AcceptSource::Kprobe => "kprobe",
             AcceptSource::Tracepoint => "tracepoint",
         }
     }
@@ -63,6 +77,8 @@ pub struct Probes {
     /// Whether the last `set_listen_ports` changed the map.
     listen_ports_changed: bool,
     pub accept_source: AcceptSource,
+    /// Better accept sources that this kernel refused, with why.
+    pub refused_sources: Vec<(AcceptSource, String)>,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
 }
@@ -108,8 +124,9 @@ impl Probes {
                 other => anyhow!("loading the eBPF object failed: {other}"),
             })?;
         let mut attach_errors = Vec::new();
-        let accept_source = attach_accept_source(&mut ebpf, requested, &mut attach_errors)?;
-        attach_wait_programs(&mut ebpf, &mut attach_errors)?;
+        let (accept_source, refused_sources) =
+            attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
+        attach_wait_programs(&mut ebpf, accept_source, &mut attach_errors)?;
         let iter: &mut Iter = program(&mut ebpf, "listeners")?;
         iter.load("tcp", &btf)
             .map_err(|e| describe("listeners (iter/tcp)", e))?;
@@ -120,6 +137,7 @@ impl Probes {
             ebpf,
             listen_ports_changed: false,
             accept_source,
+            refused_sources,
             attach_errors,
         })
     }
@@ -283,20 +301,84 @@ where
     program.try_into().map_err(|e| describe(name, e))
 }
 
+/// Attaches the requested accept source, or with `Auto` the first of
+/// [`SOURCES_BEST_FIRST`] that loads. Returns it and the sources refused
+/// before it, with the kernel's reason.
 fn attach_accept_source(
     ebpf: &mut Ebpf,
+    btf: &Btf,
     requested: AcceptSource,
     errors: &mut Vec<AttachError>,
-) -> Result<AcceptSource> {
-    match requested {
-        AcceptSource::Auto | AcceptSource::Tracepoint => {
+) -> Result<(AcceptSource, Vec<(AcceptSource, String)>)> {
+    let candidates = match requested {
+        AcceptSource::Auto => SOURCES_BEST_FIRST.to_vec(),
+        forced => vec![forced],
+    };
+    let mut refused = Vec::new();
+    for source in candidates {
+        match attach_one_source(ebpf, btf, source, errors) {
+            Ok(()) => return Ok((source, refused)),
+            Err(e) if requested != AcceptSource::Auto => {
+                return Err(e.context(format!(
+                    "--accept-source={} cannot be used on this kernel (--accept-source=auto \
+                     picks one that can)",
+                    source.name()
+                )));
+            }
+            Err(e) => {
+                log::info!("accept source {} unavailable: {e:#}", source.name());
+                refused.push((source, format!("{e:#}")));
+            }
+        }
+    }
+    let reasons = refused
+        .iter()
+        .map(|(source, why)| format!("{}: {why}", source.name()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    bail!("no accept source works on this kernel ({reasons})")
+}
+
+fn attach_one_source(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    source: AcceptSource,
+    errors: &mut Vec<AttachError>,
+) -> Result<()> {
+    match source {
+        AcceptSource::Fexit => {
+            let fexit: &mut FExit = program(ebpf, "accept_fexit")?;
+            fexit
+                .load(ACCEPT_FUNCTION, btf)
+                .map_err(|e| describe("accept_fexit", e))
+                .context("fexit needs a BTF kernel ≥ 5.17 with BPF trampolines and no LSM veto")?;
+            if let Err(e) = fexit.attach() {
+                let _ = fexit.unload();
+                bail!(
+                    "attaching fexit to {ACCEPT_FUNCTION} failed: {:#}",
+                    anyhow::Error::from(e)
+                );
+            }
+        }
+        AcceptSource::Kprobe => {
+            let kprobe: &mut KProbe = program(ebpf, "accept_kretprobe")?;
+            kprobe.load().map_err(|e| describe("accept_kretprobe", e))?;
+            if let Err(e) = kprobe.attach(ACCEPT_FUNCTION, 0) {
+                let _ = kprobe.unload();
+                bail!(
+                    "attaching a kretprobe to {ACCEPT_FUNCTION} failed ({:#}): this kernel \
+                     needs CONFIG_KPROBES=y",
+                    anyhow::Error::from(e)
+                );
+            }
+        }
+        AcceptSource::Tracepoint | AcceptSource::Auto => {
             let tp: &mut TracePoint = program(ebpf, "accept_exit")?;
             tp.load().map_err(|e| describe("accept_exit", e))?;
             tp.attach("syscalls", "sys_exit_accept4").map_err(|e| {
                 anyhow!(
-                    "attaching to tracepoint syscalls/sys_exit_accept4 failed ({}): this \
-                     kernel needs CONFIG_FTRACE_SYSCALLS=y for the tracepoint accept source",
-                    e
+                    "attaching to tracepoint syscalls/sys_exit_accept4 failed ({e}): this \
+                     kernel needs CONFIG_FTRACE_SYSCALLS=y for the tracepoint accept source"
                 )
             })?;
             // accept(2) is rarer (and absent on some architectures): not fatal.
@@ -306,9 +388,9 @@ fn attach_accept_source(
                     message: e.to_string(),
                 });
             }
-            Ok(AcceptSource::Tracepoint)
         }
     }
+    Ok(())
 }
 
 /// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
@@ -342,7 +424,13 @@ where
 }
 
 /// Attaches the idle/busy programs to every wait syscall this kernel has.
-fn attach_wait_programs(ebpf: &mut Ebpf, errors: &mut Vec<AttachError>) -> Result<()> {
+/// Leaving accept makes a thread busy: the tracepoint accept source does that
+/// itself; with the others, `wait_exit` is attached there too.
+fn attach_wait_programs(
+    ebpf: &mut Ebpf,
+    accept_source: AcceptSource,
+    errors: &mut Vec<AttachError>,
+) -> Result<()> {
     let enter_programs = [
         "wait_enter_accept",
         "wait_enter_select",
@@ -365,7 +453,7 @@ fn attach_wait_programs(ebpf: &mut Ebpf, errors: &mut Vec<AttachError>) -> Resul
             Ok(())
         };
         attach(enter, format!("sys_enter_{syscall}"))?;
-        if !syscall.starts_with("accept") {
+        if !syscall.starts_with("accept") || accept_source != AcceptSource::Tracepoint {
             attach("wait_exit", format!("sys_exit_{syscall}"))?;
         }
     }

@@ -1,12 +1,14 @@
 //! `observer doctor`: what this host provides, each check on one line with
 //! what its absence costs, and an exit status that says whether `serve` can
 //! run. The programs are loaded (and unloaded) for real: nothing is assumed.
-use std::path::Path;
-
 use anyhow::Result;
+use observer_common::KernelOffsets;
 
 use crate::{
-    kernel::{host, offsets, probes::Probes},
+    kernel::{
+        host, offsets,
+        probes::{AcceptSource, Probes},
+    },
     pipeline::KernelOptions,
 };
 
@@ -86,18 +88,11 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
             })
             .map_err(|e| format!("{e:#}")),
     });
-    // kprobes and fentry are what an `inet_csk_accept` accept source needs
-    // (not built yet); report whether this kernel would offer them.
-    let kprobes = Path::new("/sys/kernel/tracing/kprobe_events").exists()
-        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
-    checks.push(Check {
-        name: "kprobes",
-        required: false,
-        result: if kprobes { Ok("available".into()) } else { Err("not in this kernel: accepts are seen at the accept syscalls, not in inet_csk_accept (io_uring accepts are missed)".into()) },
-    });
-    if let (Ok(offsets), Some(Check { result: Ok(_), .. })) =
-        (&offsets, checks.iter().find(|c| c.name == "privileges"))
-    {
+    let privileged = checks
+        .iter()
+        .any(|c| c.name == "privileges" && c.result.is_ok());
+    if let (Ok(offsets), true) = (&offsets, privileged) {
+        checks.extend(accept_source_checks(offsets, opts));
         checks.push(Check {
             name: "programs",
             required: true,
@@ -116,6 +111,42 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
         });
     }
     checks
+}
+
+/// Each accept source loaded and attached for real, on its own, with what
+/// its absence costs.
+fn accept_source_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
+    let sources = [
+        (
+            AcceptSource::Fexit,
+            "fexit",
+            "kprobe or tracepoint is used instead (more cost per accept)",
+        ),
+        (
+            AcceptSource::Kprobe,
+            "kprobe",
+            "tracepoint is used if fexit is missing too",
+        ),
+        (AcceptSource::Tracepoint, "tracepoint", "the last fallback"),
+    ];
+    sources
+        .into_iter()
+        .map(|(source, name, fallback)| Check {
+            name,
+            required: false,
+            result: match Probes::load(offsets, &opts.kernel.btf, source, false) {
+                Ok(_) => Ok(format!("accept source {name} loads and attaches")),
+                // The chain under the "--accept-source=… cannot be used" line.
+                Err(e) => Err(format!("{} — {fallback}", reason(&e))),
+            },
+        })
+        .collect()
+}
+
+/// An error's causes without its outermost context, when it has any.
+fn reason(e: &anyhow::Error) -> String {
+    let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
+    causes[causes.len().min(1)..].join(": ")
 }
 
 pub fn run(opts: DoctorOptions) -> Result<()> {

@@ -1,0 +1,93 @@
+//! The accept sources (fexit, kprobe, tracepoint on this kernel's terms):
+//! each one `observer doctor` says loads must count real accepts when forced,
+//! each one it says does not must be refused in one line, and `auto` must
+//! pick the best that loads. On the development kernel only tracepoint loads;
+//! `cargo xtask vm-test` runs this on kernels where all three do.
+mod support;
+
+use std::{io::Write as _, net::TcpStream, process::Command, time::Duration};
+
+use support::{Daemon, accept_sources_on_this_kernel, listen, observer_bin, run};
+
+/// Three clients accepted by a forced source: counted exactly, and the
+/// daemon names the source it used.
+fn counts_accepts_with(source: &str) {
+    let daemon = Daemon::start_with(&["--accept-source", source]);
+    let m = daemon.scrape();
+    assert_eq!(
+        m.get("observer_build_info", &[("accept_source", source)]),
+        Some(1.0),
+        "build_info does not name the forced source {source}"
+    );
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 8);
+    let addr = listener.local_addr().expect("local addr");
+    let mut accepted = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(addr).expect("connect");
+        client.write_all(b"x").expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        accepted.push((client, listener.accept().expect("accept")));
+    }
+    let m = daemon.scrape();
+    assert_eq!(
+        m.listener("observer_connections_accepted_total", addr.port()),
+        3.0,
+        "source {source}"
+    );
+    assert_eq!(
+        m.listener("observer_accept_queue_wait_seconds_count", addr.port()),
+        3.0,
+        "source {source}"
+    );
+}
+
+/// A source this kernel refuses, forced: one line naming it, exit 1.
+fn refuses(source: &str) {
+    let out = run(Command::new(observer_bin()).args([
+        "serve",
+        "--web.listen-address",
+        "127.0.0.1:0",
+        "--accept-source",
+        source,
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // One line: no verifier dump without --verbose.
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line:\n{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("error: --accept-source={source} cannot be used")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn each_source_doctor_says_loads_counts_and_each_other_is_refused_in_one_line() {
+    let sources = accept_sources_on_this_kernel();
+    println!("accept sources on this kernel: {sources:?}");
+    assert!(sources.iter().any(|(_, loads)| *loads), "no source loads");
+    for (source, loads) in &sources {
+        if *loads {
+            counts_accepts_with(source);
+        } else {
+            refuses(source);
+        }
+    }
+}
+
+#[test]
+fn auto_picks_the_best_source_that_loads() {
+    let best = accept_sources_on_this_kernel()
+        .into_iter()
+        .find(|(_, loads)| *loads)
+        .map(|(name, _)| name)
+        .expect("a source loads");
+    let daemon = Daemon::start_with(&["--accept-source", "auto"]);
+    assert_eq!(
+        daemon
+            .scrape()
+            .get("observer_build_info", &[("accept_source", &best)]),
+        Some(1.0),
+        "auto did not pick {best}"
+    );
+}
