@@ -173,9 +173,6 @@ pub struct AcceptStats {
     pub wait_sum_ns: u64,
     /// Per-bucket (not cumulative) counts; the last slot is the +Inf overflow.
     pub wait_buckets: [u64; WAIT_BUCKETS + 1],
-    /// Accepted connections whose queue-entry stamp could not be read (not in
-    /// the histogram).
-    pub wait_unknown: u64,
 }
 
 impl AcceptStats {
@@ -183,7 +180,6 @@ impl AcceptStats {
         accepted: 0,
         wait_sum_ns: 0,
         wait_buckets: [0; WAIT_BUCKETS + 1],
-        wait_unknown: 0,
     };
 }
 
@@ -260,10 +256,13 @@ pub enum Health {
     WorkerMapFull = 2,
     /// `observer trace` could not stream an accept: its ring buffer was full.
     TraceEventLost = 3,
+    /// An accepted connection's queue-entry stamp was unreadable: it is
+    /// counted as accepted but its wait is not in the histogram.
+    WaitUnknown = 4,
 }
 
 /// Number of [`Health`] slots.
-pub const HEALTH_SLOTS: u32 = 4;
+pub const HEALTH_SLOTS: u32 = 5;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -141,7 +141,7 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
             emit_event(sk, off, &key, now_ns, wait_ns);
         }
         if !known {
-            add(&raw mut (*stats).wait_unknown, 1);
+            count_health(Health::WaitUnknown);
             return;
         }
         let wait_us = now_us - queued_at_us;

@@ -116,6 +116,10 @@ impl Pipeline {
             .iter()
             .enumerate()
             .map(|(slot, n)| (probes::health_name(slot), *n))
+            .chain([(
+                "accept_program_skipped",
+                self.probes.accept_program_misses(),
+            )])
             .collect();
         self.containers.retain(procfs::process_is_alive);
         let containers = listeners

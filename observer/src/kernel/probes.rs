@@ -1,6 +1,10 @@
 //! Loads observer's eBPF programs, attaches the accept source, and reads what
 //! they counted. The only module that talks to aya.
-use std::{io::Read as _, path::Path};
+use std::{
+    io::Read as _,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -279,6 +283,25 @@ impl Probes {
         Ok(())
     }
 
+    /// Times the kernel skipped the accept program because it was already
+    /// running on that CPU (the program's `recursion_misses`, 5.12+): each
+    /// one is an accept not counted. 0 where the kernel does not report it.
+    pub fn accept_program_misses(&self) -> u64 {
+        let name = match self.accept_source {
+            AcceptSource::Fexit => "accept_fexit",
+            AcceptSource::Kprobe => "accept_kretprobe",
+            AcceptSource::Tracepoint | AcceptSource::Auto => "accept_exit",
+        };
+        let Some(Ok(fd)) = self.ebpf.program(name).map(|p| p.fd()) else {
+            return 0;
+        };
+        let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+        std::fs::read_to_string(fdinfo)
+            .ok()
+            .and_then(|text| fdinfo_field(&text, "recursion_misses"))
+            .unwrap_or(0)
+    }
+
     /// Totals of the programs' health counters, indexed by [`Health`].
     pub fn health(&self) -> Result<[u64; HEALTH_SLOTS as usize]> {
         let map: PerCpuArray<_, u64> =
@@ -460,6 +483,13 @@ fn attach_wait_programs(
     Ok(())
 }
 
+/// A numeric `name:\tvalue` line of a /proc fdinfo file.
+fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Splits an iterator's output into fixed-size records; a torn tail is ignored.
 ///
 pub fn parse_records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
@@ -478,6 +508,7 @@ pub fn health_name(slot: usize) -> &'static str {
         s if s == Health::AcceptReadError as usize => "accept_read_error",
         s if s == Health::WorkerMapFull as usize => "worker_map_full",
         s if s == Health::TraceEventLost as usize => "trace_event_lost",
+        s if s == Health::WaitUnknown as usize => "wait_unknown",
         _ => "unknown",
     }
 }
@@ -487,4 +518,17 @@ pub fn ensure_object_sane() -> Result<()> {
         bail!("this observer binary was built without its eBPF programs (AYA_BUILD_SKIP?)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fdinfo_field;
+
+    #[test]
+    fn fdinfo_fields_are_read_by_name() {
+        let text = "prog_type:\t26\nrun_cnt:\t0\nrecursion_misses:\t7\nverified_insns:\t312\n";
+        assert_eq!(fdinfo_field(text, "recursion_misses"), Some(7));
+        assert_eq!(fdinfo_field(text, "run_cnt"), Some(0));
+        assert_eq!(fdinfo_field(text, "missing"), None);
+    }
 }

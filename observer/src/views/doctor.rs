@@ -120,12 +120,12 @@ fn accept_source_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Ch
         (
             AcceptSource::Fexit,
             "fexit",
-            "kprobe or tracepoint is used instead (more cost per accept)",
+            "the next source that loads is used instead",
         ),
         (
             AcceptSource::Kprobe,
             "kprobe",
-            "tracepoint is used if fexit is missing too",
+            "tracepoint is used if fexit is refused too (then io_uring accepts are missed)",
         ),
         (AcceptSource::Tracepoint, "tracepoint", "the last fallback"),
     ];
