@@ -113,7 +113,13 @@ fn accepted_total_equals_nginx_stub_status_accepts_under_wrk() {
         accepts > 1000,
         "wrk made too few connections to prove anything: {accepts}"
     );
-    assert_eq!(observed, accepts as f64);
+    let lost: Vec<String> = m
+        .text
+        .lines()
+        .filter(|l| l.starts_with("observer_kernel_events_lost_total"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(observed, accepts as f64, "lost events: {lost:?}");
     // Nothing is left waiting, so every queued connection was accepted.
     assert_eq!(m.listener("observer_listen_queue_length", nginx.port), 0.0);
     assert_eq!(
