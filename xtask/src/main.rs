@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod soak;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, set up and test observer")]
@@ -33,6 +34,10 @@ enum Task {
     /// Set up, build, and run every test: unit tests and end-to-end tests
     /// against the real kernel and real servers (needs root).
     Test {
+        /// Debian kernel series the VM stage boots with the accept-source
+        /// tests (`none` skips it; `cargo xtask vm-test` runs the full matrix).
+        #[arg(long = "vm-kernel", default_value = "6.12")]
+        vm_kernel: String,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -54,6 +59,9 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
     },
+    /// Boot Debian kernels under qemu and run the end-to-end tests inside,
+    /// once per accept source each kernel supports; prints the matrix.
+    VmTest(vm::VmOptions),
     /// Build the container image `observer:<version>` offline with buildah:
     /// the release binary and the libraries it links, on scratch.
     Image,
@@ -86,6 +94,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "buildah",
     "apache2-utils",
     "openssl",
+    "liburing-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -108,7 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             lint()
         }
-        Task::Test { args } => test(&args),
+        Task::Test { vm_kernel, args } => test(&vm_kernel, &args),
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz(seconds)
@@ -123,6 +132,17 @@ fn run(cli: Cli) -> Result<()> {
             ensure_packages(&["buildah"])?;
             cargo(&["build", "--release", "--package", "observer"])?;
             image()
+        }
+        Task::VmTest(opts) => {
+            setup()?;
+            ensure_packages(vm::PACKAGES)?;
+            cargo(&["build", "--package", "observer"])?;
+            let binaries = test_binaries()?;
+            vm::run(
+                &opts,
+                &binaries,
+                &workspace_root().join("target/debug/observer"),
+            )
         }
         Task::Bench(opts) => {
             setup()?;
@@ -417,7 +437,7 @@ fn lint() -> Result<()> {
     )
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(vm_kernel: &str, args: &[String]) -> Result<()> {
     setup()?;
     lint()?;
     // SAFETY: geteuid has no preconditions.
@@ -455,8 +475,49 @@ fn test(args: &[String]) -> Result<()> {
             .current_dir(workspace_root()),
         "end-to-end tests",
     )?;
+    // The same figures on another kernel, where fexit and kprobe load too.
+    if vm_kernel != "none" {
+        ensure_packages(vm::PACKAGES)?;
+        vm::run(
+            &vm::VmOptions::one_kernel(vm_kernel),
+            &test_binaries()?,
+            &bin,
+        )?;
+    }
     // The parsers we own, briefly (cargo xtask fuzz runs longer).
     fuzz(10)
+}
+
+/// Builds the end-to-end test binaries and returns them by test name.
+fn test_binaries() -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "--package",
+            "observer-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the end-to-end tests failed");
+    }
+    let mut binaries = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(executable)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            binaries.insert(name.to_owned(), PathBuf::from(executable));
+        }
+    }
+    Ok(binaries)
 }
 
 unsafe extern "C" {

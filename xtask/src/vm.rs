@@ -1,0 +1,664 @@
+//! `cargo xtask vm-test`: the end-to-end tests on other kernels, under qemu.
+//!
+//! For each `--kernel` series (6.1, 6.12, …) the harness:
+//! 1. downloads Debian's newest `linux-image-<series>.*-amd64` package with
+//!    apt and unpacks it under `target/vm/kernels/` (cached);
+//! 2. builds a tiny initramfs (busybox-static, the guest kernel's virtio,
+//!    9p and overlay modules, and an init script);
+//! 3. boots it under qemu (software emulation by default). The init script mounts this machine's own root filesystem
+//!    read-only over virtio-9p with a tmpfs overlay on top, so the guest runs
+//!    the very binaries, servers and test executables of the host, and
+//!    `target/vm/out/<release>/` read-write for results;
+//! 4. inside, as root: `observer doctor`, then each test binary once per
+//!    accept source that doctor says loads, forced through
+//!    `OBSERVER_ACCEPT_SOURCE`; then powers off;
+//! 5. reads the results back and prints one line per kernel × source (and
+//!    writes `target/vm/matrix.md`, the table the README shows).
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{check, output, workspace_root};
+
+/// Host packages the harness needs.
+pub const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "xz-utils"];
+
+/// The accept sources, best first (as `--accept-source=auto` tries them).
+const SOURCES: &[&str] = &["fexit", "kprobe", "tracepoint"];
+
+/// Modules the init script loads (with their dependencies) before it can
+/// mount the host's root; built-in ones are skipped.
+const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct VmOptions {
+    /// Debian kernel series to boot, repeatable: 6.1, 6.12, …
+    #[arg(long = "kernel", required = true)]
+    pub kernels: Vec<String>,
+    /// End-to-end test binaries run once per accept source (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "listen_queue")]
+    pub tests: Vec<String>,
+    /// Test binaries run once, with the accept source left to the test.
+    #[arg(long, value_delimiter = ',', default_value = "accept_sources")]
+    pub once: Vec<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 3072)]
+    pub memory_mib: u32,
+    /// How qemu runs the guest: software emulation works everywhere; KVM is
+    /// faster where the host really offers it (here /dev/kvm opens, but a
+    /// nested guest hangs in its first instructions).
+    #[arg(long, value_enum, default_value = "tcg")]
+    pub accel: Accel,
+    /// Give up on a guest after this many seconds.
+    #[arg(long, default_value_t = 1500)]
+    pub timeout_secs: u64,
+}
+
+impl VmOptions {
+    /// The defaults, for one kernel (what `cargo xtask test` runs).
+    pub fn one_kernel(series: &str) -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            opts: VmOptions,
+        }
+        <Defaults as clap::Parser>::parse_from(["vm-test", "--kernel", series]).opts
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+/// An unpacked Debian kernel.
+struct Kernel {
+    /// `uname -r` of the guest, e.g. 6.1.0-50-amd64.
+    release: String,
+    vmlinuz: PathBuf,
+    /// lib/modules/<release> of the unpacked package.
+    modules: PathBuf,
+}
+
+/// One test binary's outcome under one accept source.
+#[derive(Debug, Default)]
+struct Outcome {
+    passed: Vec<String>,
+    failed: Vec<String>,
+    /// The binary ran to completion (printed its `test result:` line).
+    finished: bool,
+}
+
+pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Path) -> Result<()> {
+    for name in opts.tests.iter().chain(&opts.once) {
+        ensure!(
+            binaries.contains_key(name),
+            "no end-to-end test binary named {name}"
+        );
+    }
+    // The guests run copies, so that rebuilding meanwhile cannot change them.
+    let (binaries, observer) = snapshot_binaries(binaries, observer)?;
+    let mut rows = Vec::new();
+    let mut failures = 0;
+    for series in &opts.kernels {
+        let kernel = fetch_kernel(series)?;
+        let out = workspace_root().join("target/vm/out").join(&kernel.release);
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let initramfs = build_initramfs(&kernel)?;
+        std::fs::write(
+            out.join("guest.sh"),
+            guest_script(opts, &kernel, &binaries, &observer),
+        )?;
+        let started = Instant::now();
+        boot(opts, &kernel, &initramfs, &out)?;
+        println!(
+            "xtask: {} ran its tests in {:.0} s",
+            kernel.release,
+            started.elapsed().as_secs_f64()
+        );
+        let (kernel_rows, kernel_failures) = read_results(opts, &kernel, &out)?;
+        rows.extend(kernel_rows);
+        failures += kernel_failures;
+    }
+    let table = matrix_table(&rows);
+    println!("\n{table}");
+    let matrix = workspace_root().join("target/vm/matrix.md");
+    std::fs::write(&matrix, &table)?;
+    println!("xtask: matrix written to {}", matrix.display());
+    if failures > 0 {
+        bail!("{failures} test binary run(s) failed in the VMs (logs under target/vm/out/)");
+    }
+    Ok(())
+}
+
+/// Copies the observer binary and the test binaries to target/vm/bin.
+fn snapshot_binaries(
+    binaries: &BTreeMap<String, PathBuf>,
+    observer: &Path,
+) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
+    let dir = workspace_root().join("target/vm/bin");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+        Ok(to)
+    };
+    let copies = binaries
+        .iter()
+        .map(|(name, path)| Ok((name.clone(), copy(path, name)?)))
+        .collect::<Result<_>>()?;
+    Ok((copies, copy(observer, "observer")?))
+}
+
+/// The newest `linux-image-<series>.…-amd64` Debian offers (not cloud, rt,
+/// unsigned or dbg), downloaded and unpacked once.
+fn fetch_kernel(series: &str) -> Result<Kernel> {
+    let names = output(Command::new("apt-cache").args(["pkgnames", "linux-image-"]))
+        .context("apt-cache pkgnames failed")?;
+    let prefix = format!("linux-image-{series}.");
+    let mut candidates: Vec<&str> = names
+        .lines()
+        .filter(|n| n.starts_with(&prefix) && n.ends_with("-amd64"))
+        .filter(|n| {
+            !["cloud", "-rt-", "unsigned", "dbg"]
+                .iter()
+                .any(|x| n.contains(x))
+        })
+        .collect();
+    candidates.sort_by_key(|n| version_key(n));
+    let package = *candidates.last().with_context(|| {
+        format!("Debian offers no {prefix}*-amd64 package (try `apt-get update`)")
+    })?;
+    let dir = workspace_root().join("target/vm/kernels").join(package);
+    let release = package.trim_start_matches("linux-image-").to_owned();
+    let modules = dir.join("lib/modules").join(&release);
+    if !modules.join("modules.dep").exists() {
+        println!("xtask: downloading {package}");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        check(
+            Command::new("apt-get")
+                .args(["download", package])
+                .current_dir(&dir),
+            &format!("apt-get download {package}"),
+        )?;
+        let deb = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        check(
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
+            "dpkg-deb -x",
+        )?;
+        std::fs::remove_file(&deb)?;
+        check(
+            Command::new("depmod").arg("-b").arg(&dir).arg(&release),
+            "depmod",
+        )?;
+    }
+    Ok(Kernel {
+        vmlinuz: dir.join("boot").join(format!("vmlinuz-{release}")),
+        release,
+        modules,
+    })
+}
+
+/// Numeric parts of a package name, for "newest" ordering (6.12.9 < 6.12.10).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse().ok())
+        .collect()
+}
+
+/// `BOOT_MODULES` and their dependencies, in load order, as paths relative
+/// to the modules directory (from modules.dep, whose dependency lists put the
+/// deepest last).
+fn boot_modules(modules_dep: &str) -> Vec<String> {
+    let deps: BTreeMap<String, Vec<String>> = modules_dep
+        .lines()
+        .filter_map(|line| {
+            let (module, deps) = line.split_once(':')?;
+            Some((
+                module.to_owned(),
+                deps.split_whitespace().map(str::to_owned).collect(),
+            ))
+        })
+        .collect();
+    let module_name = |path: &str| {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        file.split(".ko").next().unwrap_or(file).replace('-', "_")
+    };
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    for wanted in BOOT_MODULES {
+        // Not in modules.dep: built into this kernel.
+        let Some((path, path_deps)) = deps.iter().find(|(p, _)| module_name(p) == *wanted) else {
+            continue;
+        };
+        for module in path_deps.iter().rev().chain([path]) {
+            if seen.insert(module.clone()) {
+                order.push(module.clone());
+            }
+        }
+    }
+    order
+}
+
+/// target/vm/initramfs-<release>.cpio: busybox, the boot modules
+/// (decompressed), /init and /dev/console.
+fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
+    let path = workspace_root().join(format!("target/vm/initramfs-{}.cpio", kernel.release));
+    let dep = std::fs::read_to_string(kernel.modules.join("modules.dep"))?;
+    let mut cpio = Cpio::default();
+    for dir in [
+        "bin", "dev", "proc", "sys", "lower", "rw", "newroot", "modules",
+    ] {
+        cpio.dir(dir);
+    }
+    cpio.char_device("dev/console", 5, 1);
+    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
+    cpio.file("bin/busybox", 0o755, &busybox);
+    let mut order = String::new();
+    for (i, module) in boot_modules(&dep).iter().enumerate() {
+        let source = kernel.modules.join(module);
+        let bytes = if module.ends_with(".xz") {
+            let out = Command::new("xz").arg("-dc").arg(&source).output()?;
+            ensure!(out.status.success(), "xz -d {} failed", source.display());
+            out.stdout
+        } else {
+            std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?
+        };
+        let name = format!("{i:02}.ko");
+        cpio.file(&format!("modules/{name}"), 0o644, &bytes);
+        order.push_str(&name);
+        order.push('\n');
+    }
+    cpio.file("modules/order", 0o644, order.as_bytes());
+    cpio.file("init", 0o755, INIT.as_bytes());
+    std::fs::write(&path, cpio.finish()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The initramfs' /init: load the boot modules, put the host's root (ro,
+/// 9p) under a tmpfs overlay, mount the results share, and hand over to
+/// /vmout/guest.sh in the new root. Any failure powers the guest off.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+fail() { echo "vm-init: $*"; echo o > /proc/sysrq-trigger; sleep 10; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r m; do insmod "/modules/$m" || echo "vm-init: insmod $m failed"; done < /modules/order
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower || fail "mounting the host root over 9p"
+mount -t tmpfs -o size=60% tmpfs /rw || fail "tmpfs"
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot || fail "overlay"
+mkdir -p /newroot/vmout
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmout /newroot/vmout || fail "mounting vmout"
+for d in proc sys dev; do mount --move /$d /newroot/$d; done
+exec switch_root /newroot /bin/sh /vmout/guest.sh
+"#;
+
+/// What the guest runs as root once it is in the host's filesystem.
+fn guest_script(
+    opts: &VmOptions,
+    kernel: &Kernel,
+    binaries: &BTreeMap<String, PathBuf>,
+    observer: &Path,
+) -> String {
+    let root = workspace_root();
+    let mut script = format!(
+        r#"set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+export OBSERVER_BIN={observer} RUST_BACKTRACE=1
+mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+mkdir -p /lib/modules/{release} && mount --bind {modules} /lib/modules/{release}
+ip link set lo up
+cd {root}
+echo "vm: $(uname -r) up"
+{observer} doctor > /vmout/doctor.txt 2>&1; echo "exit $?" >> /vmout/doctor.txt
+cat /vmout/doctor.txt
+run() {{ # <results file> <binary> [env assignments…]
+  out=$1; bin=$2; shift 2
+  echo "vm: $out"
+  env "$@" "$bin" --test-threads=1 > "/vmout/$out" 2>&1; echo "exit $?" >> "/vmout/$out"
+  grep -E '^test result|FAILED|panicked' "/vmout/$out"
+}}
+"#,
+        observer = observer.display(),
+        release = kernel.release,
+        modules = kernel.modules.display(),
+        root = root.display(),
+    );
+    for source in SOURCES {
+        script.push_str(&format!(
+            "if grep -q '^ok   {source} ' /vmout/doctor.txt; then\n"
+        ));
+        for test in &opts.tests {
+            script.push_str(&format!(
+                "  run {source}.{test}.txt {} OBSERVER_ACCEPT_SOURCE={source}\n",
+                binaries[test].display()
+            ));
+        }
+        script.push_str("fi\n");
+    }
+    for test in &opts.once {
+        script.push_str(&format!(
+            "run auto.{test}.txt {}\n",
+            binaries[test].display()
+        ));
+    }
+    script.push_str("sync\necho 'vm: done'\necho o > /proc/sysrq-trigger\nsleep 30\n");
+    script
+}
+
+/// Boots the kernel and waits for it to power off, with the console in
+/// `out/console.log`.
+fn boot(opts: &VmOptions, kernel: &Kernel, initramfs: &Path, out: &Path) -> Result<()> {
+    let console = std::fs::File::create(out.join("console.log"))?;
+    println!(
+        "xtask: booting {} under qemu (console: {})",
+        kernel.release,
+        out.join("console.log").display()
+    );
+    let virtfs = |path: &Path, tag: &str, ro: bool| {
+        format!(
+            "local,path={},mount_tag={tag},security_model=none,multidevs=remap{}",
+            path.display(),
+            if ro { ",readonly=on" } else { "" }
+        )
+    };
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(match opts.accel {
+            Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
+        })
+        .args(["-smp", "2", "-m", &opts.memory_mib.to_string()])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args([
+            "-append",
+            "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3 mitigations=off",
+        ])
+        .args(["-virtfs", &virtfs(Path::new("/"), "hostroot", true)])
+        .args(["-virtfs", &virtfs(out, "vmout", false)])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let deadline = Instant::now() + Duration::from_secs(opts.timeout_secs);
+    loop {
+        if let Some(status) = qemu.try_wait()? {
+            ensure!(
+                status.success(),
+                "qemu exited with {status} (see console.log)"
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            bail!(
+                "{} did not finish within {} s (see {})",
+                kernel.release,
+                opts.timeout_secs,
+                out.join("console.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One row of the matrix.
+struct Row {
+    kernel: String,
+    source: String,
+    result: String,
+}
+
+/// Reads every results file of one kernel; returns its matrix rows and the
+/// number of failed runs.
+fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Row>, usize)> {
+    let doctor = std::fs::read_to_string(out.join("doctor.txt")).with_context(|| {
+        format!(
+            "{} wrote no doctor.txt: the guest did not get to run (see {})",
+            kernel.release,
+            out.join("console.log").display()
+        )
+    })?;
+    let mut rows = Vec::new();
+    let mut failures = 0;
+    let mut report = |source: &str, runs: &[(String, PathBuf)]| -> Result<String> {
+        let mut cells = Vec::new();
+        for (test, file) in runs {
+            let outcome = parse_outcome(&std::fs::read_to_string(file).unwrap_or_default());
+            let ok = outcome.finished && outcome.failed.is_empty();
+            if !ok {
+                failures += 1;
+            }
+            println!(
+                "xtask: {} {source:<10} {test:<15} {} passed, {} failed{}",
+                kernel.release,
+                outcome.passed.len(),
+                outcome.failed.len(),
+                if outcome.finished {
+                    String::new()
+                } else {
+                    " (did not finish)".into()
+                }
+            );
+            for name in &outcome.failed {
+                println!("xtask:     FAILED {name}");
+            }
+            cells.push(format!(
+                "{test} {}/{}{}",
+                outcome.passed.len(),
+                outcome.passed.len() + outcome.failed.len(),
+                if ok { "" } else { " FAIL" }
+            ));
+        }
+        Ok(cells.join(", "))
+    };
+    for source in SOURCES {
+        let line = doctor
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(source))
+            .unwrap_or("");
+        let result = if line.starts_with("ok") {
+            let runs: Vec<_> = opts
+                .tests
+                .iter()
+                .map(|t| (t.clone(), out.join(format!("{source}.{t}.txt"))))
+                .collect();
+            format!("loads; {}", report(source, &runs)?)
+        } else {
+            let why = line
+                .split_whitespace()
+                .skip(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!("refused: {}", why.split(" — ").next().unwrap_or(&why))
+        };
+        rows.push(Row {
+            kernel: kernel.release.clone(),
+            source: source.to_string(),
+            result,
+        });
+    }
+    let runs: Vec<_> = opts
+        .once
+        .iter()
+        .map(|t| (t.clone(), out.join(format!("auto.{t}.txt"))))
+        .collect();
+    if !runs.is_empty() {
+        let auto_source = doctor
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("programs"))
+            .find_map(|l| l.split("accept source ").nth(1)?.split(',').next())
+            .unwrap_or("?")
+            .to_owned();
+        rows.push(Row {
+            kernel: kernel.release.clone(),
+            source: format!("auto → {auto_source}"),
+            result: report("auto", &runs)?,
+        });
+    }
+    Ok((rows, failures))
+}
+
+/// Test names that passed and failed in libtest's plain output.
+fn parse_outcome(text: &str) -> Outcome {
+    let mut outcome = Outcome::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("test ") {
+            if let Some(name) = rest.strip_suffix(" ... ok") {
+                outcome.passed.push(name.to_owned());
+            } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
+                outcome.failed.push(name.to_owned());
+            }
+        }
+        outcome.finished |= line.starts_with("test result: ");
+    }
+    outcome
+}
+
+fn matrix_table(rows: &[Row]) -> String {
+    let mut table =
+        String::from("| kernel | accept source | result (tests passed/run) |\n|---|---|---|\n");
+    for row in rows {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} |",
+            row.kernel, row.source, row.result
+        );
+    }
+    table
+}
+
+/// A newc ("070701") cpio archive, enough for an initramfs.
+#[derive(Default)]
+struct Cpio {
+    bytes: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.inode += 1;
+        let fields = [
+            self.inode,
+            mode,
+            0, // uid
+            0, // gid
+            1, // nlink
+            0, // mtime
+            data.len() as u32,
+            0, // devmajor
+            0, // devminor
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        let _ = write!(self.bytes, "070701");
+        for field in fields {
+            let _ = write!(self.bytes, "{field:08x}");
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.bytes.len().is_multiple_of(4) {
+            self.bytes.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, (0, 0), &[]);
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, 0o100_000 | perm, (0, 0), data);
+    }
+
+    fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020_600, (major, minor), &[]);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_modules_come_after_their_dependencies_and_built_ins_are_skipped() {
+        let dep = "kernel/fs/netfs/netfs.ko.xz:\n\
+                   kernel/net/9p/9pnet.ko.xz: kernel/fs/netfs/netfs.ko.xz\n\
+                   kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n\
+                   kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n\
+                   kernel/fs/overlayfs/overlay.ko.xz:\n";
+        assert_eq!(
+            boot_modules(dep),
+            [
+                "kernel/fs/netfs/netfs.ko.xz",
+                "kernel/net/9p/9pnet.ko.xz",
+                "kernel/net/9p/9pnet_virtio.ko.xz",
+                "kernel/fs/9p/9p.ko.xz",
+                "kernel/fs/overlayfs/overlay.ko.xz",
+            ]
+        );
+    }
+
+    #[test]
+    fn one_kernel_takes_the_command_line_defaults() {
+        let opts = VmOptions::one_kernel("6.12");
+        assert_eq!(opts.kernels, ["6.12"]);
+        assert_eq!(opts.tests, ["listen_queue"]);
+        assert_eq!(opts.once, ["accept_sources"]);
+    }
+
+    #[test]
+    fn newest_kernel_package_sorts_numerically() {
+        let mut names = [
+            "linux-image-6.12.9+deb12-amd64",
+            "linux-image-6.12.10+deb12-amd64",
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names[1], "linux-image-6.12.10+deb12-amd64");
+    }
+
+    #[test]
+    fn libtest_output_is_read_test_by_test() {
+        let outcome = parse_outcome(
+            "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\ntest result: FAILED. 1 passed; 1 failed\n",
+        );
+        assert_eq!(outcome.passed, ["a"]);
+        assert_eq!(outcome.failed, ["b"]);
+        assert!(outcome.finished);
+    }
+}
