@@ -128,6 +128,7 @@ fn accepted_total_equals_nginx_stub_status_accepts_under_wrk() {
     );
     assert_eq!(
         m.listener("observer_accept_queue_wait_seconds_count", nginx.port),
-        observed
+        observed,
+        "lost events: {lost:?}"
     );
 }

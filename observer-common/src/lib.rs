@@ -13,6 +13,8 @@ pub const TCP_LISTEN: u8 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 /// `TCP_ESTABLISHED` in `sock_common.skc_state`.
 pub const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_SYN_RECV`: a child socket still completing its handshake.
+pub const TCP_SYN_RECV: u8 = 3;
 /// `TCP_CLOSE_WAIT` in `sock_common.skc_state` (peer closed, we have not yet).
 pub const TCP_CLOSE_WAIT: u8 = 8;
 
