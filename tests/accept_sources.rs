@@ -164,3 +164,75 @@ fn io_uring_accepts_are_counted_by_the_inet_csk_accept_sources_only() {
     }
     let _ = std::fs::remove_file(program);
 }
+
+/// Accepts of `threads` threads that all block in accept(2) at once on one
+/// listener, as one source counts them.
+fn blocked_acceptors_counted_by(source: &str, threads: usize) -> f64 {
+    let daemon = Daemon::start_with(&["--accept-source", source]);
+    let listener = std::sync::Arc::new(listen("127.0.0.1:0".parse().expect("addr"), 64));
+    let addr = listener.local_addr().expect("local addr");
+    let acceptors: Vec<_> = (0..threads)
+        .map(|_| {
+            let listener = listener.clone();
+            std::thread::spawn(move || listener.accept().map(|(conn, _)| conn))
+        })
+        .collect();
+    // Every thread inside accept() before the first client arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    let clients: Vec<TcpStream> = (0..threads)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let accepted: Vec<TcpStream> = acceptors
+        .into_iter()
+        .map(|t| t.join().expect("acceptor thread").expect("accept"))
+        .collect();
+    let counted = daemon
+        .scrape()
+        .listener("observer_connections_accepted_total", addr.port());
+    drop((clients, accepted));
+    counted
+}
+
+/// Many threads blocked in accept at once (a thread-per-connection server's
+/// idle pool): every accept is counted, whatever the source. (A kretprobe
+/// needs one return slot per call in flight; see README, "Kernels".)
+#[test]
+fn every_accept_of_many_threads_blocked_in_accept_is_counted() {
+    const THREADS: usize = 40;
+    for (source, loads) in accept_sources_on_this_kernel() {
+        if loads {
+            let counted = blocked_acceptors_counted_by(&source, THREADS);
+            println!("{source}: {counted} of {THREADS}");
+            assert_eq!(counted, THREADS as f64, "source {source}");
+        }
+    }
+}
+
+/// One thread already blocked in accept(2) when the daemon starts, then one
+/// client: what each source counts. The tracepoint fires on syscall exit and
+/// counts it; fexit and kprobe hook the function's entry, which that thread
+/// passed before they were attached, so they miss it (README, "Kernels").
+#[test]
+fn an_accept_already_blocked_when_the_daemon_starts_is_counted_by_the_tracepoint_only() {
+    for (source, loads) in accept_sources_on_this_kernel() {
+        if !loads {
+            continue;
+        }
+        let listener = std::sync::Arc::new(listen("127.0.0.1:0".parse().expect("addr"), 8));
+        let addr = listener.local_addr().expect("local addr");
+        let acceptor = {
+            let listener = listener.clone();
+            std::thread::spawn(move || listener.accept().map(|(conn, _)| conn))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let daemon = Daemon::start_with(&["--accept-source", &source]);
+        let client = TcpStream::connect(addr).expect("connect");
+        let conn = acceptor.join().expect("acceptor").expect("accept");
+        let counted = daemon
+            .scrape()
+            .listener("observer_connections_accepted_total", addr.port());
+        let expected = if source == "tracepoint" { 1.0 } else { 0.0 };
+        assert_eq!(counted, expected, "source {source}");
+        drop((client, conn));
+    }
+}

@@ -48,6 +48,9 @@ pub struct VmOptions {
     /// Test binaries run once, with the accept source left to the test.
     #[arg(long, value_delimiter = ',', default_value = "accept_sources")]
     pub once: Vec<String>,
+    /// Runs of each test binary (more to hunt flaky results).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 3072)]
     pub memory_mib: u32,
@@ -98,6 +101,11 @@ struct Outcome {
 }
 
 pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Path) -> Result<()> {
+    // `--once ''` (or `--tests ''`) runs none.
+    let mut opts = opts.clone();
+    opts.tests.retain(|t| !t.is_empty());
+    opts.once.retain(|t| !t.is_empty());
+    let opts = &opts;
     for name in opts.tests.iter().chain(&opts.once) {
         ensure!(
             binaries.contains_key(name),
@@ -347,18 +355,22 @@ run() {{ # <results file> <binary> [env assignments…]
             "if grep -q '^ok   {source} ' /vmout/doctor.txt; then\n"
         ));
         for test in &opts.tests {
-            script.push_str(&format!(
-                "  run {source}.{test}.txt {} OBSERVER_ACCEPT_SOURCE={source}\n",
-                binaries[test].display()
-            ));
+            for i in 1..=opts.repeat {
+                script.push_str(&format!(
+                    "  run {source}.{test}.{i}.txt {} OBSERVER_ACCEPT_SOURCE={source}\n",
+                    binaries[test].display()
+                ));
+            }
         }
         script.push_str("fi\n");
     }
     for test in &opts.once {
-        script.push_str(&format!(
-            "run auto.{test}.txt {}\n",
-            binaries[test].display()
-        ));
+        for i in 1..=opts.repeat {
+            script.push_str(&format!(
+                "run auto.{test}.{i}.txt {}\n",
+                binaries[test].display()
+            ));
+        }
     }
     script.push_str("sync\necho 'vm: done'\necho o > /proc/sysrq-trigger\nsleep 30\n");
     script
@@ -444,10 +456,25 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
     })?;
     let mut rows = Vec::new();
     let mut failures = 0;
-    let mut report = |source: &str, runs: &[(String, PathBuf)]| -> Result<String> {
+    // Every run of `test` under `prefix` (a source, or auto), merged.
+    let outcome_of = |prefix: &str, test: &str| {
+        let mut merged = Outcome {
+            finished: true,
+            ..Outcome::default()
+        };
+        for i in 1..=opts.repeat {
+            let file = out.join(format!("{prefix}.{test}.{i}.txt"));
+            let one = parse_outcome(&std::fs::read_to_string(file).unwrap_or_default());
+            merged.passed.extend(one.passed);
+            merged.failed.extend(one.failed);
+            merged.finished &= one.finished;
+        }
+        merged
+    };
+    let mut report = |source: &str, tests: &[String]| -> Result<String> {
         let mut cells = Vec::new();
-        for (test, file) in runs {
-            let outcome = parse_outcome(&std::fs::read_to_string(file).unwrap_or_default());
+        for test in tests {
+            let outcome = outcome_of(source, test);
             let ok = outcome.finished && outcome.failed.is_empty();
             if !ok {
                 failures += 1;
@@ -481,12 +508,7 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
             .find(|l| l.split_whitespace().nth(1) == Some(source))
             .unwrap_or("");
         let result = if line.starts_with("ok") {
-            let runs: Vec<_> = opts
-                .tests
-                .iter()
-                .map(|t| (t.clone(), out.join(format!("{source}.{t}.txt"))))
-                .collect();
-            format!("loads; {}", report(source, &runs)?)
+            format!("loads; {}", report(source, &opts.tests)?)
         } else {
             let why = line
                 .split_whitespace()
@@ -501,12 +523,7 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
             result,
         });
     }
-    let runs: Vec<_> = opts
-        .once
-        .iter()
-        .map(|t| (t.clone(), out.join(format!("auto.{t}.txt"))))
-        .collect();
-    if !runs.is_empty() {
+    if !opts.once.is_empty() {
         let auto_source = doctor
             .lines()
             .filter(|l| l.split_whitespace().nth(1) == Some("programs"))
@@ -516,7 +533,7 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
         rows.push(Row {
             kernel: kernel.release.clone(),
             source: format!("auto → {auto_source}"),
-            result: report("auto", &runs)?,
+            result: report("auto", &opts.once)?,
         });
     }
     Ok((rows, failures))
