@@ -6,6 +6,7 @@ use std::{
     path::Path,
 };
 
+use super::kretprobe::TracefsKretprobe;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
@@ -85,6 +86,8 @@ pub struct Probes {
     pub refused_sources: Vec<(AcceptSource, String)>,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
+    /// The kprobe source's kretprobe (detached and removed on drop).
+    kretprobe: Option<TracefsKretprobe>,
 }
 
 /// One readable line for a program error; the verifier log goes to debug level.
@@ -128,8 +131,11 @@ impl Probes {
                 other => anyhow!("loading the eBPF object failed: {other}"),
             })?;
         let mut attach_errors = Vec::new();
-        let (accept_source, refused_sources) =
-            attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
+        let AttachedSource {
+            source: accept_source,
+            refused: refused_sources,
+            kretprobe,
+        } = attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
         attach_wait_programs(&mut ebpf, accept_source, &mut attach_errors)?;
         let iter: &mut Iter = program(&mut ebpf, "listeners")?;
         iter.load("tcp", &btf)
@@ -143,6 +149,7 @@ impl Probes {
             accept_source,
             refused_sources,
             attach_errors,
+            kretprobe,
         })
     }
 
@@ -283,23 +290,25 @@ impl Probes {
         Ok(())
     }
 
-    /// Times the kernel skipped the accept program because it was already
-    /// running on that CPU (the program's `recursion_misses`, 5.12+): each
-    /// one is an accept not counted. 0 where the kernel does not report it.
+    /// Times the kernel skipped the accept program: it was already running on
+    /// that CPU (the program's `recursion_misses`, 5.12+), or the kretprobe
+    /// had no free return slot. Each one is an accept not counted.
     pub fn accept_program_misses(&self) -> u64 {
         let name = match self.accept_source {
             AcceptSource::Fexit => "accept_fexit",
             AcceptSource::Kprobe => "accept_kretprobe",
             AcceptSource::Tracepoint | AcceptSource::Auto => "accept_exit",
         };
+        let kretprobe_missed = self.kretprobe.as_ref().map_or(0, |k| k.missed());
         let Some(Ok(fd)) = self.ebpf.program(name).map(|p| p.fd()) else {
-            return 0;
+            return kretprobe_missed;
         };
         let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-        std::fs::read_to_string(fdinfo)
+        let recursion_misses = std::fs::read_to_string(fdinfo)
             .ok()
             .and_then(|text| fdinfo_field(&text, "recursion_misses"))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        recursion_misses + kretprobe_missed
     }
 
     /// Totals of the programs' health counters, indexed by [`Health`].
@@ -324,6 +333,14 @@ where
     program.try_into().map_err(|e| describe(name, e))
 }
 
+/// The accept source in use, the better ones refused (with why), and the
+/// kprobe source's kretprobe.
+struct AttachedSource {
+    source: AcceptSource,
+    refused: Vec<(AcceptSource, String)>,
+    kretprobe: Option<TracefsKretprobe>,
+}
+
 /// Attaches the requested accept source, or with `Auto` the first of
 /// [`SOURCES_BEST_FIRST`] that loads. Returns it and the sources refused
 /// before it, with the kernel's reason.
@@ -332,7 +349,7 @@ fn attach_accept_source(
     btf: &Btf,
     requested: AcceptSource,
     errors: &mut Vec<AttachError>,
-) -> Result<(AcceptSource, Vec<(AcceptSource, String)>)> {
+) -> Result<AttachedSource> {
     let candidates = match requested {
         AcceptSource::Auto => SOURCES_BEST_FIRST.to_vec(),
         forced => vec![forced],
@@ -340,7 +357,13 @@ fn attach_accept_source(
     let mut refused = Vec::new();
     for source in candidates {
         match attach_one_source(ebpf, btf, source, errors) {
-            Ok(()) => return Ok((source, refused)),
+            Ok(kretprobe) => {
+                return Ok(AttachedSource {
+                    source,
+                    refused,
+                    kretprobe,
+                });
+            }
             Err(e) if requested != AcceptSource::Auto => {
                 return Err(e.context(format!(
                     "--accept-source={} cannot be used on this kernel (--accept-source=auto \
@@ -362,12 +385,14 @@ fn attach_accept_source(
     bail!("no accept source works on this kernel ({reasons})")
 }
 
+/// Attaches one accept source; the kprobe source returns its kretprobe,
+/// which lives as long as the probes.
 fn attach_one_source(
     ebpf: &mut Ebpf,
     btf: &Btf,
     source: AcceptSource,
     errors: &mut Vec<AttachError>,
-) -> Result<()> {
+) -> Result<Option<TracefsKretprobe>> {
     match source {
         AcceptSource::Fexit => {
             let fexit: &mut FExit = program(ebpf, "accept_fexit")?;
@@ -386,13 +411,16 @@ fn attach_one_source(
         AcceptSource::Kprobe => {
             let kprobe: &mut KProbe = program(ebpf, "accept_kretprobe")?;
             kprobe.load().map_err(|e| describe("accept_kretprobe", e))?;
-            if let Err(e) = kprobe.attach(ACCEPT_FUNCTION, 0) {
-                let _ = kprobe.unload();
-                bail!(
-                    "attaching a kretprobe to {ACCEPT_FUNCTION} failed ({:#}): this kernel \
-                     needs CONFIG_KPROBES=y",
-                    anyhow::Error::from(e)
-                );
+            let attached = kprobe
+                .fd()
+                .map_err(|e| describe("accept_kretprobe", e))
+                .and_then(|fd| TracefsKretprobe::attach(ACCEPT_FUNCTION, fd.as_fd()));
+            match attached {
+                Ok(kretprobe) => return Ok(Some(kretprobe)),
+                Err(e) => {
+                    let _ = kprobe.unload();
+                    return Err(e);
+                }
             }
         }
         AcceptSource::Tracepoint | AcceptSource::Auto => {
@@ -413,7 +441,7 @@ fn attach_one_source(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
