@@ -328,6 +328,12 @@ pub fn loopback_v4(port: u16) -> libc::sockaddr_in {
 /// What `observer doctor` found for each accept source on this kernel, best
 /// first: (name, loads and attaches).
 pub fn accept_sources_on_this_kernel() -> Vec<(String, bool)> {
+    // Asked once per test binary: doctor loads every program four times.
+    static SOURCES: std::sync::OnceLock<Vec<(String, bool)>> = std::sync::OnceLock::new();
+    SOURCES.get_or_init(ask_doctor_for_accept_sources).clone()
+}
+
+fn ask_doctor_for_accept_sources() -> Vec<(String, bool)> {
     let out = run(Command::new(observer_bin())
         .arg("doctor")
         .env_remove("OBSERVER_ACCEPT_SOURCE"));
