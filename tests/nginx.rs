@@ -109,8 +109,10 @@ fn accepted_total_equals_nginx_stub_status_accepts_under_wrk() {
     let m = daemon.scrape();
     let observed = m.listener("observer_connections_accepted_total", nginx.port);
     println!("nginx stub_status accepts {accepts}, observer accepted {observed}\n{wrk_report}");
+    // Hundreds are enough to show exact counting; an emulated guest (the VM
+    // matrix) manages 650–3500 in the 3 s, this host tens of thousands.
     assert!(
-        accepts > 1000,
+        accepts > 200,
         "wrk made too few connections to prove anything: {accepts}"
     );
     let lost: Vec<String> = m
