@@ -508,7 +508,12 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
             .find(|l| l.split_whitespace().nth(1) == Some(source))
             .unwrap_or("");
         let result = if line.starts_with("ok") {
-            format!("loads; {}", report(source, &opts.tests)?)
+            let results = report(source, &opts.tests)?;
+            if results.is_empty() {
+                "loads".to_owned()
+            } else {
+                format!("loads; {results}")
+            }
         } else {
             let why = line
                 .split_whitespace()
