@@ -350,28 +350,29 @@ run() {{ # <results file> <binary> [env assignments…]
         modules = kernel.modules.display(),
         root = root.display(),
     );
+    // Each run of each test binary, results in /vmout/<prefix>.<test>.<i>.txt.
+    let runs = |prefix: &str, tests: &[String], env: &str| {
+        let mut lines = String::new();
+        for test in tests {
+            for i in 1..=opts.repeat {
+                let binary = binaries[test].display();
+                let _ = writeln!(lines, "  run {prefix}.{test}.{i}.txt {binary} {env}");
+            }
+        }
+        lines
+    };
     for source in SOURCES {
         script.push_str(&format!(
             "if grep -q '^ok   {source} ' /vmout/doctor.txt; then\n  :\n"
         ));
-        for test in &opts.tests {
-            for i in 1..=opts.repeat {
-                script.push_str(&format!(
-                    "  run {source}.{test}.{i}.txt {} OBSERVER_ACCEPT_SOURCE={source}\n",
-                    binaries[test].display()
-                ));
-            }
-        }
+        script.push_str(&runs(
+            source,
+            &opts.tests,
+            &format!("OBSERVER_ACCEPT_SOURCE={source}"),
+        ));
         script.push_str("fi\n");
     }
-    for test in &opts.once {
-        for i in 1..=opts.repeat {
-            script.push_str(&format!(
-                "run auto.{test}.{i}.txt {}\n",
-                binaries[test].display()
-            ));
-        }
-    }
+    script.push_str(&runs("auto", &opts.once, ""));
     script.push_str("sync\necho 'vm: done'\necho o > /proc/sysrq-trigger\nsleep 30\n");
     script
 }
@@ -662,6 +663,31 @@ mod tests {
         assert_eq!(opts.kernels, ["6.12"]);
         assert_eq!(opts.tests, ["listen_queue"]);
         assert_eq!(opts.once, ["accept_sources"]);
+    }
+
+    #[test]
+    fn the_guest_runs_each_test_per_loading_source_and_the_others_once() {
+        let kernel = Kernel {
+            release: "6.12.1".into(),
+            vmlinuz: "/k".into(),
+            modules: "/m".into(),
+        };
+        let binaries = BTreeMap::from([
+            ("listen_queue".to_owned(), PathBuf::from("/b/lq")),
+            ("accept_sources".to_owned(), PathBuf::from("/b/as")),
+        ]);
+        let script = guest_script(
+            &VmOptions::one_kernel("6.12"),
+            &kernel,
+            &binaries,
+            Path::new("/b/observer"),
+        );
+        assert!(script.contains(
+            "if grep -q '^ok   kprobe ' /vmout/doctor.txt; then\n  :\n  \
+             run kprobe.listen_queue.1.txt /b/lq OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
+        ));
+        assert_eq!(script.matches("run auto.accept_sources.1.txt /b/as").count(), 1);
+        assert!(script.contains("mount --bind /m /lib/modules/6.12.1"));
     }
 
     #[test]
