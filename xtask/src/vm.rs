@@ -686,7 +686,12 @@ mod tests {
             "if grep -q '^ok   kprobe ' /vmout/doctor.txt; then\n  :\n  \
              run kprobe.listen_queue.1.txt /b/lq OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
         ));
-        assert_eq!(script.matches("run auto.accept_sources.1.txt /b/as").count(), 1);
+        assert_eq!(
+            script
+                .matches("run auto.accept_sources.1.txt /b/as")
+                .count(),
+            1
+        );
         assert!(script.contains("mount --bind /m /lib/modules/6.12.1"));
     }
 
