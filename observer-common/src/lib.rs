@@ -313,6 +313,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<HolderRecord>(), 80);
         assert_eq!(core::mem::size_of::<WorkerThread>(), 32);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
-        assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 4));
+        assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 3));
     }
 }

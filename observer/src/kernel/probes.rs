@@ -82,8 +82,6 @@ pub struct Probes {
     /// Whether the last `set_listen_ports` changed the map.
     listen_ports_changed: bool,
     pub accept_source: AcceptSource,
-    /// Better accept sources that this kernel refused, with why.
-    pub refused_sources: Vec<(AcceptSource, String)>,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
     /// The kprobe source's kretprobe (detached and removed on drop).
@@ -133,7 +131,6 @@ impl Probes {
         let mut attach_errors = Vec::new();
         let AttachedSource {
             source: accept_source,
-            refused: refused_sources,
             kretprobe,
         } = attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
         attach_wait_programs(&mut ebpf, accept_source, &mut attach_errors)?;
@@ -147,7 +144,6 @@ impl Probes {
             ebpf,
             listen_ports_changed: false,
             accept_source,
-            refused_sources,
             attach_errors,
             kretprobe,
         })
@@ -333,17 +329,15 @@ where
     program.try_into().map_err(|e| describe(name, e))
 }
 
-/// The accept source in use, the better ones refused (with why), and the
-/// kprobe source's kretprobe.
+/// The accept source in use, and the kprobe source's kretprobe.
 struct AttachedSource {
     source: AcceptSource,
-    refused: Vec<(AcceptSource, String)>,
     kretprobe: Option<TracefsKretprobe>,
 }
 
 /// Attaches the requested accept source, or with `Auto` the first of
-/// [`SOURCES_BEST_FIRST`] that loads. Returns it and the sources refused
-/// before it, with the kernel's reason.
+/// [`SOURCES_BEST_FIRST`] that loads (each refusal is logged with the
+/// kernel's reason).
 fn attach_accept_source(
     ebpf: &mut Ebpf,
     btf: &Btf,
@@ -358,11 +352,7 @@ fn attach_accept_source(
     for source in candidates {
         match attach_one_source(ebpf, btf, source, errors) {
             Ok(kretprobe) => {
-                return Ok(AttachedSource {
-                    source,
-                    refused,
-                    kretprobe,
-                });
+                return Ok(AttachedSource { source, kretprobe });
             }
             Err(e) if requested != AcceptSource::Auto => {
                 return Err(e.context(format!(
