@@ -329,7 +329,9 @@ fn guest_script(
         r#"set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 export OBSERVER_BIN={observer} RUST_BACKTRACE=1
-mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run
+# /tmp stays the overlay's (writes land in its tmpfs): a fresh tmpfs there
+# would hide a checkout under /tmp. /run gets its own.
+mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mkdir -p /lib/modules/{release} && mount --bind {modules} /lib/modules/{release}
