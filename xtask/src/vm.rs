@@ -171,6 +171,24 @@ fn snapshot_binaries(
 /// The newest `linux-image-<series>.…-amd64` Debian offers (not cloud, rt,
 /// unsigned or dbg), downloaded and unpacked once.
 fn fetch_kernel(series: &str) -> Result<Kernel> {
+    let mut package = newest_kernel_package(series)?;
+    if !kernel_at(&package).modules.join("modules.dep").exists() {
+        // Not cached: refresh the lists first, so that the name is one the
+        // mirror still serves.
+        check(
+            Command::new("apt-get").args(["update", "-qq"]),
+            "`apt-get update`",
+        )?;
+        package = newest_kernel_package(series)?;
+        let kernel = kernel_at(&package);
+        if !kernel.modules.join("modules.dep").exists() {
+            download_kernel(&package, &kernel)?;
+        }
+    }
+    Ok(kernel_at(&package))
+}
+
+fn newest_kernel_package(series: &str) -> Result<String> {
     let names = output(Command::new("apt-cache").args(["pkgnames", "linux-image-"]))
         .context("apt-cache pkgnames failed")?;
     let prefix = format!("linux-image-{series}.");
@@ -184,41 +202,49 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
         })
         .collect();
     candidates.sort_by_key(|n| version_key(n));
-    let package = *candidates.last().with_context(|| {
-        format!("Debian offers no {prefix}*-amd64 package (try `apt-get update`)")
-    })?;
+    candidates
+        .last()
+        .map(|n| n.to_string())
+        .with_context(|| format!("Debian offers no {prefix}*-amd64 package"))
+}
+
+/// Where `package` is (or will be) unpacked.
+fn kernel_at(package: &str) -> Kernel {
     let dir = workspace_root().join("target/vm/kernels").join(package);
     let release = package.trim_start_matches("linux-image-").to_owned();
-    let modules = dir.join("lib/modules").join(&release);
-    if !modules.join("modules.dep").exists() {
-        println!("xtask: downloading {package}");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        check(
-            Command::new("apt-get")
-                .args(["download", package])
-                .current_dir(&dir),
-            &format!("apt-get download {package}"),
-        )?;
-        let deb = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .context("apt-get download left no .deb")?;
-        check(
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
-            "dpkg-deb -x",
-        )?;
-        std::fs::remove_file(&deb)?;
-        check(
-            Command::new("depmod").arg("-b").arg(&dir).arg(&release),
-            "depmod",
-        )?;
-    }
-    Ok(Kernel {
+    Kernel {
         vmlinuz: dir.join("boot").join(format!("vmlinuz-{release}")),
+        modules: dir.join("lib/modules").join(&release),
         release,
-        modules,
-    })
+    }
+}
+
+/// apt-get download, unpack, depmod.
+fn download_kernel(package: &str, kernel: &Kernel) -> Result<()> {
+    let dir = workspace_root().join("target/vm/kernels").join(package);
+    let release = &kernel.release;
+    println!("xtask: downloading {package}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    check(
+        Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(&dir),
+        &format!("apt-get download {package}"),
+    )?;
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    check(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
+        "dpkg-deb -x",
+    )?;
+    std::fs::remove_file(&deb)?;
+    check(
+        Command::new("depmod").arg("-b").arg(&dir).arg(release),
+        "depmod",
+    )
 }
 
 /// Numeric parts of a package name, for "newest" ordering (6.12.9 < 6.12.10).
