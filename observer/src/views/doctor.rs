@@ -92,55 +92,82 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
         .iter()
         .any(|c| c.name == "privileges" && c.result.is_ok());
     if let (Ok(offsets), true) = (&offsets, privileged) {
-        checks.extend(accept_source_checks(offsets, opts));
-        checks.push(Check {
-            name: "programs",
-            required: true,
-            result: match Probes::load(offsets, &opts.kernel.btf, opts.kernel.accept_source, true) {
-                Ok(probes) if probes.attach_errors.is_empty() => Ok(format!(
-                    "all load and attach: accept source {}, wait-syscall tracepoints, iter/tcp, iter/task_file, ring buffer",
-                    probes.accept_source.name()
-                )),
-                Ok(probes) => Ok(format!(
-                    "load, with {} attach point(s) missing (non-fatal): {}",
-                    probes.attach_errors.len(),
-                    probes.attach_errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; ")
-                )),
-                Err(e) => Err(format!("{e:#}")),
-            },
-        });
+        checks.extend(program_checks(offsets, opts));
     }
     checks
 }
 
 /// Each accept source loaded and attached for real, on its own, with what
-/// its absence costs.
-fn accept_source_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
+/// its absence costs; then the "programs" check, taken from the load of the
+/// source `serve` would use (the first that loads, or the forced one). Each
+/// load includes the trace ring buffer's code, a superset of what `serve`
+/// loads.
+fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
     let sources = [
         (
             AcceptSource::Fexit,
-            "fexit",
             "the next source that loads is used instead",
         ),
         (
             AcceptSource::Kprobe,
-            "kprobe",
             "tracepoint is used if fexit is refused too (then io_uring accepts are missed)",
         ),
-        (AcceptSource::Tracepoint, "tracepoint", "the last fallback"),
+        (AcceptSource::Tracepoint, "the last fallback"),
     ];
-    sources
-        .into_iter()
-        .map(|(source, name, fallback)| Check {
-            name,
+    let requested = opts.kernel.accept_source;
+    let mut checks = Vec::new();
+    let mut serve_would_load = None;
+    for (source, fallback) in sources {
+        let loaded = Probes::load(offsets, &opts.kernel.btf, source, true);
+        let used_by_serve = match requested {
+            AcceptSource::Auto => serve_would_load.is_none() && loaded.is_ok(),
+            forced => forced == source,
+        };
+        if used_by_serve {
+            serve_would_load = Some(programs_summary(&loaded));
+        }
+        checks.push(Check {
+            name: source.name(),
             required: false,
-            result: match Probes::load(offsets, &opts.kernel.btf, source, false) {
-                Ok(_) => Ok(format!("accept source {name} loads and attaches")),
+            result: match loaded {
+                Ok(_) => Ok(format!(
+                    "accept source {} loads and attaches",
+                    source.name()
+                )),
                 // The chain under the "--accept-source=… cannot be used" line.
                 Err(e) => Err(format!("{} — {fallback}", reason(&e))),
             },
-        })
-        .collect()
+        });
+    }
+    checks.push(Check {
+        name: "programs",
+        required: true,
+        result: serve_would_load
+            .unwrap_or_else(|| Err("no accept source loads on this kernel (lines above)".into())),
+    });
+    checks
+}
+
+/// The "programs" line for one load of every program.
+fn programs_summary(loaded: &Result<Probes>) -> Result<String, String> {
+    match loaded {
+        Ok(probes) if probes.attach_errors.is_empty() => Ok(format!(
+            "all load and attach: accept source {}, wait-syscall tracepoints, iter/tcp, \
+             iter/task_file, ring buffer",
+            probes.accept_source.name()
+        )),
+        Ok(probes) => Ok(format!(
+            "load, with {} attach point(s) missing (non-fatal): {}",
+            probes.attach_errors.len(),
+            probes
+                .attach_errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 /// An error's causes without its outermost context, when it has any.
