@@ -68,6 +68,15 @@ impl AcceptSource {
             AcceptSource::Tracepoint => "tracepoint",
         }
     }
+
+    /// The eBPF program that counts accepts for this source.
+    fn program(self) -> &'static str {
+        match self {
+            AcceptSource::Fexit => "accept_fexit",
+            AcceptSource::Kprobe => "accept_kretprobe",
+            AcceptSource::Tracepoint | AcceptSource::Auto => "accept_exit",
+        }
+    }
 }
 
 /// A program that could not be attached but was not essential.
@@ -290,12 +299,8 @@ impl Probes {
     /// that CPU (the program's `recursion_misses`, 5.12+), or the kretprobe
     /// had no free return slot. Each one is an accept not counted.
     pub fn accept_program_misses(&self) -> u64 {
-        let name = match self.accept_source {
-            AcceptSource::Fexit => "accept_fexit",
-            AcceptSource::Kprobe => "accept_kretprobe",
-            AcceptSource::Tracepoint | AcceptSource::Auto => "accept_exit",
-        };
         let kretprobe_missed = self.kretprobe.as_ref().map_or(0, |k| k.missed());
+        let name = self.accept_source.program();
         let Some(Ok(fd)) = self.ebpf.program(name).map(|p| p.fd()) else {
             return kretprobe_missed;
         };
@@ -383,12 +388,13 @@ fn attach_one_source(
     source: AcceptSource,
     errors: &mut Vec<AttachError>,
 ) -> Result<Option<TracefsKretprobe>> {
+    let name = source.program();
     match source {
         AcceptSource::Fexit => {
-            let fexit: &mut FExit = program(ebpf, "accept_fexit")?;
+            let fexit: &mut FExit = program(ebpf, name)?;
             fexit
                 .load(ACCEPT_FUNCTION, btf)
-                .map_err(|e| describe("accept_fexit", e))
+                .map_err(|e| describe(name, e))
                 .context("fexit needs a BTF kernel ≥ 5.17 with BPF trampolines and no LSM veto")?;
             if let Err(e) = fexit.attach() {
                 let _ = fexit.unload();
@@ -399,11 +405,11 @@ fn attach_one_source(
             }
         }
         AcceptSource::Kprobe => {
-            let kprobe: &mut KProbe = program(ebpf, "accept_kretprobe")?;
-            kprobe.load().map_err(|e| describe("accept_kretprobe", e))?;
+            let kprobe: &mut KProbe = program(ebpf, name)?;
+            kprobe.load().map_err(|e| describe(name, e))?;
             let attached = kprobe
                 .fd()
-                .map_err(|e| describe("accept_kretprobe", e))
+                .map_err(|e| describe(name, e))
                 .and_then(|fd| TracefsKretprobe::attach(ACCEPT_FUNCTION, fd.as_fd()));
             match attached {
                 Ok(kretprobe) => return Ok(Some(kretprobe)),
@@ -414,8 +420,8 @@ fn attach_one_source(
             }
         }
         AcceptSource::Tracepoint | AcceptSource::Auto => {
-            let tp: &mut TracePoint = program(ebpf, "accept_exit")?;
-            tp.load().map_err(|e| describe("accept_exit", e))?;
+            let tp: &mut TracePoint = program(ebpf, name)?;
+            tp.load().map_err(|e| describe(name, e))?;
             tp.attach("syscalls", "sys_exit_accept4").map_err(|e| {
                 anyhow!(
                     "attaching to tracepoint syscalls/sys_exit_accept4 failed ({e}): this \
@@ -425,7 +431,7 @@ fn attach_one_source(
             // accept(2) is rarer (and absent on some architectures): not fatal.
             if let Err(e) = tp.attach("syscalls", "sys_exit_accept") {
                 errors.push(AttachError {
-                    program: "accept_exit",
+                    program: name,
                     message: e.to_string(),
                 });
             }
