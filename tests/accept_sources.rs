@@ -13,7 +13,9 @@ use std::{
     time::Duration,
 };
 
-use support::{Daemon, accept_sources_on_this_kernel, listen, observer_bin, run};
+use support::{
+    Daemon, accept_sources_on_this_kernel, listen, loading_accept_sources, observer_bin, run,
+};
 
 /// Three clients accepted by a forced source: counted exactly, and the
 /// daemon names the source it used.
@@ -83,10 +85,9 @@ fn each_source_doctor_says_loads_counts_and_each_other_is_refused_in_one_line() 
 
 #[test]
 fn auto_picks_the_best_source_that_loads() {
-    let best = accept_sources_on_this_kernel()
+    let best = loading_accept_sources()
         .into_iter()
-        .find(|(_, loads)| *loads)
-        .map(|(name, _)| name)
+        .next()
         .expect("a source loads");
     let daemon = Daemon::start_with(&["--accept-source", "auto"]);
     assert_eq!(
@@ -153,10 +154,7 @@ fn io_uring_accepts_counted_by(source: &str, program: &PathBuf) -> f64 {
 #[test]
 fn io_uring_accepts_are_counted_by_the_inet_csk_accept_sources_only() {
     let program = uring_accept_program();
-    for (source, loads) in accept_sources_on_this_kernel() {
-        if !loads {
-            continue;
-        }
+    for source in loading_accept_sources() {
         let expected = if source == "tracepoint" { 0.0 } else { 3.0 };
         let counted = io_uring_accepts_counted_by(&source, &program);
         println!("{source}: {counted} of 3 io_uring accepts");
@@ -199,12 +197,10 @@ fn blocked_acceptors_counted_by(source: &str, threads: usize) -> f64 {
 #[test]
 fn every_accept_of_many_threads_blocked_in_accept_is_counted() {
     const THREADS: usize = 40;
-    for (source, loads) in accept_sources_on_this_kernel() {
-        if loads {
-            let counted = blocked_acceptors_counted_by(&source, THREADS);
-            println!("{source}: {counted} of {THREADS}");
-            assert_eq!(counted, THREADS as f64, "source {source}");
-        }
+    for source in loading_accept_sources() {
+        let counted = blocked_acceptors_counted_by(&source, THREADS);
+        println!("{source}: {counted} of {THREADS}");
+        assert_eq!(counted, THREADS as f64, "source {source}");
     }
 }
 
@@ -214,10 +210,7 @@ fn every_accept_of_many_threads_blocked_in_accept_is_counted() {
 /// passed before they were attached, so they miss it (README, "Kernels").
 #[test]
 fn an_accept_already_blocked_when_the_daemon_starts_is_counted_by_the_tracepoint_only() {
-    for (source, loads) in accept_sources_on_this_kernel() {
-        if !loads {
-            continue;
-        }
+    for source in loading_accept_sources() {
         let listener = std::sync::Arc::new(listen("127.0.0.1:0".parse().expect("addr"), 8));
         let addr = listener.local_addr().expect("local addr");
         let acceptor = {

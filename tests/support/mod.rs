@@ -328,7 +328,7 @@ pub fn loopback_v4(port: u16) -> libc::sockaddr_in {
 /// What `observer doctor` found for each accept source on this kernel, best
 /// first: (name, loads and attaches).
 pub fn accept_sources_on_this_kernel() -> Vec<(String, bool)> {
-    // Asked once per test binary: doctor loads every program four times.
+    // Asked once per test binary: doctor loads every program three times.
     static SOURCES: std::sync::OnceLock<Vec<(String, bool)>> = std::sync::OnceLock::new();
     SOURCES.get_or_init(ask_doctor_for_accept_sources).clone()
 }
@@ -357,15 +357,22 @@ fn ask_doctor_for_accept_sources() -> Vec<(String, bool)> {
     sources
 }
 
+/// The accept sources that load on this kernel, best first.
+pub fn loading_accept_sources() -> Vec<String> {
+    accept_sources_on_this_kernel()
+        .into_iter()
+        .filter_map(|(name, loads)| loads.then_some(name))
+        .collect()
+}
+
 /// The accept source the daemon must be using: the one the environment forces
 /// (`OBSERVER_ACCEPT_SOURCE`, as the VM matrix does), else the best that loads.
 pub fn expected_accept_source() -> String {
     match std::env::var("OBSERVER_ACCEPT_SOURCE") {
         Ok(forced) if forced != "auto" => forced,
-        _ => accept_sources_on_this_kernel()
+        _ => loading_accept_sources()
             .into_iter()
-            .find(|(_, loads)| *loads)
-            .map(|(name, _)| name)
+            .next()
             .expect("doctor says no accept source loads"),
     }
 }
