@@ -82,13 +82,34 @@ pub enum Accel {
     Kvm,
 }
 
-/// An unpacked Debian kernel.
+/// A Debian kernel package, unpacked under target/vm/kernels/<package>.
 struct Kernel {
+    package: String,
+    dir: PathBuf,
     /// `uname -r` of the guest, e.g. 6.1.0-50-amd64.
     release: String,
     vmlinuz: PathBuf,
     /// lib/modules/<release> of the unpacked package.
     modules: PathBuf,
+}
+
+impl Kernel {
+    /// Where `package` is (or will be) unpacked.
+    fn named(package: &str) -> Self {
+        let dir = workspace_root().join("target/vm/kernels").join(package);
+        let release = package.trim_start_matches("linux-image-").to_owned();
+        Kernel {
+            package: package.to_owned(),
+            vmlinuz: dir.join("boot").join(format!("vmlinuz-{release}")),
+            modules: dir.join("lib/modules").join(&release),
+            dir,
+            release,
+        }
+    }
+
+    fn is_unpacked(&self) -> bool {
+        self.modules.join("modules.dep").exists()
+    }
 }
 
 /// One test binary's outcome under one accept source.
@@ -171,21 +192,21 @@ fn snapshot_binaries(
 /// The newest `linux-image-<series>.…-amd64` Debian offers (not cloud, rt,
 /// unsigned or dbg), downloaded and unpacked once.
 fn fetch_kernel(series: &str) -> Result<Kernel> {
-    let mut package = newest_kernel_package(series)?;
-    if !kernel_at(&package).modules.join("modules.dep").exists() {
-        // Not cached: refresh the lists first, so that the name is one the
-        // mirror still serves.
-        check(
-            Command::new("apt-get").args(["update", "-qq"]),
-            "`apt-get update`",
-        )?;
-        package = newest_kernel_package(series)?;
-        let kernel = kernel_at(&package);
-        if !kernel.modules.join("modules.dep").exists() {
-            download_kernel(&package, &kernel)?;
-        }
+    let cached = Kernel::named(&newest_kernel_package(series)?);
+    if cached.is_unpacked() {
+        return Ok(cached);
     }
-    Ok(kernel_at(&package))
+    // Not cached: refresh the lists first, so that the name is one the
+    // mirror still serves.
+    check(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "`apt-get update`",
+    )?;
+    let kernel = Kernel::named(&newest_kernel_package(series)?);
+    if !kernel.is_unpacked() {
+        download_kernel(&kernel)?;
+    }
+    Ok(kernel)
 }
 
 fn newest_kernel_package(series: &str) -> Result<String> {
@@ -208,41 +229,32 @@ fn newest_kernel_package(series: &str) -> Result<String> {
         .with_context(|| format!("Debian offers no {prefix}*-amd64 package"))
 }
 
-/// Where `package` is (or will be) unpacked.
-fn kernel_at(package: &str) -> Kernel {
-    let dir = workspace_root().join("target/vm/kernels").join(package);
-    let release = package.trim_start_matches("linux-image-").to_owned();
-    Kernel {
-        vmlinuz: dir.join("boot").join(format!("vmlinuz-{release}")),
-        modules: dir.join("lib/modules").join(&release),
-        release,
-    }
-}
-
 /// apt-get download, unpack, depmod.
-fn download_kernel(package: &str, kernel: &Kernel) -> Result<()> {
-    let dir = workspace_root().join("target/vm/kernels").join(package);
-    let release = &kernel.release;
+fn download_kernel(kernel: &Kernel) -> Result<()> {
+    let (package, dir) = (&kernel.package, &kernel.dir);
     println!("xtask: downloading {package}");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
     check(
         Command::new("apt-get")
             .args(["download", package])
-            .current_dir(&dir),
+            .current_dir(dir),
         &format!("apt-get download {package}"),
     )?;
-    let deb = std::fs::read_dir(&dir)?
+    let deb = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .context("apt-get download left no .deb")?;
     check(
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir),
         "dpkg-deb -x",
     )?;
     std::fs::remove_file(&deb)?;
     check(
-        Command::new("depmod").arg("-b").arg(&dir).arg(release),
+        Command::new("depmod")
+            .arg("-b")
+            .arg(dir)
+            .arg(&kernel.release),
         "depmod",
     )
 }
@@ -696,6 +708,8 @@ mod tests {
     #[test]
     fn the_guest_runs_each_test_per_loading_source_and_the_others_once() {
         let kernel = Kernel {
+            package: "linux-image-6.12.1".into(),
+            dir: "/d".into(),
             release: "6.12.1".into(),
             vmlinuz: "/k".into(),
             modules: "/m".into(),
