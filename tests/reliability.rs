@@ -17,15 +17,9 @@ fn our_programs() -> usize {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| {
-            [
-                "accept_exit",
-                "listeners",
-                "holders",
-                "wait_enter_",
-                "wait_exit",
-            ]
-            .iter()
-            .any(|n| l.contains(&format!(" name {n}")))
+            ["accept_exit", "listeners", "holders", "threads"]
+                .iter()
+                .any(|n| l.contains(&format!(" name {n}")))
         })
         .count()
 }
@@ -277,7 +271,7 @@ fn a_flood_of_connection_attempts_keeps_counts_exact_and_memory_bounded() {
         drops, nstat_drops,
         "per-listener drops = the namespace's ListenDrops"
     );
-    for reason in ["accept_map_full", "worker_map_full"] {
+    for reason in ["accept_map_full", "accept_read_error"] {
         assert_eq!(
             m.get("observer_kernel_events_lost_total", &[("reason", reason)]),
             Some(0.0),

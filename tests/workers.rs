@@ -351,8 +351,9 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
         server.worker_pids(),
         "workers are the arbiter's children"
     );
-    // Everything finished: all idle, nothing open, and busy time adds up to
-    // about the requests' sleeps (20 × 0.3 s; every worker was idle at start).
+    // Everything finished: all idle, nothing open, and busy time (sampled)
+    // adds up to the requests' sleeps within 5% (20 × 0.3 s; every worker
+    // was idle at start).
     assert_eq!(
         (
             pool_state(&m, server.port, "busy"),
@@ -366,8 +367,9 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
     );
     let busy_s = sum_per_worker(&m, "observer_worker_busy_seconds_total", server.port);
     let slept = done as f64 * 0.3;
+    println!("busy {busy_s} s vs {slept} s of sleeps");
     assert!(
-        busy_s >= slept && busy_s < slept + 1.0,
+        (busy_s - slept).abs() <= 0.05 * slept,
         "busy {busy_s} s vs {slept} s of sleeps"
     );
 }
@@ -637,7 +639,7 @@ fn thousands_of_short_lived_acceptors_are_counted_exactly_and_leave_nothing_behi
         leftover.is_empty(),
         "series of exited acceptors: {leftover:?}"
     );
-    for reason in ["accept_map_full", "worker_map_full"] {
+    for reason in ["accept_map_full", "accept_read_error"] {
         assert_eq!(
             m.get("observer_kernel_events_lost_total", &[("reason", reason)]),
             Some(0.0),

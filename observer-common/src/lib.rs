@@ -34,41 +34,18 @@ pub const WAIT_BUCKETS: usize = 18;
 /// [`Health::AcceptMapFull`], never silently lost.
 pub const ACCEPT_MAP_CAPACITY: u32 = 8192;
 
-/// Capacity of the `WORKERS` map (threads tracked as acceptors of a listener).
+/// Capacity of the `WATCHED` map (worker processes whose threads the sampler
+/// reports).
 pub const WORKER_MAP_CAPACITY: u32 = 16384;
 
 /// Capacity of the `LISTEN_PORTS` map ((netns, port) pairs with a listener).
 pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
-
-/// `WorkerThread::registered_by`: the thread accepted a connection.
-pub const REGISTERED_BY_ACCEPT: u32 = 1;
-/// `WorkerThread::registered_by`: the daemon found the process holding a
-/// listener before it accepted anything, and tracks its main thread.
-pub const REGISTERED_BY_DAEMON: u32 = 2;
 
 /// Key of `LISTEN_PORTS`: the daemon lists the ports that have a listener so
 /// that the socket-holder iterator reports only accepted connections of them.
 #[inline(always)]
 pub fn listen_port_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
-}
-
-/// A thread tracked as a worker: whether it waits for new work now, and how
-/// long it has been busy. Written only by the thread itself (on its
-/// syscalls), so no atomics are needed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct WorkerThread {
-    pub tgid: u32,
-    /// 1 while the thread is in accept/select/poll/epoll_wait, else 0.
-    pub waiting: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last change of `waiting`.
-    pub since_ns: u64,
-    /// Nanoseconds spent busy (not waiting) before `since_ns`.
-    pub busy_ns: u64,
-    /// [`REGISTERED_BY_ACCEPT`] or [`REGISTERED_BY_DAEMON`].
-    pub registered_by: u32,
-    pub _pad: u32,
 }
 
 /// Listener fds (and epoll fds watching a listener) kept per worker process.
@@ -78,7 +55,8 @@ pub const WORKER_FD_SLOTS: usize = 4;
 /// sockets, and epoll instances that have a listening socket in their set.
 /// A wait syscall counts as "waiting for work" only when it waits on one of
 /// them (a `ppoll` inside Ruby's `sleep`, or Python's socket timeouts, does
-/// not). Unused slots are -1. Written by the daemon.
+/// not). Unused slots are -1. Written by the daemon into `WATCHED`; the
+/// thread sampler reads `listen` to know which bits of a select() set to read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerFds {
@@ -118,6 +96,47 @@ pub struct HolderRecord {
     pub queue_max: u32,
     pub syn_queue_len: u32,
     pub drops: u32,
+}
+
+/// fds of a poll()/ppoll() call (its first pollfd entries) or of a select()
+/// set (the process's listeners found in it) that a [`ThreadSample`] carries.
+pub const POLLED_FDS: usize = 16;
+
+/// x86_64 syscall numbers the thread sampler reads details of (the daemon's
+/// busy/idle rule in `activity.rs` names the rest).
+pub const SYS_POLL: i64 = 7;
+pub const SYS_SELECT: i64 = 23;
+pub const SYS_FUTEX: i64 = 202;
+pub const SYS_PSELECT6: i64 = 270;
+pub const SYS_PPOLL: i64 = 271;
+
+/// One thread of a watched worker process, as the sleepable `iter/task`
+/// sampler writes it: whether it runs, which syscall it is blocked in with
+/// its first arguments, and the few bytes of its memory that say what the
+/// wait is on. Facts only: the daemon decides what counts as waiting for work.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ThreadSample {
+    pub tgid: u32,
+    pub tid: u32,
+    /// `task_struct.__state`: 0 while runnable or running.
+    pub state: u32,
+    pub _pad: u32,
+    /// The process's start (`group_leader->start_time`, ns since boot):
+    /// with `tgid`, names the process across pid reuse.
+    pub start_ns: u64,
+    /// The syscall the thread is in (`pt_regs.orig_ax`); -1 outside one.
+    pub syscall: i64,
+    /// Its first four arguments (di, si, dx, r10).
+    pub args: [u64; 4],
+    /// select/pselect6: the process's listener fds whose bit is set in the
+    /// read set; poll/ppoll: the fds of its first pollfd entries. -1 unused.
+    pub polled_fds: [i32; POLLED_FDS],
+    /// futex: the word at `args[0]` (a PI or robust mutex keeps its
+    /// owner's thread id there).
+    pub futex_word: u32,
+    /// 1 when the user memory above could not be read.
+    pub user_read_failed: u32,
 }
 
 /// Size of the `EVENTS` ring buffer (trace mode only).
@@ -243,7 +262,23 @@ pub struct KernelOffsets {
     pub sk_daddr: u32,
     pub sk_v6_daddr: u32,
     pub sk_dport: u32,
+    pub task_pid: u32,
+    pub task_state: u32,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+    pub regs_orig_ax: u32,
+    pub regs_di: u32,
+    pub regs_si: u32,
+    pub regs_dx: u32,
+    pub regs_r10: u32,
 }
+
+/// Bytes of `struct sock_common` read at once: every field of it the
+/// programs use lies within (the daemon checks this against BTF).
+pub const SOCK_COMMON_HEAD: usize = 96;
+
+/// Bytes of `struct pt_regs` read at once (x86_64: 21 registers).
+pub const PT_REGS_BYTES: usize = 168;
 
 /// Slots of the `HEALTH` per-CPU array: events the programs could not fully
 /// handle. Exported so that nothing is lost silently.
@@ -254,17 +289,15 @@ pub enum Health {
     AcceptMapFull = 0,
     /// A kernel read failed while following an accepted fd to its socket.
     AcceptReadError = 1,
-    /// A thread that accepted could not be tracked because `WORKERS` was full.
-    WorkerMapFull = 2,
     /// `observer trace` could not stream an accept: its ring buffer was full.
-    TraceEventLost = 3,
+    TraceEventLost = 2,
     /// An accepted connection's queue-entry stamp was unreadable: it is
     /// counted as accepted but its wait is not in the histogram.
-    WaitUnknown = 4,
+    WaitUnknown = 3,
 }
 
 /// Number of [`Health`] slots.
-pub const HEALTH_SLOTS: u32 = 5;
+pub const HEALTH_SLOTS: u32 = 4;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -273,7 +306,7 @@ mod pod {
     unsafe impl aya::Pod for super::AcceptKey {}
     unsafe impl aya::Pod for super::AcceptStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
-    unsafe impl aya::Pod for super::WorkerThread {}
+    unsafe impl aya::Pod for super::ThreadSample {}
     unsafe impl aya::Pod for super::WorkerFds {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
@@ -311,7 +344,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
         assert_eq!(core::mem::size_of::<HolderRecord>(), 80);
-        assert_eq!(core::mem::size_of::<WorkerThread>(), 32);
+        assert_eq!(core::mem::size_of::<ThreadSample>(), 136);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 3));
     }

@@ -31,7 +31,7 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{offsets, read, read_ptr, socket_place, tracing},
+    kernel::{SockHead, offsets, read, read_ptr, socket_place, tracing},
     maps::{ACCEPTS, EVENTS, count_health},
 };
 
@@ -45,9 +45,6 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let fd = unsafe {
         core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYS_EXIT_RET_OFFSET) as *const i64)
     };
-    // Leaving accept, a tracked worker is busy (also when accept failed,
-    // e.g. EAGAIN on a non-blocking listener: it goes on to do other work).
-    crate::workers::stop_waiting_current();
     if fd < 0 {
         return 0;
     }
@@ -84,33 +81,48 @@ pub fn accept_kretprobe(ctx: RetProbeContext) -> u32 {
 }
 
 /// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk.
+/// Every step is a helper call (~70 ns here), so `max_fds` and the `fd`
+/// array pointer, neighbours in `struct fdtable`, come in one read.
 #[inline(always)]
 fn accepted_sock(fd: u64, off: &KernelOffsets) -> Option<u64> {
     // SAFETY: the helper takes no arguments and returns the running task.
     let task = unsafe { bpf_get_current_task() };
     let files = read_ptr(task, off.task_files)?;
     let fdt = read_ptr(files, off.files_fdt)?;
-    let max_fds: u32 = read(fdt, off.fdtable_max_fds)?;
+    let (max_fds, fd_array) = fdtable_head(fdt, off)?;
     if fd >= max_fds as u64 {
         return None;
     }
-    let fd_array = read_ptr(fdt, off.fdtable_fd)?;
     let file = read_ptr(fd_array + fd * 8, 0)?;
     let socket = read_ptr(file, off.file_private_data)?;
     read_ptr(socket, off.socket_sk)
 }
 
+/// `struct fdtable`'s `max_fds` and `fd` in one read of the 16 bytes
+/// from the first of them (the daemon checks, from BTF, that `fd` lies
+/// 8 bytes after `max_fds`).
+#[inline(always)]
+fn fdtable_head(fdt: u64, off: &KernelOffsets) -> Option<(u32, u64)> {
+    let head: [u64; 2] = read(fdt, off.fdtable_max_fds)?;
+    let fd_array = head[1];
+    (fd_array != 0).then_some((head[0] as u32, fd_array))
+}
+
 #[inline(always)]
 fn count_accept(sk: u64, off: &KernelOffsets) {
     // Unix-domain and non-TCP accepts are none of our business.
-    let Some(place) = socket_place(sk, off) else {
+    let mut head = SockHead::ZERO;
+    if !head.read_from(sk) {
+        count_health(Health::AcceptReadError);
+        return;
+    }
+    let Some(place) = socket_place(&head, off) else {
         return;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    crate::workers::track_acceptor(tgid);
     let key = AcceptKey {
         netns: place.netns,
         tgid,
@@ -129,10 +141,10 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
         add(&raw mut (*stats).accepted, 1);
         // SAFETY: helper without arguments.
         let now_ns = bpf_ktime_get_ns();
-        let wait_us = queue_wait_us(sk, off, now_ns / 1000);
+        let wait_us = queue_wait_us(sk, &head, off, now_ns / 1000);
         if tracing() {
             emit_event(
-                sk,
+                &head,
                 off,
                 &key,
                 now_ns,
@@ -166,44 +178,48 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
 /// ~3500.) The tracepoint source runs after `inet_accept` has locked the
 /// child, so it always finds the stamp.
 #[inline(always)]
-fn queue_wait_us(sk: u64, off: &KernelOffsets, now_us: u64) -> Option<u64> {
+fn queue_wait_us(sk: u64, head: &SockHead, off: &KernelOffsets, now_us: u64) -> Option<u64> {
     let queued_at_us: u64 = read(sk, off.tcp_rcvq_space_time)?;
     if queued_at_us != 0 {
         return now_us.checked_sub(queued_at_us);
     }
-    (read::<u8>(sk, off.sk_state)? == TCP_SYN_RECV).then_some(0)
+    (head.field::<u8>(off.sk_state)? == TCP_SYN_RECV).then_some(0)
 }
 
 /// Streams one accepted connection to `observer trace`; a full ring buffer
 /// is counted, never silently lost.
 #[inline(always)]
-fn emit_event(sk: u64, off: &KernelOffsets, key: &AcceptKey, now_ns: u64, wait_ns: u64) {
+fn emit_event(head: &SockHead, off: &KernelOffsets, key: &AcceptKey, now_ns: u64, wait_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<AcceptEvent>(0) else {
         count_health(Health::TraceEventLost);
         return;
     };
-    let mut peer_addr = [0u8; 16];
-    if key.family == observer_common::AF_INET {
-        let v4: [u8; 4] = read(sk, off.sk_daddr).unwrap_or([0; 4]);
-        peer_addr[..4].copy_from_slice(&v4);
-    } else {
-        peer_addr = read(sk, off.sk_v6_daddr).unwrap_or([0; 16]);
+    let event = entry.as_mut_ptr();
+    // SAFETY (whole block): `event` is our reserved, exclusively owned slot
+    // of the ring buffer; every field is written before it is submitted
+    // (written in place: an event built on the stack and moved in would
+    // overflow the 512-byte BPF stack).
+    unsafe {
+        (*event).time_ns = now_ns;
+        (*event).wait_ns = wait_ns;
+        (*event).tgid = key.tgid;
+        (*event).tid = bpf_get_current_pid_tgid() as u32;
+        (*event).netns = key.netns;
+        (*event).family = key.family;
+        (*event).port = key.port;
+        (*event).peer_port = u16::from_be(head.field(off.sk_dport).unwrap_or(0));
+        (*event)._pad = [0; 6];
+        (*event).addr = key.addr;
+        if key.family == observer_common::AF_INET {
+            let v4: [u8; 4] = head.field(off.sk_daddr).unwrap_or([0; 4]);
+            (*event).peer_addr = [
+                v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ];
+        } else {
+            (*event).peer_addr = head.field(off.sk_v6_daddr).unwrap_or([0; 16]);
+        }
+        (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
-    let event = AcceptEvent {
-        time_ns: now_ns,
-        wait_ns,
-        tgid: key.tgid,
-        tid: bpf_get_current_pid_tgid() as u32,
-        netns: key.netns,
-        family: key.family,
-        port: key.port,
-        peer_port: u16::from_be(read(sk, off.sk_dport).unwrap_or(0)),
-        _pad: [0; 6],
-        addr: key.addr,
-        peer_addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    entry.write(event);
     entry.submit(0);
 }
 

@@ -15,7 +15,7 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{offsets, read, read_ptr, socket_place},
+    kernel::{SockHead, offsets, read, read_ptr, socket_place},
     maps::LISTEN_PORTS,
 };
 
@@ -56,13 +56,17 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     else {
         return 0;
     };
-    let Some(place) = socket_place(sk, &off) else {
+    let mut head = SockHead::ZERO;
+    if !head.read_from(sk) {
+        return 0;
+    }
+    let Some(place) = socket_place(&head, &off) else {
         return 0;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
         return 0;
     }
-    let state: u8 = read(sk, off.sk_state).unwrap_or(0);
+    let state: u8 = head.field(off.sk_state).unwrap_or(0);
     let wanted = state == TCP_LISTEN
         || ((state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
             && LISTEN_PORTS

@@ -1,6 +1,6 @@
 //! Reading kernel structs at offsets the daemon resolved from BTF.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
-use observer_common::KernelOffsets;
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use observer_common::{KernelOffsets, SOCK_COMMON_HEAD};
 
 /// Filled in by the daemon before load (`EbpfLoader::set_global`). It lives in
 /// `.rodata`, which the loader freezes, so the verifier sees constants.
@@ -36,6 +36,15 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_daddr: 0,
     sk_v6_daddr: 0,
     sk_dport: 0,
+    task_pid: 0,
+    task_state: 0,
+    task_group_leader: 0,
+    task_start_time: 0,
+    regs_orig_ax: 0,
+    regs_di: 0,
+    regs_si: 0,
+    regs_dx: 0,
+    regs_r10: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -68,10 +77,46 @@ pub fn read<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// Reads `dst.len()` bytes at `base` into `dst`, in place; false if the
+/// read faults.
+#[inline(always)]
+pub fn read_into(base: u64, dst: &mut [u8]) -> bool {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+    base != 0 && unsafe { bpf_probe_read_kernel_buf(base as *const u8, dst) }.is_ok()
+}
+
 /// Follows a pointer stored at `base + offset`.
 #[inline(always)]
 pub fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     read::<u64>(base, offset).filter(|p| *p != 0)
+}
+
+/// The head of a `struct sock_common`, read in one helper call: family,
+/// state, ports and addresses are all in it (`SOCK_COMMON_HEAD` bytes; the
+/// daemon checks that against BTF before load).
+pub struct SockHead([u8; SOCK_COMMON_HEAD]);
+
+impl SockHead {
+    pub const ZERO: SockHead = SockHead([0; SOCK_COMMON_HEAD]);
+
+    /// Reads the head of `sk` into `self` in place (large values moved
+    /// through `Option`s overflow the 512-byte BPF stack); false if the
+    /// read faults.
+    #[inline(always)]
+    pub fn read_from(&mut self, sk: u64) -> bool {
+        read_into(sk, &mut self.0)
+    }
+
+    /// The field of type `T` at `offset`; `None` past the head.
+    #[inline(always)]
+    pub fn field<T: Copy>(&self, offset: u32) -> Option<T> {
+        let offset = offset as usize;
+        if offset + core::mem::size_of::<T>() > SOCK_COMMON_HEAD {
+            return None;
+        }
+        // SAFETY: in bounds (checked above); unaligned read of plain data.
+        Some(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(offset) as *const T) })
+    }
 }
 
 /// The socket's network namespace inode, family, local port and address.
@@ -82,21 +127,22 @@ pub struct SocketPlace {
     pub addr: [u8; 16],
 }
 
-/// Reads where a socket lives; `None` for anything but an IPv4/IPv6 socket.
+/// Where a socket lives, from its head; `None` for anything but an
+/// IPv4/IPv6 socket.
 #[inline(always)]
-pub fn socket_place(sk: u64, off: &KernelOffsets) -> Option<SocketPlace> {
-    let family: u16 = read(sk, off.sk_family)?;
+pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace> {
+    let family: u16 = head.field(off.sk_family)?;
     let mut addr = [0u8; 16];
     if family == observer_common::AF_INET {
-        let v4: [u8; 4] = read(sk, off.sk_rcv_saddr)?;
+        let v4: [u8; 4] = head.field(off.sk_rcv_saddr)?;
         addr[..4].copy_from_slice(&v4);
     } else if family == observer_common::AF_INET6 {
-        addr = read(sk, off.sk_v6_rcv_saddr)?;
+        addr = head.field(off.sk_v6_rcv_saddr)?;
     } else {
         return None;
     }
-    let port: u16 = read(sk, off.sk_num)?;
-    let net = read_ptr(sk, off.sk_net)?;
+    let port: u16 = head.field(off.sk_num)?;
+    let net: u64 = head.field(off.sk_net)?;
     let netns: u32 = read(net, off.net_ns_inum)?;
     Some(SocketPlace {
         netns,

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use observer_common::{ListenerRecord, TCP_LISTEN};
 
-use crate::kernel::{offsets, read, read_ptr, socket_place};
+use crate::kernel::{SockHead, offsets, read, read_ptr, socket_place};
 
 /// Byte offset of `sk_common` in `struct bpf_iter__tcp` (after `meta`).
 const ITER_TCP_SK_COMMON: usize = 8;
@@ -33,10 +33,14 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         _ => return 0,
     };
     let off = offsets();
-    if read::<u8>(sk, off.sk_state) != Some(TCP_LISTEN) {
+    let mut head = SockHead::ZERO;
+    if !head.read_from(sk) {
         return 0;
     }
-    let Some(place) = socket_place(sk, &off) else {
+    if head.field::<u8>(off.sk_state) != Some(TCP_LISTEN) {
+        return 0;
+    }
+    let Some(place) = socket_place(&head, &off) else {
         return 0;
     };
     let inode = read_ptr(sk, off.sk_socket)

@@ -6,8 +6,10 @@
 //! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
 //!   the queue depth and limit of every listening socket in its own network
 //!   namespace (the kernel limits `iter/tcp` to one namespace).
-//! - `wait_enter`/`wait_exit`: on accept/select/poll/epoll_wait of tracked
-//!   worker threads, flip them between idle (waiting for work) and busy.
+//! - `threads`: a sleepable `iter/task` program the daemon runs many times a
+//!   second (and at each scrape) to read, for every thread of a watched
+//!   worker process, whether it runs and which syscall it is blocked in.
+//!   No program runs on any wait syscall.
 //! - `holders`: a `iter/task_file` program the daemon runs at scrape time to
 //!   find which processes hold listeners (with their queue figures, in every
 //!   network namespace) and accepted connections.
@@ -21,7 +23,7 @@ mod holders;
 mod kernel;
 mod listeners;
 mod maps;
-mod workers;
+mod sampler;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    LISTEN_PORT_MAP_CAPACITY, WORKER_MAP_CAPACITY, WorkerFds, WorkerThread,
+    LISTEN_PORT_MAP_CAPACITY, WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -19,16 +19,12 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub static ACCEPTS: HashMap<AcceptKey, AcceptStats> =
     HashMap::with_max_entries(ACCEPT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
 
-/// Threads tracked as workers, by thread id. Lookups of untracked threads
-/// are the first (and only) thing the wait-syscall programs do for them.
+/// Worker processes (tgid) whose threads the sampler reports, with the fds
+/// each waits on for new work. Written by the daemon. Preallocated: the
+/// sampler is a sleepable program, and kernels before 6.1 let those use
+/// preallocated hash maps only.
 #[map]
-pub static WORKERS: HashMap<u32, WorkerThread> =
-    HashMap::with_max_entries(WORKER_MAP_CAPACITY, BPF_F_NO_PREALLOC);
-
-/// Per worker process (tgid): the fds it waits on for new work.
-#[map]
-pub static WORKER_FDS: HashMap<u32, WorkerFds> =
-    HashMap::with_max_entries(WORKER_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+pub static WATCHED: HashMap<u32, WorkerFds> = HashMap::with_max_entries(WORKER_MAP_CAPACITY, 0);
 
 /// (netns, port) pairs that have a listener, filled by the daemon; see
 /// `observer_common::listen_port_key`.

@@ -2,9 +2,12 @@
 //! holds every stage; `main.rs` is the thin command-line entry point.
 //!
 //! The data path, one module per stage:
-//! kernel programs (observer-ebpf) → `kernel` (load, attach, read maps) →
-//! `aggregate` (per-listener figures) and `workers` (per-pool figures) →
-//! `metrics` / `serve` (Prometheus).
+//! kernel programs (observer-ebpf) → `kernel` (load, attach, read maps and
+//! iterators) → `sampler` (worker threads, many times a second) with the
+//! busy/idle rule in `activity` → `aggregate` (per-listener figures) and
+//! `workers` (per-pool figures) → `pipeline` (one collection) → `metrics` /
+//! `serve` (Prometheus).
+pub mod activity;
 pub mod aggregate;
 pub mod cli;
 pub mod containers;
@@ -12,6 +15,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod pipeline;
 pub mod quantile;
+pub mod sampler;
 pub mod serve;
 pub mod views;
 pub mod webconfig;

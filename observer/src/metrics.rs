@@ -10,22 +10,9 @@ use prometheus::{
 use crate::{
     aggregate::{ListenerId, ListenerView, Waits},
     containers::ContainerInfo,
-    pipeline::Snapshot,
+    pipeline::{DaemonHealth, Snapshot},
     workers::{PoolView, WorkerView},
 };
-
-/// The daemon's view of itself, exported next to the listener figures.
-#[derive(Clone, Debug, Default)]
-pub struct DaemonHealth {
-    pub accept_source: String,
-    pub lockdown: String,
-    /// (program, message) for every non-fatal load/attach failure.
-    pub program_errors: Vec<(String, String)>,
-    /// (reason, count) of kernel events the programs could not count.
-    pub kernel_events_lost: Vec<(&'static str, u64)>,
-    pub collect_errors: u64,
-    pub last_collect_seconds: f64,
-}
 
 fn label(name: &str, value: impl Into<String>) -> LabelPair {
     let mut l = LabelPair::default();
@@ -219,9 +206,11 @@ fn per_worker(
 pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
     let p = &s.pools;
     use MetricType::{COUNTER, GAUGE};
+    // Without a sampler (or before it saw a pool) there is no state to tell.
     let pool_states = p
         .pools
         .iter()
+        .filter(|pool| pool.workers.iter().any(|w| w.busy.is_some()))
         .flat_map(|pool| {
             [("busy", pool.busy()), ("idle", pool.idle())].map(|(state, n)| {
                 let mut labels = id_labels(&pool.listener, &s.containers);
@@ -233,23 +222,23 @@ pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
     vec![
         family(
             "observer_workers",
-            "Worker processes of the listener's pool by state: busy (not waiting for new work) or idle (waiting in accept/select/poll/epoll).",
+            "Worker processes of the listener's pool by state at the scrape: idle (a thread waits for new work: on the listener, its epoll, or the pool's accept lock) or busy.",
             GAUGE,
             pool_states,
         ),
         per_worker(
             s,
             "observer_worker_busy",
-            "1 while the worker is busy (its acceptor thread is not waiting for new work), 0 while idle.",
+            "1 while the worker is busy (no thread of it waits for new work), 0 while idle, at the scrape.",
             GAUGE,
             |w| w.busy.map(|b| b as u8 as f64),
         ),
         per_worker(
             s,
             "observer_worker_busy_seconds_total",
-            "Time the worker spent busy since observer started tracking it; rate() of it is utilisation.",
+            "Time the worker spent busy since observer first saw it, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation.",
             COUNTER,
-            |w| Some(w.busy_seconds),
+            |w| w.busy.map(|_| w.busy_seconds),
         ),
         per_worker(
             s,
@@ -320,6 +309,33 @@ pub fn daemon_families(snapshot: &Snapshot, d: &DaemonHealth) -> Vec<MetricFamil
             "Listening addresses left out of this scrape because of --collector.max-listeners.",
             GAUGE,
             vec![gauge(vec![], c.listeners_over_cap as f64)],
+        ),
+        family(
+            "observer_worker_sample_passes_total",
+            "Passes of the thread sampler over the watched workers' threads (between and at scrapes).",
+            COUNTER,
+            d.sampler
+                .iter()
+                .map(|c| counter(vec![], c.passes as f64))
+                .collect(),
+        ),
+        family(
+            "observer_worker_sample_seconds_total",
+            "Time the thread sampler spent in its passes (kernel iterator and classification).",
+            COUNTER,
+            d.sampler
+                .iter()
+                .map(|c| counter(vec![], c.seconds))
+                .collect(),
+        ),
+        family(
+            "observer_worker_sample_threads_total",
+            "Threads of watched workers read by the thread sampler, summed over its passes.",
+            COUNTER,
+            d.sampler
+                .iter()
+                .map(|c| counter(vec![], c.threads_sampled as f64))
+                .collect(),
         ),
         family(
             "observer_collect_errors_total",

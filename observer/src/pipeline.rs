@@ -1,18 +1,25 @@
-//! Wires the stages: kernel (probes) → aggregation (listeners, worker pools)
-//! → a [`Snapshot`].
+//! Wires the stages into one collection, node_exporter's way: **observe**
+//! (read the kernel: iterators and maps, nothing written) → **compute**
+//! (pure: listeners, pools) → **apply** (the few writes the daemon makes to
+//! kernel maps: which ports have listeners, which workers to sample, which
+//! accept keys are folded in) → a [`Snapshot`]. The thread sampler then
+//! reads the workers once more, so that busy/idle describes this instant.
 //! Shared by `serve` and the one-shot CLI commands.
-use std::{path::PathBuf, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 
-use std::collections::HashMap;
-
 use observer_common::{
-    HolderRecord, ListenerRecord, REGISTERED_BY_DAEMON, TCP_LISTEN, WorkerFds, WorkerThread,
-    listen_port_key,
+    AcceptKey, AcceptStats, HolderRecord, ListenerRecord, TCP_LISTEN, listen_port_key,
 };
 
 use crate::{
+    activity::Watched,
     aggregate::{Aggregator, Collection, ListenerId},
     containers::{ContainerCache, ContainerInfo},
     kernel::{
@@ -20,9 +27,24 @@ use crate::{
         probes::{self, AcceptSource, Probes},
         procfs,
     },
-    metrics::DaemonHealth,
+    sampler::{self, SamplerCost, ThreadSampler},
     workers::{self, Membership, Pools},
 };
+
+/// The daemon's view of itself, exported next to the listener figures.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonHealth {
+    pub accept_source: String,
+    pub lockdown: String,
+    /// (program, message) for every non-fatal load/attach failure.
+    pub program_errors: Vec<(String, String)>,
+    /// (reason, count) of kernel events the programs could not count.
+    pub kernel_events_lost: Vec<(&'static str, u64)>,
+    /// The thread sampler's own cost; `None` where it cannot run.
+    pub sampler: Option<SamplerCost>,
+    pub collect_errors: u64,
+    pub last_collect_seconds: f64,
+}
 
 /// Everything one collection produced.
 pub struct Snapshot {
@@ -52,6 +74,38 @@ pub struct KernelOptions {
         default_value = "auto"
     )]
     pub accept_source: AcceptSource,
+    /// How often the thread sampler reads worker threads, between scrapes.
+    #[arg(
+        long = "collector.workers.sample-rate",
+        value_name = "HZ",
+        default_value_t = 20.0,
+        value_parser = parse_rate
+    )]
+    pub sample_rate: f64,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(hz) if (0.1..=1000.0).contains(&hz) => Ok(hz),
+        _ => Err(format!(
+            "{text:?} is not a rate from 0.1 to 1000 (samples per second)"
+        )),
+    }
+}
+
+/// What one collection read from the kernel, before anything is computed.
+struct KernelView {
+    listeners: Vec<ListenerRecord>,
+    holders: Vec<HolderRecord>,
+    accepts: Vec<(AcceptKey, AcceptStats)>,
+    kernel_events_lost: Vec<(&'static str, u64)>,
+}
+
+/// The writes one collection asks of the kernel maps.
+struct MapWrites {
+    listen_ports: HashSet<u64>,
+    watched: HashMap<u32, Watched>,
+    forget_accepts: Vec<AcceptKey>,
 }
 
 pub struct Pipeline {
@@ -61,18 +115,31 @@ pub struct Pipeline {
     /// Epoll fds watching a listener, per worker process (found once).
     epolls: HashMap<u32, Vec<i32>>,
     containers: ContainerCache,
+    /// `None` where this kernel cannot run the thread sampler.
+    sampler: Option<Arc<Mutex<ThreadSampler>>>,
     pub health: DaemonHealth,
 }
 
 impl Pipeline {
-    /// Checks the host, loads and attaches the programs, and takes the
-    /// baseline collection (queue depths at start).
+    /// Checks the host, loads and attaches the programs, starts the thread
+    /// sampler, and takes the baseline collection (queue depths at start).
     pub fn start(kernel: &KernelOptions, max_listeners: usize, max_workers: usize) -> Result<Self> {
         let probes = load_probes(kernel, false)?;
         log::info!("accept source: {}", probes.accept_source.name());
         for e in &probes.attach_errors {
             log::warn!("{}: {}", e.program, e.message);
         }
+        let sampler = match probes.thread_sampler() {
+            Ok(link) => {
+                let sampler = Arc::new(Mutex::new(ThreadSampler::new(link)));
+                sampler::spawn(&sampler, Duration::from_secs_f64(1.0 / kernel.sample_rate))?;
+                Some(sampler)
+            }
+            Err(why) => {
+                log::warn!("worker busy/idle is not exported: {why}");
+                None
+            }
+        };
         let health = DaemonHealth {
             accept_source: probes.accept_source.name().to_owned(),
             lockdown: host::lockdown_mode().unwrap_or_else(|| "unknown".into()),
@@ -89,13 +156,14 @@ impl Pipeline {
             max_workers,
             epolls: Default::default(),
             containers: Default::default(),
+            sampler,
             health,
         };
         pipeline.collect().context("first collection")?;
         Ok(pipeline)
     }
 
-    /// Reads the kernel and aggregates; deletes map keys the aggregator folded in.
+    /// One collection: observe, compute, apply, then sample the workers.
     pub fn collect(&mut self) -> Result<Snapshot> {
         let started = Instant::now();
         let result = self.collect_inner();
@@ -107,20 +175,39 @@ impl Pipeline {
     }
 
     fn collect_inner(&mut self) -> Result<Snapshot> {
-        let (listeners, holders) = self.collect_listeners()?;
-        let membership = Membership::from_holders(&listeners.listeners, &holders);
-        let pools = self.collect_pools(&listeners, &membership)?;
-        self.health.kernel_events_lost = self
-            .probes
-            .health()?
-            .iter()
-            .enumerate()
-            .map(|(slot, n)| (probes::health_name(slot), *n))
-            .chain([(
-                "accept_program_skipped",
-                self.probes.accept_program_misses(),
-            )])
-            .collect();
+        let view = self.observe()?;
+        let all = all_listeners(view.listeners, &view.holders);
+        let listeners = self
+            .aggregator
+            .collect(&all, &view.accepts, procfs::process_is_alive);
+        let membership = Membership::from_holders(&listeners.listeners, &view.holders);
+        self.discover_epolls(&membership);
+        let writes = MapWrites {
+            listen_ports: all
+                .iter()
+                .map(|l| listen_port_key(l.netns, l.port))
+                .collect(),
+            watched: workers::watched(&membership, &self.epolls),
+            forget_accepts: listeners.forget.clone(),
+        };
+        self.apply(&writes)?;
+        let activity = match &self.sampler {
+            Some(sampler) => {
+                let mut sampler = lock(sampler)?;
+                sampler.set_watched(writes.watched);
+                sampler.sample()?;
+                self.health.sampler = Some(sampler.cost());
+                sampler.activity()
+            }
+            None => HashMap::new(),
+        };
+        let pools = workers::pools(
+            &listeners.listeners,
+            &membership,
+            &activity,
+            self.max_workers,
+        );
+        self.health.kernel_events_lost = view.kernel_events_lost;
         self.containers.retain(procfs::process_is_alive);
         let containers = listeners
             .listeners
@@ -134,60 +221,46 @@ impl Pipeline {
         })
     }
 
-    /// Listeners of every namespace with their accept counts, and the
-    /// socket holders they were found through.
-    fn collect_listeners(&mut self) -> Result<(Collection, Vec<HolderRecord>)> {
+    /// Reads everything a collection needs from the kernel; writes nothing.
+    fn observe(&self) -> Result<KernelView> {
         let holders = self.probes.holders()?;
-        let listener_records = all_listeners(self.probes.listeners()?, &holders);
-        let ports = listener_records
-            .iter()
-            .map(|l| listen_port_key(l.netns, l.port))
-            .collect();
-        self.probes.set_listen_ports(&ports)?;
-        // Accepted connections of listeners first seen just now are reported
-        // only once their ports are in LISTEN_PORTS: read the holders again.
-        let holders = if self.probes.listen_ports_changed() {
-            self.probes.holders()?
-        } else {
-            holders
-        };
+        let listeners = self.probes.listeners()?;
         let accepts = self.probes.accepts()?;
-        let listeners =
-            self.aggregator
-                .collect(&listener_records, &accepts, procfs::process_is_alive);
-        self.probes.forget_accepts(&listeners.forget)?;
-        Ok((listeners, holders))
+        let kernel_events_lost = self
+            .probes
+            .health()?
+            .iter()
+            .enumerate()
+            .map(|(slot, n)| (probes::health_name(slot), *n))
+            .chain([(
+                "accept_program_skipped",
+                self.probes.accept_program_misses(),
+            )])
+            .collect();
+        Ok(KernelView {
+            listeners,
+            holders,
+            accepts,
+            kernel_events_lost,
+        })
     }
 
-    /// Worker pools: tracks new workers, forgets gone ones, reconciles
-    /// threads whose state the kernel side could not see change.
-    fn collect_pools(&mut self, listeners: &Collection, membership: &Membership) -> Result<Pools> {
-        let worker_fds = self.refresh_worker_fds(membership)?;
-        let mut threads = self.probes.worker_threads()?;
-        let untracked = membership.untracked(&threads);
-        if !untracked.is_empty() {
-            self.probes
-                .track_threads(&main_threads(&untracked, &worker_fds))?;
-            threads = self.probes.worker_threads()?;
-        }
-        let stale = workers::stale_threads(&threads, membership, procfs::thread_is_alive);
-        self.probes.forget_threads(&stale)?;
-        threads.retain(|(tid, _)| !stale.contains(tid));
-        self.reconcile_waiting(&mut threads, &worker_fds)?;
-        Ok(workers::pools(
-            &listeners.listeners,
-            membership,
-            &threads,
-            procfs::monotonic_ns(),
-            self.max_workers,
-        ))
+    /// The daemon's writes to kernel maps, in one place.
+    fn apply(&mut self, writes: &MapWrites) -> Result<()> {
+        self.probes.set_listen_ports(&writes.listen_ports)?;
+        self.probes.set_watched(
+            &writes
+                .watched
+                .iter()
+                .map(|(pid, w)| (*pid, w.fds))
+                .collect(),
+        )?;
+        self.probes.forget_accepts(&writes.forget_accepts)
     }
-}
 
-impl Pipeline {
-    /// Tells the kernel side which fds each worker waits on for new work.
-    /// Epoll sets are looked up once per process (until one is found).
-    fn refresh_worker_fds(&mut self, membership: &Membership) -> Result<HashMap<u32, WorkerFds>> {
+    /// Epoll sets are looked up in /proc once per worker process (until one
+    /// watching a listener is found): an event loop keeps its epoll.
+    fn discover_epolls(&mut self, membership: &Membership) {
         let listen_fds = membership.worker_listen_fds();
         self.epolls.retain(|pid, _| listen_fds.contains_key(pid));
         for (pid, fds) in &listen_fds {
@@ -198,49 +271,13 @@ impl Pipeline {
                 }
             }
         }
-        let fds = workers::worker_fds(membership, &self.epolls);
-        self.probes.set_worker_fds(&fds)?;
-        Ok(fds)
     }
+}
 
-    /// A thread that entered its wait before it was tracked, or before its
-    /// epoll set was known, sends no event until it leaves the wait: it
-    /// would look busy all that time. Threads that have looked busy for a
-    /// while are checked against /proc and marked idle if they are in fact
-    /// blocked waiting for new work.
-    fn reconcile_waiting(
-        &mut self,
-        threads: &mut [(u32, WorkerThread)],
-        fds: &HashMap<u32, WorkerFds>,
-    ) -> Result<()> {
-        const LOOKS_STUCK_NS: u64 = 200_000_000;
-        let now = procfs::monotonic_ns();
-        let mut fixed = Vec::new();
-        for (tid, t) in threads.iter_mut() {
-            if t.waiting != 0 || now.saturating_sub(t.since_ns) < LOOKS_STUCK_NS {
-                continue;
-            }
-            let worker_fds = fds.get(&t.tgid).map(|f| (&f.listen[..], &f.epoll[..]));
-            // The kernel side keeps writing while we look: write only if the
-            // entry is unchanged since the snapshot, checked after /proc.
-            if procfs::waits_for_work(t.tgid, *tid, worker_fds)
-                && self.probes.worker_thread(*tid) == Some(*t)
-            {
-                t.busy_ns += now.saturating_sub(t.since_ns);
-                t.waiting = 1;
-                t.since_ns = now;
-                fixed.push((*tid, *t));
-            }
-        }
-        if !fixed.is_empty() {
-            log::debug!(
-                "{} tracked threads were waiting for work unseen",
-                fixed.len()
-            );
-            self.probes.update_threads(&fixed)?;
-        }
-        Ok(())
-    }
+fn lock(sampler: &Mutex<ThreadSampler>) -> Result<std::sync::MutexGuard<'_, ThreadSampler>> {
+    sampler
+        .lock()
+        .map_err(|_| anyhow::anyhow!("thread sampler state poisoned"))
 }
 
 /// Checks the host and loads the programs (`trace`: also stream accepts).
@@ -282,25 +319,4 @@ fn all_listeners(own_netns: Vec<ListenerRecord>, holders: &[HolderRecord]) -> Ve
         }
     }
     listeners
-}
-
-/// Tracks the main thread of worker processes that have not accepted yet
-/// (they are idle if blocked in a wait syscall now, else busy).
-fn main_threads(pids: &[u32], fds: &HashMap<u32, WorkerFds>) -> Vec<(u32, WorkerThread)> {
-    let now = procfs::monotonic_ns();
-    pids.iter()
-        .map(|pid| {
-            let worker_fds = fds.get(pid).map(|f| (&f.listen[..], &f.epoll[..]));
-            let waiting = procfs::waits_for_work(*pid, *pid, worker_fds) as u32;
-            let thread = WorkerThread {
-                tgid: *pid,
-                waiting,
-                since_ns: now,
-                busy_ns: 0,
-                registered_by: REGISTERED_BY_DAEMON,
-                _pad: 0,
-            };
-            (*pid, thread)
-        })
-        .collect()
 }

@@ -155,7 +155,7 @@ where
 {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&req, &state)) }
+        async move { Ok::<_, Infallible>(handle(req, state).await) }
     });
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -177,7 +177,7 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     response
 }
 
-fn handle<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
+async fn handle<B>(req: Request<B>, state: Arc<State>) -> Response<Full<Bytes>> {
     if !state.web.authorized(
         req.headers()
             .get(header::AUTHORIZATION)
@@ -202,14 +202,24 @@ fn handle<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
         );
     }
     match req.uri().path() {
-        p if p == state.telemetry_path => match scrape(state) {
-            Ok(text) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, text),
-            Err(e) => respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("collection failed: {e:#}\n"),
-            ),
-        },
+        // A collection runs on a blocking thread of its own, so that
+        // /healthz (and the sampler) never wait for one.
+        p if p == state.telemetry_path => {
+            let state = state.clone();
+            match tokio::task::spawn_blocking(move || scrape(&state)).await {
+                Ok(Ok(text)) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, text),
+                Ok(Err(e)) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("collection failed: {e:#}\n"),
+                ),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("collection failed: {e}\n"),
+                ),
+            }
+        }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/" => respond(
             StatusCode::OK,

@@ -1,18 +1,21 @@
 //! Stage 3b: worker pools. Joins who holds each listener (the socket-holder
-//! iterator), which threads are tracked and whether they wait for work (the
-//! WORKERS map), and who accepted what (the listener views) into one pool per
-//! listener: its workers, each busy or idle.
+//! iterator), what the thread sampler saw each worker doing, and who
+//! accepted what (the listener views) into one pool per listener: its
+//! workers, each busy or idle.
 //!
 //! A pool's **workers** are the processes holding the listening socket,
 //! except its master: a holder whose child also holds it (gunicorn's arbiter,
-//! nginx's or uWSGI's master). A worker is **busy** while its acceptor
-//! thread is outside accept/select/poll/epoll_wait, i.e. not waiting for new
-//! work. Pure logic, no I/O.
+//! nginx's or uWSGI's master). Whether a worker is busy is the rule in
+//! `activity.rs`. Pure logic, no I/O.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use observer_common::{HolderRecord, REGISTERED_BY_ACCEPT, TCP_LISTEN, WorkerFds, WorkerThread};
+use observer_common::{HolderRecord, TCP_LISTEN, WorkerFds};
 
-use crate::aggregate::{ListenerId, ListenerView, listener_of};
+use crate::{
+    activity::{PoolTag, Watched},
+    aggregate::{ListenerId, ListenerView, listener_of},
+    sampler::WorkerActivity,
+};
 
 /// One worker process of a pool.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,9 +26,9 @@ pub struct WorkerView {
     pub accepts: u64,
     /// Accepted connections of this listener it holds open now.
     pub active_connections: u64,
-    /// `None` until one of its threads is tracked.
+    /// `None` until the thread sampler has seen it (or where it cannot run).
     pub busy: Option<bool>,
-    /// Time its acceptor thread spent outside wait syscalls since tracked.
+    /// Busy time the sampler integrated since it first saw the worker.
     pub busy_seconds: f64,
 }
 
@@ -133,15 +136,6 @@ impl Membership {
         }
     }
 
-    /// Worker processes that have no tracked thread yet.
-    pub fn untracked(&self, threads: &[(u32, WorkerThread)]) -> Vec<u32> {
-        let tracked: HashSet<u32> = threads.iter().map(|(_, t)| t.tgid).collect();
-        let all: BTreeSet<u32> = self.workers.values().flatten().copied().collect();
-        all.into_iter()
-            .filter(|pid| !tracked.contains(pid))
-            .collect()
-    }
-
     /// A process that holds the listener (a worker if any), to learn its container.
     pub fn a_holder(&self, id: &ListenerId) -> Option<u32> {
         let workers = self.workers.get(id).and_then(|w| w.first().copied());
@@ -165,56 +159,33 @@ impl Membership {
             .collect()
     }
 
-    fn is_worker(&self, pid: u32) -> bool {
-        self.workers.values().any(|w| w.contains(&pid))
+    /// Each worker's pool: the first listener it serves (workers that hold
+    /// the same listeners share it).
+    fn pool_tags(&self) -> HashMap<u32, PoolTag> {
+        let mut tags = HashMap::new();
+        for (id, pids) in &self.workers {
+            for pid in pids {
+                tags.entry(*pid).or_insert_with(|| pool_tag(id));
+            }
+        }
+        tags
     }
 }
 
-/// A process's busy state from its tracked threads: threads that accepted
-/// are its acceptors; without any, the daemon-tracked main thread stands in.
-/// Busy when every acceptor is busy; busy time is the least of theirs.
-fn process_state(threads: &[&WorkerThread], now_ns: u64) -> (Option<bool>, f64) {
-    let accepting: Vec<&&WorkerThread> = threads
-        .iter()
-        .filter(|t| t.registered_by == REGISTERED_BY_ACCEPT)
-        .collect();
-    let chosen: Vec<&WorkerThread> = if accepting.is_empty() {
-        threads.to_vec()
-    } else {
-        accepting.into_iter().copied().collect()
-    };
-    if chosen.is_empty() {
-        return (None, 0.0);
-    }
-    let busy = chosen.iter().all(|t| t.waiting == 0);
-    let busy_ns = chosen
-        .iter()
-        .map(|t| {
-            t.busy_ns
-                + if t.waiting == 0 {
-                    now_ns.saturating_sub(t.since_ns)
-                } else {
-                    0
-                }
-        })
-        .min()
-        .unwrap_or(0);
-    (Some(busy), busy_ns as f64 / 1e9)
+fn pool_tag(id: &ListenerId) -> PoolTag {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
-/// Builds the pools. `now_ns` is CLOCK_MONOTONIC, the clock of the threads'
-/// stamps.
+/// Builds the pools from the membership and each worker's activity.
 pub fn pools(
     listeners: &[ListenerView],
     membership: &Membership,
-    threads: &[(u32, WorkerThread)],
-    now_ns: u64,
+    activity: &HashMap<u32, WorkerActivity>,
     max_workers: usize,
 ) -> Pools {
-    let mut by_process: HashMap<u32, Vec<&WorkerThread>> = HashMap::new();
-    for (_, t) in threads {
-        by_process.entry(t.tgid).or_default().push(t);
-    }
     let mut budget = max_workers;
     let mut over = 0u64;
     let mut pools = Vec::new();
@@ -229,10 +200,7 @@ pub fn pools(
                 continue;
             }
             budget -= 1;
-            let (busy, busy_seconds) = process_state(
-                by_process.get(pid).map(Vec::as_slice).unwrap_or(&[]),
-                now_ns,
-            );
+            let seen = activity.get(pid);
             workers.push(WorkerView {
                 pid: *pid,
                 comm: membership.comms.get(pid).cloned().unwrap_or_default(),
@@ -242,8 +210,8 @@ pub fn pools(
                     .get(&(view.id, *pid))
                     .copied()
                     .unwrap_or(0),
-                busy,
-                busy_seconds,
+                busy: seen.map(|a| a.busy),
+                busy_seconds: seen.map_or(0.0, |a| a.busy_seconds),
             });
         }
         pools.push(PoolView {
@@ -257,12 +225,11 @@ pub fn pools(
     }
 }
 
-/// The fds each worker waits on for new work, for the kernel side: its
-/// listeners, and `epolls` (epoll fds watching a listener, by process).
-pub fn worker_fds(
-    membership: &Membership,
-    epolls: &HashMap<u32, Vec<i32>>,
-) -> HashMap<u32, WorkerFds> {
+/// The worker processes the thread sampler watches: each with the fds it
+/// waits on for new work (its listeners, and `epolls`: epoll fds watching a
+/// listener, by process) and its pool.
+pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> HashMap<u32, Watched> {
+    let tags = membership.pool_tags();
     membership
         .worker_listen_fds()
         .into_iter()
@@ -278,25 +245,9 @@ pub fn worker_fds(
             {
                 *slot = *fd;
             }
-            (pid, fds)
+            let pool = tags.get(&pid).copied().unwrap_or_default();
+            (pid, Watched { fds, pool })
         })
-        .collect()
-}
-
-/// Tracked threads to stop tracking: their thread is gone, or the daemon
-/// tracked them on a guess and their process no longer serves a listener.
-pub fn stale_threads(
-    threads: &[(u32, WorkerThread)],
-    membership: &Membership,
-    thread_alive: impl Fn(u32, u32) -> bool,
-) -> Vec<u32> {
-    threads
-        .iter()
-        .filter(|(tid, t)| {
-            !thread_alive(t.tgid, *tid)
-                || (t.registered_by != REGISTERED_BY_ACCEPT && !membership.is_worker(t.tgid))
-        })
-        .map(|(tid, _)| *tid)
         .collect()
 }
 
@@ -304,7 +255,7 @@ pub fn stale_threads(
 mod tests {
     use super::*;
     use crate::aggregate::Accepts;
-    use observer_common::{AF_INET, REGISTERED_BY_DAEMON, TCP_ESTABLISHED};
+    use observer_common::{AF_INET, TCP_ESTABLISHED};
 
     fn id(port: u16) -> ListenerId {
         ListenerId {
@@ -353,27 +304,19 @@ mod tests {
         }
     }
 
-    fn thread(tgid: u32, waiting: u32, since_ns: u64, busy_ns: u64, by: u32) -> WorkerThread {
-        WorkerThread {
-            tgid,
-            waiting,
-            since_ns,
-            busy_ns,
-            registered_by: by,
-            _pad: 0,
-        }
-    }
-
-    #[test]
-    fn the_master_holding_the_listener_is_not_a_worker() {
-        // gunicorn: arbiter 10 (parent 1) forks workers 11 and 12.
+    fn gunicorn_pool() -> Membership {
+        // Arbiter 10 (parent 1) forks workers 11 and 12.
         let holders = [
             holder(10, 1, 80, TCP_LISTEN, 5),
             holder(11, 10, 80, TCP_LISTEN, 5),
             holder(12, 10, 80, TCP_LISTEN, 5),
         ];
-        let m = Membership::from_holders(&[view(80)], &holders);
-        let p = pools(&[view(80)], &m, &[], 0, 100);
+        Membership::from_holders(&[view(80)], &holders)
+    }
+
+    #[test]
+    fn the_master_holding_the_listener_is_not_a_worker() {
+        let p = pools(&[view(80)], &gunicorn_pool(), &HashMap::new(), 100);
         let pids: Vec<u32> = p.pools[0].workers.iter().map(|w| w.pid).collect();
         assert_eq!(pids, vec![11, 12]);
         assert_eq!(p.pools[0].workers[0].comm, "gunz");
@@ -382,37 +325,41 @@ mod tests {
     #[test]
     fn a_single_process_server_is_its_own_worker() {
         let m = Membership::from_holders(&[view(80)], &[holder(20, 1, 80, TCP_LISTEN, 5)]);
-        assert_eq!(m.untracked(&[]), vec![20]);
+        assert_eq!(
+            m.worker_listen_fds().keys().copied().collect::<Vec<_>>(),
+            vec![20]
+        );
     }
 
     #[test]
-    fn busy_and_idle_come_from_the_acceptor_thread() {
-        let holders = [
-            holder(10, 1, 80, TCP_LISTEN, 5),
-            holder(11, 10, 80, TCP_LISTEN, 5),
-            holder(12, 10, 80, TCP_LISTEN, 5),
-        ];
-        let m = Membership::from_holders(&[view(80)], &holders);
-        let threads = [
-            (11, thread(11, 0, 1_000, 500, REGISTERED_BY_ACCEPT)), // busy since t=1000
-            (12, thread(12, 1, 1_000, 700, REGISTERED_BY_ACCEPT)), // idle
-        ];
-        let p = pools(&[view(80)], &m, &threads, 3_000, 100);
+    fn busy_and_idle_come_from_the_sampler() {
+        let activity = HashMap::from([
+            (
+                11,
+                WorkerActivity {
+                    busy: true,
+                    busy_seconds: 2.5,
+                },
+            ),
+            (
+                12,
+                WorkerActivity {
+                    busy: false,
+                    busy_seconds: 0.7,
+                },
+            ),
+        ]);
+        let p = pools(&[view(80)], &gunicorn_pool(), &activity, 100);
         assert_eq!((p.pools[0].busy(), p.pools[0].idle()), (1, 1));
-        assert_eq!(p.pools[0].workers[0].busy_seconds, 2_500e-9);
-        assert_eq!(p.pools[0].workers[1].busy_seconds, 700e-9);
+        assert_eq!(p.pools[0].workers[0].busy_seconds, 2.5);
+        assert_eq!(p.pools[0].workers[1].busy_seconds, 0.7);
     }
 
     #[test]
-    fn an_accepting_thread_outranks_the_guessed_main_thread() {
-        // Puma-like: main thread 30 (guessed) sleeps elsewhere; thread 31 accepts.
-        let threads = [
-            (30, thread(30, 0, 0, 0, REGISTERED_BY_DAEMON)),
-            (31, thread(30, 1, 0, 0, REGISTERED_BY_ACCEPT)),
-        ];
-        let m = Membership::from_holders(&[view(80)], &[holder(30, 1, 80, TCP_LISTEN, 5)]);
-        let p = pools(&[view(80)], &m, &threads, 10, 100);
-        assert_eq!(p.pools[0].workers[0].busy, Some(false));
+    fn a_worker_the_sampler_has_not_seen_is_neither_busy_nor_idle() {
+        let p = pools(&[view(80)], &gunicorn_pool(), &HashMap::new(), 100);
+        assert_eq!((p.pools[0].busy(), p.pools[0].idle()), (0, 0));
+        assert_eq!(p.pools[0].workers[0].busy, None);
     }
 
     #[test]
@@ -424,34 +371,20 @@ mod tests {
             holder(11, 10, 80, TCP_ESTABLISHED, 78),
         ];
         let m = Membership::from_holders(&[view(80)], &holders);
-        let p = pools(&[view(80)], &m, &[], 0, 100);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
         assert_eq!(p.pools[0].workers[0].active_connections, 2);
     }
 
     #[test]
-    fn dead_threads_and_guesses_about_non_workers_are_forgotten() {
-        let m = Membership::from_holders(&[view(80)], &[holder(11, 10, 80, TCP_LISTEN, 5)]);
-        let threads = [
-            (11, thread(11, 1, 0, 0, REGISTERED_BY_DAEMON)),
-            (40, thread(40, 1, 0, 0, REGISTERED_BY_DAEMON)), // no longer holds a listener
-            (50, thread(50, 1, 0, 0, REGISTERED_BY_ACCEPT)), // exited
-        ];
-        let mut stale = stale_threads(&threads, &m, |tgid, _| tgid != 50);
-        stale.sort();
-        assert_eq!(stale, vec![40, 50]);
-    }
-
-    #[test]
-    fn worker_fds_hold_listeners_and_listener_epolls() {
-        let holders = [
-            holder(10, 1, 80, TCP_LISTEN, 5),
-            holder(11, 10, 80, TCP_LISTEN, 5),
-        ];
-        let m = Membership::from_holders(&[view(80)], &holders);
-        let fds = worker_fds(&m, &HashMap::from([(11, vec![7])]));
-        assert_eq!(fds.len(), 1, "only the worker, not the master");
-        assert_eq!(fds[&11].listen, [3, -1, -1, -1]);
-        assert_eq!(fds[&11].epoll, [7, -1, -1, -1]);
+    fn watched_workers_carry_listeners_epolls_and_one_pool() {
+        let w = watched(&gunicorn_pool(), &HashMap::from([(11, vec![7])]));
+        assert_eq!(w.len(), 2, "the workers, not the master");
+        assert_eq!(w[&11].fds.listen, [3, -1, -1, -1]);
+        assert_eq!(w[&11].fds.epoll, [7, -1, -1, -1]);
+        assert_eq!(w[&12].fds.epoll, [-1; 4]);
+        assert_eq!(w[&11].pool, w[&12].pool);
+        let other = Membership::from_holders(&[view(81)], &[holder(30, 1, 81, TCP_LISTEN, 6)]);
+        assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
     }
 
     #[test]
@@ -460,7 +393,7 @@ mod tests {
             .map(|pid| holder(pid, 1, 80, TCP_LISTEN, 5))
             .collect();
         let m = Membership::from_holders(&[view(80)], &holders);
-        let p = pools(&[view(80)], &m, &[], 0, 3);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 3);
         assert_eq!((p.pools[0].workers.len(), p.workers_over_cap), (3, 2));
     }
 }

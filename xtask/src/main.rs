@@ -46,8 +46,8 @@ enum Task {
     /// cost, untracked processes' syscalls, daemon CPU/RSS, growth; side by
     /// side with a bpftrace peer. Needs root; takes a few minutes.
     Bench(bench::BenchOptions),
-    /// Fuzz the parsers observer owns (BTF, cgroup paths, web config, /proc
-    /// syscall lines, durations) with cargo fuzz, each for a while.
+    /// Fuzz the parsers observer owns (BTF, cgroup paths, web config,
+    /// /proc/locks, durations) with cargo fuzz, each for a while.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -372,7 +372,7 @@ fn image() -> Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: &[&str] = &["btf", "cgroup", "web_config", "proc_syscall"];
+const FUZZ_TARGETS: &[&str] = &["btf", "cgroup", "web_config", "proc_locks"];
 
 /// Runs every fuzz target for `seconds` (installing cargo-fuzz if missing).
 fn fuzz(seconds: u64) -> Result<()> {

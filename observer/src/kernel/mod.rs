@@ -2,6 +2,7 @@
 //! struct offsets of this kernel, and the loaded programs with their maps.
 pub mod btf;
 pub mod host;
+pub mod iter;
 pub mod kretprobe;
 pub mod offsets;
 pub mod probes;

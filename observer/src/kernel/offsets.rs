@@ -1,6 +1,6 @@
 //! The kernel struct offsets the eBPF programs need, from this kernel's BTF.
-use anyhow::{Context as _, Result};
-use observer_common::KernelOffsets;
+use anyhow::{Context as _, Result, ensure};
+use observer_common::{KernelOffsets, PT_REGS_BYTES, SOCK_COMMON_HEAD};
 
 use super::btf::Btf;
 
@@ -40,8 +40,60 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         sk_daddr: at("sock_common", &["skc_daddr"])?,
         sk_v6_daddr: at("sock_common", &["skc_v6_daddr"])?,
         sk_dport: at("sock_common", &["skc_dport"])?,
+        task_pid: at("task_struct", &["pid"])?,
+        // `__state` since 5.14 (`state`, a long, before).
+        task_state: at("task_struct", &["__state"]).or_else(|_| at("task_struct", &["state"]))?,
+        task_group_leader: at("task_struct", &["group_leader"])?,
+        task_start_time: at("task_struct", &["start_time"])?,
+        regs_orig_ax: at("pt_regs", &["orig_ax"])?,
+        regs_di: at("pt_regs", &["di"])?,
+        regs_si: at("pt_regs", &["si"])?,
+        regs_dx: at("pt_regs", &["dx"])?,
+        regs_r10: at("pt_regs", &["r10"])?,
     };
+    check_wide_reads(&offsets)?;
     Ok(offsets)
+}
+
+/// The programs read some structs in one helper call instead of one per
+/// field: the head of `sock_common`, `fdtable`'s first two fields and the
+/// saved registers. Refuse a kernel whose layout would put a field outside.
+fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
+    // (field, its offset, its size)
+    let head_fields = [
+        ("skc_family", o.sk_family, 2),
+        ("skc_state", o.sk_state, 1),
+        ("skc_num", o.sk_num, 2),
+        ("skc_rcv_saddr", o.sk_rcv_saddr, 4),
+        ("skc_v6_rcv_saddr", o.sk_v6_rcv_saddr, 16),
+        ("skc_net", o.sk_net, 8),
+        ("skc_daddr", o.sk_daddr, 4),
+        ("skc_v6_daddr", o.sk_v6_daddr, 16),
+        ("skc_dport", o.sk_dport, 2),
+    ];
+    for (name, offset, size) in head_fields {
+        ensure!(
+            offset as usize + size <= SOCK_COMMON_HEAD,
+            "sock_common.{name} lies at byte {offset}, past the {SOCK_COMMON_HEAD} bytes observer reads at once"
+        );
+    }
+    ensure!(
+        o.fdtable_fd == o.fdtable_max_fds + 8,
+        "fdtable.fd is not 8 bytes after fdtable.max_fds (observer reads both at once)"
+    );
+    for (name, offset) in [
+        ("orig_ax", o.regs_orig_ax),
+        ("di", o.regs_di),
+        ("si", o.regs_si),
+        ("dx", o.regs_dx),
+        ("r10", o.regs_r10),
+    ] {
+        ensure!(
+            offset as usize + 8 <= PT_REGS_BYTES,
+            "pt_regs.{name} lies past the {PT_REGS_BYTES} bytes observer reads"
+        );
+    }
+    Ok(())
 }
 
 /// Reads BTF from `path` and resolves the offsets, with a message that says

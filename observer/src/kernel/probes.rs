@@ -1,12 +1,11 @@
 //! Loads observer's eBPF programs, attaches the accept source, and reads what
 //! they counted. The only module that talks to aya.
 use std::{
-    io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
 };
 
-use super::kretprobe::TracefsKretprobe;
+use super::{iter::IterLink, kretprobe::TracefsKretprobe};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
@@ -15,23 +14,8 @@ use aya::{
 };
 use observer_common::{
     AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets, ListenerRecord,
-    WorkerFds, WorkerThread,
+    WorkerFds,
 };
-
-/// Syscalls in which a worker may wait for new work, with the program that
-/// checks, on entry, whether the call waits on one of the worker's listeners.
-/// Leaving any of them makes a tracked thread busy.
-const WAIT_SYSCALLS: &[(&str, &str)] = &[
-    ("accept", "wait_enter_accept"),
-    ("accept4", "wait_enter_accept"),
-    ("select", "wait_enter_select"),
-    ("pselect6", "wait_enter_select"),
-    ("poll", "wait_enter_poll"),
-    ("ppoll", "wait_enter_poll"),
-    ("epoll_wait", "wait_enter_epoll"),
-    ("epoll_pwait", "wait_enter_epoll"),
-    ("epoll_pwait2", "wait_enter_epoll"),
-];
 
 /// The compiled programs, built by build.rs from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -88,8 +72,13 @@ pub struct AttachError {
 
 pub struct Probes {
     ebpf: Ebpf,
-    /// Whether the last `set_listen_ports` changed the map.
-    listen_ports_changed: bool,
+    /// `iter/tcp`: listeners of the daemon's network namespace.
+    listeners: IterLink,
+    /// `iter/task_file`: every process's listeners and accepted connections.
+    holders: IterLink,
+    /// `iter.s/task`: threads of watched workers; `Err` says why this kernel
+    /// cannot run it (busy/idle is then not exported).
+    threads: Result<IterLink, String>,
     pub accept_source: AcceptSource,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
@@ -142,121 +131,56 @@ impl Probes {
             source: accept_source,
             kretprobe,
         } = attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
-        attach_wait_programs(&mut ebpf, accept_source, &mut attach_errors)?;
-        let iter: &mut Iter = program(&mut ebpf, "listeners")?;
-        iter.load("tcp", &btf)
-            .map_err(|e| describe("listeners (iter/tcp)", e))?;
-        let iter: &mut Iter = program(&mut ebpf, "holders")?;
-        iter.load("task_file", &btf)
-            .map_err(|e| describe("holders (iter/task_file)", e))?;
+        let listeners = load_iterator(&mut ebpf, &btf, "listeners", "tcp")?;
+        let holders = load_iterator(&mut ebpf, &btf, "holders", "task_file")?;
+        let threads = load_iterator(&mut ebpf, &btf, "threads", "task").map_err(|e| {
+            format!(
+                "{e:#} (the thread sampler needs a sleepable task iterator, \
+                 bpf_task_pt_regs and bpf_copy_from_user_task: Linux 5.18+)"
+            )
+        });
         Ok(Probes {
             ebpf,
-            listen_ports_changed: false,
+            listeners,
+            holders,
+            threads,
             accept_source,
             attach_errors,
             kretprobe,
         })
     }
 
-    /// Runs one of the iterator programs and returns what it wrote.
-    fn run_iterator(&mut self, name: &str) -> Result<Vec<u8>> {
-        let iter: &mut Iter = program(&mut self.ebpf, name)?;
-        let link_id = iter.attach().map_err(|e| describe(name, e))?;
-        let link = iter.take_link(link_id).map_err(|e| describe(name, e))?;
-        let mut file = link
-            .into_file()
-            .with_context(|| format!("opening the {name} iterator"))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .with_context(|| format!("reading the {name} iterator"))?;
-        Ok(bytes)
-    }
-
     /// Every listening TCP socket of the daemon's network namespace, right
     /// now (`iter/tcp` is limited to it; see `holders` for the others).
-    pub fn listeners(&mut self) -> Result<Vec<ListenerRecord>> {
-        Ok(parse_records(&self.run_iterator("listeners")?))
+    pub fn listeners(&self) -> Result<Vec<ListenerRecord>> {
+        Ok(parse_records(&self.listeners.read()?))
     }
 
     /// Every process's listening sockets and its accepted connections of the
     /// ports in `LISTEN_PORTS`, right now.
-    pub fn holders(&mut self) -> Result<Vec<HolderRecord>> {
-        Ok(parse_records(&self.run_iterator("holders")?))
+    pub fn holders(&self) -> Result<Vec<HolderRecord>> {
+        Ok(parse_records(&self.holders.read()?))
+    }
+
+    /// The thread sampler's iterator (a handle of its own, for the sampler's
+    /// thread), or why this kernel cannot run it.
+    pub fn thread_sampler(&self) -> Result<IterLink, String> {
+        match &self.threads {
+            Ok(link) => link.try_clone().map_err(|e| format!("{e:#}")),
+            Err(why) => Err(why.clone()),
+        }
     }
 
     /// Makes `LISTEN_PORTS` hold exactly `keys`.
     pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
         let wanted = keys.iter().map(|k| (*k, 1u8)).collect();
-        self.listen_ports_changed = sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted)?;
-        Ok(())
+        sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted).map(|_| ())
     }
 
-    /// Whether the last `set_listen_ports` added or removed ports.
-    pub fn listen_ports_changed(&self) -> bool {
-        self.listen_ports_changed
-    }
-
-    /// Tracked worker threads by thread id.
-    pub fn worker_threads(&self) -> Result<Vec<(u32, WorkerThread)>> {
-        let map: HashMap<_, u32, WorkerThread> =
-            HashMap::try_from(self.ebpf.map("WORKERS").context("map WORKERS missing")?)?;
-        Ok(map.iter().filter_map(|e| e.ok()).collect())
-    }
-
-    /// One tracked thread's entry now.
-    pub fn worker_thread(&self, tid: u32) -> Option<WorkerThread> {
-        let map: HashMap<_, u32, WorkerThread> =
-            HashMap::try_from(self.ebpf.map("WORKERS")?).ok()?;
-        map.get(&tid, 0).ok()
-    }
-
-    /// Starts tracking threads (unless the kernel side already does).
-    pub fn track_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
-        const BPF_NOEXIST: u64 = 1;
-        self.write_threads(threads, BPF_NOEXIST)
-    }
-
-    /// Writes `WORKERS` entries with the given BPF_* update flag.
-    fn write_threads(&mut self, threads: &[(u32, WorkerThread)], flag: u64) -> Result<()> {
-        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
-            self.ebpf
-                .map_mut("WORKERS")
-                .context("map WORKERS missing")?,
-        )?;
-        for (tid, thread) in threads {
-            if let Err(e) = map.insert(tid, thread, flag) {
-                log::debug!("WORKERS entry of thread {tid}: {e}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes `WORKER_FDS` hold exactly `fds` (per worker process).
-    pub fn set_worker_fds(
-        &mut self,
-        fds: &std::collections::HashMap<u32, WorkerFds>,
-    ) -> Result<()> {
-        sync_map(&mut self.ebpf, "WORKER_FDS", fds).map(|_| ())
-    }
-
-    /// Overwrites the state of tracked threads (only for threads blocked in
-    /// a syscall, which do not write their own entry meanwhile).
-    pub fn update_threads(&mut self, threads: &[(u32, WorkerThread)]) -> Result<()> {
-        const BPF_EXIST: u64 = 2;
-        self.write_threads(threads, BPF_EXIST)
-    }
-
-    /// Stops tracking threads.
-    pub fn forget_threads(&mut self, tids: &[u32]) -> Result<()> {
-        let mut map: HashMap<_, u32, WorkerThread> = HashMap::try_from(
-            self.ebpf
-                .map_mut("WORKERS")
-                .context("map WORKERS missing")?,
-        )?;
-        for tid in tids {
-            let _ = map.remove(tid);
-        }
-        Ok(())
+    /// Makes `WATCHED` hold exactly `fds` (per worker process): the
+    /// processes whose threads the sampler reports.
+    pub fn set_watched(&mut self, fds: &std::collections::HashMap<u32, WorkerFds>) -> Result<()> {
+        sync_map(&mut self.ebpf, "WATCHED", fds).map(|_| ())
     }
 
     /// The ring buffer of accepted connections (trace mode).
@@ -470,41 +394,13 @@ where
     Ok(changed)
 }
 
-/// Attaches the idle/busy programs to every wait syscall this kernel has.
-/// Leaving accept makes a thread busy: the tracepoint accept source does that
-/// itself; with the others, `wait_exit` is attached there too.
-fn attach_wait_programs(
-    ebpf: &mut Ebpf,
-    accept_source: AcceptSource,
-    errors: &mut Vec<AttachError>,
-) -> Result<()> {
-    let enter_programs = [
-        "wait_enter_accept",
-        "wait_enter_select",
-        "wait_enter_poll",
-        "wait_enter_epoll",
-    ];
-    for name in enter_programs.into_iter().chain(["wait_exit"]) {
-        let tp: &mut TracePoint = program(ebpf, name)?;
-        tp.load().map_err(|e| describe(name, e))?;
-    }
-    for (syscall, enter) in WAIT_SYSCALLS {
-        let mut attach = |name: &'static str, tracepoint: String| -> Result<()> {
-            let tp: &mut TracePoint = program(ebpf, name)?;
-            if let Err(e) = tp.attach("syscalls", &tracepoint) {
-                errors.push(AttachError {
-                    program: name,
-                    message: format!("syscalls/{tracepoint}: {e}"),
-                });
-            }
-            Ok(())
-        };
-        attach(enter, format!("sys_enter_{syscall}"))?;
-        if !syscall.starts_with("accept") || accept_source != AcceptSource::Tracepoint {
-            attach("wait_exit", format!("sys_exit_{syscall}"))?;
-        }
-    }
-    Ok(())
+/// Loads an iterator program for the kernel iterator `target` and links it.
+fn load_iterator(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, target: &str) -> Result<IterLink> {
+    let iter: &mut Iter = program(ebpf, name)?;
+    iter.load(target, btf)
+        .map_err(|e| describe(&format!("{name} (iter/{target})"), e))?;
+    let fd = iter.fd().map_err(|e| describe(name, e))?;
+    IterLink::create(fd.as_fd(), name)
 }
 
 /// A numeric `name:\tvalue` line of a /proc fdinfo file.
@@ -530,7 +426,6 @@ pub fn health_name(slot: usize) -> &'static str {
     match slot {
         s if s == Health::AcceptMapFull as usize => "accept_map_full",
         s if s == Health::AcceptReadError as usize => "accept_read_error",
-        s if s == Health::WorkerMapFull as usize => "worker_map_full",
         s if s == Health::TraceEventLost as usize => "trace_event_lost",
         s if s == Health::WaitUnknown as usize => "wait_unknown",
         _ => "unknown",

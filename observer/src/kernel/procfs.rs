@@ -1,117 +1,75 @@
-//! The few facts the daemon reads from /proc: whether a process or thread
-//! still exists, and which syscall a thread is blocked in. A process that
-//! vanishes mid-read is simply "not alive", never an error.
+//! The few facts the daemon reads from /proc: whether a process still
+//! exists, which epoll instances watch a listener, and who holds a file
+//! lock. A process that vanishes mid-read is simply "not alive", never an
+//! error.
 use std::path::Path;
 
-/// The shapes of wait syscalls (see `WAIT_SYSCALLS` in probes.rs).
+/// The file open as `fd` in process `pid`, by device and inode.
+pub fn file_id(pid: u32, fd: u32) -> Option<crate::activity::FileId> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    Some(crate::activity::FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// The processes holding a lock (flock, POSIX or OFD) on `file`.
+pub fn lock_holders(file: crate::activity::FileId) -> Vec<u32> {
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    parse_proc_locks(&text)
+        .into_iter()
+        .filter(|l| !l.waiting && l.dev == file.dev && l.ino == file.ino)
+        .filter_map(|l| l.pid)
+        .collect()
+}
+
+/// One line of /proc/locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WaitKind {
-    Accept,
-    Select,
-    Poll,
-    Epoll,
+pub struct LockLine {
+    /// A `->` line: a process blocked waiting for the lock.
+    pub waiting: bool,
+    /// The process (none for OFD locks, shown as -1).
+    pub pid: Option<u32>,
+    /// `st_dev` as the kernel's `new_encode_dev` of major:minor.
+    pub dev: u64,
+    pub ino: u64,
 }
 
-#[cfg(target_arch = "x86_64")]
-fn wait_kind(nr: i64) -> Option<WaitKind> {
-    Some(match nr {
-        43 | 288 => WaitKind::Accept,
-        23 | 270 => WaitKind::Select,
-        7 | 271 => WaitKind::Poll,
-        232 | 281 | 441 => WaitKind::Epoll,
-        _ => return None,
-    })
-}
-
-#[cfg(target_arch = "aarch64")]
-fn wait_kind(nr: i64) -> Option<WaitKind> {
-    Some(match nr {
-        202 | 242 => WaitKind::Accept,
-        72 => WaitKind::Select,
-        73 => WaitKind::Poll,
-        22 | 441 => WaitKind::Epoll,
-        _ => return None,
-    })
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn wait_kind(_nr: i64) -> Option<WaitKind> {
-    None
-}
-
-/// The syscall a thread is blocked in, with its arguments, from
-/// /proc/PID/task/TID/syscall ("NR arg0 … arg5 sp pc"; "running" or "-1 …"
-/// when it is not in a syscall).
-fn blocked_syscall(tgid: u32, tid: u32) -> Option<(i64, [u64; 6])> {
-    parse_syscall_line(&std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?)
-}
-
-/// Parses a /proc/PID/task/TID/syscall line: the syscall number and its six
-/// arguments, or `None` ("running", "-1 …", or anything malformed).
-pub fn parse_syscall_line(text: &str) -> Option<(i64, [u64; 6])> {
-    let mut fields = text.split_whitespace();
-    let nr: i64 = fields.next()?.parse().ok()?;
-    let mut args = [0u64; 6];
-    for arg in args.iter_mut() {
-        *arg = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
-    }
-    Some((nr, args))
-}
-
-/// Reads `len` bytes of process memory at `addr` (root reads any process's).
-fn read_memory(tgid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt as _;
-    let file = std::fs::File::open(format!("/proc/{tgid}/mem")).ok()?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, addr).ok()?;
-    Some(buf)
-}
-
-/// Whether the thread is blocked waiting for new work now: in a wait
-/// syscall on one of `listen`/`epoll` fds (the same test the kernel side
-/// makes on entry). With `None` fds, any wait syscall counts.
-pub fn waits_for_work(tgid: u32, tid: u32, fds: Option<(&[i32], &[i32])>) -> bool {
-    let Some((nr, args)) = blocked_syscall(tgid, tid) else {
-        return false;
-    };
-    let Some(kind) = wait_kind(nr) else {
-        return false;
-    };
-    let Some((listen, epoll)) = fds else {
-        return true;
-    };
-    let listen: Vec<i32> = listen.iter().copied().filter(|fd| *fd >= 0).collect();
-    match kind {
-        WaitKind::Accept => listen.contains(&(args[0] as i32)),
-        WaitKind::Epoll => epoll.contains(&(args[0] as i32)),
-        WaitKind::Select => listen.iter().any(|fd| {
-            let (fd, nfds, readfds) = (*fd as u64, args[0], args[1]);
-            fd < nfds
-                && readfds != 0
-                && read_memory(tgid, readfds + fd / 64 * 8, 8)
-                    .and_then(|b| b.try_into().ok())
-                    .is_some_and(|word: [u8; 8]| u64::from_ne_bytes(word) & (1 << (fd % 64)) != 0)
-        }),
-        WaitKind::Poll => {
-            let entries = args[1].min(64) as usize;
-            read_memory(tgid, args[0], entries * 8).is_some_and(|bytes| {
-                bytes.chunks_exact(8).any(|pollfd| {
-                    listen.contains(&i32::from_ne_bytes([
-                        pollfd[0], pollfd[1], pollfd[2], pollfd[3],
-                    ]))
-                })
+/// Parses /proc/locks ("1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF",
+/// waiters as "1: -> FLOCK …"); malformed lines are skipped.
+pub fn parse_proc_locks(text: &str) -> Vec<LockLine> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1).peekable();
+            let waiting = fields.next_if_eq(&"->").is_some();
+            let mut fields = fields.skip(3); // class, mode, access
+            let pid = fields.next()?.parse::<i64>().ok()?;
+            let mut place = fields.next()?.split(':');
+            let major = u64::from_str_radix(place.next()?, 16).ok()?;
+            let minor = u64::from_str_radix(place.next()?, 16).ok()?;
+            let ino = place.next()?.parse().ok()?;
+            Some(LockLine {
+                waiting,
+                pid: u32::try_from(pid).ok(),
+                dev: encode_dev(major, minor),
+                ino,
             })
-        }
-    }
+        })
+        .collect()
+}
+
+/// What `stat()` reports as `st_dev` for major:minor (glibc's makedev).
+fn encode_dev(major: u64, minor: u64) -> u64 {
+    ((major & 0xfffff000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffffff00) << 12)
+        | (minor & 0xff)
 }
 
 /// Whether a process (by its id in the initial PID namespace) still exists.
 pub fn process_is_alive(tgid: u32) -> bool {
     Path::new("/proc").join(tgid.to_string()).exists()
-}
-
-pub fn thread_is_alive(tgid: u32, tid: u32) -> bool {
-    Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
 }
 
 /// The epoll fds of process `tgid` whose interest list contains one of
@@ -164,22 +122,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn syscall_lines_parse_or_are_rejected() {
-        let line = "232 0x4 0x7ffe437f97cc 0x80 0xffffffff 0x0 0x0 0x7ffe437f9790 0x7f0a1b2c3d4e";
+    fn proc_locks_lines_give_holders_and_waiters() {
+        // Recorded on 6.18 while Apache children queued on `Mutex fcntl`.
+        let text = "1: POSIX  ADVISORY  WRITE 4101 00:1a:6271 0 0\n\
+                    1: -> POSIX  ADVISORY  WRITE 4102 00:1a:6271 0 0\n\
+                    2: OFDLCK ADVISORY  READ  -1 fd:01:131 0 EOF\n\
+                    garbage\n";
+        let lines = parse_proc_locks(text);
+        assert_eq!(lines.len(), 3);
         assert_eq!(
-            parse_syscall_line(line),
-            Some((232, [4, 0x7ffe437f97cc, 0x80, 0xffffffff, 0, 0]))
+            lines[0],
+            LockLine {
+                waiting: false,
+                pid: Some(4101),
+                dev: encode_dev(0, 0x1a),
+                ino: 6271
+            }
         );
-        assert_eq!(parse_syscall_line("running"), None);
-        assert_eq!(parse_syscall_line("-1 0x7ffe 0x7f0a"), None);
-        assert_eq!(parse_syscall_line(""), None);
+        assert!(lines[1].waiting);
+        assert_eq!(lines[1].pid, Some(4102));
+        assert_eq!((lines[2].pid, lines[2].dev), (None, encode_dev(0xfd, 1)));
     }
 
     #[test]
-    fn this_process_is_alive_and_running_not_waiting() {
+    fn device_numbers_encode_as_stat_reports_them() {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata("/proc/self/exe").expect("stat");
+        let dev = meta.dev();
+        let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+        assert_eq!(encode_dev(major, minor), dev);
+    }
+
+    #[test]
+    fn this_process_is_alive() {
         let pid = std::process::id();
         assert!(process_is_alive(pid));
-        assert!(thread_is_alive(pid, pid));
         assert!(!process_is_alive(u32::MAX));
     }
 }

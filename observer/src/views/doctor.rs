@@ -117,6 +117,7 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
     let requested = opts.kernel.accept_source;
     let mut checks = Vec::new();
     let mut serve_would_load = None;
+    let mut sampler = None;
     for (source, fallback) in sources {
         let loaded = Probes::load(offsets, &opts.kernel.btf, source, true);
         let used_by_serve = match requested {
@@ -125,6 +126,7 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
         };
         if used_by_serve {
             serve_would_load = Some(programs_summary(&loaded));
+            sampler = loaded.as_ref().ok().map(sampler_check);
         }
         checks.push(Check {
             name: source.name(),
@@ -145,15 +147,33 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
         result: serve_would_load
             .unwrap_or_else(|| Err("no accept source loads on this kernel (lines above)".into())),
     });
+    checks.extend(sampler.map(|result| Check {
+        name: "sampler",
+        required: false,
+        result,
+    }));
     checks
+}
+
+/// Whether worker busy/idle can be sampled, and what its absence costs.
+fn sampler_check(probes: &Probes) -> Result<String, String> {
+    match probes.thread_sampler() {
+        Ok(_) => Ok(
+            "worker busy/idle is read by a thread sampler (iter.s/task): no program on \
+                     any wait syscall"
+                .into(),
+        ),
+        Err(why) => Err(format!(
+            "{why} — observer_workers and observer_worker_busy* are not exported"
+        )),
+    }
 }
 
 /// The "programs" line for one load of every program.
 fn programs_summary(loaded: &Result<Probes>) -> Result<String, String> {
     match loaded {
         Ok(probes) if probes.attach_errors.is_empty() => Ok(format!(
-            "all load and attach: accept source {}, wait-syscall tracepoints, iter/tcp, \
-             iter/task_file, ring buffer",
+            "all load and attach: accept source {}, iter/tcp, iter/task_file, ring buffer",
             probes.accept_source.name()
         )),
         Ok(probes) => Ok(format!(

@@ -1,0 +1,192 @@
+//! `iter.s/task`: the thread sampler. The daemon runs this sleepable task
+//! iterator many times a second and at each scrape; it visits every thread
+//! on the host and, for threads of the worker processes listed in
+//! `WATCHED`, writes one [`ThreadSample`]: whether the thread runs, the
+//! syscall it is blocked in (from its saved user registers,
+//! `bpf_task_pt_regs`), and the few bytes of its memory that say what that
+//! wait is on (`bpf_copy_from_user_task`, which needs a sleepable program).
+//!
+//! This replaces programs on the wait syscalls, which every process on the
+//! host paid for on every call: here nothing runs between samples, and a
+//! thread of an unwatched process costs one map lookup per pass.
+//! Whether a sample means "waiting for work" is decided by the daemon.
+use aya_ebpf::{
+    bindings::{seq_file, task_struct},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_copy_from_user_task, bpf_seq_write, bpf_task_pt_regs},
+    },
+};
+use core::ffi::c_void;
+use observer_common::{
+    POLLED_FDS, PT_REGS_BYTES, SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT,
+    ThreadSample, WorkerFds,
+};
+
+use crate::{
+    kernel::{offsets, read, read_into, read_ptr},
+    maps::WATCHED,
+};
+
+/// Byte offset of `task` in `struct bpf_iter__task` (after `meta`).
+const ITER_TASK: usize = 8;
+
+/// # Safety
+/// Called by the kernel with a valid `struct bpf_iter__task *`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter.s/task")]
+pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
+    // SAFETY: ctx->meta is the first field, and meta->seq the first of bpf_iter_meta.
+    let seq: *mut seq_file = unsafe { **(ctx as *const *const *mut seq_file) };
+    // The helpers below want the task as the verifier's typed pointer: a
+    // direct load from the context. Field reads use a plain-number copy
+    // (a probe read), so their arithmetic is not pointer arithmetic.
+    // SAFETY: ctx->task sits at this offset; NULL at the end of the walk.
+    let task_ptr: *mut task_struct =
+        unsafe { core::ptr::read_volatile((ctx as *const u8).add(ITER_TASK) as *const _) };
+    if task_ptr.is_null() {
+        return 0;
+    }
+    // SAFETY: reading a field of our own context.
+    let task: u64 =
+        match unsafe { bpf_probe_read_kernel((ctx as *const u8).add(ITER_TASK) as *const u64) } {
+            Ok(t) if t != 0 => t,
+            _ => return 0,
+        };
+    let off = offsets();
+    let Some(tgid) = read::<u32>(task, off.task_tgid) else {
+        return 0;
+    };
+    let Some(fds) = WATCHED.get_ptr(&tgid) else {
+        return 0;
+    };
+    // SAFETY: a live map value, only read (the daemon replaces whole values).
+    let fds: WorkerFds = unsafe { *fds };
+    let mut sample = ThreadSample {
+        tgid,
+        tid: read(task, off.task_pid).unwrap_or(0),
+        state: read(task, off.task_state).unwrap_or(0),
+        start_ns: read_ptr(task, off.task_group_leader)
+            .and_then(|leader| read(leader, off.task_start_time))
+            .unwrap_or(0),
+        syscall: -1,
+        polled_fds: [-1; POLLED_FDS],
+        ..Default::default()
+    };
+    // SAFETY: a trusted task pointer from the iterator's context.
+    let regs_addr = unsafe { bpf_task_pt_regs(task_ptr) } as u64;
+    let mut regs = [0u8; PT_REGS_BYTES];
+    if read_into(regs_addr, &mut regs) {
+        sample.syscall = reg(&regs, off.regs_orig_ax) as i64;
+        sample.args = [
+            reg(&regs, off.regs_di),
+            reg(&regs, off.regs_si),
+            reg(&regs, off.regs_dx),
+            reg(&regs, off.regs_r10),
+        ];
+    }
+    // A running thread's registers are in flux and its wait does not matter.
+    if sample.state != 0 {
+        read_wait_details(&mut sample, &fds, task_ptr);
+    }
+    // SAFETY: `seq` is the iterator's seq_file; the sample lives on our stack.
+    unsafe {
+        bpf_seq_write(
+            seq,
+            &sample as *const ThreadSample as *const c_void,
+            core::mem::size_of::<ThreadSample>() as u32,
+        );
+    }
+    0
+}
+
+/// A saved register by its byte offset in `struct pt_regs`.
+#[inline(always)]
+fn reg(regs: &[u8; PT_REGS_BYTES], offset: u32) -> u64 {
+    let offset = offset as usize;
+    if offset + 8 > PT_REGS_BYTES {
+        return 0;
+    }
+    // SAFETY: in bounds (checked above); unaligned read of plain data.
+    unsafe { core::ptr::read_unaligned(regs.as_ptr().add(offset) as *const u64) }
+}
+
+/// Reads `T` at `addr` in the task's own memory.
+#[inline(always)]
+fn read_user<T: Copy + Default>(task: *mut task_struct, addr: u64) -> Option<T> {
+    let mut value = T::default();
+    // SAFETY: the helper checks the address and fails cleanly; `value` is ours.
+    let rc = unsafe {
+        bpf_copy_from_user_task(
+            &mut value as *mut T as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+            addr as *const c_void,
+            task,
+            0,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+/// What a blocked select/poll waits on, and a futex's word.
+#[inline(always)]
+fn read_wait_details(sample: &mut ThreadSample, fds: &WorkerFds, task: *mut task_struct) {
+    let [a0, a1, _, _] = sample.args;
+    let ok = match sample.syscall {
+        SYS_SELECT | SYS_PSELECT6 => select_hits(sample, fds, task, a0, a1),
+        SYS_POLL | SYS_PPOLL => poll_fds(sample, task, a0, a1),
+        SYS_FUTEX => match read_user::<u32>(task, a0) {
+            Some(word) => {
+                sample.futex_word = word;
+                true
+            }
+            None => false,
+        },
+        _ => true,
+    };
+    sample.user_read_failed = !ok as u32;
+}
+
+/// select(nfds, readfds, …): which of the process's listeners are in the set.
+#[inline(always)]
+fn select_hits(
+    sample: &mut ThreadSample,
+    fds: &WorkerFds,
+    task: *mut task_struct,
+    nfds: u64,
+    readfds: u64,
+) -> bool {
+    if readfds == 0 {
+        return true;
+    }
+    let mut found = 0;
+    for fd in fds.listen {
+        if fd < 0 || fd as u64 >= nfds {
+            continue;
+        }
+        let word_addr = readfds + (fd as u64 / 64) * 8;
+        let Some(bits) = read_user::<u64>(task, word_addr) else {
+            return false;
+        };
+        if bits & (1u64 << (fd as u64 % 64)) != 0 && found < POLLED_FDS {
+            sample.polled_fds[found] = fd;
+            found += 1;
+        }
+    }
+    true
+}
+
+/// poll(fds, nfds, …): the fds of its first [`POLLED_FDS`] entries.
+#[inline(always)]
+fn poll_fds(sample: &mut ThreadSample, task: *mut task_struct, pollfds: u64, nfds: u64) -> bool {
+    // struct pollfd { int fd; short events; short revents; }: 8 bytes each.
+    let mut i = 0;
+    while i < POLLED_FDS && (i as u64) < nfds {
+        let Some(entry) = read_user::<u64>(task, pollfds + i as u64 * 8) else {
+            return false;
+        };
+        sample.polled_fds[i] = entry as u32 as i32;
+        i += 1;
+    }
+    true
+}

@@ -1,0 +1,542 @@
+//! The busy/idle rule, in one place: what counts as a worker waiting for
+//! new work, decided from one pass of the thread sampler (the kernel's view
+//! of each thread of a watched worker: running or blocked, the syscall it is
+//! blocked in, its arguments, and what it waits on).
+//!
+//! A worker process is **idle** while one of its threads waits for new work:
+//! - blocked in `accept`/`accept4` on one of its listeners;
+//! - in `select`/`pselect6`/`poll`/`ppoll` with one of its listeners in the set;
+//! - in `epoll_wait`/`epoll_pwait`/`epoll_pwait2` on an epoll instance that
+//!   watches one of its listeners (its event loop);
+//! - in `io_uring_enter` waiting for completions (an io_uring event loop);
+//! - waiting for the pool's **accept lock**: a process-shared lock (futex,
+//!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
+//!   seen holding while it waited on the listener (Apache httpd with several
+//!   `Listen`s, uWSGI `--thunder-lock`). Once seen, the lock is known for
+//!   the pool's lifetime.
+//!
+//! It is **busy** otherwise: running, or blocked on anything else (a
+//! database, an upstream, a `sleep`, a lock that is not the accept lock).
+//! Pure logic: I/O (file-lock holders) comes in through [`FileLocks`].
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use observer_common::{
+    SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
+};
+
+// x86_64 syscall numbers (the sampler reads x86_64 registers).
+const SYS_ACCEPT: i64 = 43;
+const SYS_ACCEPT4: i64 = 288;
+const SYS_EPOLL_WAIT: i64 = 232;
+const SYS_EPOLL_PWAIT: i64 = 281;
+const SYS_EPOLL_PWAIT2: i64 = 441;
+const SYS_IO_URING_ENTER: i64 = 426;
+const SYS_FCNTL: i64 = 72;
+const SYS_FLOCK: i64 = 73;
+
+const FUTEX_PRIVATE_FLAG: u64 = 128;
+const FUTEX_CMD_MASK: u64 = 127;
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_LOCK_PI: u64 = 6;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_LOCK_PI2: u64 = 13;
+/// The owner's thread id in a PI or robust mutex's futex word.
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+const IORING_ENTER_GETEVENTS: u64 = 1;
+const F_SETLKW: u64 = 7;
+const F_OFD_SETLKW: u64 = 38;
+const LOCK_NB: u64 = 4;
+
+/// A process across pid reuse: its pid and its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessKey {
+    pub pid: u32,
+    pub start_ns: u64,
+}
+
+impl ProcessKey {
+    fn of(s: &ThreadSample) -> ProcessKey {
+        ProcessKey {
+            pid: s.tgid,
+            start_ns: s.start_ns,
+        }
+    }
+}
+
+/// Which pool a worker belongs to: workers that hold the same listeners.
+pub type PoolTag = u64;
+
+/// What the daemon knows of a watched worker process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// Its listener fds and the epoll fds watching them (also in `WATCHED`).
+    pub fds: WorkerFds,
+    pub pool: PoolTag,
+}
+
+/// A file, by device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Where file locks are looked up (the daemon reads /proc; tests fake it).
+pub trait FileLocks {
+    /// The file open as `fd` in process `pid`.
+    fn file_of(&mut self, pid: u32, fd: u32) -> Option<FileId>;
+    /// The processes holding a lock on `file`.
+    fn holders(&mut self, file: FileId) -> Vec<u32>;
+}
+
+/// A lock a thread is blocked on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Lock {
+    /// A process-shared futex, by its address (the same in every forked
+    /// worker that inherited the mapping).
+    Futex { uaddr: u64 },
+    /// `flock`/`fcntl` on an fd.
+    File { fd: u32 },
+}
+
+/// A lock as the pool knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum LockId {
+    Futex(u64),
+    File(FileId),
+}
+
+/// What one thread is doing in one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Doing {
+    WaitsForWork,
+    /// Blocked on a lock; `owner` is the thread id stored in a futex word.
+    WaitsOnLock {
+        lock: Lock,
+        owner: Option<u32>,
+    },
+    Other,
+}
+
+fn contains(fds: &[i32], fd: u64) -> bool {
+    fd <= i32::MAX as u64 && fds.contains(&(fd as i32))
+}
+
+/// The rule for one thread.
+fn doing(s: &ThreadSample, fds: &WorkerFds) -> Doing {
+    if s.state == 0 {
+        return Doing::Other; // on a CPU, or about to be
+    }
+    let listen: Vec<i32> = fds.listen.iter().copied().filter(|fd| *fd >= 0).collect();
+    let [a0, a1, _, a3] = s.args;
+    let waits_for_work = match s.syscall {
+        SYS_ACCEPT | SYS_ACCEPT4 => contains(&listen, a0),
+        SYS_SELECT | SYS_PSELECT6 | SYS_POLL | SYS_PPOLL => {
+            let polled = match s.syscall {
+                SYS_POLL | SYS_PPOLL => &s.polled_fds[..(a1 as usize).min(s.polled_fds.len())],
+                _ => &s.polled_fds[..],
+            };
+            polled.iter().any(|fd| *fd >= 0 && listen.contains(fd))
+        }
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
+            let epolls: Vec<i32> = fds.epoll.iter().copied().filter(|fd| *fd >= 0).collect();
+            contains(&epolls, a0)
+        }
+        SYS_IO_URING_ENTER => a3 & IORING_ENTER_GETEVENTS != 0,
+        _ => false,
+    };
+    if waits_for_work {
+        return Doing::WaitsForWork;
+    }
+    match lock_wait(s) {
+        Some((lock, owner)) => Doing::WaitsOnLock { lock, owner },
+        None => Doing::Other,
+    }
+}
+
+/// A wait on a process-shared lock, with the owner a futex word names.
+fn lock_wait(s: &ThreadSample) -> Option<(Lock, Option<u32>)> {
+    let [a0, a1, _, _] = s.args;
+    match s.syscall {
+        SYS_FUTEX => {
+            let cmd = a1 & FUTEX_CMD_MASK;
+            let shared = a1 & FUTEX_PRIVATE_FLAG == 0;
+            let waits = matches!(
+                cmd,
+                FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_LOCK_PI | FUTEX_LOCK_PI2
+            );
+            (shared && waits && s.user_read_failed == 0).then(|| {
+                let owner = s.futex_word & FUTEX_TID_MASK;
+                (Lock::Futex { uaddr: a0 }, (owner != 0).then_some(owner))
+            })
+        }
+        SYS_FLOCK if a1 & LOCK_NB == 0 => Some((Lock::File { fd: a0 as u32 }, None)),
+        SYS_FCNTL if a1 == F_SETLKW || a1 == F_OFD_SETLKW => {
+            Some((Lock::File { fd: a0 as u32 }, None))
+        }
+        _ => None,
+    }
+}
+
+/// Accept locks seen so far, per pool: a lock that a worker of the pool held
+/// while it waited on the listener.
+#[derive(Debug, Default)]
+pub struct AcceptLocks {
+    known: HashSet<(PoolTag, LockId)>,
+}
+
+impl AcceptLocks {
+    /// Forgets pools that no longer exist.
+    pub fn retain_pools(&mut self, pools: &HashSet<PoolTag>) {
+        self.known.retain(|(pool, _)| pools.contains(pool));
+    }
+}
+
+/// One pass: busy (true) or idle (false) per watched process seen in it.
+/// Processes not in `watched` (a stale map entry) are left out.
+pub fn process_states(
+    samples: &[ThreadSample],
+    watched: &HashMap<u32, Watched>,
+    locks: &mut AcceptLocks,
+    files: &mut impl FileLocks,
+) -> BTreeMap<ProcessKey, bool> {
+    let threads: Vec<(&ThreadSample, Watched, Doing)> = samples
+        .iter()
+        .filter_map(|s| {
+            let w = watched.get(&s.tgid)?;
+            Some((s, *w, doing(s, &w.fds)))
+        })
+        .collect();
+    // Threads that wait for work, by thread id, and processes with one.
+    let waiting_threads: HashMap<u32, PoolTag> = threads
+        .iter()
+        .filter(|(_, _, d)| *d == Doing::WaitsForWork)
+        .map(|(s, w, _)| (s.tid, w.pool))
+        .collect();
+    let waiting_processes: HashSet<(u32, PoolTag)> = threads
+        .iter()
+        .filter(|(_, _, d)| *d == Doing::WaitsForWork)
+        .map(|(s, w, _)| (s.tgid, w.pool))
+        .collect();
+    let mut states = BTreeMap::new();
+    for (s, w, d) in &threads {
+        let idle = match *d {
+            Doing::WaitsForWork => true,
+            Doing::WaitsOnLock { lock, owner } => {
+                let id = match lock {
+                    Lock::Futex { uaddr } => Some(LockId::Futex(uaddr)),
+                    Lock::File { fd } => files.file_of(s.tgid, fd).map(LockId::File),
+                };
+                id.is_some_and(|id| {
+                    if locks.known.contains(&(w.pool, id)) {
+                        return true;
+                    }
+                    // Proven when a fellow worker holds it while it waits for work.
+                    let proven = match id {
+                        LockId::Futex(_) => {
+                            owner.is_some_and(|tid| waiting_threads.get(&tid) == Some(&w.pool))
+                        }
+                        LockId::File(file) => files
+                            .holders(file)
+                            .into_iter()
+                            .any(|pid| pid != s.tgid && waiting_processes.contains(&(pid, w.pool))),
+                    };
+                    if proven {
+                        locks.known.insert((w.pool, id));
+                    }
+                    proven
+                })
+            }
+            Doing::Other => false,
+        };
+        let busy = states.entry(ProcessKey::of(s)).or_insert(true);
+        *busy &= !idle;
+    }
+    states
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: PoolTag = 7;
+
+    fn watched(pids: &[u32], listen: &[i32], epoll: &[i32]) -> HashMap<u32, Watched> {
+        let mut fds = WorkerFds::EMPTY;
+        fds.listen[..listen.len()].copy_from_slice(listen);
+        fds.epoll[..epoll.len()].copy_from_slice(epoll);
+        pids.iter()
+            .map(|pid| (*pid, Watched { fds, pool: POOL }))
+            .collect()
+    }
+
+    /// A blocked thread (state 1, TASK_INTERRUPTIBLE) in `syscall`.
+    fn blocked(tgid: u32, tid: u32, syscall: i64, args: [u64; 4]) -> ThreadSample {
+        ThreadSample {
+            tgid,
+            tid,
+            state: 1,
+            start_ns: 1000 + tgid as u64,
+            syscall,
+            args,
+            polled_fds: [-1; 16],
+            ..Default::default()
+        }
+    }
+
+    fn running(tgid: u32, tid: u32) -> ThreadSample {
+        ThreadSample {
+            state: 0,
+            ..blocked(tgid, tid, -1, [0; 4])
+        }
+    }
+
+    struct NoFiles;
+    impl FileLocks for NoFiles {
+        fn file_of(&mut self, _: u32, _: u32) -> Option<FileId> {
+            None
+        }
+        fn holders(&mut self, _: FileId) -> Vec<u32> {
+            vec![]
+        }
+    }
+
+    fn busy_by_pid(states: &BTreeMap<ProcessKey, bool>) -> Vec<(u32, bool)> {
+        states.iter().map(|(k, b)| (k.pid, *b)).collect()
+    }
+
+    fn states(samples: &[ThreadSample], w: &HashMap<u32, Watched>) -> Vec<(u32, bool)> {
+        busy_by_pid(&process_states(
+            samples,
+            w,
+            &mut AcceptLocks::default(),
+            &mut NoFiles,
+        ))
+    }
+
+    #[test]
+    fn gunicorn_sync_idle_in_select_on_its_listener_busy_in_a_sleep() {
+        // Recorded on 6.18: gunicorn sync workers, listener fd 5. Idle:
+        // pselect6(nfds 8, readfds, …) with fd 5 set; busy: the app's
+        // time.sleep (clock_nanosleep, 230).
+        let mut idle = blocked(11, 11, SYS_PSELECT6, [8, 0x7ffd_0000, 0, 0x7ffd_0100]);
+        idle.polled_fds[0] = 5;
+        let sleeping = blocked(12, 12, 230, [1, 0, 0x7ffd_0200, 0]);
+        let w = watched(&[11, 12], &[5], &[]);
+        assert_eq!(states(&[idle, sleeping], &w), vec![(11, false), (12, true)]);
+    }
+
+    #[test]
+    fn select_on_other_fds_and_ruby_sleep_ppoll_are_busy() {
+        // A select with no listener found in its set (a database socket),
+        // and ppoll(NULL, 0, timeout): Ruby's sleep.
+        let select_db = blocked(11, 11, SYS_SELECT, [12, 0x7000, 0, 0]);
+        let ruby_sleep = blocked(12, 12, SYS_PPOLL, [0, 0, 0x7100, 0]);
+        let w = watched(&[11, 12], &[3], &[]);
+        assert_eq!(
+            states(&[select_db, ruby_sleep], &w),
+            vec![(11, true), (12, true)]
+        );
+    }
+
+    #[test]
+    fn poll_counts_only_the_entries_it_was_given() {
+        let mut p = blocked(11, 11, SYS_POLL, [0x7000, 1, u64::MAX, 0]);
+        p.polled_fds[0] = 9; // its one entry
+        p.polled_fds[1] = 3; // stale memory past nfds
+        let w = watched(&[11], &[3], &[]);
+        assert_eq!(states(&[p], &w), vec![(11, true)]);
+        p.args[1] = 2;
+        assert_eq!(states(&[p], &w), vec![(11, false)]);
+    }
+
+    #[test]
+    fn accept_on_a_listener_and_epoll_on_a_listener_epoll_are_idle() {
+        let accept = blocked(11, 11, SYS_ACCEPT4, [3, 0, 0, 0x80000]);
+        let epoll = blocked(12, 12, SYS_EPOLL_WAIT, [7, 0x7000, 512, u64::MAX]);
+        let other_epoll = blocked(13, 13, SYS_EPOLL_WAIT, [9, 0x7000, 512, u64::MAX]);
+        let w = watched(&[11, 12, 13], &[3], &[7]);
+        assert_eq!(
+            states(&[accept, epoll, other_epoll], &w),
+            vec![(11, false), (12, false), (13, true)]
+        );
+    }
+
+    #[test]
+    fn a_process_is_idle_when_any_thread_waits_for_work() {
+        // Puma/gthread shape: the acceptor waits on the listener while a
+        // pool thread runs; a process whose threads all work is busy.
+        let mut acceptor = blocked(30, 31, SYS_PSELECT6, [8, 0x7000, 0, 0]);
+        acceptor.polled_fds[0] = 5;
+        let w = watched(&[30, 40], &[5], &[]);
+        let samples = [
+            running(30, 30),
+            acceptor,
+            running(30, 32),
+            running(40, 40),
+            blocked(40, 41, 230, [0; 4]),
+        ];
+        assert_eq!(states(&samples, &w), vec![(30, false), (40, true)]);
+    }
+
+    #[test]
+    fn a_running_thread_is_busy_whatever_its_registers_say() {
+        let mut r = blocked(11, 11, SYS_ACCEPT4, [3, 0, 0, 0]);
+        r.state = 0;
+        assert_eq!(states(&[r], &watched(&[11], &[3], &[])), vec![(11, true)]);
+    }
+
+    #[test]
+    fn io_uring_waiting_for_completions_is_idle() {
+        let waiting = blocked(
+            11,
+            11,
+            SYS_IO_URING_ENTER,
+            [4, 0, 1, IORING_ENTER_GETEVENTS],
+        );
+        let submitting = blocked(12, 12, SYS_IO_URING_ENTER, [4, 1, 0, 0]);
+        let w = watched(&[11, 12], &[3], &[]);
+        assert_eq!(
+            states(&[waiting, submitting], &w),
+            vec![(11, false), (12, true)]
+        );
+    }
+
+    /// Apache prefork with two Listen lines: child 21 waits in epoll_wait
+    /// on the listeners holding the accept mutex (a robust PI mutex in
+    /// shared memory: its futex word is 21's thread id); 22 and 23 wait in
+    /// futex(FUTEX_LOCK_PI) on it.
+    fn apache_idle() -> Vec<ThreadSample> {
+        let uaddr = 0x7f00_1000;
+        let mut lock_wait = |pid| {
+            let mut s = blocked(pid, pid, SYS_FUTEX, [uaddr, FUTEX_LOCK_PI, 0, 0]);
+            s.futex_word = 21 | 0x8000_0000; // FUTEX_WAITERS
+            s
+        };
+        vec![
+            blocked(21, 21, SYS_EPOLL_WAIT, [9, 0x7000, 2, u64::MAX]),
+            lock_wait(22),
+            lock_wait(23),
+        ]
+    }
+
+    #[test]
+    fn apache_children_waiting_for_the_accept_mutex_are_idle() {
+        let w = watched(&[21, 22, 23], &[3, 4], &[9]);
+        assert_eq!(
+            states(&apache_idle(), &w),
+            vec![(21, false), (22, false), (23, false)]
+        );
+    }
+
+    #[test]
+    fn a_known_accept_lock_stays_known_when_its_holder_is_serving() {
+        let w = watched(&[21, 22, 23], &[3, 4], &[9]);
+        let mut locks = AcceptLocks::default();
+        process_states(&apache_idle(), &w, &mut locks, &mut NoFiles);
+        // 21 accepted and serves, still holding the mutex for a moment.
+        let mut later = apache_idle();
+        later[0] = running(21, 21);
+        let s = busy_by_pid(&process_states(&later, &w, &mut locks, &mut NoFiles));
+        assert_eq!(s, vec![(21, true), (22, false), (23, false)]);
+    }
+
+    #[test]
+    fn a_shared_lock_held_by_a_serving_worker_is_not_an_accept_lock() {
+        // php-fpm shape: 22 waits on a lock that busy worker 21 holds.
+        let mut waiter = blocked(22, 22, SYS_FUTEX, [0x7f00_2000, FUTEX_WAIT, 2, 0]);
+        waiter.futex_word = 21;
+        let w = watched(&[21, 22], &[3], &[]);
+        assert_eq!(
+            states(&[running(21, 21), waiter], &w),
+            vec![(21, true), (22, true)]
+        );
+    }
+
+    #[test]
+    fn private_futexes_are_never_accept_locks() {
+        // The GIL, or any lock inside one process.
+        let mut waiter = blocked(22, 22, SYS_FUTEX, [0x7f00_2000, FUTEX_WAIT | 128, 0, 0]);
+        waiter.futex_word = 21;
+        let listener = blocked(21, 21, SYS_ACCEPT4, [3, 0, 0, 0]);
+        let w = watched(&[21, 22], &[3], &[]);
+        assert_eq!(
+            states(&[listener, waiter], &w),
+            vec![(21, false), (22, true)]
+        );
+    }
+
+    #[test]
+    fn a_lock_of_another_pool_proves_nothing() {
+        let mut waiter = blocked(22, 22, SYS_FUTEX, [0x7f00_2000, FUTEX_LOCK_PI, 0, 0]);
+        waiter.futex_word = 21;
+        let mut w = watched(&[21, 22], &[3], &[]);
+        w.get_mut(&21).map(|x| x.pool = POOL + 1);
+        let listener = blocked(21, 21, SYS_ACCEPT4, [3, 0, 0, 0]);
+        assert_eq!(
+            states(&[listener, waiter], &w),
+            vec![(21, false), (22, true)]
+        );
+    }
+
+    struct OneLockFile {
+        holder: u32,
+    }
+    impl FileLocks for OneLockFile {
+        fn file_of(&mut self, _: u32, fd: u32) -> Option<FileId> {
+            (fd == 6).then_some(FileId { dev: 8, ino: 99 })
+        }
+        fn holders(&mut self, file: FileId) -> Vec<u32> {
+            if file.ino == 99 {
+                vec![self.holder]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    #[test]
+    fn fcntl_and_flock_accept_locks_are_idle_when_the_holder_waits_for_work() {
+        // Apache `Mutex fcntl` / `Mutex flock`: 21 holds the lock file and
+        // polls the listeners; 22 waits in fcntl(F_SETLKW), 23 in flock(LOCK_EX).
+        let w = watched(&[21, 22, 23], &[3, 4], &[9]);
+        let samples = [
+            blocked(21, 21, SYS_EPOLL_WAIT, [9, 0, 2, u64::MAX]),
+            blocked(22, 22, SYS_FCNTL, [6, F_SETLKW, 0x7000, 0]),
+            blocked(23, 23, SYS_FLOCK, [6, 2, 0, 0]),
+        ];
+        let mut locks = AcceptLocks::default();
+        let s = process_states(&samples, &w, &mut locks, &mut OneLockFile { holder: 21 });
+        assert_eq!(busy_by_pid(&s), vec![(21, false), (22, false), (23, false)]);
+        // Held by a process that is not waiting for work (a session lock).
+        let mut fresh = AcceptLocks::default();
+        let s = process_states(
+            &samples[1..],
+            &w,
+            &mut fresh,
+            &mut OneLockFile { holder: 21 },
+        );
+        assert_eq!(busy_by_pid(&s), vec![(22, true), (23, true)]);
+    }
+
+    #[test]
+    fn processes_are_told_apart_by_start_time_across_pid_reuse() {
+        let mut old = blocked(11, 11, SYS_ACCEPT4, [3, 0, 0, 0]);
+        old.start_ns = 5;
+        let mut new = running(11, 11);
+        new.start_ns = 9;
+        let s = process_states(
+            &[old, new],
+            &watched(&[11], &[3], &[]),
+            &mut AcceptLocks::default(),
+            &mut NoFiles,
+        );
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn unwatched_processes_are_left_out() {
+        let s = states(&[running(99, 99)], &watched(&[11], &[3], &[]));
+        assert!(s.is_empty());
+    }
+}

@@ -1,0 +1,174 @@
+//! Stage 2b: the thread sampler. Runs the `iter.s/task` program at a fixed
+//! rate on a thread of its own (and once more at every scrape, so that the
+//! busy/idle gauges describe the instant of the scrape), applies the
+//! busy/idle rule of `activity.rs` to each pass, and integrates busy time
+//! per worker process: a process busy in a pass is counted busy for the
+//! time since the previous pass (capped at [`MAX_GAP_NS`]).
+//!
+//! Resolution is the sampling interval; the error of a worker's busy time
+//! over a window is about ± one interval per busy period that starts or ends
+//! in it, and averages out (README, "What busy means").
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use observer_common::ThreadSample;
+
+use crate::{
+    activity::{self, AcceptLocks, FileId, FileLocks, ProcessKey, Watched},
+    kernel::{iter::IterLink, probes::parse_records, procfs},
+};
+
+/// Longest time one pass may account for: a pass delayed longer (a slow
+/// scrape holding the sampler) does not stretch one observation over it.
+const MAX_GAP_NS: u64 = 1_000_000_000;
+
+/// A worker's state as the sampler last saw it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkerActivity {
+    pub busy: bool,
+    /// Busy time integrated since the sampler first saw this process.
+    pub busy_seconds: f64,
+}
+
+#[derive(Debug)]
+struct Account {
+    busy: bool,
+    busy_ns: u64,
+    last_ns: u64,
+}
+
+/// The sampler's own cost, exported with the daemon's health.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SamplerCost {
+    pub passes: u64,
+    pub seconds: f64,
+    pub threads_sampled: u64,
+}
+
+pub struct ThreadSampler {
+    link: IterLink,
+    watched: HashMap<u32, Watched>,
+    locks: AcceptLocks,
+    accounts: BTreeMap<ProcessKey, Account>,
+    cost: SamplerCost,
+}
+
+impl ThreadSampler {
+    pub fn new(link: IterLink) -> ThreadSampler {
+        ThreadSampler {
+            link,
+            watched: HashMap::new(),
+            locks: AcceptLocks::default(),
+            accounts: BTreeMap::new(),
+            cost: SamplerCost::default(),
+        }
+    }
+
+    /// The worker processes to classify (the same set the daemon wrote to
+    /// the kernel's `WATCHED` map).
+    pub fn set_watched(&mut self, watched: HashMap<u32, Watched>) {
+        let pools: HashSet<_> = watched.values().map(|w| w.pool).collect();
+        self.locks.retain_pools(&pools);
+        self.accounts.retain(|k, _| watched.contains_key(&k.pid));
+        self.watched = watched;
+    }
+
+    /// One pass: read every watched thread, classify, integrate.
+    pub fn sample(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let samples: Vec<ThreadSample> = parse_records(&self.link.read()?);
+        let now_ns = procfs::monotonic_ns();
+        let states =
+            activity::process_states(&samples, &self.watched, &mut self.locks, &mut ProcFileLocks);
+        self.integrate(&states, now_ns);
+        self.cost.passes += 1;
+        self.cost.threads_sampled += samples.len() as u64;
+        self.cost.seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn integrate(&mut self, states: &BTreeMap<ProcessKey, bool>, now_ns: u64) {
+        let seen: HashSet<&ProcessKey> = states.keys().collect();
+        // Exited processes (pid gone or reused) stop being accounted.
+        self.accounts
+            .retain(|k, _| seen.contains(k) || !states.keys().any(|s| s.pid == k.pid));
+        for (key, busy) in states {
+            let account = self.accounts.entry(*key).or_insert(Account {
+                busy: *busy,
+                busy_ns: 0,
+                last_ns: now_ns,
+            });
+            if *busy {
+                account.busy_ns += now_ns.saturating_sub(account.last_ns).min(MAX_GAP_NS);
+            }
+            account.busy = *busy;
+            account.last_ns = now_ns;
+        }
+    }
+
+    /// Each watched process's latest state, by pid (the newest process
+    /// with that pid).
+    pub fn activity(&self) -> HashMap<u32, WorkerActivity> {
+        self.accounts
+            .iter()
+            .map(|(key, a)| {
+                let activity = WorkerActivity {
+                    busy: a.busy,
+                    busy_seconds: a.busy_ns as f64 / 1e9,
+                };
+                (key.pid, activity)
+            })
+            .collect()
+    }
+
+    pub fn cost(&self) -> SamplerCost {
+        self.cost
+    }
+}
+
+/// Runs `sampler` every `interval` on a thread of its own, until the last
+/// other reference to it is dropped.
+pub fn spawn(sampler: &Arc<Mutex<ThreadSampler>>, interval: Duration) -> Result<()> {
+    let weak: Weak<Mutex<ThreadSampler>> = Arc::downgrade(sampler);
+    std::thread::Builder::new()
+        .name("thread-sampler".into())
+        .spawn(move || {
+            let mut next = Instant::now() + interval;
+            loop {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += interval;
+                if next < Instant::now() {
+                    next = Instant::now() + interval; // fell behind: skip, do not burst
+                }
+                let Some(sampler) = weak.upgrade() else {
+                    return;
+                };
+                let Ok(mut sampler) = sampler.lock() else {
+                    return;
+                };
+                if let Err(e) = sampler.sample() {
+                    log::debug!("thread sampler: {e:#}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// File locks from /proc: the file behind a process's fd, and the holders
+/// of locks on it (`/proc/locks`). Read only for threads blocked on a file
+/// lock that is not a known accept lock.
+struct ProcFileLocks;
+
+impl FileLocks for ProcFileLocks {
+    fn file_of(&mut self, pid: u32, fd: u32) -> Option<FileId> {
+        procfs::file_id(pid, fd)
+    }
+
+    fn holders(&mut self, file: FileId) -> Vec<u32> {
+        procfs::lock_holders(file)
+    }
+}
