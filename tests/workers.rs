@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, Metrics, free_port, ss_listen_queues};
+use support::{Daemon, Metrics, free_port, http_get, run, ss_listen_queues};
 
 /// A server started in its own process group (master and workers die together).
 struct Server {
@@ -139,6 +139,17 @@ fn gunicorn(extra: &[&str]) -> Server {
 /// connection each) for a response delayed by `sleep_s`. Returns how many
 /// completed.
 fn load(port: u16, clients: usize, requests: usize, sleep_s: f64) -> Vec<JoinHandle<usize>> {
+    load_at(port, "/", clients, requests, sleep_s)
+}
+
+/// [`load`] on the page at `path`.
+fn load_at(
+    port: u16,
+    path: &'static str,
+    clients: usize,
+    requests: usize,
+    sleep_s: f64,
+) -> Vec<JoinHandle<usize>> {
     (0..clients)
         .map(|_| {
             std::thread::spawn(move || {
@@ -148,7 +159,7 @@ fn load(port: u16, clients: usize, requests: usize, sleep_s: f64) -> Vec<JoinHan
                         continue;
                     };
                     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                    let _ = write!(s, "GET /?{sleep_s} HTTP/1.0\r\n\r\n");
+                    let _ = write!(s, "GET {path}?{sleep_s} HTTP/1.0\r\n\r\n");
                     let mut reply = String::new();
                     if s.read_to_string(&mut reply).is_ok()
                         && reply.starts_with("HTTP/1.")
@@ -297,8 +308,19 @@ struct PoolRun<'a> {
 /// workers), and the per-worker accepts adding up to the completed requests.
 /// Returns how many requests completed.
 fn busy_tracks_truth(daemon: &Daemon, port: u16, run: &PoolRun, truth: impl Fn() -> f64) -> usize {
+    busy_tracks_truth_at(daemon, port, "/", run, truth)
+}
+
+/// [`busy_tracks_truth`] with the clients requesting `path`.
+fn busy_tracks_truth_at(
+    daemon: &Daemon,
+    port: u16,
+    path: &'static str,
+    run: &PoolRun,
+    truth: impl Fn() -> f64,
+) -> usize {
     wait_for_idle_pool(daemon, port, run.workers);
-    let load = load(port, run.clients, run.requests, run.sleep_s);
+    let load = load_at(port, path, run.clients, run.requests, run.sleep_s);
     std::thread::sleep(Duration::from_millis(400));
     let samples = sample(
         run.samples,
@@ -490,30 +512,29 @@ fn uwsgi_busy(stats_port: u16) -> f64 {
     json.matches("\"status\":\"busy\"").count() as f64
 }
 
-#[test]
-fn uwsgi_busy_workers_track_its_stats_server() {
+/// uWSGI with 4 processes (plus `extra` flags), sampled against its stats
+/// server under 3 looping clients.
+fn uwsgi_pool_tracks_its_stats_server(extra: &[&str], what: &str) {
     let daemon = Daemon::start();
     let (port, stats) = (free_port(), free_port());
-    let server = Server::start(
-        "uwsgi",
-        port,
-        &[("app.py", WSGI_APP)],
-        &[
-            "uwsgi_python3",
-            "--http-socket",
-            &format!("127.0.0.1:{port}"),
-            "--wsgi-file",
-            "app.py",
-            "--callable",
-            "app",
-            "--master",
-            "--processes",
-            "4",
-            "--stats",
-            &format!("127.0.0.1:{stats}"),
-            "--disable-logging",
-        ],
-    );
+    let (http, stats_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{stats}"));
+    let mut cmd = vec![
+        "uwsgi_python3",
+        "--http-socket",
+        &http,
+        "--wsgi-file",
+        "app.py",
+        "--callable",
+        "app",
+        "--master",
+        "--processes",
+        "4",
+        "--stats",
+        &stats_addr,
+        "--disable-logging",
+    ];
+    cmd.extend_from_slice(extra);
+    let server = Server::start("uwsgi", port, &[("app.py", WSGI_APP)], &cmd);
     let run = PoolRun {
         workers: 4.0,
         clients: 3,
@@ -521,9 +542,106 @@ fn uwsgi_busy_workers_track_its_stats_server() {
         sleep_s: 0.3,
         samples: 12,
         every_ms: 150,
-        what: "uWSGI busy workers vs stats server",
+        what,
     };
     busy_tracks_truth(&daemon, server.port, &run, || uwsgi_busy(stats));
+}
+
+#[test]
+fn uwsgi_busy_workers_track_its_stats_server() {
+    uwsgi_pool_tracks_its_stats_server(&[], "uWSGI busy workers vs stats server");
+}
+
+/// With `--thunder-lock`, idle workers queue on a process-shared mutex
+/// (futex) instead of the listener: they are idle, as uWSGI says.
+#[test]
+fn uwsgi_thunder_lock_waiters_are_idle_as_its_stats_server_says() {
+    uwsgi_pool_tracks_its_stats_server(
+        &["--thunder-lock"],
+        "uWSGI --thunder-lock busy workers vs stats server",
+    );
+}
+
+/// Apache httpd prefork, 4 children, two `Listen` ports (so children
+/// serialize accept with the accept mutex `mutex`), a CGI that sleeps, and
+/// mod_status on the second port.
+fn apache_prefork(mutex: &str) -> (Server, u16) {
+    let (port, status_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("observer-apache-{port}"));
+    let d = dir.display();
+    let modules = "/usr/lib/apache2/modules";
+    let conf = format!(
+        "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
+         DefaultRuntimeDir {d}\n\
+         LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so\n\
+         LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+         LoadModule status_module {modules}/mod_status.so\n\
+         LoadModule alias_module {modules}/mod_alias.so\n\
+         LoadModule cgi_module {modules}/mod_cgi.so\n\
+         User www-data\nGroup www-data\n\
+         Listen 127.0.0.1:{port}\nListen 127.0.0.1:{status_port}\n\
+         StartServers 4\nMinSpareServers 4\nMaxSpareServers 4\nServerLimit 4\nMaxRequestWorkers 4\n\
+         Mutex {mutex} default\nExtendedStatus On\n\
+         ScriptAlias /sleep {d}/sleep.cgi\n\
+         <Location /server-status>\n  SetHandler server-status\n  Require all granted\n</Location>\n"
+    );
+    let cgi =
+        "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
+    let conf_path = format!("{d}/httpd.conf");
+    // The CGI must be executable by www-data before Apache starts.
+    std::fs::create_dir_all(&dir).expect("apache dir");
+    std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
+    run(Command::new("chmod").args(["755", &format!("{d}"), &format!("{d}/sleep.cgi")]));
+    let server = Server::start(
+        "apache",
+        port,
+        &[("httpd.conf", &conf)],
+        &["apache2", "-f", &conf_path, "-DFOREGROUND"],
+    );
+    (server, status_port)
+}
+
+/// mod_status's BusyWorkers, less the worker serving this status request.
+fn apache_busy(status_port: u16) -> f64 {
+    http_get(status_port, "/server-status?auto")
+        .and_then(|page| {
+            page.lines()
+                .find_map(|l| l.strip_prefix("BusyWorkers: "))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+        })
+        .map_or(-1.0, |n| n - 1.0)
+}
+
+/// The children waiting for the accept mutex are idle, as mod_status says
+/// (before this, an idle pool read 3 busy / 1 idle), and under 2 clients
+/// exactly 2 are busy.
+fn apache_pool_tracks_mod_status(mutex: &str) {
+    let daemon = Daemon::start();
+    let (server, status_port) = apache_prefork(mutex);
+    assert_eq!(apache_busy(status_port), 0.0, "{}", server.log());
+    let run = PoolRun {
+        workers: 4.0,
+        clients: 2,
+        requests: 6,
+        sleep_s: 0.4,
+        samples: 10,
+        every_ms: 200,
+        what: "Apache prefork busy workers vs mod_status",
+    };
+    busy_tracks_truth_at(&daemon, server.port, "/sleep", &run, || {
+        apache_busy(status_port)
+    });
+}
+
+#[test]
+fn apache_prefork_accept_mutex_waiters_are_idle_as_mod_status_says() {
+    apache_pool_tracks_mod_status("pthread");
+}
+
+#[test]
+fn apache_prefork_fcntl_and_flock_mutex_waiters_are_idle_as_mod_status_says() {
+    apache_pool_tracks_mod_status("fcntl");
+    apache_pool_tracks_mod_status("flock");
 }
 
 /// raindrops' view of a listener: connections being served ("active").

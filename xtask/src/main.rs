@@ -95,6 +95,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "apache2-utils",
     "openssl",
     "liburing-dev",
+    "apache2",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
