@@ -237,3 +237,177 @@ fn an_accept_already_blocked_when_the_daemon_starts_is_counted_by_the_tracepoint
         drop((client, conn));
     }
 }
+
+/// One loaded eBPF program, as `bpftool -j prog show` lists it.
+#[derive(Debug, Clone)]
+struct Program {
+    id: u64,
+    kind: String,
+    name: String,
+    run_cnt: u64,
+}
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = run(Command::new("bpftool").arg("-j").args(args));
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+fn programs() -> Vec<Program> {
+    let list = bpftool_json(&["prog", "show"]);
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| Program {
+            id: p["id"].as_u64().unwrap_or(0),
+            kind: p["type"].as_str().unwrap_or("").to_owned(),
+            name: p["name"].as_str().unwrap_or("").to_owned(),
+            run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// Programs that only run when the daemon reads an iterator.
+fn iterator_program_ids() -> Vec<u64> {
+    let links = bpftool_json(&["link", "show"]);
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["type"] == "iter")
+        .filter_map(|l| l["prog_id"].as_u64())
+        .collect()
+}
+
+/// Turns `kernel.bpf_stats_enabled` on (run counts) while alive.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let was = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
+        std::fs::write(path, "1").expect("enable bpf_stats");
+        BpfStats(was.trim().to_owned())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+/// This (untracked) process waits the ways event loops and pools do, with
+/// zero timeouts: epoll_wait, ppoll, select, poll, `rounds` times each.
+fn wait_syscalls(rounds: usize) {
+    // SAFETY (whole block): plain syscalls on objects this function owns,
+    // with null or stack-allocated arguments and zero timeouts.
+    unsafe {
+        let epfd = libc::epoll_create1(0);
+        assert!(epfd >= 0, "epoll_create1");
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        for _ in 0..rounds {
+            libc::epoll_wait(epfd, &mut event, 1, 0);
+            libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null());
+            let mut tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            libc::select(
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &mut tv,
+            );
+            libc::poll(std::ptr::null_mut(), 0, 0);
+        }
+        libc::close(epfd);
+    }
+}
+
+/// What every other process pays. With the daemon running (and sampling a
+/// worker), another process's wait syscalls run none of its programs,
+/// whatever the accept source; fexit and kprobe load no tracepoint program
+/// at all, and the tracepoint source only its accept-exit one. The daemon's
+/// programs and links are printed: the VM run's record of what is attached.
+#[test]
+fn no_program_of_ours_runs_on_another_process_s_wait_syscalls() {
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 8);
+    let port = listener.local_addr().expect("local addr").port();
+    for source in loading_accept_sources() {
+        let before: Vec<u64> = programs().iter().map(|p| p.id).collect();
+        let daemon = Daemon::start_with(&["--accept-source", &source]);
+        daemon.scrape();
+        let ours: Vec<Program> = programs()
+            .into_iter()
+            .filter(|p| !before.contains(&p.id))
+            .collect();
+        let iterators = iterator_program_ids();
+        println!("source {source}: our programs: {ours:?}; iterators: {iterators:?}");
+        println!(
+            "links: {}",
+            String::from_utf8_lossy(&run(Command::new("bpftool").args(["link", "show"])).stdout)
+        );
+        let tracepoints: Vec<&str> = ours
+            .iter()
+            .filter(|p| p.kind == "tracepoint")
+            .map(|p| p.name.as_str())
+            .collect();
+        let expected: Vec<&str> = if source == "tracepoint" {
+            vec!["accept_exit"]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            tracepoints, expected,
+            "source {source}: tracepoint programs"
+        );
+        let hooks: Vec<&Program> = ours.iter().filter(|p| !iterators.contains(&p.id)).collect();
+        assert!(!hooks.is_empty(), "no accept program found for {source}");
+        let stats = BpfStats::enable();
+        let runs = |id: u64| {
+            programs()
+                .iter()
+                .find(|p| p.id == id)
+                .map_or(0, |p| p.run_cnt)
+        };
+        let runs_before: Vec<u64> = hooks.iter().map(|p| runs(p.id)).collect();
+        wait_syscalls(2000);
+        let runs_after: Vec<u64> = hooks.iter().map(|p| runs(p.id)).collect();
+        // The instrument moves: accept4 on an empty non-blocking listener
+        // runs the accept program (every source hooks accept).
+        listener.set_nonblocking(true).expect("nonblocking");
+        for _ in 0..100 {
+            assert!(listener.accept().is_err(), "nothing is queued");
+        }
+        let runs_accepting: u64 = hooks.iter().map(|p| runs(p.id)).sum();
+        drop(stats);
+        assert_eq!(
+            runs_after, runs_before,
+            "source {source}: {hooks:?} ran on another process's wait syscalls"
+        );
+        assert!(
+            runs_accepting >= runs_after.iter().sum::<u64>() + 100,
+            "source {source}: bpf_stats did not count the accept program's runs"
+        );
+        // The sampler was at work meanwhile: the pool of `listener` (this
+        // process) is watched and sampled.
+        let m = daemon.scrape();
+        assert!(
+            m.get("observer_worker_sample_passes_total", &[])
+                .unwrap_or(0.0)
+                > 1.0,
+            "the thread sampler did not run"
+        );
+        assert!(
+            m.get("observer_worker_busy", &[("port", &port.to_string())])
+                .is_some(),
+            "the listener's process was not sampled:\n{}",
+            m.text
+        );
+    }
+}
