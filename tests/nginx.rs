@@ -39,12 +39,17 @@ impl Drop for TempDir {
 }
 
 fn start_nginx(workers: u32) -> Nginx {
+    start_nginx_with(workers, "")
+}
+
+/// nginx with `events_extra` in its events block.
+fn start_nginx_with(workers: u32, events_extra: &str) -> Nginx {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("observer-nginx-{port}"));
     std::fs::create_dir_all(&dir).expect("nginx dir");
     let conf = format!(
         "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
-         error_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 1024; {events_extra} }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
          server {{\n  listen 127.0.0.1:{port};\n  location = /status {{ stub_status; }}\n\
@@ -133,4 +138,43 @@ fn accepted_total_equals_nginx_stub_status_accepts_under_wrk() {
         observed,
         "lost events: {lost:?}"
     );
+}
+
+/// stub_status's "Reading: r Writing: w Waiting: k" figures.
+fn stub_status_in_flight(port: u16) -> Option<(u64, u64)> {
+    let body = http_get(port, "/status")?;
+    let line = body.lines().find(|l| l.starts_with("Reading:"))?;
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    Some((*n.first()?, *n.get(1)?))
+}
+
+/// nginx `accept_mutex on`: the worker without the mutex has no listener in
+/// its epoll set and waits in its event loop for 500 ms at a time. It is
+/// idle all the same: with no request in flight (stub_status: nothing being
+/// read, and only the status request itself being written), both workers
+/// read idle.
+#[test]
+fn nginx_accept_mutex_workers_without_the_listener_are_idle() {
+    let daemon = Daemon::start();
+    let nginx = start_nginx_with(2, "accept_mutex on;");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (busy, idle) = loop {
+        let m = daemon.scrape();
+        let port = nginx.port.to_string();
+        let state = |s: &str| m.get("observer_workers", &[("port", &port), ("state", s)]);
+        let seen = (state("busy"), state("idle"));
+        if seen == (Some(0.0), Some(2.0)) || Instant::now() > deadline {
+            break seen;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        stub_status_in_flight(nginx.port),
+        Some((0, 1)),
+        "nginx was serving something besides its status page"
+    );
+    assert_eq!((busy, idle), (Some(0.0), Some(2.0)), "observer's busy/idle");
 }

@@ -7,7 +7,10 @@
 //! - blocked in `accept`/`accept4` on one of its listeners;
 //! - in `select`/`pselect6`/`poll`/`ppoll` with one of its listeners in the set;
 //! - in `epoll_wait`/`epoll_pwait`/`epoll_pwait2` on an epoll instance that
-//!   watches one of its listeners (its event loop);
+//!   watches one of its listeners (its event loop), or on any epoll instance
+//!   in a pool whose event loops are epoll (nginx with `accept_mutex on`
+//!   takes the listener out of the sets of the workers that do not hold the
+//!   mutex: they wait in their event loop all the same);
 //! - in `io_uring_enter` waiting for completions (an io_uring event loop);
 //! - waiting for the pool's **accept lock**: a process-shared lock (futex,
 //!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
@@ -72,6 +75,9 @@ pub struct Watched {
     /// Its listener fds and the epoll fds watching them (also in `WATCHED`).
     pub fds: WorkerFds,
     pub pool: PoolTag,
+    /// Some worker of its pool has an epoll instance watching a listener:
+    /// the pool's workers are epoll event loops.
+    pub epoll_pool: bool,
 }
 
 /// A file, by device and inode.
@@ -123,10 +129,11 @@ fn contains(fds: &[i32], fd: u64) -> bool {
 }
 
 /// The rule for one thread.
-fn doing(s: &ThreadSample, fds: &WorkerFds) -> Doing {
+fn doing(s: &ThreadSample, w: &Watched) -> Doing {
     if s.state == 0 {
         return Doing::Other; // on a CPU, or about to be
     }
+    let fds = &w.fds;
     let listen: Vec<i32> = fds.listen.iter().copied().filter(|fd| *fd >= 0).collect();
     let [a0, a1, _, a3] = s.args;
     let waits_for_work = match s.syscall {
@@ -140,7 +147,7 @@ fn doing(s: &ThreadSample, fds: &WorkerFds) -> Doing {
         }
         SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
             let epolls: Vec<i32> = fds.epoll.iter().copied().filter(|fd| *fd >= 0).collect();
-            contains(&epolls, a0)
+            contains(&epolls, a0) || w.epoll_pool
         }
         SYS_IO_URING_ENTER => a3 & IORING_ENTER_GETEVENTS != 0,
         _ => false,
@@ -204,7 +211,7 @@ pub fn process_states(
         .iter()
         .filter_map(|s| {
             let w = watched.get(&s.tgid)?;
-            Some((s, *w, doing(s, &w.fds)))
+            Some((s, *w, doing(s, w)))
         })
         .collect();
     // Threads that wait for work, by thread id, and processes with one.
@@ -265,8 +272,16 @@ mod tests {
         let mut fds = WorkerFds::EMPTY;
         fds.listen[..listen.len()].copy_from_slice(listen);
         fds.epoll[..epoll.len()].copy_from_slice(epoll);
+        let epoll_pool = !epoll.is_empty();
         pids.iter()
-            .map(|pid| (*pid, Watched { fds, pool: POOL }))
+            .map(|pid| {
+                let w = Watched {
+                    fds,
+                    pool: POOL,
+                    epoll_pool,
+                };
+                (*pid, w)
+            })
             .collect()
     }
 
@@ -354,12 +369,28 @@ mod tests {
     fn accept_on_a_listener_and_epoll_on_a_listener_epoll_are_idle() {
         let accept = blocked(11, 11, SYS_ACCEPT4, [3, 0, 0, 0x80000]);
         let epoll = blocked(12, 12, SYS_EPOLL_WAIT, [7, 0x7000, 512, u64::MAX]);
-        let other_epoll = blocked(13, 13, SYS_EPOLL_WAIT, [9, 0x7000, 512, u64::MAX]);
+        let accept_elsewhere = blocked(13, 13, SYS_ACCEPT4, [8, 0, 0, 0x80000]);
         let w = watched(&[11, 12, 13], &[3], &[7]);
         assert_eq!(
-            states(&[accept, epoll, other_epoll], &w),
+            states(&[accept, epoll, accept_elsewhere], &w),
             vec![(11, false), (12, false), (13, true)]
         );
+    }
+
+    #[test]
+    fn nginx_accept_mutex_workers_without_the_listener_wait_in_their_event_loop() {
+        // Recorded on 6.18, nginx `accept_mutex on`, 2 workers: the mutex
+        // holder waits on epoll 7 (listener in its set, found in fdinfo),
+        // the other on its own epoll 9, without the listener, for 500 ms.
+        let holder = blocked(31, 31, SYS_EPOLL_WAIT, [7, 0x55e1_b9fd, 512, u64::MAX]);
+        let other = blocked(32, 32, SYS_EPOLL_WAIT, [9, 0x55e1_b9fd, 512, 500]);
+        let mut w = watched(&[31, 32], &[6], &[7]);
+        w.get_mut(&32).map(|x| x.fds.epoll = [-1; 4]);
+        assert_eq!(states(&[holder, other], &w), vec![(31, false), (32, false)]);
+        // A pool whose workers never wait in epoll on a listener (gunicorn
+        // sync): an epoll_wait inside a request is work.
+        let w = watched(&[32], &[6], &[]);
+        assert_eq!(states(&[other], &w), vec![(32, true)]);
     }
 
     #[test]

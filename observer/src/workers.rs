@@ -230,6 +230,11 @@ pub fn pools(
 /// listener, by process) and its pool.
 pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> HashMap<u32, Watched> {
     let tags = membership.pool_tags();
+    let epoll_pools: HashSet<PoolTag> = epolls
+        .iter()
+        .filter(|(_, fds)| !fds.is_empty())
+        .filter_map(|(pid, _)| tags.get(pid).copied())
+        .collect();
     membership
         .worker_listen_fds()
         .into_iter()
@@ -246,7 +251,15 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Hash
                 *slot = *fd;
             }
             let pool = tags.get(&pid).copied().unwrap_or_default();
-            (pid, Watched { fds, pool })
+            let epoll_pool = epoll_pools.contains(&pool);
+            (
+                pid,
+                Watched {
+                    fds,
+                    pool,
+                    epoll_pool,
+                },
+            )
         })
         .collect()
 }
@@ -383,6 +396,10 @@ mod tests {
         assert_eq!(w[&11].fds.epoll, [7, -1, -1, -1]);
         assert_eq!(w[&12].fds.epoll, [-1; 4]);
         assert_eq!(w[&11].pool, w[&12].pool);
+        assert!(
+            w[&12].epoll_pool,
+            "12's pool has an epoll event loop (11's)"
+        );
         let other = Membership::from_holders(&[view(81)], &[holder(30, 1, 81, TCP_LISTEN, 6)]);
         assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
     }

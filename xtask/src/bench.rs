@@ -24,7 +24,7 @@ use anyhow::{Context as _, Result, bail};
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
     /// Rounds of each throughput comparison.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Seconds of load per run.
     #[arg(long, default_value_t = 4)]
@@ -393,9 +393,11 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: creates an epoll instance this function owns (closed with the process).
+    let epfd = unsafe { libc::epoll_create1(0) };
     type Call<'a> = (&'a str, Box<dyn Fn()>);
-    let calls: [Call; 3] = [
-        // SAFETY (all three): plain syscalls on our own, valid arguments.
+    let calls: [Call; 4] = [
+        // SAFETY (all four): plain syscalls on our own, valid arguments.
         (
             "getppid() (no hook of ours)",
             Box::new(|| unsafe {
@@ -406,6 +408,13 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
             "ppoll(none, timeout 0)",
             Box::new(move || unsafe {
                 libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null());
+            }),
+        ),
+        (
+            "epoll_wait(empty set, timeout 0)",
+            Box::new(move || unsafe {
+                let mut event = libc::epoll_event { events: 0, u64: 0 };
+                libc::epoll_wait(epfd, &mut event, 1, 0);
             }),
         ),
         (
@@ -424,6 +433,8 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
                 Condition::Bpftrace,
             ][(i + round) % 3];
             let beside = start_condition(c, bin, script)?;
+            // The daemon's thread sampler runs meanwhile, as it would.
+            std::thread::sleep(Duration::from_millis(200));
             for (k, (_, call)) in calls.iter().enumerate() {
                 ns.entry((k, c))
                     .or_default()
@@ -432,13 +443,14 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
             drop(beside);
         }
     }
-    report.push_str("\n| syscall of an untracked process | baseline ns | with observer ns | with bpftrace ns |\n|---|---|---|---|\n");
+    report.push_str(&format!("\n| syscall of an untracked process ({rounds} rounds, median ns) | baseline ns | with observer ns | observer extra ns | with bpftrace ns |\n|---|---|---|---|---|\n"));
     for (k, (name, _)) in calls.iter().enumerate() {
         let m = |c| median(ns[&(k, c)].clone());
         report.push_str(&format!(
-            "| {name} | {:.0} | {:.0} | {:.0} |\n",
+            "| {name} | {:.0} | {:.0} | {:+.0} | {:.0} |\n",
             m(Condition::Baseline),
             m(Condition::Observer),
+            m(Condition::Observer) - m(Condition::Baseline),
             m(Condition::Bpftrace)
         ));
     }
@@ -513,9 +525,62 @@ fn daemon_cost(port: u16, seconds: u64, bin: &Path, report: &mut String) -> Resu
     Ok(())
 }
 
-/// Scrape latency and daemon memory as listeners and workers grow.
-fn growth(sizes: &[(usize, usize)], bin: &Path, report: &mut String) -> Result<()> {
-    report.push_str("\n| listeners | workers | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB |\n|---|---|---|---|---|\n");
+/// The sampler's passes and seconds, from one scrape of the daemon.
+fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64) {
+    let text = http_get(daemon.port, "/metrics").unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("observer_worker_sample_passes_total"),
+        value("observer_worker_sample_seconds_total"),
+    )
+}
+
+/// The daemon's CPU over `window` with one scrape at its start (a
+/// Prometheus scraping every `window`): the sampler's passes plus that
+/// scrape. Then the sampler's own time per pass.
+fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64)> {
+    let (t0, w0) = (cpu_ticks(daemon.pid()), Instant::now());
+    let (passes0, secs0) = sampler_totals(daemon);
+    std::thread::sleep(window.saturating_sub(w0.elapsed()));
+    let cpu = (cpu_ticks(daemon.pid()) - t0) as f64 / 100.0 / w0.elapsed().as_secs_f64() * 100.0;
+    let (passes1, secs1) = sampler_totals(daemon);
+    let (passes, secs) = (passes1 - passes0, secs1 - secs0);
+    if passes < 1.0 {
+        bail!("the daemon's thread sampler did not run");
+    }
+    Ok((cpu, secs / passes * 1e6))
+}
+
+/// Threads on the host now (what each sampler pass walks).
+fn host_threads() -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_dir(e.path().join("task")).ok())
+        .map(|tasks| tasks.count())
+        .sum()
+}
+
+/// Scrape latency, daemon memory and CPU as listeners and workers grow.
+fn growth(
+    sizes: &[(usize, usize)],
+    window: Duration,
+    bin: &Path,
+    report: &mut String,
+) -> Result<()> {
+    report.push_str("\n| listeners | workers | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler µs per pass | threads on the host | sampler ns per host thread |\n|---|---|---|---|---|---|---|---|---|\n");
     raise_fd_limit(sizes.iter().map(|s| s.0).max().unwrap_or(0) as u64 + 1024);
     for (n_listeners, n_workers) in sizes {
         let listeners: Vec<TcpListener> = (0..*n_listeners)
@@ -551,11 +616,14 @@ fn growth(sizes: &[(usize, usize)], bin: &Path, report: &mut String) -> Result<(
                 .unwrap_or(0);
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
+        let (cpu, pass_us) = sampler_cost(&daemon, window)?;
+        let threads = host_threads();
         report.push_str(&format!(
-            "| {n_listeners} | {n_workers} | {:.1} | {:.0} | {:.1} |\n",
+            "| {n_listeners} | {n_workers} | {:.1} | {:.0} | {:.1} | {cpu:.2} | {pass_us:.0} | {threads} | {:.0} |\n",
             median(times),
             size as f64 / 1024.0,
-            rss_mib(daemon.pid())
+            rss_mib(daemon.pid()),
+            pass_us * 1e3 / threads.max(1) as f64
         ));
         drop(daemon);
         for pid in children {
@@ -613,7 +681,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     println!("bench: throughput against gunicorn…");
     costs.extend(throughput(
         servers.gunicorn_port,
-        rounds.div_ceil(2),
+        rounds,
         seconds,
         bin,
         &script,
@@ -633,7 +701,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     }
     show(&report);
     println!("bench: syscalls of untracked processes…");
-    untracked_syscalls(if opts.quick { 1 } else { 3 }, bin, &script, &mut report)?;
+    untracked_syscalls(if opts.quick { 1 } else { 5 }, bin, &script, &mut report)?;
     show(&report);
     println!("bench: daemon CPU and memory…");
     daemon_cost(servers.nginx_port, seconds.max(2), bin, &mut report)?;
@@ -644,7 +712,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     } else {
         &[(10, 10), (1000, 100), (10000, 1000)]
     };
-    growth(sizes, bin, &mut report)?;
+    let window = Duration::from_secs(if opts.quick { 2 } else { 15 });
+    growth(sizes, window, bin, &mut report)?;
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     show(&report);
     std::fs::write("target/bench-report.md", &report).context("writing target/bench-report.md")?;

@@ -42,7 +42,7 @@ const REQUIREMENTS: &[(&str, &[u32], &str)] = &[
     (
         "CAP_SYS_PTRACE",
         &[CAP_SYS_PTRACE],
-        "to read, in /proc, which syscall worker threads wait in",
+        "to read, in /proc, which epoll instances of a worker watch its listener",
     ),
     (
         "CAP_DAC_READ_SEARCH",
