@@ -331,14 +331,18 @@ mod tests {
 
     #[test]
     fn gunicorn_sync_idle_in_select_on_its_listener_busy_in_a_sleep() {
-        // Recorded on 6.18: gunicorn sync workers, listener fd 5. Idle:
-        // pselect6(nfds 8, readfds, …) with fd 5 set; busy: the app's
-        // time.sleep (clock_nanosleep, 230).
-        let mut idle = blocked(11, 11, SYS_PSELECT6, [8, 0x7ffd_0000, 0, 0x7ffd_0100]);
+        // Recorded on 6.18 (/proc/PID/syscall, the same saved registers):
+        // gunicorn 20.1 sync workers, listener fd 5. Idle: `270 0x8
+        // 0x7ffd3a272540 0x0 0x0` (pselect6, fd 5 set in the read set);
+        // serving `?1.5`: `230 0x1 0x1 0x7ffd3a27e700 0x0` (time.sleep).
+        let mut idle = blocked(30075, 30075, SYS_PSELECT6, [8, 0x7ffd_3a27_2540, 0, 0]);
         idle.polled_fds[0] = 5;
-        let sleeping = blocked(12, 12, 230, [1, 0, 0x7ffd_0200, 0]);
-        let w = watched(&[11, 12], &[5], &[]);
-        assert_eq!(states(&[idle, sleeping], &w), vec![(11, false), (12, true)]);
+        let sleeping = blocked(30076, 30076, 230, [1, 1, 0x7ffd_3a27_e700, 0]);
+        let w = watched(&[30075, 30076], &[5], &[]);
+        assert_eq!(
+            states(&[idle, sleeping], &w),
+            vec![(30075, false), (30076, true)]
+        );
     }
 
     #[test]
@@ -433,10 +437,10 @@ mod tests {
         );
     }
 
-    /// Apache prefork with two Listen lines: child 21 waits in epoll_wait
-    /// on the listeners holding the accept mutex (a robust PI mutex in
-    /// shared memory: its futex word is 21's thread id); 22 and 23 wait in
-    /// futex(FUTEX_LOCK_PI) on it.
+    /// Apache 2.4 prefork with two Listen lines, recorded on 6.18: child 21
+    /// (8079) waits in `232 0x7 … 0x2 0x2710` holding the accept mutex (a
+    /// robust PI mutex in a shared page: word 0x80001f8f, FUTEX_WAITERS |
+    /// 8079); 22 and 23 in `202 0x7f9cfd502000 0x6` (FUTEX_LOCK_PI, shared).
     fn apache_idle() -> Vec<ThreadSample> {
         let uaddr = 0x7f00_1000;
         let mut lock_wait = |pid| {

@@ -434,6 +434,35 @@ mod tests {
     }
 
     #[test]
+    fn without_a_sampler_busy_and_idle_are_absent_not_zero() {
+        use crate::workers::{PoolView, WorkerView};
+        let mut snapshot = one_listener();
+        let worker = WorkerView {
+            pid: 11,
+            comm: "gunicorn".into(),
+            accepts: 3,
+            active_connections: 1,
+            busy: None, // the thread sampler could not run on this kernel
+            busy_seconds: 0.0,
+        };
+        snapshot.pools.pools.push(PoolView {
+            listener: snapshot.listeners.listeners[0].id,
+            workers: vec![worker],
+        });
+        let text = encode(&worker_families(&snapshot)).unwrap();
+        assert!(!text.contains("observer_workers{"), "{text}");
+        assert!(!text.contains("observer_worker_busy"), "{text}");
+        assert!(text.contains("observer_worker_accepts_total{"), "{text}");
+        snapshot.pools.pools[0].workers[0].busy = Some(true);
+        let text = encode(&worker_families(&snapshot)).unwrap();
+        assert!(text.contains("state=\"busy\"} 1"), "{text}");
+        assert!(
+            text.contains("observer_worker_busy_seconds_total{"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn wait_histogram_is_cumulative_in_seconds_with_inf() {
         let text = encode(&listener_families(&one_listener())).unwrap();
         let line = |le: &str| {
