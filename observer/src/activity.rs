@@ -80,10 +80,13 @@ pub struct Watched {
     pub epoll_pool: bool,
 }
 
-/// A file, by device and inode.
+/// A locked file, by inode number. Only the number: /proc/locks names a
+/// file on an overlay (a container's root) by the device of the filesystem
+/// below, where `stat` through the overlay gives the overlay's. A match
+/// also needs the holder to be a fellow worker waiting for work, so two
+/// filesystems' equal numbers cannot mislead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId {
-    pub dev: u64,
     pub ino: u64,
 }
 
@@ -519,7 +522,7 @@ mod tests {
     }
     impl FileLocks for OneLockFile {
         fn file_of(&mut self, _: u32, fd: u32) -> Option<FileId> {
-            (fd == 6).then_some(FileId { dev: 8, ino: 99 })
+            (fd == 6).then_some(FileId { ino: 99 })
         }
         fn holders(&mut self, file: FileId) -> Vec<u32> {
             if file.ino == 99 {

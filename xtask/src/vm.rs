@@ -370,6 +370,8 @@ export OBSERVER_BIN={observer} RUST_BACKTRACE=1
 # /tmp stays the overlay's (writes land in its tmpfs): a fresh tmpfs there
 # would hide a checkout under /tmp. /run gets its own.
 mount -t tmpfs tmpfs /run
+# POSIX semaphores and shared memory (Python's multiprocessing, in gunicorn hooks).
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mkdir -p /lib/modules/{release} && mount --bind {modules} /lib/modules/{release}
@@ -381,7 +383,7 @@ cat /vmout/doctor.txt
 run() {{ # <results file> <binary> [env assignments…]
   out=$1; bin=$2; shift 2
   echo "vm: $out"
-  env "$@" "$bin" --test-threads=1 > "/vmout/$out" 2>&1; echo "exit $?" >> "/vmout/$out"
+  env "$@" "$bin" --test-threads=1 --show-output > "/vmout/$out" 2>&1; echo "exit $?" >> "/vmout/$out"
   grep -E '^test result|FAILED|panicked' "/vmout/$out"
 }}
 "#,

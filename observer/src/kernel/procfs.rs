@@ -4,14 +4,11 @@
 //! error.
 use std::path::Path;
 
-/// The file open as `fd` in process `pid`, by device and inode.
+/// The file open as `fd` in process `pid`.
 pub fn file_id(pid: u32, fd: u32) -> Option<crate::activity::FileId> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    Some(crate::activity::FileId {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    })
+    Some(crate::activity::FileId { ino: meta.ino() })
 }
 
 /// The processes holding a lock (flock, POSIX or OFD) on `file`.
@@ -19,7 +16,7 @@ pub fn lock_holders(file: crate::activity::FileId) -> Vec<u32> {
     let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
     parse_proc_locks(&text)
         .into_iter()
-        .filter(|l| !l.waiting && l.dev == file.dev && l.ino == file.ino)
+        .filter(|l| !l.waiting && l.ino == file.ino)
         .filter_map(|l| l.pid)
         .collect()
 }
@@ -31,8 +28,6 @@ pub struct LockLine {
     pub waiting: bool,
     /// The process (none for OFD locks, shown as -1).
     pub pid: Option<u32>,
-    /// `st_dev` as the kernel's `new_encode_dev` of major:minor.
-    pub dev: u64,
     pub ino: u64,
 }
 
@@ -45,26 +40,15 @@ pub fn parse_proc_locks(text: &str) -> Vec<LockLine> {
             let waiting = fields.next_if_eq(&"->").is_some();
             let mut fields = fields.skip(3); // class, mode, access
             let pid = fields.next()?.parse::<i64>().ok()?;
-            let mut place = fields.next()?.split(':');
-            let major = u64::from_str_radix(place.next()?, 16).ok()?;
-            let minor = u64::from_str_radix(place.next()?, 16).ok()?;
-            let ino = place.next()?.parse().ok()?;
+            // MAJOR:MINOR:INODE, the device in hex.
+            let ino = fields.next()?.rsplit(':').next()?.parse().ok()?;
             Some(LockLine {
                 waiting,
                 pid: u32::try_from(pid).ok(),
-                dev: encode_dev(major, minor),
                 ino,
             })
         })
         .collect()
-}
-
-/// What `stat()` reports as `st_dev` for major:minor (glibc's makedev).
-fn encode_dev(major: u64, minor: u64) -> u64 {
-    ((major & 0xfffff000) << 32)
-        | ((major & 0xfff) << 8)
-        | ((minor & 0xffffff00) << 12)
-        | (minor & 0xff)
 }
 
 /// Whether a process (by its id in the initial PID namespace) still exists.
@@ -135,22 +119,12 @@ mod tests {
             LockLine {
                 waiting: false,
                 pid: Some(4101),
-                dev: encode_dev(0, 0x1a),
                 ino: 6271
             }
         );
         assert!(lines[1].waiting);
         assert_eq!(lines[1].pid, Some(4102));
-        assert_eq!((lines[2].pid, lines[2].dev), (None, encode_dev(0xfd, 1)));
-    }
-
-    #[test]
-    fn device_numbers_encode_as_stat_reports_them() {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata("/proc/self/exe").expect("stat");
-        let dev = meta.dev();
-        let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
-        assert_eq!(encode_dev(major, minor), dev);
+        assert_eq!((lines[2].pid, lines[2].ino), (None, 131));
     }
 
     #[test]
