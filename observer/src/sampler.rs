@@ -84,30 +84,11 @@ impl ThreadSampler {
         let now_ns = procfs::monotonic_ns();
         let states =
             activity::process_states(&samples, &self.watched, &mut self.locks, &mut ProcFileLocks);
-        self.integrate(&states, now_ns);
+        integrate(&mut self.accounts, &states, now_ns);
         self.cost.passes += 1;
         self.cost.threads_sampled += samples.len() as u64;
         self.cost.seconds += started.elapsed().as_secs_f64();
         Ok(())
-    }
-
-    fn integrate(&mut self, states: &BTreeMap<ProcessKey, bool>, now_ns: u64) {
-        let seen: HashSet<&ProcessKey> = states.keys().collect();
-        // Exited processes (pid gone or reused) stop being accounted.
-        self.accounts
-            .retain(|k, _| seen.contains(k) || !states.keys().any(|s| s.pid == k.pid));
-        for (key, busy) in states {
-            let account = self.accounts.entry(*key).or_insert(Account {
-                busy: *busy,
-                busy_ns: 0,
-                last_ns: now_ns,
-            });
-            if *busy {
-                account.busy_ns += now_ns.saturating_sub(account.last_ns).min(MAX_GAP_NS);
-            }
-            account.busy = *busy;
-            account.last_ns = now_ns;
-        }
     }
 
     /// Each watched process's latest state, by pid (the newest process
@@ -127,6 +108,31 @@ impl ThreadSampler {
 
     pub fn cost(&self) -> SamplerCost {
         self.cost
+    }
+}
+
+/// Adds one pass to the accounts: a process busy in it is counted busy
+/// for the time since its previous pass (at most [`MAX_GAP_NS`]).
+fn integrate(
+    accounts: &mut BTreeMap<ProcessKey, Account>,
+    states: &BTreeMap<ProcessKey, bool>,
+    now_ns: u64,
+) {
+    // A process replaced by another with its pid stops being accounted
+    // (exited ones go when the scrape stops watching their pid).
+    let pids_seen: HashSet<u32> = states.keys().map(|k| k.pid).collect();
+    accounts.retain(|k, _| states.contains_key(k) || !pids_seen.contains(&k.pid));
+    for (key, busy) in states {
+        let account = accounts.entry(*key).or_insert(Account {
+            busy: *busy,
+            busy_ns: 0,
+            last_ns: now_ns,
+        });
+        if *busy {
+            account.busy_ns += now_ns.saturating_sub(account.last_ns).min(MAX_GAP_NS);
+        }
+        account.busy = *busy;
+        account.last_ns = now_ns;
     }
 }
 
@@ -170,5 +176,65 @@ impl FileLocks for ProcFileLocks {
 
     fn holders(&mut self, file: FileId) -> Vec<u32> {
         procfs::lock_holders(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn pass(pids: &[(u32, u64, bool)]) -> BTreeMap<ProcessKey, bool> {
+        pids.iter()
+            .map(|(pid, start_ns, busy)| {
+                let key = ProcessKey {
+                    pid: *pid,
+                    start_ns: *start_ns,
+                };
+                (key, *busy)
+            })
+            .collect()
+    }
+
+    fn busy_ms(accounts: &BTreeMap<ProcessKey, Account>, pid: u32) -> Vec<u64> {
+        accounts
+            .iter()
+            .filter(|(k, _)| k.pid == pid)
+            .map(|(_, a)| a.busy_ns / MS)
+            .collect()
+    }
+
+    #[test]
+    fn a_busy_pass_counts_the_time_since_the_previous_one() {
+        let mut accounts = BTreeMap::new();
+        integrate(&mut accounts, &pass(&[(11, 1, false)]), 0);
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 50 * MS);
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 100 * MS);
+        integrate(&mut accounts, &pass(&[(11, 1, false)]), 150 * MS);
+        assert_eq!(busy_ms(&accounts, 11), vec![100]);
+        assert!(!accounts.values().next().unwrap().busy);
+    }
+
+    #[test]
+    fn a_first_pass_and_a_late_pass_count_no_more_than_they_saw() {
+        let mut accounts = BTreeMap::new();
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 0);
+        assert_eq!(
+            busy_ms(&accounts, 11),
+            vec![0],
+            "first sight counts nothing"
+        );
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 5_000 * MS);
+        assert_eq!(busy_ms(&accounts, 11), vec![1_000], "a 5 s gap adds 1 s");
+    }
+
+    #[test]
+    fn a_reused_pid_starts_from_zero() {
+        let mut accounts = BTreeMap::new();
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 0);
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), 50 * MS);
+        integrate(&mut accounts, &pass(&[(11, 2, true)]), 100 * MS);
+        assert_eq!(busy_ms(&accounts, 11), vec![0], "only the new process");
     }
 }
