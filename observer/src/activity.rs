@@ -127,6 +127,7 @@ enum Doing {
     Other,
 }
 
+/// Whether `fd` (a syscall argument) is one of `fds` (-1: an empty slot).
 fn contains(fds: &[i32], fd: u64) -> bool {
     fd <= i32::MAX as u64 && fds.contains(&(fd as i32))
 }
@@ -136,11 +137,10 @@ fn doing(s: &ThreadSample, w: &Watched) -> Doing {
     if s.state == 0 {
         return Doing::Other; // on a CPU, or about to be
     }
-    let fds = &w.fds;
-    let listen: Vec<i32> = fds.listen.iter().copied().filter(|fd| *fd >= 0).collect();
+    let listen = &w.fds.listen;
     let [a0, a1, _, a3] = s.args;
     let waits_for_work = match s.syscall {
-        SYS_ACCEPT | SYS_ACCEPT4 => contains(&listen, a0),
+        SYS_ACCEPT | SYS_ACCEPT4 => contains(listen, a0),
         SYS_SELECT | SYS_PSELECT6 | SYS_POLL | SYS_PPOLL => {
             let polled = match s.syscall {
                 SYS_POLL | SYS_PPOLL => &s.polled_fds[..(a1 as usize).min(s.polled_fds.len())],
@@ -149,8 +149,7 @@ fn doing(s: &ThreadSample, w: &Watched) -> Doing {
             polled.iter().any(|fd| *fd >= 0 && listen.contains(fd))
         }
         SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
-            let epolls: Vec<i32> = fds.epoll.iter().copied().filter(|fd| *fd >= 0).collect();
-            contains(&epolls, a0) || w.epoll_pool
+            contains(&w.fds.epoll, a0) || w.epoll_pool
         }
         SYS_IO_URING_ENTER => a3 & IORING_ENTER_GETEVENTS != 0,
         _ => false,

@@ -320,6 +320,15 @@ pub fn daemon_families(snapshot: &Snapshot, d: &DaemonHealth) -> Vec<MetricFamil
                 .collect(),
         ),
         family(
+            "observer_worker_sample_interval_seconds",
+            "Interval between the thread sampler's passes in effect: 1 / --collector.workers.sample-rate, or longer where passes would take more than 0.5% of a core.",
+            GAUGE,
+            d.sampler
+                .iter()
+                .map(|c| gauge(vec![], c.interval_seconds))
+                .collect(),
+        ),
+        family(
             "observer_worker_sample_seconds_total",
             "Time the thread sampler spent in its passes (kernel iterator and classification).",
             COUNTER,

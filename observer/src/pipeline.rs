@@ -74,7 +74,10 @@ pub struct KernelOptions {
         default_value = "auto"
     )]
     pub accept_source: AcceptSource,
-    /// How often the thread sampler reads worker threads, between scrapes.
+    /// How often the thread sampler reads worker threads between scrapes
+    /// (at most: passes are kept under 0.5% of a core, so on a host with
+    /// many threads they come less often; see
+    /// observer_worker_sample_interval_seconds).
     #[arg(
         long = "collector.workers.sample-rate",
         value_name = "HZ",

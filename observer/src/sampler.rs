@@ -26,6 +26,12 @@ use crate::{
 /// scrape holding the sampler) does not stretch one observation over it.
 const MAX_GAP_NS: u64 = 1_000_000_000;
 
+/// The most of one core the sampler's thread may use. A pass walks every
+/// thread on the host (about 2 µs each here, cold caches); where passes
+/// cost more than this share of the requested interval, the interval
+/// stretches to fit, and resolution, not the host, pays.
+pub const MAX_CORE_SHARE: f64 = 0.005;
+
 /// A worker's state as the sampler last saw it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WorkerActivity {
@@ -47,6 +53,8 @@ pub struct SamplerCost {
     pub passes: u64,
     pub seconds: f64,
     pub threads_sampled: u64,
+    /// The interval between passes in effect (after [`MAX_CORE_SHARE`]).
+    pub interval_seconds: f64,
 }
 
 pub struct ThreadSampler {
@@ -136,29 +144,39 @@ fn integrate(
     }
 }
 
-/// Runs `sampler` every `interval` on a thread of its own, until the last
-/// other reference to it is dropped.
-pub fn spawn(sampler: &Arc<Mutex<ThreadSampler>>, interval: Duration) -> Result<()> {
+/// The interval that keeps passes of `pass` duration within
+/// [`MAX_CORE_SHARE`] of a core, and no shorter than `requested`.
+fn budgeted_interval(requested: Duration, pass: Duration) -> Duration {
+    requested.max(pass.div_f64(MAX_CORE_SHARE))
+}
+
+/// Runs `sampler` every `interval` (stretched by [`budgeted_interval`]) on
+/// a thread of its own, until the last other reference to it is dropped.
+pub fn spawn(sampler: &Arc<Mutex<ThreadSampler>>, requested: Duration) -> Result<()> {
     let weak: Weak<Mutex<ThreadSampler>> = Arc::downgrade(sampler);
+    if let Ok(mut s) = sampler.lock() {
+        s.cost.interval_seconds = requested.as_secs_f64();
+    }
     std::thread::Builder::new()
         .name("thread-sampler".into())
         .spawn(move || {
-            let mut next = Instant::now() + interval;
+            let mut next = Instant::now() + requested;
             loop {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                next += interval;
-                if next < Instant::now() {
-                    next = Instant::now() + interval; // fell behind: skip, do not burst
-                }
                 let Some(sampler) = weak.upgrade() else {
                     return;
                 };
                 let Ok(mut sampler) = sampler.lock() else {
                     return;
                 };
+                let started = Instant::now();
                 if let Err(e) = sampler.sample() {
                     log::debug!("thread sampler: {e:#}");
                 }
+                let interval = budgeted_interval(requested, started.elapsed());
+                sampler.cost.interval_seconds = interval.as_secs_f64();
+                // From this pass's start; a late pass is not followed by a burst.
+                next = (started + interval).max(Instant::now());
             }
         })?;
     Ok(())
@@ -227,6 +245,21 @@ mod tests {
         );
         integrate(&mut accounts, &pass(&[(11, 1, true)]), 5_000 * MS);
         assert_eq!(busy_ms(&accounts, 11), vec![1_000], "a 5 s gap adds 1 s");
+    }
+
+    #[test]
+    fn the_interval_stretches_to_keep_passes_within_the_budget() {
+        let requested = Duration::from_millis(50);
+        // 100 µs passes: 0.2% of a core at 20 Hz, within the budget.
+        assert_eq!(
+            budgeted_interval(requested, Duration::from_micros(100)),
+            requested
+        );
+        // 2 ms passes (a host with ~1000 threads): every 400 ms, 0.5%.
+        assert_eq!(
+            budgeted_interval(requested, Duration::from_millis(2)),
+            Duration::from_millis(400)
+        );
     }
 
     #[test]

@@ -525,8 +525,8 @@ fn daemon_cost(port: u16, seconds: u64, bin: &Path, report: &mut String) -> Resu
     Ok(())
 }
 
-/// The sampler's passes and seconds, from one scrape of the daemon.
-fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64) {
+/// The sampler's passes, seconds and interval, from one scrape of the daemon.
+fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64, f64) {
     let text = http_get(daemon.port, "/metrics").unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let value = |name: &str| {
@@ -537,23 +537,24 @@ fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64) {
     (
         value("observer_worker_sample_passes_total"),
         value("observer_worker_sample_seconds_total"),
+        value("observer_worker_sample_interval_seconds"),
     )
 }
 
 /// The daemon's CPU over `window` with one scrape at its start (a
 /// Prometheus scraping every `window`): the sampler's passes plus that
-/// scrape. Then the sampler's own time per pass.
-fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64)> {
+/// scrape. Then the sampler's interval in effect and its time per pass.
+fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64, f64)> {
     let (t0, w0) = (cpu_ticks(daemon.pid()), Instant::now());
-    let (passes0, secs0) = sampler_totals(daemon);
+    let (passes0, secs0, _) = sampler_totals(daemon);
     std::thread::sleep(window.saturating_sub(w0.elapsed()));
     let cpu = (cpu_ticks(daemon.pid()) - t0) as f64 / 100.0 / w0.elapsed().as_secs_f64() * 100.0;
-    let (passes1, secs1) = sampler_totals(daemon);
+    let (passes1, secs1, interval) = sampler_totals(daemon);
     let (passes, secs) = (passes1 - passes0, secs1 - secs0);
     if passes < 1.0 {
         bail!("the daemon's thread sampler did not run");
     }
-    Ok((cpu, secs / passes * 1e6))
+    Ok((cpu, interval, secs / passes * 1e6))
 }
 
 /// Threads on the host now (what each sampler pass walks).
@@ -580,7 +581,7 @@ fn growth(
     bin: &Path,
     report: &mut String,
 ) -> Result<()> {
-    report.push_str("\n| listeners | workers | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler µs per pass | threads on the host | sampler ns per host thread |\n|---|---|---|---|---|---|---|---|---|\n");
+    report.push_str("\n| listeners | workers | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n|---|---|---|---|---|---|---|---|---|---|\n");
     raise_fd_limit(sizes.iter().map(|s| s.0).max().unwrap_or(0) as u64 + 1024);
     for (n_listeners, n_workers) in sizes {
         let listeners: Vec<TcpListener> = (0..*n_listeners)
@@ -616,10 +617,10 @@ fn growth(
                 .unwrap_or(0);
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        let (cpu, pass_us) = sampler_cost(&daemon, window)?;
+        let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
         let threads = host_threads();
         report.push_str(&format!(
-            "| {n_listeners} | {n_workers} | {:.1} | {:.0} | {:.1} | {cpu:.2} | {pass_us:.0} | {threads} | {:.0} |\n",
+            "| {n_listeners} | {n_workers} | {:.1} | {:.0} | {:.1} | {cpu:.2} | {interval:.3} | {pass_us:.0} | {threads} | {:.0} |\n",
             median(times),
             size as f64 / 1024.0,
             rss_mib(daemon.pid()),
@@ -710,7 +711,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     let sizes: &[(usize, usize)] = if opts.quick {
         &[(10, 10)]
     } else {
-        &[(10, 10), (1000, 100), (10000, 1000)]
+        &[(10, 10), (10, 100), (10, 1000), (1000, 100), (10000, 1000)]
     };
     let window = Duration::from_secs(if opts.quick { 2 } else { 15 });
     growth(sizes, window, bin, &mut report)?;
