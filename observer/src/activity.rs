@@ -7,10 +7,13 @@
 //! - blocked in `accept`/`accept4` on one of its listeners;
 //! - in `select`/`pselect6`/`poll`/`ppoll` with one of its listeners in the set;
 //! - in `epoll_wait`/`epoll_pwait`/`epoll_pwait2` on an epoll instance that
-//!   watches one of its listeners (its event loop), or on any epoll instance
-//!   in a pool whose event loops are epoll (nginx with `accept_mutex on`
-//!   takes the listener out of the sets of the workers that do not hold the
-//!   mutex: they wait in their event loop all the same);
+//!   watches one of its listeners (its event loop); or, for a worker whose
+//!   own such epoll was never seen, on any epoll instance, when its pool's
+//!   event loops are epoll (nginx with `accept_mutex on` keeps the listener
+//!   out of the sets of the workers that do not hold the mutex: they wait in
+//!   their event loop all the same). A worker whose listener epoll is known
+//!   and waits on another one is busy (Apache's mod_cgi waits on the CGI's
+//!   pipes in an epoll of its own);
 //! - in `io_uring_enter` waiting for completions (an io_uring event loop);
 //! - waiting for the pool's **accept lock**: a process-shared lock (futex,
 //!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
@@ -149,7 +152,8 @@ fn doing(s: &ThreadSample, w: &Watched) -> Doing {
             polled.iter().any(|fd| *fd >= 0 && listen.contains(fd))
         }
         SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
-            contains(&w.fds.epoll, a0) || w.epoll_pool
+            let own_epoll_unknown = w.fds.epoll.iter().all(|fd| *fd < 0);
+            contains(&w.fds.epoll, a0) || (w.epoll_pool && own_epoll_unknown)
         }
         SYS_IO_URING_ENTER => a3 & IORING_ENTER_GETEVENTS != 0,
         _ => false,
@@ -397,6 +401,18 @@ mod tests {
         // sync): an epoll_wait inside a request is work.
         let w = watched(&[32], &[6], &[]);
         assert_eq!(states(&[other], &w), vec![(32, true)]);
+    }
+
+    #[test]
+    fn an_apache_child_waiting_on_its_cgi_in_another_epoll_is_busy() {
+        // Recorded on 6.18, Apache 2.4 prefork: the child serving a CGI
+        // waits for its output in mod_cgi's own pollset, `232 0x9
+        // 0x7f40464504b0 0x2 0xea60` (60 s CGI timeout); the idle one in its
+        // listener pollset, `232 0x7 0x7f404645c1f0 0x2 0x2710`.
+        let serving = blocked(21, 21, SYS_EPOLL_WAIT, [9, 0x7f40_4645_04b0, 2, 60_000]);
+        let idle = blocked(22, 22, SYS_EPOLL_WAIT, [7, 0x7f40_4645_c1f0, 2, 10_000]);
+        let w = watched(&[21, 22], &[3, 4], &[7]);
+        assert_eq!(states(&[serving, idle], &w), vec![(21, true), (22, false)]);
     }
 
     #[test]

@@ -198,7 +198,10 @@ impl Pipeline {
             Some(sampler) => {
                 let mut sampler = lock(sampler)?;
                 sampler.set_watched(writes.watched);
-                sampler.sample()?;
+                // Busy/idle then comes from the sampler's previous pass.
+                if let Err(e) = sampler.sample() {
+                    log::warn!("thread sampler at this scrape: {e:#}");
+                }
                 self.health.sampler = Some(sampler.cost());
                 sampler.activity()
             }
