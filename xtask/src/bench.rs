@@ -121,7 +121,14 @@ struct ObserverDaemon {
 }
 
 impl ObserverDaemon {
+    /// A daemon scraped every second (a demanding Prometheus).
     fn start(bin: &Path) -> Result<ObserverDaemon> {
+        Self::start_scraped_every(bin, Some(Duration::from_secs(1)))
+    }
+
+    /// A daemon scraped every `every` in the background, or only when the
+    /// bench asks (`None`).
+    fn start_scraped_every(bin: &Path, every: Option<Duration>) -> Result<ObserverDaemon> {
         let port = free_port()?;
         let process = spawn(
             Command::new(bin).args([
@@ -134,17 +141,19 @@ impl ObserverDaemon {
         wait_for_port(port, "observer")?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let scraper = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                let _ = http_get(port, "/metrics");
-                std::thread::sleep(Duration::from_secs(1));
-            }
+        let scraper = every.map(|every| {
+            std::thread::spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    let _ = http_get(port, "/metrics");
+                    std::thread::sleep(every);
+                }
+            })
         });
         Ok(ObserverDaemon {
             process,
             port,
             stop,
-            scraper: Some(scraper),
+            scraper,
         })
     }
 
@@ -607,7 +616,7 @@ fn growth(
                 _ => bail!("fork failed"),
             }
         }
-        let daemon = ObserverDaemon::start(bin)?;
+        let daemon = ObserverDaemon::start_scraped_every(bin, None)?;
         let mut times = Vec::new();
         let mut size = 0;
         for _ in 0..5 {
