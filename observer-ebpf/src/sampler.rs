@@ -57,7 +57,7 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
     let Some(tgid) = read::<u32>(task, off.task_tgid) else {
         return 0;
     };
-    let Some(fds) = WATCHED.get_ptr(&tgid) else {
+    let Some(fds) = WATCHED.get_ptr(tgid) else {
         return 0;
     };
     // SAFETY: a live map value, only read (the daemon replaces whole values).

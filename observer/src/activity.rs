@@ -395,7 +395,9 @@ mod tests {
         let holder = blocked(31, 31, SYS_EPOLL_WAIT, [7, 0x55e1_b9fd, 512, u64::MAX]);
         let other = blocked(32, 32, SYS_EPOLL_WAIT, [9, 0x55e1_b9fd, 512, 500]);
         let mut w = watched(&[31, 32], &[6], &[7]);
-        w.get_mut(&32).map(|x| x.fds.epoll = [-1; 4]);
+        if let Some(x) = w.get_mut(&32) {
+            x.fds.epoll = [-1; 4];
+        }
         assert_eq!(states(&[holder, other], &w), vec![(31, false), (32, false)]);
         // A pool whose workers never wait in epoll on a listener (gunicorn
         // sync): an epoll_wait inside a request is work.
@@ -461,7 +463,7 @@ mod tests {
     /// 8079); 22 and 23 in `202 0x7f9cfd502000 0x6` (FUTEX_LOCK_PI, shared).
     fn apache_idle() -> Vec<ThreadSample> {
         let uaddr = 0x7f00_1000;
-        let mut lock_wait = |pid| {
+        let lock_wait = |pid| {
             let mut s = blocked(pid, pid, SYS_FUTEX, [uaddr, FUTEX_LOCK_PI, 0, 0]);
             s.futex_word = 21 | 0x8000_0000; // FUTEX_WAITERS
             s
@@ -524,7 +526,9 @@ mod tests {
         let mut waiter = blocked(22, 22, SYS_FUTEX, [0x7f00_2000, FUTEX_LOCK_PI, 0, 0]);
         waiter.futex_word = 21;
         let mut w = watched(&[21, 22], &[3], &[]);
-        w.get_mut(&21).map(|x| x.pool = POOL + 1);
+        if let Some(x) = w.get_mut(&21) {
+            x.pool = POOL + 1;
+        }
         let listener = blocked(21, 21, SYS_ACCEPT4, [3, 0, 0, 0]);
         assert_eq!(
             states(&[listener, waiter], &w),
