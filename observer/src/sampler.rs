@@ -27,7 +27,7 @@ use crate::{
 const MAX_GAP_NS: u64 = 1_000_000_000;
 
 /// The most of one core the sampler's thread may use. A pass walks every
-/// thread on the host (about 2 µs each here, cold caches); where passes
+/// thread on the host (about 3 µs each here, BENCHMARKS.md); where passes
 /// cost more than this share of the requested interval, the interval
 /// stretches to fit, and resolution, not the host, pays.
 pub const MAX_CORE_SHARE: f64 = 0.005;

@@ -174,13 +174,13 @@ impl Probes {
     /// Makes `LISTEN_PORTS` hold exactly `keys`.
     pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
         let wanted = keys.iter().map(|k| (*k, 1u8)).collect();
-        sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted).map(|_| ())
+        sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted)
     }
 
     /// Makes `WATCHED` hold exactly `fds` (per worker process): the
     /// processes whose threads the sampler reports.
     pub fn set_watched(&mut self, fds: &std::collections::HashMap<u32, WorkerFds>) -> Result<()> {
-        sync_map(&mut self.ebpf, "WATCHED", fds).map(|_| ())
+        sync_map(&mut self.ebpf, "WATCHED", fds)
     }
 
     /// The ring buffer of accepted connections (trace mode).
@@ -365,12 +365,12 @@ fn attach_one_source(
 }
 
 /// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
-/// wanted ones written. Returns whether the set of keys changed.
+/// wanted ones written.
 fn sync_map<K, V>(
     ebpf: &mut Ebpf,
     name: &str,
     wanted: &std::collections::HashMap<K, V>,
-) -> Result<bool>
+) -> Result<()>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
@@ -381,7 +381,6 @@ where
     )?;
     let present: std::collections::HashMap<K, V> = map.iter().filter_map(|e| e.ok()).collect();
     let stale: Vec<&K> = present.keys().filter(|k| !wanted.contains_key(k)).collect();
-    let changed = !stale.is_empty() || wanted.keys().any(|k| !present.contains_key(k));
     for key in stale {
         let _ = map.remove(key);
     }
@@ -391,7 +390,7 @@ where
             break;
         }
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// Loads an iterator program for the kernel iterator `target` and links it.
