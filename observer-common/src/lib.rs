@@ -3,6 +3,8 @@
 //! the same bytes. Nothing else may define a type that crosses the boundary.
 #![no_std]
 
+/// `AF_UNIX` as the kernel stores it in `sock_common.skc_family`.
+pub const AF_UNIX: u16 = 1;
 /// `AF_INET` as the kernel stores it in `sock_common.skc_family`.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6` as the kernel stores it in `sock_common.skc_family`.
@@ -17,6 +19,9 @@ pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_RECV: u8 = 3;
 /// `TCP_CLOSE_WAIT` in `sock_common.skc_state` (peer closed, we have not yet).
 pub const TCP_CLOSE_WAIT: u8 = 8;
+
+/// Bytes of a Unix socket name (`sockaddr_un.sun_path`).
+pub const UNIX_PATH_BYTES: usize = 108;
 
 /// Upper bounds (inclusive, microseconds) of the accept-queue wait histogram
 /// buckets, from 100 µs to 60 s. The kernel side counts each accepted
@@ -43,10 +48,20 @@ pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
 
 /// Key of `LISTEN_PORTS`: the daemon lists the ports that have a listener so
 /// that the socket-holder iterator reports only accepted connections of them.
+/// (Unix listeners are keyed by [`UnixListenKey`] instead: below 2^48, these
+/// keys never meet a kernel address.)
 #[inline(always)]
 pub fn listen_port_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
 }
+
+/// What ties an accepted Unix connection to its listener: the kernel address
+/// of the listener's `struct unix_address`, which `unix_stream_connect`
+/// shares with every child of the listener. It names the listener while it
+/// lives; the daemon maps it to the path through the listener's record, and
+/// uses it as the listener's `LISTEN_PORTS` key (kernel addresses are above
+/// 2^63, so they never meet a [`listen_port_key`]).
+pub type UnixListenKey = u64;
 
 /// Listener fds (and epoll fds watching a listener) kept per worker process.
 pub const WORKER_FD_SLOTS: usize = 4;
@@ -71,10 +86,15 @@ impl WorkerFds {
     };
 }
 
-/// One TCP socket held open by a process, as the `iter/task_file` program
-/// writes it: listening sockets (with their queue figures: this iterator sees
-/// every network namespace, `iter/tcp` only the daemon's), and accepted
-/// connections of listened ports.
+/// One socket held open by a process, as the `iter/task_file` program
+/// writes it: TCP and Unix-domain listening sockets (with their queue
+/// figures: this iterator sees every network namespace, `iter/tcp` only the
+/// daemon's), and accepted connections of listened ports and paths.
+///
+/// A Unix socket (`family` = [`AF_UNIX`]) has no address or port: `addr`
+/// holds its listener's [`UnixListenKey`] (first 8 bytes, native order), and
+/// a Unix *listener*'s record is followed in the stream by a
+/// [`UnixNameRecord`] with its path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct HolderRecord {
@@ -85,7 +105,8 @@ pub struct HolderRecord {
     pub netns: u32,
     pub family: u16,
     pub port: u16,
-    /// `TCP_LISTEN`, `TCP_ESTABLISHED` or `TCP_CLOSE_WAIT`.
+    /// `TCP_LISTEN`, `TCP_ESTABLISHED` or `TCP_CLOSE_WAIT` (Unix sockets
+    /// use the same numbers).
     pub state: u8,
     pub _pad: [u8; 3],
     pub addr: [u8; 16],
@@ -96,6 +117,31 @@ pub struct HolderRecord {
     pub queue_max: u32,
     pub syn_queue_len: u32,
     pub drops: u32,
+    /// TCP listeners: as in [`ListenerRecord`].
+    pub oldest_wait_us: u64,
+    /// Unix listeners: the kernel address of the connection at the head of
+    /// the queue (0 when empty). The kernel keeps no enqueue time for Unix
+    /// connections, so the daemon times the head itself.
+    pub queue_head: u64,
+}
+
+/// The path of a Unix listener, right after its [`HolderRecord`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixNameRecord {
+    /// Bytes of `path` in use (`sun_path`'s part of the bound address
+    /// length); an abstract name starts with a NUL byte.
+    pub len: u32,
+    pub path: [u8; UNIX_PATH_BYTES],
+}
+
+impl Default for UnixNameRecord {
+    fn default() -> Self {
+        UnixNameRecord {
+            len: 0,
+            path: [0; UNIX_PATH_BYTES],
+        }
+    }
 }
 
 /// fds of a poll()/ppoll() call (its first pollfd entries) or of a select()
@@ -223,6 +269,10 @@ pub struct ListenerRecord {
     pub drops: u32,
     /// Inode of the socket (`socket:[N]` in /proc/PID/fd), 0 if orphaned.
     pub inode: u64,
+    /// How long the connection at the head of the accept queue (the
+    /// oldest: the queue is FIFO) has waited, µs, from its queue-entry
+    /// stamp; 0 when the queue is empty or the stamp is not yet written.
+    pub oldest_wait_us: u64,
 }
 
 /// Byte offsets of the kernel struct fields the programs read, resolved by the
@@ -271,6 +321,14 @@ pub struct KernelOffsets {
     pub regs_si: u32,
     pub regs_dx: u32,
     pub regs_r10: u32,
+    pub sk_receive_queue_next: u32,
+    pub sk_receive_queue_qlen: u32,
+    pub skb_sk: u32,
+    pub unix_addr: u32,
+    pub unix_address_len: u32,
+    pub unix_address_path: u32,
+    pub icsk_accept_queue_head: u32,
+    pub request_sock_sk: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the
@@ -310,6 +368,7 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerFds {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
+    unsafe impl aya::Pod for super::UnixNameRecord {}
     unsafe impl aya::Pod for super::AcceptEvent {}
 }
 
@@ -342,8 +401,9 @@ mod tests {
     #[test]
     fn shared_layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
-        assert_eq!(core::mem::size_of::<ListenerRecord>(), 48);
-        assert_eq!(core::mem::size_of::<HolderRecord>(), 80);
+        assert_eq!(core::mem::size_of::<ListenerRecord>(), 56);
+        assert_eq!(core::mem::size_of::<HolderRecord>(), 96);
+        assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 136);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 3));

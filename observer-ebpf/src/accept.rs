@@ -26,12 +26,14 @@ use aya_ebpf::{
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use observer_common::{
-    AcceptEvent, AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, TCP_SYN_RECV,
+    AF_UNIX, AcceptEvent, AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, TCP_SYN_RECV,
     WAIT_BUCKETS, wait_bucket,
 };
 
 use crate::{
-    kernel::{SockHead, offsets, read, read_ptr, socket_place, tracing},
+    kernel::{
+        SockHead, offsets, read, read_ptr, socket_place, tcp_queued_at_us, tracing, unix_listen_key,
+    },
     maps::{ACCEPTS, EVENTS, count_health},
 };
 
@@ -66,6 +68,25 @@ pub fn accept_fexit(ctx: FExitContext) -> u32 {
         Ok(sk) if sk != 0 => count_accept(sk, &offsets()),
         Ok(_) => {}
         Err(_) => count_health(Health::AcceptReadError),
+    }
+    0
+}
+
+/// `int unix_accept(struct socket *sock, struct socket *newsock, ...)`
+/// returned: Unix-domain accepts do not pass `inet_csk_accept`. Attached
+/// with `accept_fexit`. (Its third argument changed in 6.10; only `newsock`
+/// is read.)
+#[fexit(function = "unix_accept")]
+pub fn accept_unix_fexit(ctx: FExitContext) -> u32 {
+    // An int in a 64-bit register: only the low half is defined.
+    if !matches!(ctx.ret::<u64>(), Ok(ret) if ret as u32 == 0) {
+        return 0;
+    }
+    let off = offsets();
+    let newsock: u64 = ctx.arg(1);
+    match read_ptr(newsock, off.socket_sk) {
+        Some(sk) => count_accept(sk, &off),
+        None => count_health(Health::AcceptReadError),
     }
     0
 }
@@ -116,13 +137,17 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
         count_health(Health::AcceptReadError);
         return;
     }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
+        count_unix_accept(sk, &head, off, tgid);
+        return;
+    }
     let Some(place) = socket_place(&head, off) else {
         return;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
         return;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let key = AcceptKey {
         netns: place.netns,
         tgid,
@@ -167,6 +192,43 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
     }
 }
 
+/// A Unix-domain accept, counted under its listener's
+/// [`observer_common::UnixListenKey`]. The kernel keeps no time of when a
+/// Unix connection was queued, so it has no wait.
+#[inline(always)]
+fn count_unix_accept(sk: u64, head: &SockHead, off: &KernelOffsets, tgid: u32) {
+    let Some(listen_key) = unix_listen_key(sk, off) else {
+        return;
+    };
+    let Some(netns) = head
+        .field::<u64>(off.sk_net)
+        .and_then(|net| read::<u32>(net, off.net_ns_inum))
+    else {
+        count_health(Health::AcceptReadError);
+        return;
+    };
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&listen_key.to_ne_bytes());
+    let key = AcceptKey {
+        netns,
+        tgid,
+        family: AF_UNIX,
+        port: 0,
+        _pad: 0,
+        addr,
+    };
+    match stats_for(&key) {
+        // SAFETY: `stats` points into a live map value; atomic as in count_accept.
+        Some(stats) => unsafe { add(&raw mut (*stats).accepted, 1) },
+        None => count_health(Health::AcceptMapFull),
+    }
+    if tracing() {
+        // SAFETY: helper without arguments.
+        let now_ns = unsafe { bpf_ktime_get_ns() };
+        emit_event(head, off, &key, now_ns, u64::MAX);
+    }
+}
+
 /// How long the child socket `sk` waited in the accept queue, by its
 /// queue-entry stamp; `None` when the stamp is unreadable.
 ///
@@ -179,8 +241,7 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
 /// child, so it always finds the stamp.
 #[inline(always)]
 fn queue_wait_us(sk: u64, head: &SockHead, off: &KernelOffsets, now_us: u64) -> Option<u64> {
-    let queued_at_us: u64 = read(sk, off.tcp_rcvq_space_time)?;
-    if queued_at_us != 0 {
+    if let Some(queued_at_us) = tcp_queued_at_us(sk, off) {
         return now_us.checked_sub(queued_at_us);
     }
     (head.field::<u8>(off.sk_state)? == TCP_SYN_RECV).then_some(0)
@@ -207,16 +268,19 @@ fn emit_event(head: &SockHead, off: &KernelOffsets, key: &AcceptKey, now_ns: u64
         (*event).netns = key.netns;
         (*event).family = key.family;
         (*event).port = key.port;
-        (*event).peer_port = u16::from_be(head.field(off.sk_dport).unwrap_or(0));
         (*event)._pad = [0; 6];
         (*event).addr = key.addr;
+        (*event).peer_port = 0;
+        (*event).peer_addr = [0; 16];
         if key.family == observer_common::AF_INET {
             let v4: [u8; 4] = head.field(off.sk_daddr).unwrap_or([0; 4]);
             (*event).peer_addr = [
                 v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             ];
-        } else {
+            (*event).peer_port = u16::from_be(head.field(off.sk_dport).unwrap_or(0));
+        } else if key.family == observer_common::AF_INET6 {
             (*event).peer_addr = head.field(off.sk_v6_daddr).unwrap_or([0; 16]);
+            (*event).peer_port = u16::from_be(head.field(off.sk_dport).unwrap_or(0));
         }
         (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }

@@ -1,7 +1,8 @@
 //! `iter/task_file`: the daemon runs this iterator at scrape time. It visits
 //! every open file of every process and writes a [`HolderRecord`] for each
-//! TCP listener and each accepted connection of a listened port: who holds
-//! which listener (the worker pool) and how many connections each has open.
+//! TCP or Unix-domain listener and each accepted connection of a listened
+//! port or path: who holds which listener (the worker pool) and how many
+//! connections each has open.
 //! Unlike `iter/tcp`, which the kernel limits to the iterator's own network
 //! namespace, this sees the sockets of every process in every namespace, so
 //! it also reports each listener's queue figures.
@@ -11,12 +12,16 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use observer_common::{
-    HolderRecord, IPPROTO_TCP, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, listen_port_key,
+    AF_UNIX, HolderRecord, IPPROTO_TCP, KernelOffsets, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN,
+    listen_port_key,
 };
 
 use crate::{
-    kernel::{SockHead, offsets, read, read_ptr, socket_place},
-    maps::LISTEN_PORTS,
+    kernel::{
+        SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
+        unix_listen_key, unix_queue,
+    },
+    maps::{LISTEN_PORTS, UNIX_NAME},
 };
 
 /// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
@@ -60,13 +65,24 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     if !head.read_from(sk) {
         return 0;
     }
+    let state: u8 = head.field(off.sk_state).unwrap_or(0);
+    let mut record = HolderRecord {
+        tgid: read(task, off.task_tgid).unwrap_or(0),
+        fd,
+        state,
+        inode: read(inode, off.inode_i_ino).unwrap_or(0),
+        ..HolderRecord::default()
+    };
+    if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
+        unix_holder(seq, task, sk, &head, &off, &mut record);
+        return 0;
+    }
     let Some(place) = socket_place(&head, &off) else {
         return 0;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
         return 0;
     }
-    let state: u8 = head.field(off.sk_state).unwrap_or(0);
     let wanted = state == TCP_LISTEN
         || ((state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
             && LISTEN_PORTS
@@ -75,39 +91,88 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     if !wanted {
         return 0;
     }
-    let ppid = read_ptr(task, off.task_real_parent)
-        .and_then(|p| read::<u32>(p, off.task_tgid))
-        .unwrap_or(0);
-    let mut record = HolderRecord {
-        tgid: read(task, off.task_tgid).unwrap_or(0),
-        ppid,
-        fd,
-        netns: place.netns,
-        family: place.family,
-        port: place.port,
-        state,
-        _pad: [0; 3],
-        addr: place.addr,
-        inode: read(inode, off.inode_i_ino).unwrap_or(0),
-        comm: read(task, off.task_comm).unwrap_or([0; 16]),
-        queue_len: 0,
-        queue_max: 0,
-        syn_queue_len: 0,
-        drops: 0,
-    };
+    record.netns = place.netns;
+    record.family = place.family;
+    record.port = place.port;
+    record.addr = place.addr;
+    fill_process(task, &off, &mut record);
     if state == TCP_LISTEN {
         record.queue_len = read(sk, off.sk_ack_backlog).unwrap_or(0);
         record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
         record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
         record.drops = read(sk, off.sk_drops).unwrap_or(0);
+        record.oldest_wait_us = tcp_oldest_wait_us(sk, &off);
     }
-    // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
+    write(seq, &record);
+    0
+}
+
+/// A Unix-domain socket: a listener (followed by its path), or an accepted
+/// connection of a listener the daemon knows.
+#[inline(always)]
+fn unix_holder(
+    seq: *mut seq_file,
+    task: u64,
+    sk: u64,
+    head: &SockHead,
+    off: &KernelOffsets,
+    record: &mut HolderRecord,
+) {
+    let Some(key) = unix_listen_key(sk, off) else {
+        return; // unbound: a client, never a listener or its child
+    };
+    let listening = record.state == TCP_LISTEN;
+    let accepted = (record.state == TCP_ESTABLISHED || record.state == TCP_CLOSE_WAIT)
+        && LISTEN_PORTS.get_ptr(key).is_some();
+    if !listening && !accepted {
+        return;
+    }
+    let Some(netns) = head
+        .field::<u64>(off.sk_net)
+        .and_then(|net| read::<u32>(net, off.net_ns_inum))
+    else {
+        return;
+    };
+    record.netns = netns;
+    record.family = AF_UNIX;
+    record.addr[..8].copy_from_slice(&key.to_ne_bytes());
+    fill_process(task, off, record);
+    if !listening {
+        write(seq, record);
+        return;
+    }
+    let (queue_len, queue_head) = unix_queue(sk, off);
+    record.queue_len = queue_len;
+    record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
+    record.queue_head = queue_head;
+    write(seq, record);
+    if let Some(name) = UNIX_NAME.get_ptr_mut(0) {
+        // SAFETY: our per-CPU slot, used only between here and the write
+        // (iterator runs do not nest on one CPU).
+        let name = unsafe { &mut *name };
+        read_unix_name(key, off, name);
+        write(seq, name);
+    }
+}
+
+/// The holding process's parent and name (its tgid is already in).
+#[inline(always)]
+fn fill_process(task: u64, off: &KernelOffsets, record: &mut HolderRecord) {
+    record.ppid = read_ptr(task, off.task_real_parent)
+        .and_then(|p| read::<u32>(p, off.task_tgid))
+        .unwrap_or(0);
+    record.comm = read(task, off.task_comm).unwrap_or([0; 16]);
+}
+
+/// Appends `value`'s bytes to the iterator's output.
+#[inline(always)]
+fn write<T>(seq: *mut seq_file, value: &T) {
+    // SAFETY: `seq` is the iterator's seq_file; `value` lives on our stack.
     unsafe {
         bpf_seq_write(
             seq,
-            &record as *const HolderRecord as *const c_void,
-            core::mem::size_of::<HolderRecord>() as u32,
+            value as *const T as *const c_void,
+            core::mem::size_of::<T>() as u32,
         );
     }
-    0
 }

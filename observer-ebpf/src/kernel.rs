@@ -1,6 +1,6 @@
 //! Reading kernel structs at offsets the daemon resolved from BTF.
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
-use observer_common::{KernelOffsets, SOCK_COMMON_HEAD};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use observer_common::{KernelOffsets, SOCK_COMMON_HEAD, UnixNameRecord};
 
 /// Filled in by the daemon before load (`EbpfLoader::set_global`). It lives in
 /// `.rodata`, which the loader freezes, so the verifier sees constants.
@@ -45,6 +45,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     regs_si: 0,
     regs_dx: 0,
     regs_r10: 0,
+    sk_receive_queue_next: 0,
+    sk_receive_queue_qlen: 0,
+    skb_sk: 0,
+    unix_addr: 0,
+    unix_address_len: 0,
+    unix_address_path: 0,
+    icsk_accept_queue_head: 0,
+    request_sock_sk: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -150,4 +158,62 @@ pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace>
         port,
         addr,
     })
+}
+
+/// The stamp `tcp_sock.rcvq_space.time` (µs, the clock of
+/// `bpf_ktime_get_ns`) that a child socket gets when it enters the accept
+/// queue; nothing moves it until the owner reads, after accept.
+#[inline(always)]
+pub fn tcp_queued_at_us(child: u64, off: &KernelOffsets) -> Option<u64> {
+    read::<u64>(child, off.tcp_rcvq_space_time).filter(|us| *us != 0)
+}
+
+/// How long the connection at the head of TCP listener `sk`'s accept queue
+/// (`icsk_accept_queue.rskq_accept_head->sk`: the queue is FIFO, so the
+/// oldest) has waited, µs; 0 when the queue is empty or the head's stamp is
+/// not yet written (it entered the queue this instant).
+#[inline(always)]
+pub fn tcp_oldest_wait_us(sk: u64, off: &KernelOffsets) -> u64 {
+    let Some(queued_at) = read_ptr(sk, off.icsk_accept_queue_head)
+        .and_then(|req| read_ptr(req, off.request_sock_sk))
+        .and_then(|child| tcp_queued_at_us(child, off))
+    else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
+    now_us.saturating_sub(queued_at)
+}
+
+/// A Unix listener's queue: connections waiting (`sk_receive_queue.qlen`,
+/// what `ss -lx` shows as Recv-Q) and the child socket of the skb at its
+/// head (0 when empty).
+#[inline(always)]
+pub fn unix_queue(sk: u64, off: &KernelOffsets) -> (u32, u64) {
+    let len = read::<u32>(sk, off.sk_receive_queue_qlen).unwrap_or(0);
+    let list_head = sk + off.sk_receive_queue_next as u64;
+    let head = match read_ptr(sk, off.sk_receive_queue_next) {
+        Some(skb) if skb != list_head => read_ptr(skb, off.skb_sk).unwrap_or(0),
+        _ => 0,
+    };
+    (len, head)
+}
+
+/// A Unix socket's `unix_sk(sk)->addr`: its bound address, which a listener
+/// shares with the children it queues (see `observer_common::UnixListenKey`).
+#[inline(always)]
+pub fn unix_listen_key(sk: u64, off: &KernelOffsets) -> Option<u64> {
+    read_ptr(sk, off.unix_addr)
+}
+
+/// Reads the path of the bound address `addr` into `name`, in place.
+#[inline(always)]
+pub fn read_unix_name(addr: u64, off: &KernelOffsets, name: &mut UnixNameRecord) {
+    // `len` counts sun_family's 2 bytes too.
+    let len = read::<i32>(addr, off.unix_address_len).unwrap_or(0) - 2;
+    if len <= 0 || !read_into(addr + off.unix_address_path as u64, &mut name.path) {
+        name.len = 0;
+        return;
+    }
+    name.len = (len as u32).min(observer_common::UNIX_PATH_BYTES as u32);
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use observer_common::{ListenerRecord, TCP_LISTEN};
 
-use crate::kernel::{SockHead, offsets, read, read_ptr, socket_place};
+use crate::kernel::{SockHead, offsets, read, read_ptr, socket_place, tcp_oldest_wait_us};
 
 /// Byte offset of `sk_common` in `struct bpf_iter__tcp` (after `meta`).
 const ITER_TCP_SK_COMMON: usize = 8;
@@ -56,6 +56,7 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         syn_queue_len: read(sk, off.icsk_accept_queue_qlen).unwrap_or(0),
         drops: read(sk, off.sk_drops).unwrap_or(0),
         inode,
+        oldest_wait_us: tcp_oldest_wait_us(sk, &off),
     };
     // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
     unsafe {

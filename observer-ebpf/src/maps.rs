@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    LISTEN_PORT_MAP_CAPACITY, WORKER_MAP_CAPACITY, WorkerFds,
+    LISTEN_PORT_MAP_CAPACITY, UnixNameRecord, WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -34,6 +34,11 @@ pub static LISTEN_PORTS: HashMap<u64, u8> = HashMap::with_max_entries(LISTEN_POR
 /// Accepted connections for `observer trace` (written only in trace mode).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Room for one Unix listener's path while the holder iterator writes it
+/// (too large for the 512-byte BPF stack beside the record).
+#[map]
+pub static UNIX_NAME: PerCpuArray<UnixNameRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]

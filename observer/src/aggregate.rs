@@ -7,43 +7,12 @@
 //! test for process ids.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
 };
 
-use observer_common::{AF_INET, AF_INET6, AcceptKey, AcceptStats, ListenerRecord, WAIT_BUCKETS};
+use observer_common::{AcceptKey, AcceptStats, WAIT_BUCKETS};
 
-/// A listening address: what the metrics' `addr`, `port` and `netns` labels
-/// name. Sockets sharing it (SO_REUSEPORT groups) are reported together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId {
-    pub netns: u32,
-    pub family: u16,
-    pub addr: [u8; 16],
-    pub port: u16,
-}
-
-impl ListenerId {
-    pub fn ip(&self) -> IpAddr {
-        match self.family {
-            AF_INET => IpAddr::V4(Ipv4Addr::new(
-                self.addr[0],
-                self.addr[1],
-                self.addr[2],
-                self.addr[3],
-            )),
-            _ => IpAddr::V6(Ipv6Addr::from(self.addr)),
-        }
-    }
-
-    pub fn from_record(r: &ListenerRecord) -> Self {
-        ListenerId {
-            netns: r.netns,
-            family: r.family,
-            addr: r.addr,
-            port: r.port,
-        }
-    }
-}
+use crate::sockets::{ListenSocket, ListenerId, ListenerIndex, QueueHead};
 
 /// Queue-wait histogram: per-bucket counts (not cumulative), last = +Inf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -88,26 +57,61 @@ impl Accepts {
     }
 }
 
+/// One listening socket's figures, for the per-socket series of listeners
+/// with more than one (SO_REUSEPORT groups).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketView {
+    pub inode: u64,
+    pub queue_len: u64,
+    pub queue_max: u64,
+    /// Its `sk_drops` since the daemon started.
+    pub drops: u64,
+    pub oldest_wait: Duration,
+}
+
 /// One listener's figures at a collection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerView {
     pub id: ListenerId,
-    /// Listening sockets behind this address (more than 1 with SO_REUSEPORT).
-    pub sockets: u32,
+    /// Listening sockets behind this address (more than 1 with SO_REUSEPORT),
+    /// by inode.
+    pub sockets: Vec<SocketView>,
     pub queue_len: u64,
     pub queue_max: u64,
     pub syn_queue_len: u64,
+    /// How long the oldest queued connection has waited (the longest of its
+    /// sockets' queue heads); zero when nothing waits. TCP: from the
+    /// kernel's queue-entry stamp. Unix: the kernel keeps no enqueue time,
+    /// so from the first collection that saw that connection at the head (a
+    /// lower bound, late by at most the time between collections).
+    pub oldest_wait: Duration,
     /// Connections that entered the accept queue since the daemon started.
     pub queued: u64,
     /// Connections the listener dropped since the daemon started (accept
     /// queue full, or SYN queue overflow): the kernel's per-socket `sk_drops`,
-    /// which moves with ListenDrops.
+    /// which moves with ListenDrops. Always 0 for Unix listeners, whose
+    /// clients wait or get EAGAIN instead (see [`ListenerView::drops_known`]).
     pub drops: u64,
     /// `sk_drops` as read now (since the sockets were created).
     pub drops_raw: u64,
     pub accepts: Accepts,
     /// Accepts per live process (tgid) since the daemon started.
     pub by_process: BTreeMap<u32, Accepts>,
+}
+
+impl ListenerView {
+    /// Whether the kernel counts this listener's drops and times its queue
+    /// waits at accept: TCP yes; Unix no (a full Unix queue makes clients
+    /// wait in connect() or fail with EAGAIN, counted nowhere, and a Unix
+    /// connection carries no enqueue time).
+    pub fn drops_known(&self) -> bool {
+        !self.id.is_unix()
+    }
+
+    /// See [`ListenerView::drops_known`].
+    pub fn waits_known(&self) -> bool {
+        !self.id.is_unix()
+    }
 }
 
 /// What one collection produced.
@@ -119,6 +123,8 @@ pub struct Collection {
     /// Map keys the caller should delete from the kernel map (their counts are
     /// folded in here, or their listener is gone).
     pub forget: Vec<AcceptKey>,
+    /// Every listener seen (capped or not), to find accepted connections'.
+    pub index: ListenerIndex,
 }
 
 #[derive(Debug, Default)]
@@ -135,11 +141,22 @@ struct ListenerState {
     last_drops: u64,
 }
 
+/// What must survive between collections for one listening socket.
+#[derive(Debug, Default)]
+struct SocketState {
+    /// `sk_drops` when first seen at daemon start (0 for later sockets).
+    drops_baseline: u64,
+    /// Unix: the connection at the head of the queue, and when it was
+    /// first seen there.
+    head: Option<(u64, Duration)>,
+}
+
 /// Holds what must survive between collections.
 #[derive(Debug)]
 pub struct Aggregator {
     seen_first_collection: bool,
     listeners: HashMap<ListenerId, ListenerState>,
+    sockets: HashMap<u64, SocketState>,
     max_listeners: usize,
 }
 
@@ -148,20 +165,25 @@ impl Aggregator {
         Aggregator {
             seen_first_collection: false,
             listeners: HashMap::new(),
+            sockets: HashMap::new(),
             max_listeners,
         }
     }
 
-    /// Combines one kernel snapshot into listener views.
+    /// Combines one kernel snapshot, read at `now` (any monotonic clock),
+    /// into listener views.
     pub fn collect(
         &mut self,
-        records: &[ListenerRecord],
+        sockets: &[ListenSocket],
         accepts: &[(AcceptKey, AcceptStats)],
         is_alive: impl Fn(u32) -> bool,
+        now: Duration,
     ) -> Collection {
-        let mut views = group_listeners(records);
         let startup = !self.seen_first_collection;
         self.seen_first_collection = true;
+        let socket_views = self.socket_views(sockets, startup, now);
+        let mut views = group_listeners(sockets, socket_views);
+        let index = ListenerIndex::new(sockets);
 
         // Listeners that closed: forget their state (and, below, their keys).
         let present: HashSet<ListenerId> = views.keys().copied().collect();
@@ -177,13 +199,7 @@ impl Aggregator {
         let mut forget = Vec::new();
         let mut live: HashMap<ListenerId, Accepts> = HashMap::new();
         for (key, stats) in accepts {
-            let child = ListenerId {
-                netns: key.netns,
-                family: key.family,
-                addr: key.addr,
-                port: key.port,
-            };
-            let Some(id) = listener_of(child, &present) else {
+            let Some(id) = index.listener_of(key.netns, key.family, &key.addr, key.port) else {
                 forget.push(*key);
                 continue;
             };
@@ -225,76 +241,95 @@ impl Aggregator {
             listeners,
             listeners_over_cap,
             forget,
+            index,
         }
+    }
+
+    /// Each socket's figures, by inode: drops since start, and how long its
+    /// queue head has waited (Unix heads timed from their first sighting).
+    fn socket_views(
+        &mut self,
+        sockets: &[ListenSocket],
+        startup: bool,
+        now: Duration,
+    ) -> HashMap<u64, SocketView> {
+        let present: HashSet<u64> = sockets.iter().map(|s| s.inode).collect();
+        self.sockets.retain(|inode, _| present.contains(inode));
+        let mut views = HashMap::new();
+        for s in sockets {
+            let state = self.sockets.entry(s.inode).or_insert_with(|| SocketState {
+                drops_baseline: if startup { s.drops as u64 } else { 0 },
+                head: None,
+            });
+            let oldest_wait = match s.head {
+                QueueHead::Waited { us } => Duration::from_micros(us),
+                QueueHead::Unix { head: 0 } => {
+                    state.head = None;
+                    Duration::ZERO
+                }
+                QueueHead::Unix { head } => match state.head {
+                    Some((seen, since)) if seen == head => now.saturating_sub(since),
+                    _ => {
+                        state.head = Some((head, now));
+                        Duration::ZERO
+                    }
+                },
+            };
+            views.insert(
+                s.inode,
+                SocketView {
+                    inode: s.inode,
+                    queue_len: s.queue_len as u64,
+                    queue_max: s.queue_max as u64,
+                    drops: (s.drops as u64).saturating_sub(state.drops_baseline),
+                    oldest_wait,
+                },
+            );
+        }
+        views
     }
 }
 
-/// One view per listening address, summing SO_REUSEPORT siblings.
-fn group_listeners(records: &[ListenerRecord]) -> HashMap<ListenerId, ListenerView> {
+/// One view per listener, summing the sockets behind it.
+fn group_listeners(
+    sockets: &[ListenSocket],
+    mut socket_views: HashMap<u64, SocketView>,
+) -> HashMap<ListenerId, ListenerView> {
     let mut views: HashMap<ListenerId, ListenerView> = HashMap::new();
-    for r in records {
-        if r.family != AF_INET && r.family != AF_INET6 {
-            continue;
-        }
-        let id = ListenerId::from_record(r);
-        let view = views.entry(id).or_insert_with(|| ListenerView {
-            id,
-            sockets: 0,
+    for s in sockets {
+        let view = views.entry(s.id).or_insert_with(|| ListenerView {
+            id: s.id,
+            sockets: Vec::new(),
             queue_len: 0,
             queue_max: 0,
             syn_queue_len: 0,
+            oldest_wait: Duration::ZERO,
             queued: 0,
             drops: 0,
             drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
         });
-        view.sockets += 1;
-        view.queue_len += r.queue_len as u64;
-        view.queue_max += r.queue_max as u64;
-        view.syn_queue_len += r.syn_queue_len as u64;
-        view.drops_raw += r.drops as u64;
-    }
-    views
-}
-
-/// The listener that accepted a child socket bound to `child` (its local
-/// address): the listener bound to exactly that address, else the wildcard
-/// listener on that port (for IPv4 children of a dual-stack `[::]` listener,
-/// the child is an IPv6 socket with a v4-mapped address).
-pub fn listener_of(child: ListenerId, present: &HashSet<ListenerId>) -> Option<ListenerId> {
-    if present.contains(&child) {
-        return Some(child);
-    }
-    if child.family == AF_INET6 && is_v4_mapped(&child.addr) {
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&child.addr[12..16]);
-        let as_v4 = ListenerId {
-            family: AF_INET,
-            addr: v4,
-            ..child
-        };
-        if present.contains(&as_v4) {
-            return Some(as_v4);
+        view.queue_len += s.queue_len as u64;
+        view.queue_max += s.queue_max as u64;
+        view.syn_queue_len += s.syn_queue_len as u64;
+        view.drops_raw += s.drops as u64;
+        if let Some(socket) = socket_views.remove(&s.inode) {
+            view.oldest_wait = view.oldest_wait.max(socket.oldest_wait);
+            view.sockets.push(socket);
         }
     }
-    let wildcard = ListenerId {
-        addr: [0; 16],
-        ..child
-    };
-    if present.contains(&wildcard) {
-        return Some(wildcard);
+    for view in views.values_mut() {
+        view.sockets.sort_by_key(|s| s.inode);
     }
-    None
-}
-
-fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..10] == [0; 10] && addr[10..12] == [0xff, 0xff]
+    views
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sockets::UnixPath;
+    use observer_common::{AF_INET, AF_INET6, AF_UNIX};
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
         let mut addr = [0; 16];
@@ -302,15 +337,16 @@ mod tests {
         addr
     }
 
-    fn listener(addr: [u8; 16], family: u16, port: u16, depth: u32) -> ListenerRecord {
-        ListenerRecord {
-            netns: 1,
-            family,
-            port,
-            addr,
+    fn listener(addr: [u8; 16], family: u16, port: u16, depth: u32) -> ListenSocket {
+        ListenSocket {
+            id: ListenerId::tcp(1, family, addr, port),
+            inode: port as u64,
             queue_len: depth,
             queue_max: 128,
-            ..Default::default()
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Waited { us: 0 },
+            unix_key: None,
         }
     }
 
@@ -338,7 +374,7 @@ mod tests {
         let mut agg = Aggregator::new(100);
         let records = [listener([0; 16], AF_INET, 80, 0)];
         let accepts = [(key(v4([127, 0, 0, 1]), AF_INET, 80, 7), stats(3, 1_000_000))];
-        let c = agg.collect(&records, &accepts, |_| true);
+        let c = agg.collect(&records, &accepts, |_| true, Duration::ZERO);
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.listeners[0].accepts.accepted, 3);
         assert_eq!(c.listeners[0].accepts.waits.count(), 3);
@@ -352,7 +388,7 @@ mod tests {
         mapped[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
         let records = [listener([0; 16], AF_INET6, 8080, 0)];
         let accepts = [(key(mapped, AF_INET6, 8080, 7), stats(2, 0))];
-        let c = agg.collect(&records, &accepts, |_| true);
+        let c = agg.collect(&records, &accepts, |_| true, Duration::ZERO);
         assert_eq!(c.listeners[0].accepts.accepted, 2);
     }
 
@@ -360,9 +396,12 @@ mod tests {
     fn queued_counts_from_the_depth_seen_at_start() {
         let mut agg = Aggregator::new(100);
         // At start 4 connections already wait; they are not "queued since start".
-        let c = agg.collect(&[listener(v4([127, 0, 0, 1]), AF_INET, 80, 4)], &[], |_| {
-            true
-        });
+        let c = agg.collect(
+            &[listener(v4([127, 0, 0, 1]), AF_INET, 80, 4)],
+            &[],
+            |_| true,
+            Duration::ZERO,
+        );
         assert_eq!(c.listeners[0].queued, 0);
         // 2 new arrive, 3 get accepted: depth 4 + 2 - 3 = 3.
         let accepts = [(key(v4([127, 0, 0, 1]), AF_INET, 80, 9), stats(3, 0))];
@@ -370,6 +409,7 @@ mod tests {
             &[listener(v4([127, 0, 0, 1]), AF_INET, 80, 3)],
             &accepts,
             |_| true,
+            Duration::ZERO,
         );
         assert_eq!(c.listeners[0].queued, 2);
     }
@@ -377,21 +417,30 @@ mod tests {
     #[test]
     fn listeners_created_after_start_count_their_whole_queue() {
         let mut agg = Aggregator::new(100);
-        agg.collect(&[], &[], |_| true);
-        let c = agg.collect(&[listener(v4([127, 0, 0, 1]), AF_INET, 81, 5)], &[], |_| {
-            true
-        });
+        agg.collect(&[], &[], |_| true, Duration::ZERO);
+        let c = agg.collect(
+            &[listener(v4([127, 0, 0, 1]), AF_INET, 81, 5)],
+            &[],
+            |_| true,
+            Duration::ZERO,
+        );
         assert_eq!(c.listeners[0].queued, 5);
     }
 
     #[test]
     fn queued_never_goes_backwards() {
         let mut agg = Aggregator::new(100);
-        agg.collect(&[], &[], |_| true);
+        agg.collect(&[], &[], |_| true, Duration::ZERO);
         let l = |d| [listener(v4([127, 0, 0, 1]), AF_INET, 80, d)];
-        assert_eq!(agg.collect(&l(5), &[], |_| true).listeners[0].queued, 5);
+        assert_eq!(
+            agg.collect(&l(5), &[], |_| true, Duration::ZERO).listeners[0].queued,
+            5
+        );
         // A racy sample (depth read after an accept that the map missed).
-        assert_eq!(agg.collect(&l(4), &[], |_| true).listeners[0].queued, 5);
+        assert_eq!(
+            agg.collect(&l(4), &[], |_| true, Duration::ZERO).listeners[0].queued,
+            5
+        );
     }
 
     #[test]
@@ -404,12 +453,18 @@ mod tests {
             &records,
             &[(dead, stats(5, 0)), (alive, stats(1, 0))],
             |pid| pid == 200,
+            Duration::ZERO,
         );
         assert_eq!(c.forget, vec![dead]);
         assert_eq!(c.listeners[0].accepts.accepted, 6);
         assert!(!c.listeners[0].by_process.contains_key(&100));
         // Next round the dead key is gone from the map; the total stays.
-        let c = agg.collect(&records, &[(alive, stats(2, 0))], |pid| pid == 200);
+        let c = agg.collect(
+            &records,
+            &[(alive, stats(2, 0))],
+            |pid| pid == 200,
+            Duration::ZERO,
+        );
         assert_eq!(c.listeners[0].accepts.accepted, 7);
     }
 
@@ -421,8 +476,9 @@ mod tests {
             &[listener([0; 16], AF_INET, 80, 0)],
             &[(k, stats(1, 0))],
             |_| true,
+            Duration::ZERO,
         );
-        let c = agg.collect(&[], &[(k, stats(1, 0))], |_| true);
+        let c = agg.collect(&[], &[(k, stats(1, 0))], |_| true, Duration::ZERO);
         assert!(c.listeners.is_empty());
         assert_eq!(c.forget, vec![k]);
     }
@@ -430,54 +486,125 @@ mod tests {
     #[test]
     fn drops_count_from_daemon_start() {
         let mut agg = Aggregator::new(100);
-        let l = |drops| ListenerRecord {
+        let l = |drops| ListenSocket {
             drops,
             ..listener([0; 16], AF_INET, 80, 0)
         };
-        assert_eq!(agg.collect(&[l(7)], &[], |_| true).listeners[0].drops, 0);
-        assert_eq!(agg.collect(&[l(10)], &[], |_| true).listeners[0].drops, 3);
+        assert_eq!(
+            agg.collect(&[l(7)], &[], |_| true, Duration::ZERO)
+                .listeners[0]
+                .drops,
+            0
+        );
+        assert_eq!(
+            agg.collect(&[l(10)], &[], |_| true, Duration::ZERO)
+                .listeners[0]
+                .drops,
+            3
+        );
     }
 
     #[test]
-    fn reuseport_siblings_are_summed() {
+    fn reuseport_siblings_are_summed_and_kept_one_by_one() {
         let mut agg = Aggregator::new(100);
         let l = listener([0; 16], AF_INET, 80, 2);
-        let c = agg.collect(&[l, l], &[], |_| true);
+        let full = ListenSocket {
+            inode: 99,
+            queue_len: 128,
+            drops: 5,
+            ..l
+        };
+        let c = agg.collect(&[l, full], &[], |_| true, Duration::ZERO);
         assert_eq!(c.listeners.len(), 1);
+        let v = &c.listeners[0];
+        assert_eq!((v.sockets.len(), v.queue_len, v.queue_max), (2, 130, 256));
         assert_eq!(
-            (
-                c.listeners[0].sockets,
-                c.listeners[0].queue_len,
-                c.listeners[0].queue_max
-            ),
-            (2, 4, 256)
+            v.sockets
+                .iter()
+                .map(|s| (s.inode, s.queue_len))
+                .collect::<Vec<_>>(),
+            vec![(80, 2), (99, 128)]
         );
+        let more = ListenSocket { drops: 9, ..full };
+        let c = agg.collect(&[l, more], &[], |_| true, Duration::ZERO);
+        assert_eq!(c.listeners[0].sockets[1].drops, 4);
+    }
+
+    #[test]
+    fn the_oldest_wait_is_the_longest_queue_head_of_the_listener() {
+        let mut agg = Aggregator::new(100);
+        let a = ListenSocket {
+            head: QueueHead::Waited { us: 1_500_000 },
+            ..listener([0; 16], AF_INET, 80, 1)
+        };
+        let b = ListenSocket {
+            inode: 2,
+            head: QueueHead::Waited { us: 300_000 },
+            ..a
+        };
+        let c = agg.collect(&[a, b], &[], |_| true, Duration::ZERO);
+        assert_eq!(c.listeners[0].oldest_wait, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_unix_queue_head_is_timed_from_its_first_sighting() {
+        let mut agg = Aggregator::new(100);
+        let unix = |head| ListenSocket {
+            id: ListenerId::unix(1, UnixPath::new(b"/run/app.sock")),
+            inode: 5,
+            queue_len: (head != 0) as u32,
+            queue_max: 128,
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Unix { head },
+            unix_key: Some(0xffff_0000),
+        };
+        let at = Duration::from_secs;
+        let wait = |c: Collection| c.listeners[0].oldest_wait;
+        assert_eq!(
+            wait(agg.collect(&[unix(0xa)], &[], |_| true, at(10))),
+            at(0)
+        );
+        assert_eq!(
+            wait(agg.collect(&[unix(0xa)], &[], |_| true, at(13))),
+            at(3)
+        );
+        // Accepted; the next one is new at the head.
+        assert_eq!(
+            wait(agg.collect(&[unix(0xb)], &[], |_| true, at(14))),
+            at(0)
+        );
+        assert_eq!(wait(agg.collect(&[unix(0)], &[], |_| true, at(15))), at(0));
+    }
+
+    #[test]
+    fn unix_accepts_count_for_the_listener_that_owns_their_key() {
+        let mut agg = Aggregator::new(100);
+        let key_value: u64 = 0xffff_8881_2345_6780;
+        let socket = ListenSocket {
+            id: ListenerId::unix(1, UnixPath::new(b"\0uwsgi")),
+            inode: 5,
+            queue_len: 0,
+            queue_max: 100,
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Unix { head: 0 },
+            unix_key: Some(key_value),
+        };
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&key_value.to_ne_bytes());
+        let accepted = (key(addr, AF_UNIX, 0, 42), stats(3, 0));
+        let c = agg.collect(&[socket], &[accepted], |_| true, Duration::ZERO);
+        assert_eq!(c.listeners[0].accepts.accepted, 3);
+        assert_eq!(c.listeners[0].by_process[&42].accepted, 3);
+        assert!(!c.listeners[0].drops_known());
     }
 
     #[test]
     fn listeners_beyond_the_cap_are_counted_not_exported() {
         let mut agg = Aggregator::new(2);
         let records: Vec<_> = (1..=5).map(|p| listener([0; 16], AF_INET, p, 0)).collect();
-        let c = agg.collect(&records, &[], |_| true);
+        let c = agg.collect(&records, &[], |_| true, Duration::ZERO);
         assert_eq!((c.listeners.len(), c.listeners_over_cap), (2, 3));
-    }
-
-    #[test]
-    fn addresses_format_like_ss() {
-        let id = ListenerId {
-            netns: 1,
-            family: AF_INET,
-            addr: v4([127, 0, 0, 1]),
-            port: 80,
-        };
-        assert_eq!(id.ip().to_string(), "127.0.0.1");
-        let mut v6 = [0u8; 16];
-        v6[15] = 1;
-        let id = ListenerId {
-            family: AF_INET6,
-            addr: v6,
-            ..id
-        };
-        assert_eq!(id.ip().to_string(), "::1");
     }
 }

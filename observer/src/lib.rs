@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod quantile;
 pub mod sampler;
 pub mod serve;
+pub mod sockets;
 pub mod views;
 pub mod webconfig;
 pub mod workers;

@@ -8,9 +8,10 @@ use prometheus::{
 };
 
 use crate::{
-    aggregate::{ListenerId, ListenerView, Waits},
+    aggregate::{ListenerView, SocketView, Waits},
     containers::ContainerInfo,
     pipeline::{DaemonHealth, Snapshot},
+    sockets::ListenerId,
     workers::{PoolView, WorkerView},
 };
 
@@ -21,13 +22,23 @@ fn label(name: &str, value: impl Into<String>) -> LabelPair {
     l
 }
 
-/// A listener's labels: addr, netns, port, and its container's when it has one.
+/// A listener's labels: `addr` and `port` (TCP) or `path` (Unix, as `ss`
+/// prints it), `netns`, and its container's when it has one. Rules and
+/// dashboards group by `addr, port, path, netns`: each kind leaves the
+/// other's labels empty, which Prometheus treats as absent.
 fn id_labels(id: &ListenerId, containers: &Containers) -> Vec<LabelPair> {
-    let mut labels = vec![
-        label("addr", id.ip().to_string()),
-        label("netns", id.netns.to_string()),
-        label("port", id.port.to_string()),
-    ];
+    let mut labels = if id.is_unix() {
+        vec![
+            label("netns", id.netns.to_string()),
+            label("path", id.path.display()),
+        ]
+    } else {
+        vec![
+            label("addr", id.ip().to_string()),
+            label("netns", id.netns.to_string()),
+            label("port", id.port.to_string()),
+        ]
+    };
     if let Some(c) = containers.get(id) {
         labels.push(label("container_id", c.container_id.clone()));
         for (name, value) in [("pod", &c.pod), ("namespace", &c.namespace)] {
@@ -96,12 +107,14 @@ fn histogram(labels: Vec<LabelPair>, waits: &Waits) -> Metric {
     m
 }
 
+/// One series per listener; `value` is `None` where the kernel does not
+/// know the figure for this listener (the series is then absent).
 fn per_listener(
     s: &Snapshot,
     name: &str,
     help: &str,
     kind: MetricType,
-    value: impl Fn(&ListenerView) -> f64,
+    value: impl Fn(&ListenerView) -> Option<f64>,
 ) -> MetricFamily {
     let make = if kind == MetricType::COUNTER {
         counter
@@ -112,68 +125,191 @@ fn per_listener(
         .listeners
         .listeners
         .iter()
-        .map(|v| make(id_labels(&v.id, &s.containers), value(v)))
+        .filter_map(|v| Some(make(id_labels(&v.id, &s.containers), value(v)?)))
         .collect();
     family(name, help, kind, metrics)
+}
+
+/// Listening sockets reported one by one per listener (beyond it, the
+/// sockets with the longest queues are kept).
+pub const MAX_SOCKETS_PER_LISTENER: usize = 64;
+/// Holders named per listening socket in `observer_listen_socket_holder_info`.
+pub const MAX_HOLDERS_PER_SOCKET: usize = 8;
+
+/// The sockets of listeners with more than one (SO_REUSEPORT groups, or a
+/// Unix path bound again after an unlink), each with its labels: the
+/// listener's plus `socket` (its inode, as in `socket:[N]` and `ss -e`).
+fn shared_sockets(s: &Snapshot) -> Vec<(Vec<LabelPair>, &SocketView, bool)> {
+    let mut out = Vec::new();
+    for v in s.listeners.listeners.iter().filter(|v| v.sockets.len() > 1) {
+        let mut sockets: Vec<&SocketView> = v.sockets.iter().collect();
+        sockets.sort_by_key(|sk| (std::cmp::Reverse(sk.queue_len), sk.inode));
+        sockets.truncate(MAX_SOCKETS_PER_LISTENER);
+        sockets.sort_by_key(|sk| sk.inode);
+        for socket in sockets {
+            let mut labels = id_labels(&v.id, &s.containers);
+            labels.push(label("socket", socket.inode.to_string()));
+            out.push((labels, socket, v.drops_known()));
+        }
+    }
+    out
+}
+
+fn per_socket(
+    s: &Snapshot,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: impl Fn(&SocketView, bool) -> Option<f64>,
+) -> MetricFamily {
+    let make = if kind == MetricType::COUNTER {
+        counter
+    } else {
+        gauge
+    };
+    let metrics = shared_sockets(s)
+        .into_iter()
+        .filter_map(|(labels, socket, drops_known)| Some(make(labels, value(socket, drops_known)?)))
+        .collect();
+    family(name, help, kind, metrics)
+}
+
+/// The processes holding each shared socket (named up to
+/// [`MAX_HOLDERS_PER_SOCKET`], counted all).
+fn socket_holder_families(s: &Snapshot) -> Vec<MetricFamily> {
+    let mut counts = Vec::new();
+    let mut info = Vec::new();
+    for (labels, socket, _) in shared_sockets(s) {
+        let holders = s
+            .socket_holders
+            .get(&socket.inode)
+            .map_or(&[][..], |h| &h[..]);
+        counts.push(gauge(labels.clone(), holders.len() as f64));
+        for (pid, comm) in holders.iter().take(MAX_HOLDERS_PER_SOCKET) {
+            let mut labels = labels.clone();
+            labels.push(label("pid", pid.to_string()));
+            labels.push(label("comm", comm.clone()));
+            info.push(gauge(labels, 1.0));
+        }
+    }
+    vec![
+        family(
+            "observer_listen_socket_holders",
+            "Processes holding this listening socket (0: nobody can accept from it).",
+            MetricType::GAUGE,
+            counts,
+        ),
+        family(
+            "observer_listen_socket_holder_info",
+            "A process holding this listening socket (the lowest pids, at most 8 per socket).",
+            MetricType::GAUGE,
+            info,
+        ),
+    ]
 }
 
 /// Every listener metric family, in the order of the README's reference table.
 pub fn listener_families(s: &Snapshot) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
-    vec![
+    let mut families = vec![
         per_listener(
             s,
             "observer_listen_queue_length",
             "Connections waiting in the listening socket's accept queue now (ss Recv-Q).",
             GAUGE,
-            |v| v.queue_len as f64,
+            |v| Some(v.queue_len as f64),
         ),
         per_listener(
             s,
             "observer_listen_queue_max",
             "Accept queue limit of the listening socket (the backlog; ss Send-Q).",
             GAUGE,
-            |v| v.queue_max as f64,
+            |v| Some(v.queue_max as f64),
+        ),
+        per_listener(
+            s,
+            "observer_listen_queue_oldest_seconds",
+            "How long the connection at the head of the accept queue (the oldest) has waited, at the scrape; 0 when the queue is empty. Unix listeners: counted from the first scrape that saw it there (the kernel keeps no enqueue time).",
+            GAUGE,
+            |v| Some(v.oldest_wait.as_secs_f64()),
+        ),
+        per_listener(
+            s,
+            "observer_listen_sockets",
+            "Listening sockets behind this address or path (more than 1 with SO_REUSEPORT); see observer_listen_socket_*.",
+            GAUGE,
+            |v| Some(v.sockets.len().max(1) as f64),
         ),
         per_listener(
             s,
             "observer_listen_syn_queue_length",
-            "Half-open connections (SYN received, handshake not complete) of the listening socket now.",
+            "Half-open connections (SYN received, handshake not complete) of the listening socket now (TCP).",
             GAUGE,
-            |v| v.syn_queue_len as f64,
+            |v| v.drops_known().then_some(v.syn_queue_len as f64),
         ),
         per_listener(
             s,
             "observer_listen_drops_total",
-            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops).",
+            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops; TCP).",
             COUNTER,
-            |v| v.drops as f64,
+            |v| v.drops_known().then_some(v.drops as f64),
         ),
         per_listener(
             s,
             "observer_connections_queued_total",
-            "Connections that completed the handshake and entered the accept queue since observer started.",
+            "Connections that completed the handshake (TCP) or connect() (Unix) and entered the accept queue since observer started.",
             COUNTER,
-            |v| v.queued as f64,
+            |v| Some(v.queued as f64),
         ),
         per_listener(
             s,
             "observer_connections_accepted_total",
             "Connections taken from the accept queue by accept() since observer started.",
             COUNTER,
-            |v| v.accepts.accepted as f64,
+            |v| Some(v.accepts.accepted as f64),
         ),
         family(
             "observer_accept_queue_wait_seconds",
-            "Time each accepted connection waited in the accept queue, from handshake completion to accept().",
+            "Time each accepted connection waited in the accept queue, from handshake completion to accept() (TCP).",
             HISTOGRAM,
             s.listeners
                 .listeners
                 .iter()
+                .filter(|v| v.waits_known())
                 .map(|v| histogram(id_labels(&v.id, &s.containers), &v.accepts.waits))
                 .collect(),
         ),
-    ]
+        per_socket(
+            s,
+            "observer_listen_socket_queue_length",
+            "Connections waiting in this one listening socket's accept queue (listeners with more than one socket).",
+            GAUGE,
+            |sk, _| Some(sk.queue_len as f64),
+        ),
+        per_socket(
+            s,
+            "observer_listen_socket_queue_max",
+            "Accept queue limit of this one listening socket.",
+            GAUGE,
+            |sk, _| Some(sk.queue_max as f64),
+        ),
+        per_socket(
+            s,
+            "observer_listen_socket_queue_oldest_seconds",
+            "How long the connection at the head of this one socket's accept queue has waited.",
+            GAUGE,
+            |sk, _| Some(sk.oldest_wait.as_secs_f64()),
+        ),
+        per_socket(
+            s,
+            "observer_listen_socket_drops_total",
+            "Connections this one listening socket dropped since observer started (TCP).",
+            COUNTER,
+            |sk, drops_known| drops_known.then_some(sk.drops as f64),
+        ),
+    ];
+    families.extend(socket_holder_families(s));
+    families
 }
 
 fn per_worker(
@@ -379,7 +515,7 @@ pub fn encode(families: &[MetricFamily]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Accepts, Collection, ListenerId};
+    use crate::aggregate::{Accepts, Collection};
     use crate::workers::Pools;
     use observer_common::AF_INET;
 
@@ -392,13 +528,9 @@ mod tests {
         waits.sum_ns = 900_000_000;
         let listeners = Collection {
             listeners: vec![ListenerView {
-                id: ListenerId {
-                    netns: 4026531840,
-                    family: AF_INET,
-                    addr,
-                    port: 8080,
-                },
-                sockets: 1,
+                id: ListenerId::tcp(4026531840, AF_INET, addr, 8080),
+                sockets: Vec::new(),
+                oldest_wait: std::time::Duration::from_millis(250),
                 queue_len: 3,
                 queue_max: 128,
                 syn_queue_len: 0,
@@ -414,6 +546,7 @@ mod tests {
             listeners,
             pools: Pools::default(),
             containers: Default::default(),
+            socket_holders: Default::default(),
         }
     }
 

@@ -14,20 +14,19 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use observer_common::{
-    AcceptKey, AcceptStats, HolderRecord, ListenerRecord, TCP_LISTEN, listen_port_key,
-};
+use observer_common::{AcceptKey, AcceptStats, ListenerRecord, listen_port_key};
 
 use crate::{
     activity::Watched,
-    aggregate::{Aggregator, Collection, ListenerId},
+    aggregate::{Aggregator, Collection},
     containers::{ContainerCache, ContainerInfo},
     kernel::{
         host, offsets,
-        probes::{self, AcceptSource, Probes},
+        probes::{self, AcceptSource, Holding, Probes},
         procfs,
     },
     sampler::{self, SamplerCost, ThreadSampler},
+    sockets::{self, ListenSocket, ListenerId},
     workers::{self, Membership, Pools},
 };
 
@@ -52,6 +51,9 @@ pub struct Snapshot {
     pub pools: Pools,
     /// Container facts of listeners whose processes run in a container.
     pub containers: HashMap<ListenerId, ContainerInfo>,
+    /// (pid, comm) of the processes holding each socket of listeners with
+    /// more than one, by inode.
+    pub socket_holders: HashMap<u64, Vec<(u32, String)>>,
 }
 
 /// How to reach the kernel: where its BTF is and which accept source to use.
@@ -99,7 +101,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 /// What one collection read from the kernel, before anything is computed.
 struct KernelView {
     listeners: Vec<ListenerRecord>,
-    holders: Vec<HolderRecord>,
+    holders: Vec<Holding>,
     accepts: Vec<(AcceptKey, AcceptStats)>,
     kernel_events_lost: Vec<(&'static str, u64)>,
 }
@@ -118,6 +120,8 @@ pub struct Pipeline {
     /// Epoll fds watching a listener, per worker process (found once).
     epolls: HashMap<u32, Vec<i32>>,
     containers: ContainerCache,
+    /// The clock of Unix queue heads' first sightings.
+    started: Instant,
     /// `None` where this kernel cannot run the thread sampler.
     sampler: Option<Arc<Mutex<ThreadSampler>>>,
     pub health: DaemonHealth,
@@ -159,6 +163,7 @@ impl Pipeline {
             max_workers,
             epolls: Default::default(),
             containers: Default::default(),
+            started: Instant::now(),
             sampler,
             health,
         };
@@ -179,17 +184,17 @@ impl Pipeline {
 
     fn collect_inner(&mut self) -> Result<Snapshot> {
         let view = self.observe()?;
-        let all = all_listeners(view.listeners, &view.holders);
-        let listeners = self
-            .aggregator
-            .collect(&all, &view.accepts, procfs::process_is_alive);
-        let membership = Membership::from_holders(&listeners.listeners, &view.holders);
+        let all = sockets::listen_sockets(&view.listeners, &view.holders);
+        let listeners = self.aggregator.collect(
+            &all,
+            &view.accepts,
+            procfs::process_is_alive,
+            self.started.elapsed(),
+        );
+        let membership = Membership::from_holders(&listeners, &view.holders);
         self.discover_epolls(&membership);
         let writes = MapWrites {
-            listen_ports: all
-                .iter()
-                .map(|l| listen_port_key(l.netns, l.port))
-                .collect(),
+            listen_ports: all.iter().map(listen_key).collect(),
             watched: workers::watched(&membership, &self.epolls),
             forget_accepts: listeners.forget.clone(),
         };
@@ -220,10 +225,24 @@ impl Pipeline {
             .iter()
             .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
             .collect();
+        let socket_holders = listeners
+            .listeners
+            .iter()
+            .filter(|v| v.sockets.len() > 1)
+            .flat_map(|v| &v.sockets)
+            .map(|socket| {
+                let holders = membership
+                    .socket_holders(socket.inode)
+                    .map(|(pid, comm)| (pid, comm.to_owned()))
+                    .collect();
+                (socket.inode, holders)
+            })
+            .collect();
         Ok(Snapshot {
             listeners,
             pools,
             containers,
+            socket_holders,
         })
     }
 
@@ -299,30 +318,9 @@ pub fn load_probes(kernel: &KernelOptions, trace: bool) -> Result<Probes> {
     Probes::load(&offsets, &kernel.btf, kernel.accept_source, trace)
 }
 
-/// Every listening socket: those of the daemon's namespace (`iter/tcp`, which
-/// also sees kernel-owned listeners) and those held by any process in any
-/// namespace (`iter/task_file`), once each (by socket inode).
-fn all_listeners(own_netns: Vec<ListenerRecord>, holders: &[HolderRecord]) -> Vec<ListenerRecord> {
-    let mut seen: std::collections::HashSet<u64> = own_netns
-        .iter()
-        .map(|l| l.inode)
-        .filter(|i| *i != 0)
-        .collect();
-    let mut listeners = own_netns;
-    for h in holders.iter().filter(|h| h.state == TCP_LISTEN) {
-        if seen.insert(h.inode) {
-            listeners.push(ListenerRecord {
-                netns: h.netns,
-                family: h.family,
-                port: h.port,
-                addr: h.addr,
-                queue_len: h.queue_len,
-                queue_max: h.queue_max,
-                syn_queue_len: h.syn_queue_len,
-                drops: h.drops,
-                inode: h.inode,
-            });
-        }
-    }
-    listeners
+/// A listener's `LISTEN_PORTS` key: what its accepted connections carry.
+fn listen_key(socket: &ListenSocket) -> u64 {
+    socket
+        .unix_key
+        .unwrap_or_else(|| listen_port_key(socket.id.netns, socket.id.port))
 }

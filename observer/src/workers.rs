@@ -9,12 +9,14 @@
 //! `activity.rs`. Pure logic, no I/O.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use observer_common::{HolderRecord, TCP_LISTEN, WorkerFds};
+use observer_common::{TCP_LISTEN, WorkerFds};
 
 use crate::{
     activity::{PoolTag, Watched},
-    aggregate::{ListenerId, ListenerView, listener_of},
+    aggregate::{Collection, ListenerView},
+    kernel::probes::Holding,
     sampler::WorkerActivity,
+    sockets::{ListenSocket, ListenerId},
 };
 
 /// One worker process of a pool.
@@ -69,6 +71,8 @@ pub struct Membership {
     listen_fds: HashMap<u32, BTreeSet<i32>>,
     /// Every process holding each listener (masters included).
     holders: BTreeMap<ListenerId, BTreeSet<u32>>,
+    /// Every process holding each listening socket, by inode.
+    socket_holders: HashMap<u64, BTreeSet<u32>>,
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
@@ -76,35 +80,32 @@ fn comm_string(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-fn holder_id(h: &HolderRecord) -> ListenerId {
-    ListenerId {
-        netns: h.netns,
-        family: h.family,
-        addr: h.addr,
-        port: h.port,
-    }
-}
-
 impl Membership {
     /// Works out each listener's workers from what processes hold.
-    pub fn from_holders(listeners: &[ListenerView], holders: &[HolderRecord]) -> Membership {
-        let present: HashSet<ListenerId> = listeners.iter().map(|v| v.id).collect();
+    pub fn from_holders(listeners: &Collection, holdings: &[Holding]) -> Membership {
+        let index = &listeners.index;
         let mut holders_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
         let mut seen_sockets = HashSet::new();
         let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
-        for h in holders {
+        let mut socket_holders: HashMap<u64, BTreeSet<u32>> = HashMap::new();
+        for holding in holdings {
+            let h = &holding.record;
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
             if h.state == TCP_LISTEN {
-                if present.contains(&holder_id(h)) {
+                let Some(socket) = ListenSocket::from_holding(holding) else {
+                    continue;
+                };
+                if index.contains(&socket.id) {
                     holders_of
-                        .entry(holder_id(h))
+                        .entry(socket.id)
                         .or_default()
                         .insert(h.tgid, h.ppid);
                     listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
+                    socket_holders.entry(h.inode).or_default().insert(h.tgid);
                 }
-            } else if let Some(id) = listener_of(holder_id(h), &present) {
+            } else if let Some(id) = index.listener_of_held(h) {
                 // Count each open connection once per process (threads share fds).
                 if seen_sockets.insert((h.tgid, h.inode)) {
                     *active.entry((id, h.tgid)).or_default() += 1;
@@ -133,7 +134,22 @@ impl Membership {
             active,
             listen_fds,
             holders,
+            socket_holders,
         }
+    }
+
+    /// The processes holding the listening socket with this inode.
+    pub fn socket_holders(&self, inode: u64) -> impl Iterator<Item = (u32, &str)> {
+        self.socket_holders
+            .get(&inode)
+            .into_iter()
+            .flatten()
+            .map(|pid| (*pid, self.comm(*pid)))
+    }
+
+    /// A process's name, as the kernel holds it (`comm`).
+    pub fn comm(&self, pid: u32) -> &str {
+        self.comms.get(&pid).map_or("", |c| c.as_str())
     }
 
     /// A process that holds the listener (a worker if any), to learn its container.
@@ -268,21 +284,45 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Hash
 mod tests {
     use super::*;
     use crate::aggregate::Accepts;
-    use observer_common::{AF_INET, TCP_ESTABLISHED};
+    use crate::sockets::{ListenerIndex, QueueHead};
+    use observer_common::{AF_INET, HolderRecord, TCP_ESTABLISHED};
 
     fn id(port: u16) -> ListenerId {
-        ListenerId {
-            netns: 1,
-            family: AF_INET,
-            addr: [0; 16],
-            port,
-        }
+        ListenerId::tcp(1, AF_INET, [0; 16], port)
+    }
+
+    /// The membership of the listener on `port`, from these holder records.
+    fn membership(port: u16, holders: &[HolderRecord]) -> Membership {
+        let socket = ListenSocket {
+            id: id(port),
+            inode: 5,
+            queue_len: 0,
+            queue_max: 128,
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Waited { us: 0 },
+            unix_key: None,
+        };
+        let listeners = Collection {
+            listeners: vec![view(port)],
+            index: ListenerIndex::new(&[socket]),
+            ..Default::default()
+        };
+        let holdings: Vec<Holding> = holders
+            .iter()
+            .map(|record| Holding {
+                record: *record,
+                unix_name: None,
+            })
+            .collect();
+        Membership::from_holders(&listeners, &holdings)
     }
 
     fn view(port: u16) -> ListenerView {
         ListenerView {
             id: id(port),
-            sockets: 1,
+            sockets: Vec::new(),
+            oldest_wait: std::time::Duration::ZERO,
             queue_len: 0,
             queue_max: 128,
             syn_queue_len: 0,
@@ -324,7 +364,7 @@ mod tests {
             holder(11, 10, 80, TCP_LISTEN, 5),
             holder(12, 10, 80, TCP_LISTEN, 5),
         ];
-        Membership::from_holders(&[view(80)], &holders)
+        membership(80, &holders)
     }
 
     #[test]
@@ -337,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_single_process_server_is_its_own_worker() {
-        let m = Membership::from_holders(&[view(80)], &[holder(20, 1, 80, TCP_LISTEN, 5)]);
+        let m = membership(80, &[holder(20, 1, 80, TCP_LISTEN, 5)]);
         assert_eq!(
             m.worker_listen_fds().keys().copied().collect::<Vec<_>>(),
             vec![20]
@@ -383,7 +423,7 @@ mod tests {
             holder(11, 10, 80, TCP_ESTABLISHED, 77), // same socket through a dup'd fd
             holder(11, 10, 80, TCP_ESTABLISHED, 78),
         ];
-        let m = Membership::from_holders(&[view(80)], &holders);
+        let m = membership(80, &holders);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);
         assert_eq!(p.pools[0].workers[0].active_connections, 2);
     }
@@ -400,7 +440,7 @@ mod tests {
             w[&12].epoll_pool,
             "12's pool has an epoll event loop (11's)"
         );
-        let other = Membership::from_holders(&[view(81)], &[holder(30, 1, 81, TCP_LISTEN, 6)]);
+        let other = membership(81, &[holder(30, 1, 81, TCP_LISTEN, 6)]);
         assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
     }
 
@@ -409,7 +449,7 @@ mod tests {
         let holders: Vec<_> = (11..16)
             .map(|pid| holder(pid, 1, 80, TCP_LISTEN, 5))
             .collect();
-        let m = Membership::from_holders(&[view(80)], &holders);
+        let m = membership(80, &holders);
         let p = pools(&[view(80)], &m, &HashMap::new(), 3);
         assert_eq!((p.pools[0].workers.len(), p.workers_over_cap), (3, 2));
     }

@@ -50,6 +50,18 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         regs_si: at("pt_regs", &["si"])?,
         regs_dx: at("pt_regs", &["dx"])?,
         regs_r10: at("pt_regs", &["r10"])?,
+        sk_receive_queue_next: at("sock", &["sk_receive_queue", "next"])?,
+        sk_receive_queue_qlen: at("sock", &["sk_receive_queue", "qlen"])?,
+        skb_sk: at("sk_buff", &["sk"])?,
+        unix_addr: at("unix_sock", &["addr"])?,
+        unix_address_len: at("unix_address", &["len"])?,
+        // `name` is a flexible array of sockaddr_un.
+        unix_address_path: at("unix_address", &["name"])? + at("sockaddr_un", &["sun_path"])?,
+        icsk_accept_queue_head: at(
+            "inet_connection_sock",
+            &["icsk_accept_queue", "rskq_accept_head"],
+        )?,
+        request_sock_sk: at("request_sock", &["sk"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)

@@ -13,8 +13,8 @@ use aya::{
     programs::{FExit, Iter, KProbe, ProgramError, TracePoint},
 };
 use observer_common::{
-    AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets, ListenerRecord,
-    WorkerFds,
+    AF_UNIX, AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets,
+    ListenerRecord, TCP_LISTEN, UnixNameRecord, WorkerFds,
 };
 
 /// The compiled programs, built by build.rs from observer-ebpf.
@@ -158,8 +158,8 @@ impl Probes {
 
     /// Every process's listening sockets and its accepted connections of the
     /// ports in `LISTEN_PORTS`, right now.
-    pub fn holders(&self) -> Result<Vec<HolderRecord>> {
-        Ok(parse_records(&self.holders.read()?))
+    pub fn holders(&self) -> Result<Vec<Holding>> {
+        Ok(parse_holders(&self.holders.read()?))
     }
 
     /// The thread sampler's iterator (a handle of its own, for the sampler's
@@ -327,6 +327,12 @@ fn attach_one_source(
                     anyhow::Error::from(e)
                 );
             }
+            if let Err(e) = attach_unix_fexit(ebpf, btf) {
+                errors.push(AttachError {
+                    program: UNIX_FEXIT_PROGRAM,
+                    message: format!("{e:#}: Unix-domain accepts are not counted"),
+                });
+            }
         }
         AcceptSource::Kprobe => {
             let kprobe: &mut KProbe = program(ebpf, name)?;
@@ -336,7 +342,15 @@ fn attach_one_source(
                 .map_err(|e| describe(name, e))
                 .and_then(|fd| TracefsKretprobe::attach(ACCEPT_FUNCTION, fd.as_fd()));
             match attached {
-                Ok(kretprobe) => return Ok(Some(kretprobe)),
+                Ok(kretprobe) => {
+                    errors.push(AttachError {
+                        program: name,
+                        message: "Unix-domain accepts are not counted: a kretprobe on \
+                                  unix_accept cannot read its new socket, an argument"
+                            .into(),
+                    });
+                    return Ok(Some(kretprobe));
+                }
                 Err(e) => {
                     let _ = kprobe.unload();
                     return Err(e);
@@ -362,6 +376,19 @@ fn attach_one_source(
         }
     }
     Ok(None)
+}
+
+/// The fexit source's companion: Unix-domain accepts do not pass
+/// `inet_csk_accept`, but `unix_accept`.
+const UNIX_FEXIT_PROGRAM: &str = "accept_unix_fexit";
+
+fn attach_unix_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    let fexit: &mut FExit = program(ebpf, UNIX_FEXIT_PROGRAM)?;
+    fexit
+        .load("unix_accept", btf)
+        .map_err(|e| describe(UNIX_FEXIT_PROGRAM, e))?;
+    fexit.attach().context("attaching fexit to unix_accept")?;
+    Ok(())
 }
 
 /// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
@@ -391,6 +418,46 @@ where
         }
     }
     Ok(())
+}
+
+/// One socket a process holds, with the path of a Unix listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holding {
+    pub record: HolderRecord,
+    /// Unix listeners only: the record that follows theirs.
+    pub unix_name: Option<UnixNameRecord>,
+}
+
+/// Splits the holder iterator's output: fixed-size [`HolderRecord`]s, each
+/// Unix listener's followed by its [`UnixNameRecord`]. A cut-off tail is
+/// dropped.
+pub fn parse_holders(bytes: &[u8]) -> Vec<Holding> {
+    let mut holdings = Vec::new();
+    let mut rest = bytes;
+    while let Some(record) = take_record::<HolderRecord>(&mut rest) {
+        let unix_name = if record.family == AF_UNIX && record.state == TCP_LISTEN {
+            match take_record::<UnixNameRecord>(&mut rest) {
+                Some(name) => Some(name),
+                None => break,
+            }
+        } else {
+            None
+        };
+        holdings.push(Holding { record, unix_name });
+    }
+    holdings
+}
+
+/// Takes one `T` off the front of `bytes`.
+fn take_record<T: aya::Pod>(bytes: &mut &[u8]) -> Option<T> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() < size {
+        return None;
+    }
+    // SAFETY: `T` is plain old data and `size` bytes are there.
+    let value = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) };
+    *bytes = &bytes[size..];
+    Some(value)
 }
 
 /// Loads an iterator program for the kernel iterator `target` and links it.

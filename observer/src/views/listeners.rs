@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     pipeline::{KernelOptions, Pipeline},
     quantile::human_seconds,
-    views::rows::{ListenerFilter, ListenerRow, endpoint, rows},
+    views::rows::{ListenerFilter, ListenerRow, rows},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -68,6 +68,15 @@ pub fn run(opts: ListenersOptions) -> Result<()> {
     Ok(())
 }
 
+/// The oldest queued connection's wait; "-" when nothing waits.
+pub fn oldest(seconds: f64) -> String {
+    if seconds > 0.0 {
+        human_seconds(seconds)
+    } else {
+        "-".into()
+    }
+}
+
 fn or_dash(v: Option<f64>) -> String {
     v.map(human_seconds).unwrap_or_else(|| "-".into())
 }
@@ -79,6 +88,7 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
         "LISTEN",
         "QUEUE",
         "MAX",
+        "OLDEST",
         "SYNQ",
         "ACCEPT/s",
         "WAIT-p50",
@@ -87,14 +97,15 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
         "DROPS",
         "CONTAINER",
     ];
-    let cells: Vec<[String; 11]> = rows
+    let cells: Vec<[String; 12]> = rows
         .iter()
         .map(|r| {
             [
                 r.netns.to_string(),
-                endpoint(&r.addr, r.port),
+                r.listen.clone(),
                 r.queue_length.to_string(),
                 r.queue_max.to_string(),
+                oldest(r.oldest_wait_seconds),
                 r.syn_queue_length.to_string(),
                 format!("{:.1}", r.accepts_per_second),
                 or_dash(r.wait_p50_seconds),
@@ -104,7 +115,7 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
                 } else {
                     format!("{}/{}", r.workers_busy, r.workers)
                 },
-                r.drops.to_string(),
+                r.drops.map_or_else(|| "-".into(), |d| d.to_string()),
                 r.pod
                     .clone()
                     .or_else(|| {
@@ -126,7 +137,7 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
         let mut s = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths.iter()).enumerate() {
             // Text columns left-aligned, numbers right-aligned.
-            if i == 1 || i == 10 {
+            if i == 1 || i == 11 {
                 s += &format!("{cell:<w$}  ")
             } else {
                 s += &format!("{cell:>w$}  ")

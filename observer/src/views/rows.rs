@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    aggregate::{ListenerId, ListenerView},
+    aggregate::ListenerView,
     pipeline::Snapshot,
     quantile::{wait_quantile, waits_between},
+    sockets::ListenerId,
     workers::PoolView,
 };
 
@@ -25,18 +26,27 @@ pub struct WorkerRow {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ListenerRow {
     pub netns: u32,
+    /// The local address as `ss` prints it: `addr:port` or the Unix path.
+    pub listen: String,
+    /// TCP only ("" for Unix).
     pub addr: String,
+    /// TCP only (0 for Unix).
     pub port: u16,
+    /// Unix only.
+    pub path: Option<String>,
     pub queue_length: u64,
     pub queue_max: u64,
+    /// How long the connection at the head of the queue has waited.
+    pub oldest_wait_seconds: f64,
     pub syn_queue_length: u64,
     pub accepts_per_second: f64,
     pub wait_p50_seconds: Option<f64>,
     pub wait_p99_seconds: Option<f64>,
     pub workers_busy: usize,
     pub workers: usize,
-    /// Connections dropped during the interval.
-    pub drops: u64,
+    /// Connections dropped during the interval (`None` for Unix
+    /// listeners: the kernel counts no drops there).
+    pub drops: Option<u64>,
     pub container_id: Option<String>,
     pub pod: Option<String>,
     pub worker_list: Vec<WorkerRow>,
@@ -45,9 +55,13 @@ pub struct ListenerRow {
 /// Which listeners to show.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct ListenerFilter {
-    /// Only listeners on this port.
+    /// Only TCP listeners on this port.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
+    /// Only the Unix-domain listener on this path (as `ss -lx` prints it:
+    /// `@name` for an abstract socket).
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<String>,
     /// Only listeners in this network namespace (inode, as in the `netns` label).
     #[arg(long, value_name = "INODE")]
     pub netns: Option<u32>,
@@ -55,7 +69,12 @@ pub struct ListenerFilter {
 
 impl ListenerFilter {
     fn keeps(&self, id: &ListenerId) -> bool {
-        self.port.is_none_or(|p| p == id.port) && self.netns.is_none_or(|n| n == id.netns)
+        self.port.is_none_or(|p| !id.is_unix() && p == id.port)
+            && self
+                .path
+                .as_deref()
+                .is_none_or(|p| id.is_unix() && id.path.display() == p)
+            && self.netns.is_none_or(|n| n == id.netns)
     }
 }
 
@@ -116,30 +135,30 @@ pub fn rows(
             let container = after.containers.get(&v.id);
             ListenerRow {
                 netns: v.id.netns,
-                addr: v.id.ip().to_string(),
+                listen: v.id.local_address(),
+                addr: if v.id.is_unix() {
+                    String::new()
+                } else {
+                    v.id.ip().to_string()
+                },
                 port: v.id.port,
+                path: v.id.is_unix().then(|| v.id.path.display()),
                 queue_length: v.queue_len,
                 queue_max: v.queue_max,
+                oldest_wait_seconds: v.oldest_wait.as_secs_f64(),
                 syn_queue_length: v.syn_queue_len,
                 accepts_per_second: accepted as f64 / seconds,
                 wait_p50_seconds: wait_quantile(&waits, 0.5),
                 wait_p99_seconds: wait_quantile(&waits, 0.99),
                 workers_busy: pool.map(|p| p.busy()).unwrap_or(0),
                 workers: pool.map(|p| p.workers.len()).unwrap_or(0),
-                drops: v.drops - prior.map(|p| p.drops).unwrap_or(0),
+                drops: v
+                    .drops_known()
+                    .then(|| v.drops - prior.map(|p| p.drops).unwrap_or(0)),
                 container_id: container.map(|c| c.container_id.clone()),
                 pod: container.map(|c| c.pod.clone()).filter(|p| !p.is_empty()),
                 worker_list: worker_rows(pool, pools_before.get(&v.id), seconds),
             }
         })
         .collect()
-}
-
-/// `addr:port`, with IPv6 addresses in brackets as ss prints them.
-pub fn endpoint(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    }
 }

@@ -17,7 +17,7 @@ use crossterm::{
 use crate::{
     pipeline::{KernelOptions, Pipeline},
     quantile::human_seconds,
-    views::rows::{ListenerFilter, ListenerRow, endpoint, rows},
+    views::rows::{ListenerFilter, ListenerRow, rows},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -83,8 +83,8 @@ pub fn render(
             rows.len()
         ),
         format!(
-            "{:<24} {:>11} {:>8} {:>8} {:>8} {:>8} {:>6}",
-            "LISTEN", "QUEUE/MAX", "ACC/s", "WAIT-p50", "WAIT-p99", "BUSY/W", "DROPS"
+            "{:<24} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "LISTEN", "QUEUE/MAX", "OLDEST", "ACC/s", "WAIT-p50", "WAIT-p99", "BUSY/W", "DROPS"
         ),
     ];
     let list_rows = height.saturating_sub(8).max(3);
@@ -96,23 +96,20 @@ pub fn render(
             format!("{}/{}", r.workers_busy, r.workers)
         };
         lines.push(format!(
-            "{mark}{:<23} {:>11} {:>8.1} {:>8} {:>8} {:>8} {:>6}",
-            clip(&endpoint(&r.addr, r.port), 23),
+            "{mark}{:<23} {:>11} {:>8} {:>8.1} {:>8} {:>8} {:>8} {:>6}",
+            clip(&r.listen, 23),
             format!("{}/{}", r.queue_length, r.queue_max),
+            short((r.oldest_wait_seconds > 0.0).then_some(r.oldest_wait_seconds)),
             r.accepts_per_second,
             short(r.wait_p50_seconds),
             short(r.wait_p99_seconds),
             workers,
-            r.drops
+            r.drops.map_or_else(|| "-".into(), |d| d.to_string())
         ));
     }
     if let Some(r) = rows.get(selected) {
         lines.push(String::new());
-        lines.push(format!(
-            "workers of {} (netns {})",
-            endpoint(&r.addr, r.port),
-            r.netns
-        ));
+        lines.push(format!("workers of {} (netns {})", r.listen, r.netns));
         lines.push(format!(
             "{:>8} {:<16} {:>5} {:>6} {:>8} {:>6}",
             "PID", "COMM", "BUSY", "UTIL%", "ACC/s", "OPEN"
@@ -234,8 +231,11 @@ mod tests {
     fn row(port: u16, queue: u64, p99: Option<f64>) -> ListenerRow {
         ListenerRow {
             netns: 1,
+            listen: format!("[2001:db8:ffff:ffff:ffff:ffff:ffff:1]:{port}"),
             addr: "2001:db8:ffff:ffff:ffff:ffff:ffff:1".into(),
             port,
+            path: None,
+            oldest_wait_seconds: 12.5,
             queue_length: queue,
             queue_max: 4096,
             syn_queue_length: 0,
@@ -244,7 +244,7 @@ mod tests {
             wait_p99_seconds: p99,
             workers_busy: 16,
             workers: 16,
-            drops: 12345,
+            drops: Some(12345),
             container_id: None,
             pod: None,
             worker_list: vec![],

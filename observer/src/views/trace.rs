@@ -3,28 +3,33 @@
 //! in the accept queue. Events come through a BPF ring buffer; any the kernel
 //! could not hand over are counted and reported, never silently dropped.
 use std::{
+    collections::HashMap,
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
-use observer_common::{AF_INET, AcceptEvent, Health};
+use observer_common::{AF_UNIX, AcceptEvent, Health, UnixListenKey};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    kernel::procfs,
+    kernel::{probes::Probes, procfs},
     pipeline::{KernelOptions, load_probes},
     quantile::human_seconds,
-    views::rows::endpoint,
+    sockets::{ListenSocket, ListenerId, unix_key},
 };
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TraceOptions {
-    /// Only connections to this local (listening) port.
+    /// Only connections to this local (listening) TCP port.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
+    /// Only connections to the Unix-domain listener on this path (as `ss
+    /// -lx` prints it). Unix connections have no wait: the kernel keeps no
+    /// time of when they were queued.
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<String>,
     /// Only connections accepted by this process id.
     #[arg(long, value_name = "PID")]
     pub pid: Option<u32>,
@@ -87,11 +92,34 @@ struct Line {
     wait_seconds: Option<f64>,
 }
 
-fn ip(family: u16, addr: &[u8; 16]) -> IpAddr {
-    if family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*addr))
+/// The paths of Unix listeners by the key their connections carry, read
+/// from the kernel again when an unknown key shows up (at most once a
+/// second).
+struct UnixPaths {
+    paths: HashMap<(u32, UnixListenKey), String>,
+    read_at: Option<Instant>,
+}
+
+impl UnixPaths {
+    fn path(&mut self, probes: &Probes, netns: u32, key: UnixListenKey) -> String {
+        if !self.paths.contains_key(&(netns, key))
+            && self
+                .read_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.read_at = Some(Instant::now());
+            if let Ok(holdings) = probes.holders() {
+                self.paths = holdings
+                    .iter()
+                    .filter_map(ListenSocket::from_holding)
+                    .filter_map(|s| Some(((s.id.netns, s.unix_key?), s.id.path.display())))
+                    .collect();
+            }
+        }
+        self.paths
+            .get(&(netns, key))
+            .cloned()
+            .unwrap_or_else(|| "(closed unix listener)".into())
     }
 }
 
@@ -109,29 +137,42 @@ fn wall_time(event_ns: u64, mono_now_ns: u64, wall_now: Duration) -> String {
 }
 
 impl TraceOptions {
-    fn keeps(&self, e: &AcceptEvent, comm: &str) -> bool {
+    fn keeps(&self, e: &AcceptEvent, l: &Line) -> bool {
         let wait_ok = match self.min_wait {
             Some(min) => e.wait_ns != u64::MAX && Duration::from_nanos(e.wait_ns) >= min,
             None => true,
         };
+        let unix = e.family == AF_UNIX;
         wait_ok
-            && self.port.is_none_or(|p| p == e.port)
+            && self.port.is_none_or(|p| !unix && p == e.port)
+            && self.path.as_deref().is_none_or(|p| unix && p == l.listen)
             && self.pid.is_none_or(|p| p == e.tgid)
             && self.netns.is_none_or(|n| n == e.netns)
-            && self.comm.as_deref().is_none_or(|c| c == comm)
+            && self.comm.as_deref().is_none_or(|c| c == l.comm)
     }
 }
 
-fn line(e: &AcceptEvent) -> Line {
+fn line(e: &AcceptEvent, unix_paths: &mut UnixPaths, probes: &Probes) -> Line {
     let end = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
     let wall_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let (listen, peer) = if e.family == AF_UNIX {
+        (
+            unix_paths.path(probes, e.netns, unix_key(&e.addr)),
+            "-".into(),
+        )
+    } else {
+        (
+            ListenerId::tcp(e.netns, e.family, e.addr, e.port).local_address(),
+            ListenerId::tcp(e.netns, e.family, e.peer_addr, e.peer_port).local_address(),
+        )
+    };
     Line {
         time: wall_time(e.time_ns, procfs::monotonic_ns(), wall_now),
         netns: e.netns,
-        listen: endpoint(&ip(e.family, &e.addr).to_string(), e.port),
-        peer: endpoint(&ip(e.family, &e.peer_addr).to_string(), e.peer_port),
+        listen,
+        peer,
         pid: e.tgid,
         tid: e.tid,
         comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
@@ -165,7 +206,7 @@ pub fn run(opts: TraceOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("async runtime")?;
-    let shown = runtime.block_on(stream(&opts, ring))?;
+    let shown = runtime.block_on(stream(&opts, ring, &probes))?;
     let lost = probes
         .health()
         .map(|h| h[Health::TraceEventLost as usize])
@@ -178,7 +219,15 @@ pub fn run(opts: TraceOptions) -> Result<()> {
     Ok(())
 }
 
-async fn stream(opts: &TraceOptions, ring: aya::maps::RingBuf<aya::maps::MapData>) -> Result<u64> {
+async fn stream(
+    opts: &TraceOptions,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    probes: &Probes,
+) -> Result<u64> {
+    let mut unix_paths = UnixPaths {
+        paths: HashMap::new(),
+        read_at: None,
+    };
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
     // for as long as the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register(ring) }
@@ -206,8 +255,8 @@ async fn stream(opts: &TraceOptions, ring: aya::maps::RingBuf<aya::maps::MapData
                     }
                     // SAFETY: the kernel wrote an AcceptEvent (Pod) here; read_unaligned copes with alignment.
                     let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<AcceptEvent>()) };
-                    let l = line(&event);
-                    if opts.keeps(&event, &l.comm) {
+                    let l = line(&event, &mut unix_paths, probes);
+                    if opts.keeps(&event, &l) {
                         print(&mut out, &l, opts.json)?;
                         shown += 1;
                         if opts.count.is_some_and(|n| shown >= n) {
