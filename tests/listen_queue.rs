@@ -239,3 +239,168 @@ fn the_daemon_exports_its_build_info_and_stops_cleanly_on_sigterm() {
     let status = daemon.terminate();
     assert!(status.success(), "observer exited with {status} on SIGTERM");
 }
+
+#[test]
+fn the_oldest_wait_follows_the_clients_clocks_while_nobody_accepts() {
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 16);
+    let local = listener.local_addr().expect("local addr");
+    let daemon = Daemon::start();
+    let m = daemon.scrape();
+    assert_eq!(
+        m.listener("observer_listen_queue_oldest_seconds", local.port()),
+        0.0
+    );
+    let first = Instant::now();
+    let (_clients, _) = connect_clients(local, 1);
+    std::thread::sleep(Duration::from_millis(700));
+    let (_more, _) = connect_clients(local, 2);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let before = first.elapsed().as_secs_f64();
+        let oldest = daemon
+            .scrape()
+            .listener("observer_listen_queue_oldest_seconds", local.port());
+        let after = first.elapsed().as_secs_f64();
+        println!("oldest {oldest:.3} s, clients' clock {before:.3}..{after:.3} s");
+        assert!(
+            oldest >= before - 0.1 && oldest <= after + 0.1,
+            "oldest {oldest} s is not the first client's age ({before}..{after} s)"
+        );
+    }
+    // Accepting the head makes the next connection the oldest.
+    let (_conn, _) = listener.accept().expect("accept");
+    let oldest = daemon
+        .scrape()
+        .listener("observer_listen_queue_oldest_seconds", local.port());
+    assert!(
+        oldest < first.elapsed().as_secs_f64() - 0.5,
+        "after the first accept, the oldest ({oldest} s) is a later client"
+    );
+}
+
+/// `ss -ltne` for one port: (Recv-Q, Send-Q, inode) per listening socket.
+fn ss_sockets(port: u16) -> Vec<(u64, u64, String)> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltne", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let inode = f.iter().find_map(|x| x.strip_prefix("ino:"))?;
+            Some((f[1].parse().ok()?, f[2].parse().ok()?, inode.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn reuseport_sockets_are_reported_one_by_one_with_a_stopped_holder_s_queue_growing() {
+    let port = support::free_port();
+    // One socket of the group is held by a process that stops: nobody
+    // accepts from it, while this process accepts from its sibling.
+    let mut stopped = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket,os,signal\n\
+                 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                 s.bind(('127.0.0.1',{port})); s.listen(64)\n\
+                 os.kill(os.getpid(), signal.SIGSTOP)\n\
+                 signal.pause()"
+            ),
+        ])
+        .spawn()
+        .expect("python3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ss_sockets(port).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped holder never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sibling = {
+        let s = socket2_reuseport(port);
+        listen_on(s, 64)
+    };
+    let daemon = Daemon::start();
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+    }
+    sibling.set_nonblocking(true).expect("nonblocking");
+    while sibling.accept().is_ok() {}
+    std::thread::sleep(Duration::from_millis(1200));
+    let m = daemon.scrape();
+    let ss = ss_sockets(port);
+    println!("ss: {ss:?}\n{}", m.text);
+    assert_eq!(ss.len(), 2);
+    assert_eq!(m.listener("observer_listen_sockets", port), 2.0);
+    let p = port.to_string();
+    for (depth, limit, inode) in &ss {
+        let labels = [("port", p.as_str()), ("socket", inode.as_str())];
+        let get = |name: &str| {
+            m.get(name, &labels)
+                .unwrap_or_else(|| panic!("{name} of socket {inode} missing"))
+        };
+        assert_eq!(get("observer_listen_socket_queue_length"), *depth as f64);
+        assert_eq!(get("observer_listen_socket_queue_max"), *limit as f64);
+        assert_eq!(get("observer_listen_socket_holders"), 1.0);
+        let oldest = get("observer_listen_socket_queue_oldest_seconds");
+        if *depth > 0 {
+            // The stopped holder's socket: its head has waited since the clients connected.
+            assert!(
+                oldest >= 1.1 && oldest <= started.elapsed().as_secs_f64() + 0.1,
+                "{oldest}"
+            );
+        } else {
+            assert_eq!(oldest, 0.0);
+        }
+    }
+    assert!(
+        ss.iter().any(|s| s.0 > 0),
+        "the kernel put some clients on the stopped socket"
+    );
+    let held_by_python = m.samples.iter().any(|(n, l, _)| {
+        n == "observer_listen_socket_holder_info" && l.get("pid") == Some(&stopped.id().to_string())
+    });
+    assert!(held_by_python, "the stopped holder is named");
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+}
+
+/// A TCP socket with SO_REUSEPORT bound to 127.0.0.1:`port`, not yet listening.
+fn socket2_reuseport(port: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket calls on a descriptor we own; every return is checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        assert_eq!(rc, 0);
+        let addr = support::loopback_v4(port);
+        let rc = libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "bind 127.0.0.1:{port}");
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+fn listen_on(fd: std::os::fd::OwnedFd, backlog: i32) -> TcpListener {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), backlog) }, 0);
+    TcpListener::from(fd)
+}

@@ -1,0 +1,292 @@
+//! Unix-domain listeners against `ss -lx`, the clients' own counts and
+//! clocks, and Prometheus' own checker for names no label should break on.
+mod support;
+
+use std::{
+    io::Write as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, net::UnixStream},
+    },
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{Daemon, Metrics, http_get};
+
+/// A Unix listener of `kind` (SOCK_STREAM or SOCK_SEQPACKET) bound to the
+/// raw name `name` (a leading NUL makes it abstract) with an exact backlog.
+fn unix_listener(name: &[u8], kind: i32, backlog: i32) -> OwnedFd {
+    // SAFETY: plain socket calls on a descriptor we own; every return is checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let (addr, len) = sockaddr(name);
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            len,
+        );
+        assert_eq!(rc, 0, "bind {name:?}: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd.as_raw_fd(), backlog), 0, "listen");
+        fd
+    }
+}
+
+fn sockaddr(name: &[u8]) -> (libc::sockaddr_un, u32) {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    for (dst, src) in addr.sun_path.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    (addr, (2 + name.len()) as u32)
+}
+
+/// A non-blocking connect to the raw name (a full queue fails at once).
+fn connect(name: &[u8], kind: i32) -> OwnedFd {
+    // SAFETY: as in unix_listener.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        assert!(fd >= 0, "socket");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let (addr, len) = sockaddr(name);
+        let rc = libc::connect(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            len,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "connect {name:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        fd
+    }
+}
+
+/// `ss -Hlx` for the socket with this inode: (Recv-Q, Send-Q).
+fn ss_unix(inode: u64) -> Option<(u64, u64)> {
+    let out = Command::new("ss").args(["-Hlx"]).output().expect("run ss");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.iter()
+            .any(|x| *x == inode.to_string())
+            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    })
+}
+
+fn inode_of(fd: &OwnedFd) -> u64 {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("fd link");
+    let text = link.to_string_lossy();
+    text.trim_start_matches("socket:[")
+        .trim_end_matches(']')
+        .parse()
+        .expect("socket inode")
+}
+
+fn by_path(m: &Metrics, name: &str, path: &str) -> f64 {
+    m.get(name, &[("path", path)])
+        .unwrap_or_else(|| panic!("{name} for {path} missing from scrape:\n{}", m.text))
+}
+
+fn test_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("observer-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir
+}
+
+#[test]
+fn stream_and_seqpacket_listeners_report_ss_depth_and_limit_from_the_first_scrape() {
+    let dir = test_dir();
+    let stream_path = dir.join("app.sock");
+    let name = stream_path.as_os_str().as_bytes().to_vec();
+    let stream = unix_listener(&name, libc::SOCK_STREAM, 7);
+    let seqpacket = unix_listener(b"\0observer-seqpacket-test", libc::SOCK_SEQPACKET, 3);
+    let _queued: Vec<OwnedFd> = (0..5).map(|_| connect(&name, libc::SOCK_STREAM)).collect();
+    let _queued_seq: Vec<OwnedFd> = (0..2)
+        .map(|_| connect(b"\0observer-seqpacket-test", libc::SOCK_SEQPACKET))
+        .collect();
+    let daemon = Daemon::start();
+    let m = daemon.scrape();
+    let path = stream_path.to_str().expect("utf-8 temp dir");
+    for (fd, label, want) in [
+        (&stream, path, (5, 7)),
+        (&seqpacket, "@observer-seqpacket-test", (2, 3)),
+    ] {
+        let ss = ss_unix(inode_of(fd)).expect("ss -lx shows the listener");
+        assert_eq!(ss, want, "ss -lx for {label}");
+        assert_eq!(
+            by_path(&m, "observer_listen_queue_length", label),
+            ss.0 as f64
+        );
+        assert_eq!(by_path(&m, "observer_listen_queue_max", label), ss.1 as f64);
+        // The kernel counts no drops for Unix listeners, nor times their waits.
+        assert!(
+            m.get("observer_listen_drops_total", &[("path", label)])
+                .is_none()
+        );
+        assert!(
+            m.get(
+                "observer_accept_queue_wait_seconds_count",
+                &[("path", label)]
+            )
+            .is_none()
+        );
+    }
+    drop(stream);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn accepts_count_per_worker_and_the_oldest_wait_grows_while_nobody_accepts() {
+    let dir = test_dir();
+    let path = dir.join("accepts.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let label = path.to_str().expect("utf-8 temp dir");
+    let daemon = Daemon::start();
+    let _clients: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&path).expect("connect"))
+        .collect();
+    for _ in 0..3 {
+        listener.accept().expect("accept");
+    }
+    // One still queued: first seen at this scrape, then older by the clock.
+    let m = daemon.scrape();
+    let first_seen = Instant::now();
+    assert_eq!(
+        by_path(&m, "observer_connections_accepted_total", label),
+        3.0
+    );
+    assert_eq!(by_path(&m, "observer_connections_queued_total", label), 4.0);
+    let me = std::process::id().to_string();
+    assert_eq!(
+        m.get(
+            "observer_worker_accepts_total",
+            &[("path", label), ("pid", &me)]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        m.get(
+            "observer_worker_active_connections",
+            &[("path", label), ("pid", &me)]
+        ),
+        Some(0.0),
+        "accepted connections were dropped right away"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let oldest = by_path(
+        &daemon.scrape(),
+        "observer_listen_queue_oldest_seconds",
+        label,
+    );
+    let elapsed = first_seen.elapsed().as_secs_f64();
+    assert!(
+        oldest >= 1.4 && oldest <= elapsed + 0.1,
+        "oldest {oldest} s, {elapsed} s since it was first seen"
+    );
+    listener.accept().expect("accept the last");
+    let m = daemon.scrape();
+    assert_eq!(
+        by_path(&m, "observer_listen_queue_oldest_seconds", label),
+        0.0
+    );
+    assert_eq!(
+        by_path(&m, "observer_connections_accepted_total", label),
+        4.0
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn odd_names_and_unlinked_sockets_keep_the_exposition_valid() {
+    let dir = test_dir();
+    let mut names: Vec<Vec<u8>> = vec![
+        dir.join("with space \"and quotes\".sock")
+            .as_os_str()
+            .as_bytes()
+            .to_vec(),
+        [dir.as_os_str().as_bytes(), b"/bad-utf8-\xff\xfe.sock"].concat(),
+        [dir.as_os_str().as_bytes(), b"/back\\slash\nnewline.sock"].concat(),
+        b"\0abstract\0with\0nuls".to_vec(),
+    ];
+    // A 107-byte path (the most bind() takes with its NUL in 108).
+    let long = [dir.as_os_str().as_bytes(), b"/"].concat();
+    names.push([long.clone(), vec![b'x'; 107 - long.len()]].concat());
+    let listeners: Vec<OwnedFd> = names
+        .iter()
+        .map(|n| unix_listener(n, libc::SOCK_STREAM, 4))
+        .collect();
+    let _queued: Vec<OwnedFd> = names
+        .iter()
+        .map(|n| connect(n, libc::SOCK_STREAM))
+        .collect();
+    // Unlinked while listening, and a new listener on the same path: two
+    // sockets behind one path.
+    let reused = dir.join("reused.sock");
+    let old = unix_listener(reused.as_os_str().as_bytes(), libc::SOCK_STREAM, 4);
+    std::fs::remove_file(&reused).expect("unlink");
+    let new = unix_listener(reused.as_os_str().as_bytes(), libc::SOCK_STREAM, 9);
+    let daemon = Daemon::start();
+    let text = http_get(daemon.port, "/metrics").expect("scrape");
+    let m = Metrics::parse(&text);
+    assert_eq!(
+        by_path(&m, "observer_listen_queue_length", "@abstract@with@nuls"),
+        1.0
+    );
+    let long_label = String::from_utf8(names[4].clone()).expect("ascii");
+    assert_eq!(
+        by_path(&m, "observer_listen_queue_length", &long_label),
+        1.0
+    );
+    let reused_label = reused.to_str().expect("utf-8");
+    assert_eq!(by_path(&m, "observer_listen_sockets", reused_label), 2.0);
+    assert_eq!(by_path(&m, "observer_listen_queue_max", reused_label), 13.0);
+    for fd in [&old, &new] {
+        let inode = inode_of(fd).to_string();
+        assert!(
+            m.get(
+                "observer_listen_socket_queue_max",
+                &[("path", reused_label), ("socket", &inode)]
+            )
+            .is_some(),
+            "socket {inode} of the reused path has its own series"
+        );
+    }
+    promtool_check(&text);
+    drop(listeners);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn promtool_check(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+}
