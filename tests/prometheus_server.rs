@@ -180,6 +180,7 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     for query in &queries {
         let concrete = query
             .replace("$addr", ".*")
+            .replace("$path", ".*")
             .replace("$port", &app_port.to_string())
             .replace("$__rate_interval", "10s");
         let result = until(&format!("data for {concrete}"), 20, || {

@@ -24,6 +24,19 @@ struct Server {
 
 impl Server {
     fn start(name: &str, port: u16, files: &[(&str, &str)], cmd: &[&str]) -> Server {
+        Self::start_until(name, port, files, cmd, || {
+            !ss_listen_queues(port).is_empty()
+        })
+    }
+
+    /// Starts a server and waits until `listening()` says it listens.
+    fn start_until(
+        name: &str,
+        port: u16,
+        files: &[(&str, &str)],
+        cmd: &[&str],
+        listening: impl Fn() -> bool,
+    ) -> Server {
         let dir = std::env::temp_dir().join(format!("observer-{name}-{port}"));
         std::fs::create_dir_all(&dir).expect("server dir");
         for (file, text) in files {
@@ -41,7 +54,7 @@ impl Server {
             .unwrap_or_else(|e| panic!("start {name} (cargo xtask setup installs it): {e}"));
         let server = Server { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ss_listen_queues(port).is_empty() {
+        while !listening() {
             assert!(
                 Instant::now() < deadline,
                 "{name} did not listen on {port}: {}",
@@ -786,4 +799,110 @@ fn thousands_of_short_lived_acceptors_are_counted_exactly_and_leave_nothing_behi
             "{reason}"
         );
     }
+}
+
+/// `clients` threads, each making `requests` HTTP/1.0 requests over the Unix
+/// socket at `path`, for a response delayed by `sleep_s`.
+fn load_unix(
+    path: &std::path::Path,
+    clients: usize,
+    requests: usize,
+    sleep_s: f64,
+) -> Vec<ClientRun> {
+    (0..clients)
+        .map(|_| {
+            let path = path.to_owned();
+            std::thread::spawn(move || {
+                let (mut done, mut took) = (0, Duration::ZERO);
+                for _ in 0..requests {
+                    let started = Instant::now();
+                    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = write!(s, "GET /?{sleep_s} HTTP/1.0\r\nHost: x\r\n\r\n");
+                    let mut reply = String::new();
+                    if s.read_to_string(&mut reply).is_ok() && reply.contains(" 200 ") {
+                        done += 1;
+                        took += started.elapsed();
+                    }
+                }
+                (done, took)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn gunicorn_on_a_unix_socket_busy_workers_track_the_semaphore_and_accepts_match_its_access_log() {
+    let daemon = Daemon::start();
+    let id = free_port();
+    let dir = std::env::temp_dir().join(format!("observer-gunicorn-{id}"));
+    let sock = dir.join("gunicorn.sock");
+    let bind = format!("unix:{}", sock.display());
+    let server = Server::start_until(
+        "gunicorn",
+        id,
+        &[("app.py", WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
+        &[
+            "gunicorn",
+            "-c",
+            "hooks.py",
+            "-b",
+            &bind,
+            "-w",
+            "3",
+            "--access-logfile",
+            "access.log",
+            "app:app",
+        ],
+        || sock.exists(),
+    );
+    let path = sock.to_str().expect("utf-8 temp dir").to_owned();
+    let busy = |m: &Metrics, state: &str| {
+        m.get("observer_workers", &[("path", &path), ("state", state)])
+            .unwrap_or(-1.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while busy(&daemon.scrape(), "idle") != 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "3 idle workers never showed:\n{}",
+            daemon.scrape().text
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let load = load_unix(&sock, 2, 6, 0.3);
+    std::thread::sleep(Duration::from_millis(400));
+    let samples = sample(
+        10,
+        Duration::from_millis(150),
+        || busy(&daemon.scrape(), "busy"),
+        || server.semaphore() as f64,
+    );
+    let done = finish(load);
+    assert_tracks(&samples, "gunicorn on a Unix socket");
+    assert_eq!(
+        median(observed(&samples)),
+        2.0,
+        "2 clients keep 2 of 3 workers busy"
+    );
+    let m = daemon.scrape();
+    let log_lines = std::fs::read_to_string(server.dir.join("access.log"))
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(done, 12);
+    assert_eq!(log_lines, done, "gunicorn logged every request");
+    assert_eq!(
+        m.get("observer_connections_accepted_total", &[("path", &path)]),
+        Some(log_lines as f64)
+    );
+    let per_worker: f64 = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| n == "observer_worker_accepts_total" && l.get("path") == Some(&path))
+        .map(|(_, _, v)| v)
+        .sum();
+    assert_eq!(per_worker, log_lines as f64);
 }
