@@ -118,6 +118,7 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut serve_would_load = None;
     let mut sampler = None;
+    let mut unix = None;
     for (source, fallback) in sources {
         let loaded = Probes::load(offsets, &opts.kernel.btf, source, true);
         let used_by_serve = match requested {
@@ -127,6 +128,7 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
         if used_by_serve {
             serve_would_load = Some(programs_summary(&loaded));
             sampler = loaded.as_ref().ok().map(sampler_check);
+            unix = loaded.as_ref().ok().map(unix_check);
         }
         checks.push(Check {
             name: source.name(),
@@ -152,7 +154,29 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
         required: false,
         result,
     }));
+    checks.extend(unix.map(|result| Check {
+        name: "unix",
+        required: false,
+        result,
+    }));
     checks
+}
+
+/// What observer can tell about Unix-domain listeners with this accept
+/// source, and what the kernel never lets it tell.
+fn unix_check(probes: &Probes) -> Result<String, String> {
+    const NEVER: &str = "no wait histogram or drops for them on any kernel (a queued Unix \
+                         connection carries no time stamp, and a full queue drops nothing)";
+    let missed = probes
+        .attach_errors
+        .iter()
+        .find(|e| e.message.contains("Unix-domain accepts are not counted"));
+    match missed {
+        None => Ok(format!(
+            "Unix-domain listeners: depth, limit, oldest wait, accepts and workers; {NEVER}"
+        )),
+        Some(e) => Err(format!("{}; {NEVER}", e.message)),
+    }
 }
 
 /// Whether worker busy/idle can be sampled, and what its absence costs.
