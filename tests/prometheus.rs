@@ -3,11 +3,7 @@
 //! `promtool check rules` and their unit tests.
 mod support;
 
-use std::{
-    io::Write as _,
-    net::TcpListener,
-    process::{Command, Stdio},
-};
+use std::{net::TcpListener, process::Command};
 
 use support::{Daemon, http_get, run};
 
@@ -23,29 +19,7 @@ fn the_live_exposition_passes_promtool_check_metrics() {
     let _client =
         std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
     let text = http_get(daemon.port, "/metrics").expect("scrape");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (cargo xtask setup installs prometheus)");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = promtool.wait_with_output().expect("promtool");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}"
-    );
+    support::promtool_check_metrics(&text);
 }
 
 #[test]
