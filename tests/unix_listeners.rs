@@ -126,39 +126,79 @@ fn stream_and_seqpacket_listeners_report_ss_depth_and_limit_from_the_first_scrap
             ss.0 as f64
         );
         assert_eq!(by_path(&m, "observer_listen_queue_max", label), ss.1 as f64);
-        // The kernel counts no drops for Unix listeners, nor times their waits.
+        // The kernel counts no drops for Unix listeners.
         assert!(
             m.get("observer_listen_drops_total", &[("path", label)])
                 .is_none()
         );
-        assert!(
+        assert_eq!(
             m.get(
                 "observer_accept_queue_wait_seconds_count",
                 &[("path", label)]
-            )
-            .is_none()
+            ),
+            Some(0.0),
+            "nothing accepted yet"
         );
     }
     drop(stream);
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Connects to `path`, with the client's clock around the call: the
+/// kernel's stamp of the queued connection lies between the two.
+fn timed_connect(path: &std::path::Path) -> (UnixStream, Instant, Instant) {
+    let before = Instant::now();
+    let stream = UnixStream::connect(path).expect("connect");
+    (stream, before, Instant::now())
+}
+
 #[test]
-fn accepts_count_per_worker_and_the_oldest_wait_grows_while_nobody_accepts() {
+fn waits_and_the_oldest_wait_match_the_clients_clocks_and_accepts_count_per_worker() {
     let dir = test_dir();
     let path = dir.join("accepts.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
     let label = path.to_str().expect("utf-8 temp dir");
     let daemon = Daemon::start();
-    let _clients: Vec<UnixStream> = (0..4)
-        .map(|_| UnixStream::connect(&path).expect("connect"))
-        .collect();
-    for _ in 0..3 {
-        listener.accept().expect("accept");
+    // Four connections queued 300 ms apart, nobody accepting.
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        clients.push(timed_connect(&path));
     }
-    // One still queued: first seen at this scrape, then older by the clock.
+    std::thread::sleep(Duration::from_millis(300));
+    let (scrape_start, m, scrape_end) = (Instant::now(), daemon.scrape(), Instant::now());
+    let oldest = by_path(&m, "observer_listen_queue_oldest_seconds", label);
+    let (_, first_before, first_after) = &clients[0];
+    let low = scrape_start.duration_since(*first_after).as_secs_f64();
+    let high = scrape_end.duration_since(*first_before).as_secs_f64();
+    assert!(
+        oldest >= low - 0.001 && oldest <= high + 0.001,
+        "oldest {oldest} s; the first client connected {low}..{high} s before the scrape"
+    );
+    assert!(oldest >= 1.2, "oldest {oldest} s");
+    // Accept three, 200 ms apart: each waited from its connect to its accept.
+    let mut waits = (0.0, 0.0);
+    for (_, before, after) in &clients[..3] {
+        std::thread::sleep(Duration::from_millis(200));
+        listener.accept().expect("accept");
+        let accepted = Instant::now();
+        waits.0 += accepted.duration_since(*after).as_secs_f64() - 0.001;
+        waits.1 += accepted.duration_since(*before).as_secs_f64() + 0.001;
+    }
     let m = daemon.scrape();
-    let first_seen = Instant::now();
+    let wait_sum = by_path(&m, "observer_accept_queue_wait_seconds_sum", label);
+    assert!(
+        wait_sum >= waits.0 && wait_sum <= waits.1,
+        "wait sum {wait_sum} s; the clients' clocks say {}..{} s",
+        waits.0,
+        waits.1
+    );
+    assert_eq!(
+        by_path(&m, "observer_accept_queue_wait_seconds_count", label),
+        3.0
+    );
     assert_eq!(
         by_path(&m, "observer_connections_accepted_total", label),
         3.0
@@ -180,16 +220,12 @@ fn accepts_count_per_worker_and_the_oldest_wait_grows_while_nobody_accepts() {
         Some(0.0),
         "accepted connections were dropped right away"
     );
-    std::thread::sleep(Duration::from_millis(1500));
-    let oldest = by_path(
-        &daemon.scrape(),
-        "observer_listen_queue_oldest_seconds",
-        label,
-    );
-    let elapsed = first_seen.elapsed().as_secs_f64();
+    // The fourth is now the head: its own connect time, not the first's.
+    let (_, fourth_before, _) = &clients[3];
+    let oldest = by_path(&m, "observer_listen_queue_oldest_seconds", label);
     assert!(
-        oldest >= 1.4 && oldest <= elapsed + 0.1,
-        "oldest {oldest} s, {elapsed} s since it was first seen"
+        oldest <= fourth_before.elapsed().as_secs_f64() + 0.001,
+        "oldest {oldest} s is the fourth connection's"
     );
     listener.accept().expect("accept the last");
     let m = daemon.scrape();
@@ -200,6 +236,32 @@ fn accepts_count_per_worker_and_the_oldest_wait_grows_while_nobody_accepts() {
     assert_eq!(
         by_path(&m, "observer_connections_accepted_total", label),
         4.0
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_connection_queued_before_the_daemon_started_is_timed_from_its_first_sighting() {
+    let dir = test_dir();
+    let path = dir.join("before.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let label = path.to_str().expect("utf-8 temp dir");
+    let _client = UnixStream::connect(&path).expect("connect");
+    std::thread::sleep(Duration::from_millis(500));
+    let daemon = Daemon::start();
+    let first_seen = Instant::now();
+    let m = daemon.scrape();
+    assert!(by_path(&m, "observer_listen_queue_oldest_seconds", label) < 0.5);
+    std::thread::sleep(Duration::from_millis(1000));
+    let oldest = by_path(
+        &daemon.scrape(),
+        "observer_listen_queue_oldest_seconds",
+        label,
+    );
+    let elapsed = first_seen.elapsed().as_secs_f64();
+    assert!(
+        oldest >= 0.9 && oldest <= elapsed + 0.1,
+        "oldest {oldest} s, {elapsed} s since the daemon started"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -46,6 +46,14 @@ pub const WORKER_MAP_CAPACITY: u32 = 16384;
 /// Capacity of the `LISTEN_PORTS` map ((netns, port) pairs with a listener).
 pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
 
+/// Queued Unix-domain connections whose enqueue time is kept (an LRU map:
+/// past this many connections waiting host-wide, the oldest stamps go).
+pub const UNIX_QUEUED_MAP_CAPACITY: u32 = 16384;
+
+/// `sock.sk_type` of the Unix sockets that have listeners.
+pub const SOCK_STREAM: u16 = 1;
+pub const SOCK_SEQPACKET: u16 = 5;
+
 /// Key of `LISTEN_PORTS`: the daemon lists the ports that have a listener so
 /// that the socket-holder iterator reports only accepted connections of them.
 /// (Unix listeners are keyed by [`UnixListenKey`] instead: below 2^48, these
@@ -117,11 +125,13 @@ pub struct HolderRecord {
     pub queue_max: u32,
     pub syn_queue_len: u32,
     pub drops: u32,
-    /// TCP listeners: as in [`ListenerRecord`].
+    /// As in [`ListenerRecord`]; for Unix listeners, from the stamp the
+    /// connect programs wrote for the head connection.
     pub oldest_wait_us: u64,
     /// Unix listeners: the kernel address of the connection at the head of
-    /// the queue (0 when empty). The kernel keeps no enqueue time for Unix
-    /// connections, so the daemon times the head itself.
+    /// the queue (0 when empty). Where its connect() was not stamped (it
+    /// came before the daemon), `oldest_wait_us` is 0 and the daemon times
+    /// the head itself.
     pub queue_head: u64,
 }
 
@@ -329,6 +339,10 @@ pub struct KernelOffsets {
     pub unix_address_path: u32,
     pub icsk_accept_queue_head: u32,
     pub request_sock_sk: u32,
+    /// `unix_sock.peer`: a connected Unix socket's other end.
+    pub unix_peer: u32,
+    /// `sock.sk_type` (a u16: `SOCK_STREAM`, `SOCK_SEQPACKET`, ...).
+    pub sk_type: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the

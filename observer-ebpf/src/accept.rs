@@ -16,11 +16,8 @@
 //! nothing moves that stamp until the owner reads from the socket, which it
 //! can only do after accept. So wait = now − that stamp.
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fexit, kretprobe, tracepoint},
     programs::{FExitContext, RetProbeContext, TracePointContext},
 };
@@ -31,27 +28,22 @@ use observer_common::{
 };
 
 use crate::{
+    connect::unix_queued_at_ns,
     kernel::{
-        SockHead, offsets, read, read_ptr, socket_place, tcp_queued_at_us, tracing, unix_listen_key,
+        SockHead, current_fd_sock, offsets, read, read_ptr, socket_place, sys_exit_ret,
+        tcp_queued_at_us, tracing, unix_listen_key,
     },
-    maps::{ACCEPTS, EVENTS, count_health},
+    maps::{ACCEPTS, EVENTS, UNIX_QUEUED, count_health},
 };
-
-/// Offset of `long ret` in every `syscalls/sys_exit_*` event record.
-const SYS_EXIT_RET_OFFSET: usize = 16;
 
 #[tracepoint]
 pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: `ret` sits at this offset in every sys_exit_* record; a direct
-    // context load (no helper call).
-    let fd = unsafe {
-        core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYS_EXIT_RET_OFFSET) as *const i64)
-    };
+    let fd = sys_exit_ret(&ctx);
     if fd < 0 {
         return 0;
     }
     let off = offsets();
-    match accepted_sock(fd as u64, &off) {
+    match current_fd_sock(fd as u64, &off) {
         Some(sk) => count_accept(sk, &off),
         // Rare, and a sign of wrong offsets: counted and exported.
         None => count_health(Health::AcceptReadError),
@@ -101,37 +93,8 @@ pub fn accept_kretprobe(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk.
-/// Every step is a helper call (~70 ns here), so `max_fds` and the `fd`
-/// array pointer, neighbours in `struct fdtable`, come in one read.
-#[inline(always)]
-fn accepted_sock(fd: u64, off: &KernelOffsets) -> Option<u64> {
-    // SAFETY: the helper takes no arguments and returns the running task.
-    let task = unsafe { bpf_get_current_task() };
-    let files = read_ptr(task, off.task_files)?;
-    let fdt = read_ptr(files, off.files_fdt)?;
-    let (max_fds, fd_array) = fdtable_head(fdt, off)?;
-    if fd >= max_fds as u64 {
-        return None;
-    }
-    let file = read_ptr(fd_array + fd * 8, 0)?;
-    let socket = read_ptr(file, off.file_private_data)?;
-    read_ptr(socket, off.socket_sk)
-}
-
-/// `struct fdtable`'s `max_fds` and `fd` in one read of the 16 bytes
-/// from the first of them (the daemon checks, from BTF, that `fd` lies
-/// 8 bytes after `max_fds`).
-#[inline(always)]
-fn fdtable_head(fdt: u64, off: &KernelOffsets) -> Option<(u32, u64)> {
-    let head: [u64; 2] = read(fdt, off.fdtable_max_fds)?;
-    let fd_array = head[1];
-    (fd_array != 0).then_some((head[0] as u32, fd_array))
-}
-
 #[inline(always)]
 fn count_accept(sk: u64, off: &KernelOffsets) {
-    // Unix-domain and non-TCP accepts are none of our business.
     let mut head = SockHead::ZERO;
     if !head.read_from(sk) {
         count_health(Health::AcceptReadError);
@@ -142,6 +105,7 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
         count_unix_accept(sk, &head, off, tgid);
         return;
     }
+    // Other families and non-TCP accepts are none of our business.
     let Some(place) = socket_place(&head, off) else {
         return;
     };
@@ -160,41 +124,27 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
         count_health(Health::AcceptMapFull);
         return;
     };
-    // SAFETY (whole block): `stats` points into a live map value (RCU keeps it
-    // alive for this program run); atomics because other CPUs add to it too.
-    unsafe {
-        add(&raw mut (*stats).accepted, 1);
-        // SAFETY: helper without arguments.
-        let now_ns = bpf_ktime_get_ns();
-        let wait_us = queue_wait_us(sk, &head, off, now_ns / 1000);
-        if tracing() {
-            emit_event(
-                &head,
-                off,
-                &key,
-                now_ns,
-                wait_us.map_or(u64::MAX, |us| us * 1000),
-            );
-        }
-        let Some(wait_us) = wait_us else {
-            count_health(Health::WaitUnknown);
-            return;
-        };
-        add(&raw mut (*stats).wait_sum_ns, wait_us * 1000);
-        let mut bucket = wait_bucket(wait_us);
-        if bucket > WAIT_BUCKETS {
-            bucket = WAIT_BUCKETS; // proves the bound to the verifier
-        }
-        add(
-            (&raw mut (*stats).wait_buckets).cast::<u64>().add(bucket),
-            1,
-        );
+    // SAFETY: `stats` points into a live map value (RCU keeps it alive for
+    // this program run).
+    unsafe { add(&raw mut (*stats).accepted, 1) };
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let wait_us = queue_wait_us(sk, &head, off, now_ns / 1000);
+    if tracing() {
+        let wait_ns = wait_us.map_or(u64::MAX, |us| us * 1000);
+        emit_event(&head, off, &key, now_ns, wait_ns);
+    }
+    match wait_us {
+        Some(wait_us) => record_wait(stats, wait_us),
+        None => count_health(Health::WaitUnknown),
     }
 }
 
 /// A Unix-domain accept, counted under its listener's
-/// [`observer_common::UnixListenKey`]. The kernel keeps no time of when a
-/// Unix connection was queued, so it has no wait.
+/// [`observer_common::UnixListenKey`], with the wait since the stamp that
+/// its connect() left (see `connect`). No stamp means that the worker took
+/// it before connect() returned: a wait of 0. (Also, rarely: queued before
+/// the daemon started, or its stamp aged out of a full map.)
 #[inline(always)]
 fn count_unix_accept(sk: u64, head: &SockHead, off: &KernelOffsets, tgid: u32) {
     let Some(listen_key) = unix_listen_key(sk, off) else {
@@ -217,15 +167,44 @@ fn count_unix_accept(sk: u64, head: &SockHead, off: &KernelOffsets, tgid: u32) {
         _pad: 0,
         addr,
     };
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let wait_ns = match unix_queued_at_ns(sk) {
+        Some(queued_at_ns) => {
+            let _ = UNIX_QUEUED.remove(sk);
+            now_ns.saturating_sub(queued_at_ns)
+        }
+        None => 0,
+    };
     match stats_for(&key) {
-        // SAFETY: `stats` points into a live map value; atomic as in count_accept.
-        Some(stats) => unsafe { add(&raw mut (*stats).accepted, 1) },
+        Some(stats) => {
+            // SAFETY: `stats` points into a live map value.
+            unsafe { add(&raw mut (*stats).accepted, 1) };
+            record_wait(stats, wait_ns / 1000);
+        }
         None => count_health(Health::AcceptMapFull),
     }
     if tracing() {
-        // SAFETY: helper without arguments.
-        let now_ns = unsafe { bpf_ktime_get_ns() };
-        emit_event(head, off, &key, now_ns, u64::MAX);
+        emit_event(head, off, &key, now_ns, wait_ns);
+    }
+}
+
+/// Adds one wait to the sum and histogram of `stats`.
+#[inline(always)]
+fn record_wait(stats: *mut AcceptStats, wait_us: u64) {
+    let mut bucket = wait_bucket(wait_us);
+    if bucket > WAIT_BUCKETS {
+        bucket = WAIT_BUCKETS; // proves the bound to the verifier
+    }
+    // SAFETY (whole block): `stats` points into a live map value (RCU keeps
+    // it alive for this program run); atomics because other CPUs add to it
+    // too.
+    unsafe {
+        add(&raw mut (*stats).wait_sum_ns, wait_us * 1000);
+        add(
+            (&raw mut (*stats).wait_buckets).cast::<u64>().add(bucket),
+            1,
+        );
     }
 }
 

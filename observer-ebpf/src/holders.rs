@@ -8,7 +8,7 @@
 //! it also reports each listener's queue figures.
 use aya_ebpf::{
     bindings::seq_file,
-    helpers::{bpf_probe_read_kernel, generated::bpf_seq_write},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_seq_write},
 };
 use core::ffi::c_void;
 use observer_common::{
@@ -17,6 +17,7 @@ use observer_common::{
 };
 
 use crate::{
+    connect::unix_queued_at_ns,
     kernel::{
         SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
         unix_listen_key, unix_queue,
@@ -145,6 +146,7 @@ fn unix_holder(
     record.queue_len = queue_len;
     record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
     record.queue_head = queue_head;
+    record.oldest_wait_us = unix_oldest_wait_us(queue_head);
     write(seq, record);
     if let Some(name) = UNIX_NAME.get_ptr_mut(0) {
         // SAFETY: our per-CPU slot, used only between here and the write
@@ -153,6 +155,18 @@ fn unix_holder(
         read_unix_name(key, off, name);
         write(seq, name);
     }
+}
+
+/// How long the Unix connection whose child socket is `head` has waited, µs,
+/// by its connect() stamp; 0 when the queue is empty or it has no stamp.
+#[inline(always)]
+fn unix_oldest_wait_us(head: u64) -> u64 {
+    let Some(queued_at_ns) = (head != 0).then(|| unix_queued_at_ns(head)).flatten() else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    now_ns.saturating_sub(queued_at_ns) / 1000
 }
 
 /// The holding process's parent and name (its tgid is already in).

@@ -1,5 +1,11 @@
 //! Reading kernel structs at offsets the daemon resolved from BTF.
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    },
+    programs::TracePointContext,
+};
 use observer_common::{KernelOffsets, SOCK_COMMON_HEAD, UnixNameRecord};
 
 /// Filled in by the daemon before load (`EbpfLoader::set_global`). It lives in
@@ -53,6 +59,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     unix_address_path: 0,
     icsk_accept_queue_head: 0,
     request_sock_sk: 0,
+    unix_peer: 0,
+    sk_type: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -73,6 +81,19 @@ pub fn tracing() -> bool {
 pub fn offsets() -> KernelOffsets {
     // SAFETY: reading our own static; volatile only defeats constant folding.
     unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// Offset of `long ret` in every `syscalls/sys_exit_*` event record.
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+/// The return value in a `syscalls/sys_exit_*` tracepoint's record.
+#[inline(always)]
+pub fn sys_exit_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: `ret` sits at this offset in every sys_exit_* record; a direct
+    // context load (no helper call).
+    unsafe {
+        core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYS_EXIT_RET_OFFSET) as *const i64)
+    }
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.
@@ -197,6 +218,36 @@ pub fn unix_queue(sk: u64, off: &KernelOffsets) -> (u32, u64) {
         _ => 0,
     };
     (len, head)
+}
+
+/// The socket behind the current process's descriptor `fd`:
+/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk; `None`
+/// when `fd` is not open or not a socket. Every step is a helper call
+/// (~70 ns here), so `max_fds` and the `fd` array pointer, neighbours in
+/// `struct fdtable`, come in one read.
+#[inline(always)]
+pub fn current_fd_sock(fd: u64, off: &KernelOffsets) -> Option<u64> {
+    // SAFETY: the helper takes no arguments and returns the running task.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_ptr(task, off.task_files)?;
+    let fdt = read_ptr(files, off.files_fdt)?;
+    let (max_fds, fd_array) = fdtable_head(fdt, off)?;
+    if fd >= max_fds as u64 {
+        return None;
+    }
+    let file = read_ptr(fd_array + fd * 8, 0)?;
+    let socket = read_ptr(file, off.file_private_data)?;
+    read_ptr(socket, off.socket_sk)
+}
+
+/// `struct fdtable`'s `max_fds` and `fd` in one read of the 16 bytes
+/// from the first of them (the daemon checks, from BTF, that `fd` lies
+/// 8 bytes after `max_fds`).
+#[inline(always)]
+fn fdtable_head(fdt: u64, off: &KernelOffsets) -> Option<(u32, u64)> {
+    let head: [u64; 2] = read(fdt, off.fdtable_max_fds)?;
+    let fd_array = head[1];
+    (fd_array != 0).then_some((head[0] as u32, fd_array))
 }
 
 /// A Unix socket's `unix_sk(sk)->addr`: its bound address, which a listener

@@ -3,6 +3,9 @@
 //!
 //! - `accept`: on return from accept()/accept4(), counts the accepted
 //!   connection and how long it waited in the listen queue.
+//! - `connect`: on return from a Unix-domain connect(), stamps when the
+//!   connection entered its listener's queue (TCP children carry that
+//!   stamp in the kernel; Unix ones do not).
 //! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
 //!   the queue depth and limit of every listening socket in its own network
 //!   namespace (the kernel limits `iter/tcp` to one namespace).
@@ -19,6 +22,7 @@
 #![allow(internal_features)]
 
 mod accept;
+mod connect;
 mod holders;
 mod kernel;
 mod listeners;

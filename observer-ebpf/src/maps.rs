@@ -1,11 +1,12 @@
 //! Maps shared by the programs. Types come from `observer-common` only.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    LISTEN_PORT_MAP_CAPACITY, UnixNameRecord, WORKER_MAP_CAPACITY, WorkerFds,
+    LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, WORKER_MAP_CAPACITY,
+    WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -30,6 +31,15 @@ pub static WATCHED: HashMap<u32, WorkerFds> = HashMap::with_max_entries(WORKER_M
 /// `observer_common::listen_port_key`.
 #[map]
 pub static LISTEN_PORTS: HashMap<u64, u8> = HashMap::with_max_entries(LISTEN_PORT_MAP_CAPACITY, 0);
+
+/// When each queued Unix-domain connection entered its listener's queue
+/// (ns, the clock of `bpf_ktime_get_ns`), by the kernel address of the
+/// child socket accept() will return. Written as connect() returns, taken
+/// out at accept; see `connect`. LRU: stamps of connections never accepted
+/// (their listener closed) age out.
+#[map]
+pub static UNIX_QUEUED: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(UNIX_QUEUED_MAP_CAPACITY, 0);
 
 /// Accepted connections for `observer trace` (written only in trace mode).
 #[map]

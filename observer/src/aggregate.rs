@@ -97,19 +97,17 @@ pub struct ListenerView {
     pub accepts: Accepts,
     /// Accepts per live process (tgid) since the daemon started.
     pub by_process: BTreeMap<u32, Accepts>,
+    /// Whether `accepts` holds each accepted connection's queue wait: TCP
+    /// always (the kernel stamps the child); Unix where a program stamps
+    /// connects (`Probes::unix_waits_timed`).
+    pub waits_known: bool,
 }
 
 impl ListenerView {
-    /// Whether the kernel counts this listener's drops and times its queue
-    /// waits at accept: TCP yes; Unix no (a full Unix queue makes clients
-    /// wait in connect() or fail with EAGAIN, counted nowhere, and a Unix
-    /// connection carries no enqueue time).
+    /// Whether the kernel counts this listener's drops: TCP yes; Unix no (a
+    /// full Unix queue makes clients wait in connect() or fail with EAGAIN,
+    /// counted nowhere).
     pub fn drops_known(&self) -> bool {
-        !self.id.is_unix()
-    }
-
-    /// See [`ListenerView::drops_known`].
-    pub fn waits_known(&self) -> bool {
         !self.id.is_unix()
     }
 }
@@ -158,15 +156,18 @@ pub struct Aggregator {
     listeners: HashMap<ListenerId, ListenerState>,
     sockets: HashMap<u64, SocketState>,
     max_listeners: usize,
+    /// See [`ListenerView::waits_known`].
+    unix_waits_timed: bool,
 }
 
 impl Aggregator {
-    pub fn new(max_listeners: usize) -> Self {
+    pub fn new(max_listeners: usize, unix_waits_timed: bool) -> Self {
         Aggregator {
             seen_first_collection: false,
             listeners: HashMap::new(),
             sockets: HashMap::new(),
             max_listeners,
+            unix_waits_timed,
         }
     }
 
@@ -182,7 +183,7 @@ impl Aggregator {
         let startup = !self.seen_first_collection;
         self.seen_first_collection = true;
         let socket_views = self.socket_views(sockets, startup, now);
-        let mut views = group_listeners(sockets, socket_views);
+        let mut views = group_listeners(sockets, socket_views, self.unix_waits_timed);
         let index = ListenerIndex::new(sockets);
 
         // Listeners that closed: forget their state (and, below, their keys).
@@ -294,6 +295,7 @@ impl Aggregator {
 fn group_listeners(
     sockets: &[ListenSocket],
     mut socket_views: HashMap<u64, SocketView>,
+    unix_waits_timed: bool,
 ) -> HashMap<ListenerId, ListenerView> {
     let mut views: HashMap<ListenerId, ListenerView> = HashMap::new();
     for s in sockets {
@@ -309,6 +311,7 @@ fn group_listeners(
             drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
+            waits_known: !s.id.is_unix() || unix_waits_timed,
         });
         view.queue_len += s.queue_len as u64;
         view.queue_max += s.queue_max as u64;
@@ -371,7 +374,7 @@ mod tests {
 
     #[test]
     fn children_of_a_wildcard_listener_count_for_it() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let records = [listener([0; 16], AF_INET, 80, 0)];
         let accepts = [(key(v4([127, 0, 0, 1]), AF_INET, 80, 7), stats(3, 1_000_000))];
         let c = agg.collect(&records, &accepts, |_| true, Duration::ZERO);
@@ -383,7 +386,7 @@ mod tests {
 
     #[test]
     fn ipv4_children_of_a_dual_stack_listener_count_for_it() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let mut mapped = [0u8; 16];
         mapped[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
         let records = [listener([0; 16], AF_INET6, 8080, 0)];
@@ -394,7 +397,7 @@ mod tests {
 
     #[test]
     fn queued_counts_from_the_depth_seen_at_start() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         // At start 4 connections already wait; they are not "queued since start".
         let c = agg.collect(
             &[listener(v4([127, 0, 0, 1]), AF_INET, 80, 4)],
@@ -416,7 +419,7 @@ mod tests {
 
     #[test]
     fn listeners_created_after_start_count_their_whole_queue() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         agg.collect(&[], &[], |_| true, Duration::ZERO);
         let c = agg.collect(
             &[listener(v4([127, 0, 0, 1]), AF_INET, 81, 5)],
@@ -429,7 +432,7 @@ mod tests {
 
     #[test]
     fn queued_never_goes_backwards() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         agg.collect(&[], &[], |_| true, Duration::ZERO);
         let l = |d| [listener(v4([127, 0, 0, 1]), AF_INET, 80, d)];
         assert_eq!(
@@ -445,7 +448,7 @@ mod tests {
 
     #[test]
     fn counts_of_exited_processes_are_kept_and_their_keys_forgotten() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let records = [listener([0; 16], AF_INET, 80, 0)];
         let dead = key(v4([127, 0, 0, 1]), AF_INET, 80, 100);
         let alive = key(v4([127, 0, 0, 1]), AF_INET, 80, 200);
@@ -470,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_closed_listener_disappears_and_its_keys_are_forgotten() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let k = key(v4([127, 0, 0, 1]), AF_INET, 80, 1);
         agg.collect(
             &[listener([0; 16], AF_INET, 80, 0)],
@@ -485,7 +488,7 @@ mod tests {
 
     #[test]
     fn drops_count_from_daemon_start() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let l = |drops| ListenSocket {
             drops,
             ..listener([0; 16], AF_INET, 80, 0)
@@ -506,7 +509,7 @@ mod tests {
 
     #[test]
     fn reuseport_siblings_are_summed_and_kept_one_by_one() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let l = listener([0; 16], AF_INET, 80, 2);
         let full = ListenSocket {
             inode: 99,
@@ -532,7 +535,7 @@ mod tests {
 
     #[test]
     fn the_oldest_wait_is_the_longest_queue_head_of_the_listener() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let a = ListenSocket {
             head: QueueHead::Waited { us: 1_500_000 },
             ..listener([0; 16], AF_INET, 80, 1)
@@ -548,7 +551,7 @@ mod tests {
 
     #[test]
     fn a_unix_queue_head_is_timed_from_its_first_sighting() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let unix = |head| ListenSocket {
             id: ListenerId::unix(1, UnixPath::new(b"/run/app.sock")),
             inode: 5,
@@ -579,7 +582,7 @@ mod tests {
 
     #[test]
     fn unix_accepts_count_for_the_listener_that_owns_their_key() {
-        let mut agg = Aggregator::new(100);
+        let mut agg = Aggregator::new(100, true);
         let key_value: u64 = 0xffff_8881_2345_6780;
         let socket = ListenSocket {
             id: ListenerId::unix(1, UnixPath::new(b"\0uwsgi")),
@@ -602,7 +605,7 @@ mod tests {
 
     #[test]
     fn listeners_beyond_the_cap_are_counted_not_exported() {
-        let mut agg = Aggregator::new(2);
+        let mut agg = Aggregator::new(2, true);
         let records: Vec<_> = (1..=5).map(|p| listener([0; 16], AF_INET, p, 0)).collect();
         let c = agg.collect(&records, &[], |_| true, Duration::ZERO);
         assert_eq!((c.listeners.len(), c.listeners_over_cap), (2, 3));

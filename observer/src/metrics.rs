@@ -270,12 +270,12 @@ pub fn listener_families(s: &Snapshot) -> Vec<MetricFamily> {
         ),
         family(
             "observer_accept_queue_wait_seconds",
-            "Time each accepted connection waited in the accept queue, from handshake completion to accept() (TCP).",
+            "Time each accepted connection waited in the accept queue until accept(): TCP from handshake completion, Unix from connect().",
             HISTOGRAM,
             s.listeners
                 .listeners
                 .iter()
-                .filter(|v| v.waits_known())
+                .filter(|v| v.waits_known)
                 .map(|v| histogram(id_labels(&v.id, &s.containers), &v.accepts.waits))
                 .collect(),
         ),
@@ -539,6 +539,7 @@ mod tests {
                 drops_raw: 0,
                 accepts: Accepts { accepted: 3, waits },
                 by_process: Default::default(),
+                waits_known: true,
             }],
             ..Default::default()
         };

@@ -157,9 +157,10 @@ impl Pipeline {
                 .collect(),
             ..Default::default()
         };
+        let aggregator = Aggregator::new(max_listeners, probes.unix_waits_timed);
         let mut pipeline = Pipeline {
             probes,
-            aggregator: Aggregator::new(max_listeners),
+            aggregator,
             max_workers,
             epolls: Default::default(),
             containers: Default::default(),

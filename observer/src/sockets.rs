@@ -165,9 +165,11 @@ impl ListenerId {
 /// the kernel lets us know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueHead {
-    /// TCP: from the head's queue-entry stamp, µs (0 when empty).
+    /// From the head's queue-entry stamp, µs (0 when empty): the kernel's
+    /// for TCP, our connect program's for Unix.
     Waited { us: u64 },
-    /// Unix: the kernel keeps no enqueue time; the head connection's kernel
+    /// Unix, when the head has no stamp (it was queued before the daemon
+    /// started, or no connect program runs): the head connection's kernel
     /// address, for the daemon to time it (0 when empty).
     Unix { head: u64 },
 }
@@ -219,7 +221,10 @@ impl ListenSocket {
                 queue_max: r.queue_max,
                 syn_queue_len: 0,
                 drops: 0,
-                head: QueueHead::Unix { head: r.queue_head },
+                head: match r.oldest_wait_us {
+                    0 => QueueHead::Unix { head: r.queue_head },
+                    us => QueueHead::Waited { us },
+                },
                 unix_key: Some(unix_key(&r.addr)),
             });
         }

@@ -331,6 +331,7 @@ mod tests {
             drops_raw: 0,
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
+            waits_known: true,
         }
     }
 

@@ -62,6 +62,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
             &["icsk_accept_queue", "rskq_accept_head"],
         )?,
         request_sock_sk: at("request_sock", &["sk"])?,
+        unix_peer: at("unix_sock", &["peer"])?,
+        sk_type: at("sock", &["sk_type"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)

@@ -61,6 +61,15 @@ impl AcceptSource {
             AcceptSource::Tracepoint | AcceptSource::Auto => "accept_exit",
         }
     }
+
+    /// The eBPF program that stamps Unix-domain connects for this source.
+    fn connect_program(self) -> Option<&'static str> {
+        match self {
+            AcceptSource::Fexit => Some("connect_unix_fexit"),
+            AcceptSource::Kprobe => None,
+            AcceptSource::Tracepoint | AcceptSource::Auto => Some("connect_exit"),
+        }
+    }
 }
 
 /// A program that could not be attached but was not essential.
@@ -80,6 +89,9 @@ pub struct Probes {
     /// cannot run it (busy/idle is then not exported).
     threads: Result<IterLink, String>,
     pub accept_source: AcceptSource,
+    /// Whether a program stamps Unix-domain connects, which timing their
+    /// queue wait needs (see [`attach_unix_connect`]).
+    pub unix_waits_timed: bool,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
     /// The kprobe source's kretprobe (detached and removed on drop).
@@ -131,6 +143,16 @@ impl Probes {
             source: accept_source,
             kretprobe,
         } = attach_accept_source(&mut ebpf, &btf, requested, &mut attach_errors)?;
+        let unix_waits_timed = match attach_unix_connect(&mut ebpf, &btf, accept_source) {
+            Ok(timed) => timed,
+            Err(e) => {
+                attach_errors.push(AttachError {
+                    program: accept_source.connect_program().unwrap_or_default(),
+                    message: format!("{e:#}: {UNIX_WAITS_UNTIMED}"),
+                });
+                false
+            }
+        };
         let listeners = load_iterator(&mut ebpf, &btf, "listeners", "tcp")?;
         let holders = load_iterator(&mut ebpf, &btf, "holders", "task_file")?;
         let threads = load_iterator(&mut ebpf, &btf, "threads", "task").map_err(|e| {
@@ -145,6 +167,7 @@ impl Probes {
             holders,
             threads,
             accept_source,
+            unix_waits_timed,
             attach_errors,
             kretprobe,
         })
@@ -389,6 +412,33 @@ fn attach_unix_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
         .map_err(|e| describe(UNIX_FEXIT_PROGRAM, e))?;
     fexit.attach().context("attaching fexit to unix_accept")?;
     Ok(())
+}
+
+/// What an [`AttachError`] of the Unix connect stamp says it costs.
+pub const UNIX_WAITS_UNTIMED: &str = "Unix-domain queue waits are not timed";
+
+/// Attaches the program that stamps Unix-domain connects for this accept
+/// source (a Unix connection carries no enqueue time of its own); false
+/// where the source has none (kprobe: it counts no Unix accepts either).
+fn attach_unix_connect(ebpf: &mut Ebpf, btf: &Btf, source: AcceptSource) -> Result<bool> {
+    let Some(name) = source.connect_program() else {
+        return Ok(false);
+    };
+    if source == AcceptSource::Fexit {
+        let fexit: &mut FExit = program(ebpf, name)?;
+        fexit
+            .load("unix_stream_connect", btf)
+            .map_err(|e| describe(name, e))?;
+        fexit
+            .attach()
+            .context("attaching fexit to unix_stream_connect")?;
+    } else {
+        let tp: &mut TracePoint = program(ebpf, name)?;
+        tp.load().map_err(|e| describe(name, e))?;
+        tp.attach("syscalls", "sys_exit_connect")
+            .context("attaching to tracepoint syscalls/sys_exit_connect")?;
+    }
+    Ok(true)
 }
 
 /// Makes the hash map `name` hold exactly `wanted`: other keys are removed,

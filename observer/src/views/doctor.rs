@@ -7,7 +7,7 @@ use observer_common::KernelOffsets;
 use crate::{
     kernel::{
         host, offsets,
-        probes::{AcceptSource, Probes},
+        probes::{AcceptSource, Probes, UNIX_WAITS_UNTIMED},
     },
     pipeline::KernelOptions,
 };
@@ -165,18 +165,28 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
 /// What observer can tell about Unix-domain listeners with this accept
 /// source, and what the kernel never lets it tell.
 fn unix_check(probes: &Probes) -> Result<String, String> {
-    const NEVER: &str = "no wait histogram or drops for them on any kernel (a queued Unix \
-                         connection carries no time stamp, and a full queue drops nothing)";
-    let missed = probes
+    const NEVER: &str = "no drops for them on any kernel (a full Unix queue makes clients \
+                         wait in connect() or fail with EAGAIN, counted nowhere)";
+    let lost: Vec<&str> = probes
         .attach_errors
         .iter()
-        .find(|e| e.message.contains("Unix-domain accepts are not counted"));
-    match missed {
-        None => Ok(format!(
-            "Unix-domain listeners: depth, limit, oldest wait, accepts and workers; {NEVER}"
-        )),
-        Some(e) => Err(format!("{}; {NEVER}", e.message)),
+        .filter(|e| {
+            e.message.contains("Unix-domain accepts are not counted")
+                || e.message.contains(UNIX_WAITS_UNTIMED)
+        })
+        .map(|e| e.message.as_str())
+        .collect();
+    if !lost.is_empty() {
+        return Err(format!("{}; {NEVER}", lost.join("; ")));
     }
+    let waits = if probes.unix_waits_timed {
+        "queue waits (each connect() stamped as it returns)"
+    } else {
+        "no queue waits"
+    };
+    Ok(format!(
+        "Unix-domain listeners: depth, limit, oldest wait, accepts, workers and {waits}; {NEVER}"
+    ))
 }
 
 /// Whether worker busy/idle can be sampled, and what its absence costs.

@@ -148,8 +148,8 @@ pub fn rows(
                 oldest_wait_seconds: v.oldest_wait.as_secs_f64(),
                 syn_queue_length: v.syn_queue_len,
                 accepts_per_second: accepted as f64 / seconds,
-                wait_p50_seconds: wait_quantile(&waits, 0.5),
-                wait_p99_seconds: wait_quantile(&waits, 0.99),
+                wait_p50_seconds: wait_quantile(&waits, 0.5).filter(|_| v.waits_known),
+                wait_p99_seconds: wait_quantile(&waits, 0.99).filter(|_| v.waits_known),
                 workers_busy: pool.map(|p| p.busy()).unwrap_or(0),
                 workers: pool.map(|p| p.workers.len()).unwrap_or(0),
                 drops: v

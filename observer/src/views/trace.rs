@@ -176,7 +176,8 @@ fn line(e: &AcceptEvent, unix_paths: &mut UnixPaths, probes: &Probes) -> Line {
         pid: e.tgid,
         tid: e.tid,
         comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
-        wait_seconds: (e.wait_ns != u64::MAX).then(|| e.wait_ns as f64 / 1e9),
+        wait_seconds: (e.wait_ns != u64::MAX && (e.family != AF_UNIX || probes.unix_waits_timed))
+            .then(|| e.wait_ns as f64 / 1e9),
     }
 }
 
