@@ -207,19 +207,40 @@ fn finish_timed(clients: Vec<ClientRun>) -> (usize, f64) {
         })
 }
 
-fn pool_state(m: &Metrics, port: u16, state: &str) -> f64 {
-    m.get(
-        "observer_workers",
-        &[("port", &port.to_string()), ("state", state)],
-    )
-    .unwrap_or(0.0)
+/// The listener whose series a pool's figures carry: its port (TCP) or
+/// its path (Unix).
+#[derive(Clone, Debug)]
+enum Pool {
+    Port(u16),
+    Path(String),
 }
 
-fn sum_per_worker(m: &Metrics, name: &str, port: u16) -> f64 {
-    let port = port.to_string();
+impl Pool {
+    fn label(&self) -> (&'static str, String) {
+        match self {
+            Pool::Port(port) => ("port", port.to_string()),
+            Pool::Path(path) => ("path", path.clone()),
+        }
+    }
+}
+
+impl From<u16> for Pool {
+    fn from(port: u16) -> Pool {
+        Pool::Port(port)
+    }
+}
+
+fn pool_state(m: &Metrics, pool: impl Into<Pool>, state: &str) -> f64 {
+    let (name, value) = pool.into().label();
+    m.get("observer_workers", &[(name, &value), ("state", state)])
+        .unwrap_or(0.0)
+}
+
+fn sum_per_worker(m: &Metrics, metric: &str, pool: impl Into<Pool>) -> f64 {
+    let (name, value) = pool.into().label();
     m.samples
         .iter()
-        .filter(|(n, l, _)| n == name && l.get("port") == Some(&port))
+        .filter(|(n, l, _)| n == metric && l.get(name) == Some(&value))
         .map(|(_, _, v)| v)
         .sum()
 }
@@ -237,11 +258,13 @@ fn worker_pids_seen(m: &Metrics, port: u16) -> Vec<u32> {
 }
 
 /// Waits until the observer sees `n` workers in the pool, all idle.
-fn wait_for_idle_pool(daemon: &Daemon, port: u16, n: f64) {
+fn wait_for_idle_pool(daemon: &Daemon, pool: impl Into<Pool>, n: f64) {
+    let pool = pool.into();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = daemon.scrape();
-        if pool_state(&m, port, "idle") == n && pool_state(&m, port, "busy") == 0.0 {
+        if pool_state(&m, pool.clone(), "idle") == n && pool_state(&m, pool.clone(), "busy") == 0.0
+        {
             return;
         }
         assert!(
@@ -340,24 +363,27 @@ fn busy_tracks_truth(
     run: &PoolRun,
     truth: impl Fn() -> f64,
 ) -> (usize, f64) {
-    busy_tracks_truth_at(daemon, port, "/", run, truth)
+    busy_tracks_truth_at(daemon, port, (port, "/"), run, truth)
 }
 
-/// [`busy_tracks_truth`] with the clients requesting `path`.
+/// [`busy_tracks_truth`] for the pool of `pool`, with the clients
+/// requesting `page` on loopback port `port` (the server's, or a proxy's in
+/// front of it).
 fn busy_tracks_truth_at(
     daemon: &Daemon,
-    port: u16,
-    path: &'static str,
+    pool: impl Into<Pool>,
+    (port, page): (u16, &'static str),
     run: &PoolRun,
     truth: impl Fn() -> f64,
 ) -> (usize, f64) {
-    wait_for_idle_pool(daemon, port, run.workers);
-    let load = load_at(port, path, run.clients, run.requests, run.sleep_s);
+    let pool = pool.into();
+    wait_for_idle_pool(daemon, pool.clone(), run.workers);
+    let load = load_at(port, page, run.clients, run.requests, run.sleep_s);
     std::thread::sleep(Duration::from_millis(400));
     let samples = sample(
         run.samples,
         Duration::from_millis(run.every_ms),
-        || pool_state(&daemon.scrape(), port, "busy"),
+        || pool_state(&daemon.scrape(), pool.clone(), "busy"),
         truth,
     );
     let (done, client_seconds) = finish_timed(load);
@@ -368,7 +394,7 @@ fn busy_tracks_truth_at(
         "min(k, workers) busy"
     );
     assert_eq!(
-        sum_per_worker(&daemon.scrape(), "observer_worker_accepts_total", port),
+        sum_per_worker(&daemon.scrape(), "observer_worker_accepts_total", pool),
         done as f64
     );
     (done, client_seconds)
@@ -547,16 +573,15 @@ fn uwsgi_busy(stats_port: u16) -> f64 {
     json.matches("\"status\":\"busy\"").count() as f64
 }
 
-/// uWSGI with 4 processes (plus `extra` flags), sampled against its stats
-/// server under 3 looping clients.
-fn uwsgi_pool_tracks_its_stats_server(extra: &[&str], what: &str) {
-    let daemon = Daemon::start();
-    let (port, stats) = (free_port(), free_port());
-    let (http, stats_addr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{stats}"));
-    let mut cmd = vec![
-        "uwsgi_python3",
-        "--http-socket",
-        &http,
+/// uWSGI with 4 processes serving `app.py` on `bind` (its socket flags),
+/// plus `extra` flags, with its stats server on the returned port; started
+/// once `listening()`.
+fn uwsgi(bind: &[&str], extra: &[&str], listening: impl Fn() -> bool) -> (Server, u16) {
+    let (id, stats) = (free_port(), free_port());
+    let stats_addr = format!("127.0.0.1:{stats}");
+    let mut cmd = vec!["uwsgi_python3"];
+    cmd.extend_from_slice(bind);
+    cmd.extend_from_slice(&[
         "--wsgi-file",
         "app.py",
         "--callable",
@@ -567,24 +592,68 @@ fn uwsgi_pool_tracks_its_stats_server(extra: &[&str], what: &str) {
         "--stats",
         &stats_addr,
         "--disable-logging",
-    ];
+    ]);
     cmd.extend_from_slice(extra);
-    let server = Server::start("uwsgi", port, &[("app.py", WSGI_APP)], &cmd);
-    let run = PoolRun {
-        workers: 4.0,
-        clients: 3,
-        requests: 8,
-        sleep_s: 0.3,
-        samples: 12,
-        every_ms: 150,
-        what,
-    };
-    busy_tracks_truth(&daemon, server.port, &run, || uwsgi_busy(stats));
+    let server = Server::start_until("uwsgi", id, &[("app.py", WSGI_APP)], &cmd, listening);
+    (server, stats)
+}
+
+/// 3 looping clients against 4 workers, sampled against the stats server.
+const UWSGI_RUN: PoolRun<'static> = PoolRun {
+    workers: 4.0,
+    clients: 3,
+    requests: 8,
+    sleep_s: 0.3,
+    samples: 12,
+    every_ms: 150,
+    what: "uWSGI busy workers vs its stats server",
+};
+
+/// uWSGI on a loopback HTTP socket (plus `extra` flags), sampled against
+/// its stats server under 3 looping clients.
+fn uwsgi_pool_tracks_its_stats_server(extra: &[&str], what: &'static str) {
+    let daemon = Daemon::start();
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let (_server, stats) = uwsgi(&["--http-socket", &http], extra, || {
+        !ss_listen_queues(port).is_empty()
+    });
+    let run = PoolRun { what, ..UWSGI_RUN };
+    busy_tracks_truth(&daemon, port, &run, || uwsgi_busy(stats));
 }
 
 #[test]
 fn uwsgi_busy_workers_track_its_stats_server() {
     uwsgi_pool_tracks_its_stats_server(&[], "uWSGI busy workers vs stats server");
+}
+
+/// uWSGI's own protocol on a Unix socket (`--socket PATH`), behind nginx's
+/// `uwsgi_pass`: the deployment its docs show.
+#[test]
+fn uwsgi_on_a_unix_socket_behind_nginx_busy_workers_track_its_stats_server() {
+    let daemon = Daemon::start();
+    let sock = std::env::temp_dir().join(format!("observer-uwsgi-{}.sock", free_port()));
+    let bind = sock.display().to_string();
+    // nginx's workers run as nobody: the socket must be writable to them.
+    let (_server, stats) = uwsgi(&["--socket", &bind, "--chmod-socket=666"], &[], || {
+        sock.exists()
+    });
+    let nginx = nginx_in_front(&format!(
+        "include /etc/nginx/uwsgi_params; uwsgi_pass unix:{bind}; uwsgi_read_timeout 60s;"
+    ));
+    let run = PoolRun {
+        what: "uWSGI on a Unix socket: busy workers vs its stats server",
+        ..UWSGI_RUN
+    };
+    let (done, _) = busy_tracks_truth_at(
+        &daemon,
+        Pool::Path(bind.clone()),
+        (nginx.port, "/"),
+        &run,
+        || uwsgi_busy(stats),
+    );
+    assert_eq!(done, run.clients * run.requests);
+    let _ = std::fs::remove_file(&sock);
 }
 
 /// With `--thunder-lock`, idle workers queue on a process-shared mutex
@@ -663,7 +732,7 @@ fn apache_pool_tracks_mod_status(mutex: &str) {
         every_ms: 200,
         what: "Apache prefork busy workers vs mod_status",
     };
-    busy_tracks_truth_at(&daemon, server.port, "/sleep", &run, || {
+    busy_tracks_truth_at(&daemon, server.port, (server.port, "/sleep"), &run, || {
         apache_busy(status_port)
     });
 }
@@ -905,4 +974,118 @@ fn gunicorn_on_a_unix_socket_busy_workers_track_the_semaphore_and_accepts_match_
         .map(|(_, _, v)| v)
         .sum();
     assert_eq!(per_worker, log_lines as f64);
+}
+
+/// nginx on a free loopback port with one `location /` block, logging
+/// each request's id and `$upstream_header_time` to `pair.log` in its
+/// directory.
+fn nginx_in_front(location: &str) -> Server {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("observer-nginx-{port}"));
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n log_format pair '$request_id $upstream_header_time';\n\
+         access_log {d}/pair.log pair;\n client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         server {{\n  listen 127.0.0.1:{port};\n  location / {{ {location} }}\n }}\n}}\n",
+        d = dir.display(),
+    );
+    let conf_path = dir.join("nginx.conf").display().to_string();
+    let prefix = dir.display().to_string();
+    Server::start(
+        "nginx",
+        port,
+        &[("nginx.conf", &conf)],
+        &["nginx", "-p", &prefix, "-c", &conf_path],
+    )
+}
+
+/// `id value` lines of a log, as a map.
+fn log_by_id(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter_map(|line| {
+            let (id, value) = line.split_once(' ')?;
+            Some((id.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn gunicorn_on_a_unix_socket_behind_nginx_waits_match_nginx_upstream_time_minus_gunicorn_time() {
+    let daemon = Daemon::start();
+    let id = free_port();
+    let dir = std::env::temp_dir().join(format!("observer-gunicorn-{id}"));
+    let sock = dir.join("gunicorn.sock");
+    let bind = format!("unix:{}", sock.display());
+    let server = Server::start_until(
+        "gunicorn",
+        id,
+        &[("app.py", WSGI_APP)],
+        &[
+            "gunicorn",
+            "-b",
+            &bind,
+            "-w",
+            "2",
+            "--access-logfile",
+            "access.log",
+            "--access-logformat",
+            "%({x-request-id}i)s %(D)s",
+            "app:app",
+        ],
+        || sock.exists(),
+    );
+    let nginx = nginx_in_front(&format!(
+        "proxy_pass http://unix:{}:; proxy_set_header X-Request-Id $request_id; \
+         proxy_read_timeout 60s;",
+        sock.display()
+    ));
+    let path = sock.to_str().expect("utf-8 temp dir").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon
+        .scrape()
+        .get("observer_workers", &[("path", &path), ("state", "idle")])
+        != Some(2.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "2 idle gunicorn workers never showed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 6 clients against 2 workers: most requests wait in the Unix queue.
+    let done = finish(load(nginx.port, 6, 3, 0.3));
+    assert_eq!(done, 18);
+    let m = daemon.scrape();
+    let read = |dir: &PathBuf, file: &str| {
+        log_by_id(&std::fs::read_to_string(dir.join(file)).unwrap_or_default())
+    };
+    // nginx: from connecting to the socket to the reply's header (s);
+    // gunicorn: its own time for the request (µs). The rest is the queue.
+    let header_s = read(&nginx.dir, "pair.log");
+    let served_us = read(&server.dir, "access.log");
+    let waits: Vec<f64> = header_s
+        .iter()
+        .filter_map(|(id, h)| Some(h - served_us.get(id)? / 1e6))
+        .collect();
+    assert_eq!(waits.len(), done, "every request paired by its id");
+    let truth: f64 = waits.iter().sum();
+    let counted = m.get(
+        "observer_accept_queue_wait_seconds_count",
+        &[("path", &path)],
+    );
+    let wait_sum = m
+        .get("observer_accept_queue_wait_seconds_sum", &[("path", &path)])
+        .unwrap_or(-1.0);
+    println!("wait sum {wait_sum} s; nginx minus gunicorn {truth} s; waits {waits:?}");
+    assert_eq!(counted, Some(done as f64));
+    assert!(truth > 3.0, "the queue held requests: {truth} s of waits");
+    // nginx's clock ticks in ms: up to 1 ms per request either way, plus
+    // gunicorn's read and parse of each request.
+    assert!(
+        (wait_sum - truth).abs() <= 0.01 * truth + 0.002 * done as f64,
+        "observer's wait sum {wait_sum} s vs nginx minus gunicorn {truth} s"
+    );
 }
