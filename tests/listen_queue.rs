@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, listen, ss_listen_queues};
+use support::{Daemon, listen, ss_listen_queues, ss_sockets};
 
 /// Connects `n` clients that each send a request line at once, and returns
 /// them with the instant each connect completed, by local port.
@@ -278,52 +278,12 @@ fn the_oldest_wait_follows_the_clients_clocks_while_nobody_accepts() {
     );
 }
 
-/// `ss -ltne` for one port: (Recv-Q, Send-Q, inode) per listening socket.
-fn ss_sockets(port: u16) -> Vec<(u64, u64, String)> {
-    let out = std::process::Command::new("ss")
-        .args(["-Hltne", &format!("sport = :{port}")])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let inode = f.iter().find_map(|x| x.strip_prefix("ino:"))?;
-            Some((f[1].parse().ok()?, f[2].parse().ok()?, inode.to_owned()))
-        })
-        .collect()
-}
-
 #[test]
 fn reuseport_sockets_are_reported_one_by_one_with_a_stopped_holder_s_queue_growing() {
     let port = support::free_port();
     // One socket of the group is held by a process that stops: nobody
     // accepts from it, while this process accepts from its sibling.
-    let mut stopped = std::process::Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import socket,os,signal\n\
-                 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-                 s.bind(('127.0.0.1',{port})); s.listen(64)\n\
-                 os.kill(os.getpid(), signal.SIGSTOP)\n\
-                 signal.pause()"
-            ),
-        ])
-        .spawn()
-        .expect("python3");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ss_sockets(port).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the stopped holder never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sibling = {
-        let s = socket2_reuseport(port);
-        listen_on(s, 64)
-    };
+    let (mut stopped, sibling) = support::reuseport_pair_with_a_stopped_holder(port);
     let daemon = Daemon::start();
     let started = Instant::now();
     let mut clients = Vec::new();
@@ -369,38 +329,4 @@ fn reuseport_sockets_are_reported_one_by_one_with_a_stopped_holder_s_queue_growi
     assert!(held_by_python, "the stopped holder is named");
     let _ = stopped.kill();
     let _ = stopped.wait();
-}
-
-/// A TCP socket with SO_REUSEPORT bound to 127.0.0.1:`port`, not yet listening.
-fn socket2_reuseport(port: u16) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket calls on a descriptor we own; every return is checked.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let one: libc::c_int = 1;
-        let rc = libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        assert_eq!(rc, 0);
-        let addr = support::loopback_v4(port);
-        let rc = libc::bind(
-            fd,
-            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        assert_eq!(rc, 0, "bind 127.0.0.1:{port}");
-        std::os::fd::OwnedFd::from_raw_fd(fd)
-    }
-}
-
-fn listen_on(fd: std::os::fd::OwnedFd, backlog: i32) -> TcpListener {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: listen(2) on a socket we own.
-    assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), backlog) }, 0);
-    TcpListener::from(fd)
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, free_port, ss_listen_queues};
+use support::{Daemon, free_port, reuseport_pair_with_a_stopped_holder, ss_listen_queues};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -113,16 +113,21 @@ fn start_prometheus(observer_port: u16) -> (Running, u16) {
     (running, port)
 }
 
-fn saturation_alerts(prom: u16, port: u16) -> Vec<String> {
+/// The alerts named `name` for the listener on `port`.
+fn alerts(prom: u16, name: &str, port: u16) -> Vec<serde_json::Value> {
     let port = port.to_string(); // labels are strings
     api(prom, "/api/v1/alerts")["data"]["alerts"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|a| {
-            a["labels"]["alertname"] == "ObserverWorkerPoolSaturated"
-                && a["labels"]["port"] == port.as_str()
-        })
+        .filter(|a| a["labels"]["alertname"] == name && a["labels"]["port"] == port.as_str())
+        .cloned()
+        .collect()
+}
+
+fn saturation_alerts(prom: u16, port: u16) -> Vec<String> {
+    alerts(prom, "ObserverWorkerPoolSaturated", port)
+        .iter()
         .filter_map(|a| a["state"].as_str().map(str::to_owned))
         .collect()
 }
@@ -144,6 +149,15 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     until("gunicorn to listen", 20, || {
         (!ss_listen_queues(app_port).is_empty()).then_some(())
     });
+    // Meanwhile, a reuseport group with one socket's holder stopped: its
+    // queued connections wait for good while the sibling's are accepted.
+    let stalled_port = free_port();
+    let (mut stopped, sibling) = reuseport_pair_with_a_stopped_holder(stalled_port);
+    std::thread::spawn(move || while sibling.accept().is_ok() {});
+    let _stalled: Vec<TcpStream> = (0..20)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", stalled_port)).ok())
+        .collect();
+    let stalled_since = Instant::now();
     let (_prometheus, prom) = start_prometheus(daemon.port);
 
     // 3 clients on 1 worker: it is always busy and 2 connections queue.
@@ -206,4 +220,28 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     until("the saturation alert to resolve", 30, || {
         saturation_alerts(prom, app_port).is_empty().then_some(())
     });
+
+    // Oldest wait over 30 s and grown by over 45 s in the last minute.
+    let alert = until("the not-accepting alert to fire", 120, || {
+        alerts(prom, "ObserverListenerNotAccepting", stalled_port)
+            .into_iter()
+            .find(|a| a["state"] == "firing")
+    });
+    let fired_after = stalled_since.elapsed().as_secs_f64();
+    println!("ObserverListenerNotAccepting after {fired_after:.1} s: {alert}");
+    assert!(
+        fired_after >= 40.0,
+        "fired after {fired_after} s of stall, before its thresholds allow"
+    );
+    let summary = alert["annotations"]["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!("Nobody accepts from 127.0.0.1:{stalled_port}:")),
+        "{summary}"
+    );
+    assert!(
+        alerts(prom, "ObserverListenerNotAccepting", app_port).is_empty(),
+        "the saturated but accepting gunicorn listener is not flagged"
+    );
+    let _ = stopped.kill();
+    let _ = stopped.wait();
 }

@@ -404,3 +404,80 @@ pub fn promtool_check_metrics(text: &str) {
         "promtool check metrics:\n{report}"
     );
 }
+
+/// `ss -ltne` for one port: (Recv-Q, Send-Q, inode) per listening socket.
+pub fn ss_sockets(port: u16) -> Vec<(u64, u64, String)> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltne", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let inode = f.iter().find_map(|x| x.strip_prefix("ino:"))?;
+            Some((f[1].parse().ok()?, f[2].parse().ok()?, inode.to_owned()))
+        })
+        .collect()
+}
+
+/// Two `SO_REUSEPORT` listeners on 127.0.0.1:`port` (backlog 64): one
+/// held by a `python3` child that then stops itself (SIGSTOP: nobody
+/// accepts from that socket), and its sibling, returned for the caller to
+/// accept from. Kill the child when done.
+pub fn reuseport_pair_with_a_stopped_holder(port: u16) -> (Child, TcpListener) {
+    let stopped = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket,os,signal\n\
+                 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                 s.bind(('127.0.0.1',{port})); s.listen(64)\n\
+                 os.kill(os.getpid(), signal.SIGSTOP)\n\
+                 signal.pause()"
+            ),
+        ])
+        .spawn()
+        .expect("python3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ss_sockets(port).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped holder never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (stopped, listen_on(socket_reuseport(port), 64))
+}
+
+/// A TCP socket with SO_REUSEPORT bound to 127.0.0.1:`port`, not yet listening.
+fn socket_reuseport(port: u16) -> std::os::fd::OwnedFd {
+    // SAFETY: plain socket calls on a descriptor we own; every return is checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        assert_eq!(rc, 0);
+        let addr = loopback_v4(port);
+        let rc = libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "bind 127.0.0.1:{port}");
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+fn listen_on(fd: std::os::fd::OwnedFd, backlog: i32) -> TcpListener {
+    // SAFETY: listen(2) on a socket we own.
+    assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), backlog) }, 0);
+    TcpListener::from(fd)
+}
