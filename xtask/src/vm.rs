@@ -43,7 +43,7 @@ pub struct VmOptions {
     #[arg(long = "kernel", required = true)]
     pub kernels: Vec<String>,
     /// End-to-end test binaries run once per accept source (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "listen_queue")]
+    #[arg(long, value_delimiter = ',', default_value = "listen_queue,unix_listeners")]
     pub tests: Vec<String>,
     /// Test binaries run once, with the accept source left to the test.
     #[arg(long, value_delimiter = ',', default_value = "accept_sources")]
@@ -703,7 +703,7 @@ mod tests {
     fn one_kernel_takes_the_command_line_defaults() {
         let opts = VmOptions::one_kernel("6.12");
         assert_eq!(opts.kernels, ["6.12"]);
-        assert_eq!(opts.tests, ["listen_queue"]);
+        assert_eq!(opts.tests, ["listen_queue", "unix_listeners"]);
         assert_eq!(opts.once, ["accept_sources"]);
     }
 
@@ -718,6 +718,7 @@ mod tests {
         };
         let binaries = BTreeMap::from([
             ("listen_queue".to_owned(), PathBuf::from("/b/lq")),
+            ("unix_listeners".to_owned(), PathBuf::from("/b/ul")),
             ("accept_sources".to_owned(), PathBuf::from("/b/as")),
         ]);
         let script = guest_script(
@@ -728,7 +729,8 @@ mod tests {
         );
         assert!(script.contains(
             "if grep -q '^ok   kprobe ' /vmout/doctor.txt; then\n  :\n  \
-             run kprobe.listen_queue.1.txt /b/lq OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
+             run kprobe.listen_queue.1.txt /b/lq OBSERVER_ACCEPT_SOURCE=kprobe\n  \
+             run kprobe.unix_listeners.1.txt /b/ul OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
         ));
         assert_eq!(
             script
