@@ -227,3 +227,47 @@ fn a_listener_in_a_container_cgroup_gets_the_container_id_label() {
                 && !l.contains_key("container_id"))
     );
 }
+
+/// A process in `ns` holding a TCP listener with 3 queued connections and
+/// an abstract Unix listener with 2, until killed.
+fn spawn_listeners_in(ns: &Netns) -> std::process::Child {
+    let script = "import socket,time\n\
+                  t=socket.socket(); t.bind(('127.0.0.1',8080)); t.listen(8)\n\
+                  u=socket.socket(socket.AF_UNIX); u.bind('\\0observer-vanishing'); u.listen(8)\n\
+                  c=[socket.create_connection(('127.0.0.1',8080)) for _ in range(3)]\n\
+                  d=[socket.socket(socket.AF_UNIX) for _ in range(2)]\n\
+                  [s.connect('\\0observer-vanishing') for s in d]\n\
+                  time.sleep(60)";
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", script])
+        .spawn()
+        .expect("python3 in the namespace")
+}
+
+#[test]
+fn namespaces_that_vanish_while_scraped_never_break_the_exposition() {
+    let daemon = Daemon::start();
+    let churn = std::thread::spawn(|| {
+        for _ in 0..6 {
+            let ns = Netns::new();
+            let mut holder = spawn_listeners_in(&ns);
+            std::thread::sleep(Duration::from_millis(400));
+            let _ = holder.kill();
+            let _ = holder.wait();
+            drop(ns); // `ip netns del`: the namespace goes once its sockets do
+        }
+    });
+    let mut scrapes = 0;
+    let mut saw_one = false;
+    while !churn.is_finished() && scrapes < 200 {
+        let m = daemon.scrape();
+        support::promtool_check_metrics(&m.text);
+        saw_one |= m.text.contains("path=\"@observer-vanishing\"");
+        scrapes += 1;
+    }
+    churn.join().expect("churn thread");
+    assert!(saw_one, "no scrape caught a namespace's listeners");
+    let m = daemon.scrape();
+    support::promtool_check_metrics(&m.text);
+    println!("{scrapes} scrapes during the churn");
+}

@@ -43,7 +43,11 @@ pub struct VmOptions {
     #[arg(long = "kernel", required = true)]
     pub kernels: Vec<String>,
     /// End-to-end test binaries run once per accept source (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "listen_queue,unix_listeners")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "listen_queue,unix_listeners"
+    )]
     pub tests: Vec<String>,
     /// Test binaries run once, with the accept source left to the test.
     #[arg(long, value_delimiter = ',', default_value = "accept_sources")]
