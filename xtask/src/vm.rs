@@ -592,19 +592,48 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
 }
 
 /// Test names that passed and failed in libtest's plain output.
+/// Which tests of one binary's libtest output passed and failed. A test
+/// that prints (the guest runs them with `--nocapture`) splits its
+/// "test name ... ok" line in two, so the closing `successes:` and
+/// `failures:` lists of names count too.
 fn parse_outcome(text: &str) -> Outcome {
-    let mut outcome = Outcome::default();
+    let mut passed = std::collections::BTreeSet::new();
+    let mut failed = std::collections::BTreeSet::new();
+    let mut finished = false;
+    // In a closing list: Some(true) successes, Some(false) failures.
+    let mut list: Option<bool> = None;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("test ") {
             if let Some(name) = rest.strip_suffix(" ... ok") {
-                outcome.passed.push(name.to_owned());
+                passed.insert(name.to_owned());
             } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
-                outcome.failed.push(name.to_owned());
+                failed.insert(name.to_owned());
             }
         }
-        outcome.finished |= line.starts_with("test result: ");
+        finished |= line.starts_with("test result: ");
+        match line {
+            "successes:" => list = Some(true),
+            "failures:" => list = Some(false),
+            "" => list = None,
+            _ => {
+                let name = line.strip_prefix("    ").filter(|n| {
+                    !n.is_empty()
+                        && n.chars()
+                            .all(|c| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                match (list, name) {
+                    (Some(true), Some(name)) => passed.insert(name.to_owned()),
+                    (Some(false), Some(name)) => failed.insert(name.to_owned()),
+                    _ => false,
+                };
+            }
+        }
     }
-    outcome
+    Outcome {
+        passed: passed.into_iter().collect(),
+        failed: failed.into_iter().collect(),
+        finished,
+    }
 }
 
 fn matrix_table(rows: &[Row]) -> String {
@@ -753,6 +782,18 @@ mod tests {
         ];
         names.sort_by_key(|n| version_key(n));
         assert_eq!(names[1], "linux-image-6.12.10+deb12-amd64");
+    }
+
+    #[test]
+    fn tests_that_print_are_read_from_the_closing_lists() {
+        let outcome = parse_outcome(
+            "running 2 tests\ntest a ... printed\nok\ntest b ... more\nFAILED\n\n\
+             successes:\n    a\n\nfailures:\n\n---- b stdout ----\n   0: x::y\n\n\
+             failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n",
+        );
+        assert_eq!(outcome.passed, ["a"]);
+        assert_eq!(outcome.failed, ["b"]);
+        assert!(outcome.finished);
     }
 
     #[test]
