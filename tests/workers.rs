@@ -1,6 +1,7 @@
 //! Worker pools of real servers against each server's own view of its
 //! workers: gunicorn's classic busy-worker semaphore in pre/post_request
-//! hooks, uWSGI's stats server, unicorn's listener stats from raindrops.
+//! hooks, uWSGI's stats server, php-fpm's status page, unicorn's listener
+//! stats from raindrops.
 mod support;
 
 use std::{
@@ -349,6 +350,9 @@ struct PoolRun<'a> {
     samples: usize,
     every_ms: u64,
     what: &'a str,
+    /// Connections each read of the truth makes to the pool itself (a
+    /// status page the pool serves), which its accepts count too.
+    truth_connections: usize,
 }
 
 /// Waits for an idle pool of `run.workers`, loads it with `run.clients`
@@ -395,7 +399,8 @@ fn busy_tracks_truth_at(
     );
     assert_eq!(
         sum_per_worker(&daemon.scrape(), "observer_worker_accepts_total", pool),
-        done as f64
+        (done + 2 * run.samples * run.truth_connections) as f64,
+        "per-worker accepts = requests served (the truth's own included)"
     );
     (done, client_seconds)
 }
@@ -413,6 +418,7 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
         samples: 12,
         every_ms: 150,
         what: "busy workers vs semaphore",
+        truth_connections: 0,
     };
     let (done, client_seconds) =
         busy_tracks_truth(&daemon, server.port, &run, || server.semaphore() as f64);
@@ -607,6 +613,7 @@ const UWSGI_RUN: PoolRun<'static> = PoolRun {
     samples: 12,
     every_ms: 150,
     what: "uWSGI busy workers vs its stats server",
+    truth_connections: 0,
 };
 
 /// uWSGI on a loopback HTTP socket (plus `extra` flags), sampled against
@@ -731,6 +738,7 @@ fn apache_pool_tracks_mod_status(mutex: &str) {
         samples: 10,
         every_ms: 200,
         what: "Apache prefork busy workers vs mod_status",
+        truth_connections: 0,
     };
     busy_tracks_truth_at(&daemon, server.port, (server.port, "/sleep"), &run, || {
         apache_busy(status_port)
@@ -794,6 +802,7 @@ fn unicorn_busy_workers_track_raindrops_active_connections() {
         samples: 10,
         every_ms: 200,
         what: "unicorn busy workers vs raindrops active",
+        truth_connections: 0,
     };
     busy_tracks_truth(&daemon, server.port, &run, || raindrops_active(server.port));
 }
@@ -1088,4 +1097,130 @@ fn gunicorn_on_a_unix_socket_behind_nginx_waits_match_nginx_upstream_time_minus_
         (wait_sum - truth).abs() <= 0.01 * truth + 0.002 * done as f64,
         "observer's wait sum {wait_sum} s vs nginx minus gunicorn {truth} s"
     );
+}
+
+const SLOW_PHP: &str =
+    "<?php usleep((int)((float)$_SERVER['QUERY_STRING'] * 1e6)); echo \"ok\\n\";\n";
+
+/// php-fpm's binary: Debian names it by version (php-fpm8.2).
+fn php_fpm_binary() -> String {
+    std::fs::read_dir("/usr/sbin")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("php-fpm"))
+        .map(|name| format!("/usr/sbin/{name}"))
+        .expect("php-fpm (cargo xtask setup installs it)")
+}
+
+/// php-fpm in the foreground, one static pool of `children` on a Unix
+/// socket (as Debian configures it), with its status page; returns it and
+/// its socket.
+fn php_fpm(children: u32) -> (Server, PathBuf) {
+    let id = free_port();
+    let dir = std::env::temp_dir().join(format!("observer-php-fpm-{id}"));
+    let sock = dir.join("php.sock");
+    let conf = format!(
+        "[global]\npid = {d}/php-fpm.pid\nerror_log = /proc/self/fd/2\ndaemonize = no\n\
+         [www]\nuser = root\ngroup = root\nlisten = {s}\nlisten.backlog = 64\n\
+         listen.mode = 0666\npm = static\npm.max_children = {children}\n\
+         pm.status_path = /status\n",
+        d = dir.display(),
+        s = sock.display()
+    );
+    let binary = php_fpm_binary();
+    let server = Server::start_until(
+        "php-fpm",
+        id,
+        &[("php-fpm.conf", &conf), ("slow.php", SLOW_PHP)],
+        &[&binary, "-F", "-R", "-n", "-y", "php-fpm.conf"],
+        || sock.exists(),
+    );
+    (server, sock)
+}
+
+/// php-fpm's status page through nginx, as JSON.
+fn php_fpm_status(nginx_port: u16) -> serde_json::Value {
+    http_get(nginx_port, "/status?json")
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Recv-Q of the Unix listener at `path`, per `ss -lx`.
+fn ss_unix_queue(path: &std::path::Path) -> f64 {
+    let out = run(Command::new("ss").args(["-Hlx", "src", &path.display().to_string()]));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn php_fpm_on_a_unix_socket_busy_tracks_its_status_page_and_depth_tracks_ss_where_fpm_says_0() {
+    let daemon = Daemon::start();
+    let (server, sock) = php_fpm(4);
+    let nginx = nginx_in_front(&format!(
+        "root {}; include /etc/nginx/fastcgi_params; \
+         fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; \
+         fastcgi_pass unix:{}; fastcgi_read_timeout 60s;",
+        server.dir.display(),
+        sock.display()
+    ));
+    let pool = Pool::Path(sock.display().to_string());
+    // Busy: the status page's active processes, less the one serving it.
+    let run = PoolRun {
+        workers: 4.0,
+        clients: 3,
+        requests: 8,
+        sleep_s: 0.3,
+        samples: 12,
+        every_ms: 150,
+        what: "php-fpm on a Unix socket: busy vs its status page's active processes - 1",
+        truth_connections: 1,
+    };
+    busy_tracks_truth_at(
+        &daemon,
+        pool.clone(),
+        (nginx.port, "/slow.php"),
+        &run,
+        || {
+            php_fpm_status(nginx.port)["active processes"]
+                .as_f64()
+                .map_or(-1.0, |active| active - 1.0)
+        },
+    );
+    // Overload: 8 clients on 4 children; the queue grows, as ss -lx shows.
+    let load = load_at(nginx.port, "/slow.php", 8, 4, 0.4);
+    std::thread::sleep(Duration::from_millis(300));
+    let depth = |m: &Metrics| {
+        let (name, value) = pool.label();
+        m.get("observer_listen_queue_length", &[(name, &value)])
+            .unwrap_or(-1.0)
+    };
+    let samples = sample(
+        8,
+        Duration::from_millis(100),
+        || depth(&daemon.scrape()),
+        || ss_unix_queue(&sock),
+    );
+    // Its own status, asked while the queue holds connections, says 0.
+    let status = php_fpm_status(nginx.port);
+    assert_eq!(finish(load), 32);
+    assert_tracks(&samples, "php-fpm's Unix queue vs ss -lx");
+    assert!(
+        samples.iter().any(|s| s.observer >= 2.0),
+        "the queue grew: {samples:?}"
+    );
+    println!("php-fpm status under overload: {status}");
+    assert_eq!(status["listen queue"].as_f64(), Some(0.0));
+    assert_eq!(status["max listen queue"].as_f64(), Some(0.0));
+    // Accepts: php-fpm's own count, which includes this status request.
+    let (name, value) = pool.label();
+    let accepted = daemon
+        .scrape()
+        .get("observer_connections_accepted_total", &[(name, &value)]);
+    let fpm_accepted = php_fpm_status(nginx.port)["accepted conn"].as_f64();
+    assert_eq!(accepted.map(|n| n + 1.0), fpm_accepted);
 }

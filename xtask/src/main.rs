@@ -85,6 +85,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gunicorn",
     "uwsgi-core",
     "uwsgi-plugin-python3",
+    "php-fpm",
     "unicorn",
     "ruby-raindrops",
     "prometheus",
