@@ -911,31 +911,25 @@ fn load_unix(
         .collect()
 }
 
-#[test]
-fn gunicorn_on_a_unix_socket_busy_workers_track_the_semaphore_and_accepts_match_its_access_log() {
-    let daemon = Daemon::start();
+/// gunicorn bound to a Unix socket in its directory, with `extra` flags,
+/// logging each request to `access.log` there; returns it and its socket.
+fn gunicorn_unix(extra: &[&str]) -> (Server, PathBuf) {
     let id = free_port();
     let dir = std::env::temp_dir().join(format!("observer-gunicorn-{id}"));
     let sock = dir.join("gunicorn.sock");
     let bind = format!("unix:{}", sock.display());
-    let server = Server::start_until(
-        "gunicorn",
-        id,
-        &[("app.py", WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
-        &[
-            "gunicorn",
-            "-c",
-            "hooks.py",
-            "-b",
-            &bind,
-            "-w",
-            "3",
-            "--access-logfile",
-            "access.log",
-            "app:app",
-        ],
-        || sock.exists(),
-    );
+    let mut cmd = vec!["gunicorn", "-b", &bind, "--access-logfile", "access.log"];
+    cmd.extend_from_slice(extra);
+    cmd.push("app:app");
+    let files = [("app.py", WSGI_APP), ("hooks.py", GUNICORN_HOOKS)];
+    let server = Server::start_until("gunicorn", id, &files, &cmd, || sock.exists());
+    (server, sock)
+}
+
+#[test]
+fn gunicorn_on_a_unix_socket_busy_workers_track_the_semaphore_and_accepts_match_its_access_log() {
+    let daemon = Daemon::start();
+    let (server, sock) = gunicorn_unix(&["-c", "hooks.py", "-w", "3"]);
     let path = sock.to_str().expect("utf-8 temp dir").to_owned();
     let busy = |m: &Metrics, state: &str| {
         m.get("observer_workers", &[("path", &path), ("state", state)])
@@ -1024,28 +1018,8 @@ fn log_by_id(text: &str) -> std::collections::HashMap<String, f64> {
 #[test]
 fn gunicorn_on_a_unix_socket_behind_nginx_waits_match_nginx_upstream_time_minus_gunicorn_time() {
     let daemon = Daemon::start();
-    let id = free_port();
-    let dir = std::env::temp_dir().join(format!("observer-gunicorn-{id}"));
-    let sock = dir.join("gunicorn.sock");
-    let bind = format!("unix:{}", sock.display());
-    let server = Server::start_until(
-        "gunicorn",
-        id,
-        &[("app.py", WSGI_APP)],
-        &[
-            "gunicorn",
-            "-b",
-            &bind,
-            "-w",
-            "2",
-            "--access-logfile",
-            "access.log",
-            "--access-logformat",
-            "%({x-request-id}i)s %(D)s",
-            "app:app",
-        ],
-        || sock.exists(),
-    );
+    let (server, sock) =
+        gunicorn_unix(&["-w", "2", "--access-logformat", "%({x-request-id}i)s %(D)s"]);
     let nginx = nginx_in_front(&format!(
         "proxy_pass http://unix:{}:; proxy_set_header X-Request-Id $request_id; \
          proxy_read_timeout 60s;",

@@ -183,16 +183,9 @@ impl Metrics {
 
 /// `ss -ltn` for one local port: (Recv-Q, Send-Q) per listening socket.
 pub fn ss_listen_queues(port: u16) -> Vec<(u64, u64)> {
-    let out = Command::new("ss")
-        .args(["-Hltn", &format!("sport = :{port}")])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
-        })
+    ss_sockets(port)
+        .into_iter()
+        .map(|(queue, limit, _)| (queue, limit))
         .collect()
 }
 
@@ -407,7 +400,7 @@ pub fn promtool_check_metrics(text: &str) {
 
 /// `ss -ltne` for one port: (Recv-Q, Send-Q, inode) per listening socket.
 pub fn ss_sockets(port: u16) -> Vec<(u64, u64, String)> {
-    let out = std::process::Command::new("ss")
+    let out = Command::new("ss")
         .args(["-Hltne", &format!("sport = :{port}")])
         .output()
         .expect("run ss");
