@@ -81,9 +81,10 @@ pub struct ListenerView {
     pub syn_queue_len: u64,
     /// How long the oldest queued connection has waited (the longest of its
     /// sockets' queue heads); zero when nothing waits. TCP: from the
-    /// kernel's queue-entry stamp. Unix: the kernel keeps no enqueue time,
-    /// so from the first collection that saw that connection at the head (a
-    /// lower bound, late by at most the time between collections).
+    /// kernel's queue-entry stamp. Unix: from the stamp our connect program
+    /// wrote; for a head without one (queued before the daemon started),
+    /// from the first collection that saw it at the head (a lower bound,
+    /// late by at most the time between collections).
     pub oldest_wait: Duration,
     /// Connections that entered the accept queue since the daemon started.
     pub queued: u64,

@@ -406,6 +406,32 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_head_with_a_connect_stamp_has_waited_and_one_without_is_left_to_time() {
+        let holding = |oldest_wait_us| Holding {
+            record: HolderRecord {
+                family: AF_UNIX,
+                state: TCP_LISTEN,
+                queue_len: 1,
+                queue_head: 0xffff_8881_0000_3000,
+                oldest_wait_us,
+                ..HolderRecord::default()
+            },
+            unix_name: Some(UnixNameRecord::default()),
+        };
+        let head = |h: &Holding| ListenSocket::from_holding(h).map(|s| s.head);
+        assert_eq!(
+            head(&holding(250_000)),
+            Some(QueueHead::Waited { us: 250_000 })
+        );
+        assert_eq!(
+            head(&holding(0)),
+            Some(QueueHead::Unix {
+                head: 0xffff_8881_0000_3000
+            })
+        );
+    }
+
+    #[test]
     fn unix_connections_find_their_listener_by_its_key_within_the_netns() {
         let sockets = [
             unix_socket(b"/a", 0xffff_8881_0000_1000),
