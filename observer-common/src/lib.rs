@@ -133,6 +133,12 @@ pub struct HolderRecord {
     /// came before the daemon), `oldest_wait_us` is 0 and the daemon times
     /// the head itself.
     pub queue_head: u64,
+    /// Accepted TCP connections: nonzero when the client has sent bytes and
+    /// the server has read none of them yet (`tcp_sock.bytes_received` > 0,
+    /// all of it still between `copied_seq` and `rcv_nxt`): µs since the
+    /// connection entered the accept queue (its `rcvq_space.time` stamp,
+    /// which only the first read moves), at least 1. 0 otherwise.
+    pub unread_us: u64,
 }
 
 /// The path of a Unix listener, right after its [`HolderRecord`].
@@ -343,6 +349,9 @@ pub struct KernelOffsets {
     pub unix_peer: u32,
     /// `sock.sk_type` (a u16: `SOCK_STREAM`, `SOCK_SEQPACKET`, ...).
     pub sk_type: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the
@@ -416,7 +425,7 @@ mod tests {
     fn shared_layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 56);
-        assert_eq!(core::mem::size_of::<HolderRecord>(), 96);
+        assert_eq!(core::mem::size_of::<HolderRecord>(), 104);
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 136);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);

@@ -20,9 +20,9 @@ use crate::{
     connect::unix_queued_at_ns,
     kernel::{
         SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
-        unix_listen_key, unix_queue,
+        tcp_unread_us, unix_listen_key, unix_queue,
     },
-    maps::{LISTEN_PORTS, UNIX_NAME},
+    maps::{HOLDER, LISTEN_PORTS, UNIX_NAME},
 };
 
 /// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
@@ -67,7 +67,13 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         return 0;
     }
     let state: u8 = head.field(off.sk_state).unwrap_or(0);
-    let mut record = HolderRecord {
+    let Some(record) = HOLDER.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: our per-CPU slot, used only until this run's writes
+    // (iterator runs do not nest on one CPU).
+    let record = unsafe { &mut *record };
+    *record = HolderRecord {
         tgid: read(task, off.task_tgid).unwrap_or(0),
         fd,
         state,
@@ -75,7 +81,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         ..HolderRecord::default()
     };
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        unix_holder(seq, task, sk, &head, &off, &mut record);
+        unix_holder(seq, task, sk, &head, &off, record);
         return 0;
     }
     let Some(place) = socket_place(&head, &off) else {
@@ -96,15 +102,17 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     record.family = place.family;
     record.port = place.port;
     record.addr = place.addr;
-    fill_process(task, &off, &mut record);
+    fill_process(task, &off, record);
     if state == TCP_LISTEN {
         record.queue_len = read(sk, off.sk_ack_backlog).unwrap_or(0);
         record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
         record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
         record.drops = read(sk, off.sk_drops).unwrap_or(0);
         record.oldest_wait_us = tcp_oldest_wait_us(sk, &off);
+    } else {
+        record.unread_us = tcp_unread_us(sk, &off);
     }
-    write(seq, &record);
+    write(seq, record);
     0
 }
 

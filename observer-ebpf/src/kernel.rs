@@ -61,6 +61,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     request_sock_sk: 0,
     unix_peer: 0,
     sk_type: 0,
+    tcp_bytes_received: 0,
+    tcp_rcv_nxt: 0,
+    tcp_copied_seq: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -187,6 +190,32 @@ pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace>
 #[inline(always)]
 pub fn tcp_queued_at_us(child: u64, off: &KernelOffsets) -> Option<u64> {
     read::<u64>(child, off.tcp_rcvq_space_time).filter(|us| *us != 0)
+}
+
+/// For an accepted TCP connection `sk` whose client has sent bytes that the
+/// server has not started to read: µs since it entered the accept queue
+/// (at least 1); 0 otherwise. "Not started": every byte received is still
+/// queued (`rcv_nxt - copied_seq == bytes_received > 0`), so the
+/// `rcvq_space.time` stamp has not moved since the queueing either.
+#[inline(always)]
+pub fn tcp_unread_us(sk: u64, off: &KernelOffsets) -> u64 {
+    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+    let (Some(rcv_nxt), Some(copied_seq)) = (
+        read::<u32>(sk, off.tcp_rcv_nxt),
+        read::<u32>(sk, off.tcp_copied_seq),
+    ) else {
+        return 0;
+    };
+    let queued = rcv_nxt.wrapping_sub(copied_seq) as u64;
+    if received == 0 || queued != received {
+        return 0;
+    }
+    let Some(queued_at) = tcp_queued_at_us(sk, off) else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
+    now_us.saturating_sub(queued_at).max(1)
 }
 
 /// How long the connection at the head of TCP listener `sk`'s accept queue

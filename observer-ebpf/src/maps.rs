@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, WORKER_MAP_CAPACITY,
-    WorkerFds,
+    HolderRecord, LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord,
+    WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -44,6 +44,11 @@ pub static UNIX_QUEUED: LruHashMap<u64, u64> =
 /// Accepted connections for `observer trace` (written only in trace mode).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Room for the record the holder iterator is writing (with the socket's
+/// head on the stack, it would not fit the 512-byte BPF stack).
+#[map]
+pub static HOLDER: PerCpuArray<HolderRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Room for one Unix listener's path while the holder iterator writes it
 /// (too large for the 512-byte BPF stack beside the record).

@@ -339,6 +339,27 @@ fn per_worker(
 }
 
 /// Worker pool families: per pool busy/idle counts, and per worker figures.
+/// A gauge per pool's listener (TCP listeners only: Unix connections have
+/// no read counter to tell unread ones).
+fn per_pool(
+    s: &Snapshot,
+    name: &str,
+    help: &str,
+    value: impl Fn(&PoolView) -> f64,
+) -> MetricFamily {
+    family(
+        name,
+        help,
+        MetricType::GAUGE,
+        s.pools
+            .pools
+            .iter()
+            .filter(|pool| !pool.listener.is_unix())
+            .map(|pool| gauge(id_labels(&pool.listener, &s.containers), value(pool)))
+            .collect(),
+    )
+}
+
 pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
     let p = &s.pools;
     use MetricType::{COUNTER, GAUGE};
@@ -389,6 +410,25 @@ pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
             "Connections the worker accepted from this listener that are still open.",
             GAUGE,
             |w| Some(w.active_connections as f64),
+        ),
+        per_worker(
+            s,
+            "observer_worker_connections_unread",
+            "Of the worker's open connections, those whose client has sent bytes it has not started to read (TCP).",
+            GAUGE,
+            |w| Some(w.unread_connections as f64),
+        ),
+        per_pool(
+            s,
+            "observer_connections_unread",
+            "Accepted connections of the listener whose client has sent bytes that no process has started to read: the queue after accept (TCP).",
+            |pool| pool.unread.connections as f64,
+        ),
+        per_pool(
+            s,
+            "observer_connections_unread_oldest_seconds",
+            "How long the oldest unread accepted connection has waited since it entered the accept queue (its accept-queue wait included); 0 when none (TCP).",
+            |pool| pool.unread.oldest.as_secs_f64(),
         ),
         family(
             "observer_workers_over_limit",
@@ -585,12 +625,14 @@ mod tests {
             comm: "gunicorn".into(),
             accepts: 3,
             active_connections: 1,
+            unread_connections: 0,
             busy: None, // the thread sampler could not run on this kernel
             busy_seconds: 0.0,
         };
         snapshot.pools.pools.push(PoolView {
             listener: snapshot.listeners.listeners[0].id,
             workers: vec![worker],
+            unread: Default::default(),
         });
         let text = encode(&worker_families(&snapshot)).unwrap();
         assert!(!text.contains("observer_workers{"), "{text}");

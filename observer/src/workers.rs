@@ -7,7 +7,10 @@
 //! except its master: a holder whose child also holds it (gunicorn's arbiter,
 //! nginx's or uWSGI's master). Whether a worker is busy is the rule in
 //! `activity.rs`. Pure logic, no I/O.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::Duration,
+};
 
 use observer_common::{TCP_LISTEN, WorkerFds};
 
@@ -28,10 +31,22 @@ pub struct WorkerView {
     pub accepts: u64,
     /// Accepted connections of this listener it holds open now.
     pub active_connections: u64,
+    /// Of those, the ones whose client's bytes it has not started to read.
+    pub unread_connections: u64,
     /// `None` until the thread sampler has seen it (or where it cannot run).
     pub busy: Option<bool>,
     /// Busy time the sampler integrated since it first saw the worker.
     pub busy_seconds: f64,
+}
+
+/// The second queue of a listener: accepted connections whose client has
+/// sent bytes that no process has started to read (TCP only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unread {
+    pub connections: u64,
+    /// The longest any of them has waited since it entered the accept
+    /// queue (its accept-queue wait included).
+    pub oldest: Duration,
 }
 
 /// The workers of one listener.
@@ -39,6 +54,7 @@ pub struct WorkerView {
 pub struct PoolView {
     pub listener: ListenerId,
     pub workers: Vec<WorkerView>,
+    pub unread: Unread,
 }
 
 impl PoolView {
@@ -67,6 +83,10 @@ pub struct Membership {
     comms: HashMap<u32, String>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerId, u32), u64>,
+    /// Of those, the unread ones.
+    unread_held: HashMap<(ListenerId, u32), u64>,
+    /// Unread connections per listener, each socket once.
+    unread: HashMap<ListenerId, Unread>,
     /// Listening-socket fds per process.
     listen_fds: HashMap<u32, BTreeSet<i32>>,
     /// Every process holding each listener (masters included).
@@ -87,7 +107,10 @@ impl Membership {
         let mut holders_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
+        let mut unread_held: HashMap<(ListenerId, u32), u64> = HashMap::new();
+        let mut unread: HashMap<ListenerId, Unread> = HashMap::new();
         let mut seen_sockets = HashSet::new();
+        let mut seen_unread = HashSet::new();
         let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         let mut socket_holders: HashMap<u64, BTreeSet<u32>> = HashMap::new();
         for holding in holdings {
@@ -109,6 +132,15 @@ impl Membership {
                 // Count each open connection once per process (threads share fds).
                 if seen_sockets.insert((h.tgid, h.inode)) {
                     *active.entry((id, h.tgid)).or_default() += 1;
+                    if h.unread_us > 0 {
+                        *unread_held.entry((id, h.tgid)).or_default() += 1;
+                    }
+                }
+                // And once per listener (a passed fd can sit in two processes).
+                if h.unread_us > 0 && seen_unread.insert(h.inode) {
+                    let u = unread.entry(id).or_default();
+                    u.connections += 1;
+                    u.oldest = u.oldest.max(Duration::from_micros(h.unread_us));
                 }
             }
         }
@@ -132,6 +164,8 @@ impl Membership {
             workers,
             comms,
             active,
+            unread_held,
+            unread,
             listen_fds,
             holders,
             socket_holders,
@@ -226,6 +260,11 @@ pub fn pools(
                     .get(&(view.id, *pid))
                     .copied()
                     .unwrap_or(0),
+                unread_connections: membership
+                    .unread_held
+                    .get(&(view.id, *pid))
+                    .copied()
+                    .unwrap_or(0),
                 busy: seen.map(|a| a.busy),
                 busy_seconds: seen.map_or(0.0, |a| a.busy_seconds),
             });
@@ -233,6 +272,7 @@ pub fn pools(
         pools.push(PoolView {
             listener: view.id,
             workers,
+            unread: membership.unread.get(&view.id).copied().unwrap_or_default(),
         });
     }
     Pools {
@@ -427,6 +467,28 @@ mod tests {
         let m = membership(80, &holders);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);
         assert_eq!(p.pools[0].workers[0].active_connections, 2);
+    }
+
+    #[test]
+    fn an_unread_connection_counts_once_for_its_listener_with_the_longest_wait() {
+        let unread = |tgid, inode, unread_us| HolderRecord {
+            unread_us,
+            ..holder(tgid, 10, 80, TCP_ESTABLISHED, inode)
+        };
+        let holders = [
+            holder(11, 10, 80, TCP_LISTEN, 5),
+            holder(12, 10, 80, TCP_LISTEN, 5),
+            unread(11, 77, 300_000),
+            unread(12, 77, 300_000), // passed to a second process, still unread
+            unread(12, 78, 900_000),
+            unread(12, 79, 0), // read already
+        ];
+        let p = pools(&[view(80)], &membership(80, &holders), &HashMap::new(), 100);
+        let pool = &p.pools[0];
+        assert_eq!(pool.unread.connections, 2);
+        assert_eq!(pool.unread.oldest, Duration::from_millis(900));
+        let unread_held: Vec<u64> = pool.workers.iter().map(|w| w.unread_connections).collect();
+        assert_eq!(unread_held, vec![1, 2]);
     }
 
     #[test]

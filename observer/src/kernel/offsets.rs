@@ -64,6 +64,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         request_sock_sk: at("request_sock", &["sk"])?,
         unix_peer: at("unix_sock", &["peer"])?,
         sk_type: at("sock", &["sk_type"])?,
+        tcp_bytes_received: at("tcp_sock", &["bytes_received"])?,
+        tcp_rcv_nxt: at("tcp_sock", &["rcv_nxt"])?,
+        tcp_copied_seq: at("tcp_sock", &["copied_seq"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)

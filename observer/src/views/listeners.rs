@@ -89,6 +89,7 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
         "QUEUE",
         "MAX",
         "OLDEST",
+        "UNREAD",
         "SYNQ",
         "ACCEPT/s",
         "WAIT-p50",
@@ -97,7 +98,7 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
         "DROPS",
         "CONTAINER",
     ];
-    let cells: Vec<[String; 12]> = rows
+    let cells: Vec<[String; 13]> = rows
         .iter()
         .map(|r| {
             [
@@ -106,6 +107,8 @@ pub fn format_table(rows: &[ListenerRow]) -> String {
                 r.queue_length.to_string(),
                 r.queue_max.to_string(),
                 oldest(r.oldest_wait_seconds),
+                r.unread_connections
+                    .map_or_else(|| "-".into(), |n| n.to_string()),
                 r.syn_queue_length.to_string(),
                 format!("{:.1}", r.accepts_per_second),
                 or_dash(r.wait_p50_seconds),

@@ -21,6 +21,8 @@ pub struct WorkerRow {
     pub utilisation: f64,
     pub accepts_per_second: f64,
     pub active_connections: u64,
+    /// Of those, the ones whose request it has not started to read.
+    pub unread_connections: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -38,6 +40,11 @@ pub struct ListenerRow {
     pub queue_max: u64,
     /// How long the connection at the head of the queue has waited.
     pub oldest_wait_seconds: f64,
+    /// Accepted connections whose request nobody has started to read (the
+    /// queue after accept; `None` for Unix listeners).
+    pub unread_connections: Option<u64>,
+    /// How long the oldest of them has waited since it was queued.
+    pub unread_oldest_seconds: Option<f64>,
     pub syn_queue_length: u64,
     pub accepts_per_second: f64,
     pub wait_p50_seconds: Option<f64>,
@@ -93,6 +100,7 @@ fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64)
                 utilisation: (busy_s / seconds).clamp(0.0, 1.0),
                 accepts_per_second: accepts as f64 / seconds,
                 active_connections: w.active_connections,
+                unread_connections: w.unread_connections,
             }
         })
         .collect()
@@ -146,6 +154,10 @@ pub fn rows(
                 queue_length: v.queue_len,
                 queue_max: v.queue_max,
                 oldest_wait_seconds: v.oldest_wait.as_secs_f64(),
+                unread_connections: (!v.id.is_unix())
+                    .then(|| pool.map_or(0, |p| p.unread.connections)),
+                unread_oldest_seconds: (!v.id.is_unix())
+                    .then(|| pool.map_or(0.0, |p| p.unread.oldest.as_secs_f64())),
                 syn_queue_length: v.syn_queue_len,
                 accepts_per_second: accepted as f64 / seconds,
                 wait_p50_seconds: wait_quantile(&waits, 0.5).filter(|_| v.waits_known),

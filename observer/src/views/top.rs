@@ -83,8 +83,16 @@ pub fn render(
             rows.len()
         ),
         format!(
-            "{:<24} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
-            "LISTEN", "QUEUE/MAX", "OLDEST", "ACC/s", "WAIT-p50", "WAIT-p99", "BUSY/W", "DROPS"
+            "{:<24} {:>11} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "LISTEN",
+            "QUEUE/MAX",
+            "OLDEST",
+            "UNREAD",
+            "ACC/s",
+            "WAIT-p50",
+            "WAIT-p99",
+            "BUSY/W",
+            "DROPS"
         ),
     ];
     let list_rows = height.saturating_sub(8).max(3);
@@ -96,10 +104,12 @@ pub fn render(
             format!("{}/{}", r.workers_busy, r.workers)
         };
         lines.push(format!(
-            "{mark}{:<23} {:>11} {:>8} {:>8.1} {:>8} {:>8} {:>8} {:>6}",
+            "{mark}{:<23} {:>11} {:>8} {:>6} {:>8.1} {:>8} {:>8} {:>8} {:>6}",
             clip(&r.listen, 23),
             format!("{}/{}", r.queue_length, r.queue_max),
             short((r.oldest_wait_seconds > 0.0).then_some(r.oldest_wait_seconds)),
+            r.unread_connections
+                .map_or_else(|| "-".into(), |n| n.to_string()),
             r.accepts_per_second,
             short(r.wait_p50_seconds),
             short(r.wait_p99_seconds),
@@ -111,8 +121,8 @@ pub fn render(
         lines.push(String::new());
         lines.push(format!("workers of {} (netns {})", r.listen, r.netns));
         lines.push(format!(
-            "{:>8} {:<16} {:>5} {:>6} {:>8} {:>6}",
-            "PID", "COMM", "BUSY", "UTIL%", "ACC/s", "OPEN"
+            "{:>8} {:<16} {:>5} {:>6} {:>8} {:>6} {:>6}",
+            "PID", "COMM", "BUSY", "UTIL%", "ACC/s", "OPEN", "UNREAD"
         ));
         for w in r
             .worker_list
@@ -125,13 +135,14 @@ pub fn render(
                 None => "?",
             };
             lines.push(format!(
-                "{:>8} {:<16} {:>5} {:>6.0} {:>8.1} {:>6}",
+                "{:>8} {:<16} {:>5} {:>6.0} {:>8.1} {:>6} {:>6}",
                 w.pid,
                 clip(&w.comm, 16),
                 busy,
                 w.utilisation * 100.0,
                 w.accepts_per_second,
-                w.active_connections
+                w.active_connections,
+                w.unread_connections
             ));
         }
     }
@@ -236,6 +247,8 @@ mod tests {
             port,
             path: None,
             oldest_wait_seconds: 12.5,
+            unread_connections: Some(7),
+            unread_oldest_seconds: Some(0.25),
             queue_length: queue,
             queue_max: 4096,
             syn_queue_length: 0,
