@@ -431,6 +431,22 @@ pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
             |pool| pool.unread.oldest.as_secs_f64(),
         ),
         family(
+            "observer_dispatcher_accepts_total",
+            "Connections a dispatcher accepted from this listener since observer started and handed to its fed workers (Node's cluster primary, a fork-per-connection server); a dispatcher is not one of the pool's workers.",
+            COUNTER,
+            p.pools
+                .iter()
+                .flat_map(|pool| {
+                    pool.dispatchers.iter().map(|d| {
+                        let mut labels = id_labels(&pool.listener, &s.containers);
+                        labels.push(label("comm", d.comm.clone()));
+                        labels.push(label("pid", d.pid.to_string()));
+                        counter(labels, d.accepts as f64)
+                    })
+                })
+                .collect(),
+        ),
+        family(
             "observer_workers_over_limit",
             "Worker processes left out of this scrape because of --collector.max-workers.",
             GAUGE,
@@ -632,6 +648,7 @@ mod tests {
         snapshot.pools.pools.push(PoolView {
             listener: snapshot.listeners.listeners[0].id,
             workers: vec![worker],
+            dispatchers: vec![],
             unread: Default::default(),
         });
         let text = encode(&worker_families(&snapshot)).unwrap();
@@ -645,6 +662,27 @@ mod tests {
             text.contains("observer_worker_busy_seconds_total{"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_dispatcher_is_exported_with_its_accepts_and_not_as_a_worker() {
+        use crate::workers::{DispatcherView, PoolView};
+        let mut snapshot = one_listener();
+        snapshot.pools.pools.push(PoolView {
+            listener: snapshot.listeners.listeners[0].id,
+            workers: vec![],
+            dispatchers: vec![DispatcherView {
+                pid: 10,
+                comm: "node".into(),
+                accepts: 12,
+            }],
+            unread: Default::default(),
+        });
+        let text = encode(&worker_families(&snapshot)).unwrap();
+        assert!(text.contains(
+            "observer_dispatcher_accepts_total{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\",comm=\"node\",pid=\"10\"} 12"
+        ), "{text}");
+        assert!(!text.contains("observer_worker_accepts_total{"), "{text}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::{
     },
     sampler::{self, SamplerCost, ThreadSampler},
     sockets::{self, ListenSocket, ListenerId},
-    workers::{self, Membership, Pools},
+    workers::{self, Handoffs, Membership, Pools},
 };
 
 /// The daemon's view of itself, exported next to the listener figures.
@@ -117,8 +117,12 @@ pub struct Pipeline {
     probes: Probes,
     aggregator: Aggregator,
     max_workers: usize,
-    /// Epoll fds watching a listener, per worker process (found once).
+    /// Epoll fds watching a listener (or a fed worker's connections), per
+    /// worker process (found once).
     epolls: HashMap<u32, Vec<i32>>,
+    /// Who hands connections to whom (dispatchers, fed workers),
+    /// remembered while they live.
+    handoffs: Handoffs,
     containers: ContainerCache,
     /// The clock of Unix queue heads' first sightings.
     started: Instant,
@@ -163,6 +167,7 @@ impl Pipeline {
             aggregator,
             max_workers,
             epolls: Default::default(),
+            handoffs: Default::default(),
             containers: Default::default(),
             started: Instant::now(),
             sampler,
@@ -192,7 +197,8 @@ impl Pipeline {
             procfs::process_is_alive,
             self.started.elapsed(),
         );
-        let membership = Membership::from_holders(&listeners, &view.holders);
+        self.handoffs.retain_alive(procfs::process_is_alive);
+        let membership = Membership::from_holders(&listeners, &view.holders, &mut self.handoffs);
         self.discover_epolls(&membership);
         let writes = MapWrites {
             listen_ports: all.iter().map(listen_key).collect(),
@@ -285,11 +291,12 @@ impl Pipeline {
     }
 
     /// Epoll sets are looked up in /proc once per worker process (until one
-    /// watching a listener is found): an event loop keeps its epoll.
+    /// watching a listener, or a fed worker's connection, is found): an
+    /// event loop keeps its epoll.
     fn discover_epolls(&mut self, membership: &Membership) {
-        let listen_fds = membership.worker_listen_fds();
-        self.epolls.retain(|pid, _| listen_fds.contains_key(pid));
-        for (pid, fds) in &listen_fds {
+        let loop_fds = membership.event_loop_fds();
+        self.epolls.retain(|pid, _| loop_fds.contains_key(pid));
+        for (pid, fds) in &loop_fds {
             if !self.epolls.contains_key(pid) {
                 let found = procfs::epolls_watching(*pid, fds);
                 if !found.is_empty() {

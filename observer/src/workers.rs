@@ -3,10 +3,22 @@
 //! accepted what (the listener views) into one pool per listener: its
 //! workers, each busy or idle.
 //!
-//! A pool's **workers** are the processes holding the listening socket,
-//! except its master: a holder whose child also holds it (gunicorn's arbiter,
-//! nginx's or uWSGI's master). Whether a worker is busy is the rule in
-//! `activity.rs`. Pure logic, no I/O.
+//! A pool's **workers** are the processes that serve the listener's
+//! connections:
+//! - the processes holding the listening socket, except its master (a holder
+//!   whose child also holds it: gunicorn's arbiter, nginx's or uWSGI's
+//!   master) and its dispatchers (below);
+//! - **fed workers**: processes holding accepted connections of the listener
+//!   without holding the listener, handed each one by another process (an fd
+//!   passed over a Unix socket with `SCM_RIGHTS`, as Node's cluster primary
+//!   does, or inherited by a child forked per connection). They are
+//!   remembered while they live ([`Handoffs`]): between connections they
+//!   hold none.
+//!
+//! A **dispatcher** is a holder that is the parent of a fed worker: it
+//! accepts and hands the connections on, and is shown as such, not as a
+//! worker. Whether a worker is busy is the rule in `activity.rs`. Pure
+//! logic, no I/O.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     time::Duration,
@@ -49,11 +61,22 @@ pub struct Unread {
     pub oldest: Duration,
 }
 
+/// A process that accepts a listener's connections and hands them to its
+/// fed workers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatcherView {
+    pub pid: u32,
+    pub comm: String,
+    /// Connections it accepted from this listener since the daemon started.
+    pub accepts: u64,
+}
+
 /// The workers of one listener.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolView {
     pub listener: ListenerId,
     pub workers: Vec<WorkerView>,
+    pub dispatchers: Vec<DispatcherView>,
     pub unread: Unread,
 }
 
@@ -77,9 +100,122 @@ pub struct Pools {
     pub workers_over_cap: u64,
 }
 
+/// Who hands connections to whom, per listener, kept from one collection
+/// to the next while the processes live: a fed worker idle between
+/// connections holds none, and a fork-per-connection server's dispatcher
+/// has no child between connections.
+#[derive(Clone, Debug, Default)]
+pub struct Handoffs {
+    /// Processes seen serving the listener's connections without holding
+    /// the listener: pid → parent's pid.
+    fed: BTreeMap<ListenerId, BTreeMap<u32, u32>>,
+    /// Holders seen as the parent of a fed worker.
+    dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
+}
+
+impl Handoffs {
+    /// Forgets processes that exited.
+    pub fn retain_alive(&mut self, alive: impl Fn(u32) -> bool) {
+        for fed in self.fed.values_mut() {
+            fed.retain(|pid, _| alive(*pid));
+        }
+        for dispatchers in self.dispatchers.values_mut() {
+            dispatchers.retain(|pid| alive(*pid));
+        }
+        self.forget_empty();
+    }
+
+    fn forget_empty(&mut self) {
+        self.fed.retain(|_, fed| !fed.is_empty());
+        self.dispatchers.retain(|_, d| !d.is_empty());
+    }
+
+    /// Learns this collection's fed workers (processes holding a
+    /// listener's accepted connections and not the listener), and from
+    /// them the roles of every listener's processes. A process that now
+    /// holds the listener is no longer fed; a dispatcher that no longer
+    /// holds it is forgotten, and so is a listener that is gone.
+    fn learn(
+        &mut self,
+        listeners: &BTreeSet<ListenerId>,
+        holders_of: &BTreeMap<ListenerId, BTreeMap<u32, u32>>,
+        servers_of: &BTreeMap<ListenerId, BTreeMap<u32, u32>>,
+    ) -> BTreeMap<ListenerId, Roles> {
+        self.fed.retain(|id, _| listeners.contains(id));
+        let no_one = BTreeMap::new();
+        for (id, servers) in servers_of {
+            let holders = holders_of.get(id).unwrap_or(&no_one);
+            let fed = self.fed.entry(*id).or_default();
+            for (pid, ppid) in servers {
+                if !holders.contains_key(pid) {
+                    fed.insert(*pid, *ppid);
+                }
+            }
+        }
+        let mut roles_of = BTreeMap::new();
+        for (id, holders) in holders_of {
+            let fed = self.fed.entry(*id).or_default();
+            fed.retain(|pid, _| !holders.contains_key(pid));
+            let dispatchers = self.dispatchers.entry(*id).or_default();
+            dispatchers.retain(|pid| holders.contains_key(pid));
+            let r = roles(holders, fed, dispatchers);
+            dispatchers.clone_from(&r.dispatchers);
+            roles_of.insert(*id, r);
+        }
+        self.dispatchers.retain(|id, _| holders_of.contains_key(id));
+        for (id, fed) in &self.fed {
+            roles_of.entry(*id).or_insert_with(|| Roles {
+                workers: fed.keys().copied().collect(),
+                dispatchers: BTreeSet::new(),
+            });
+        }
+        self.forget_empty();
+        roles_of
+    }
+}
+
+/// One listener's processes by role.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Roles {
+    workers: BTreeSet<u32>,
+    dispatchers: BTreeSet<u32>,
+}
+
+/// Who serves a listener, from its holders and its fed workers (each pid →
+/// its parent's pid) and the dispatchers known before: a holder whose child
+/// also holds the listener is its master; one whose child is a fed worker,
+/// or that was seen as a dispatcher, a dispatcher; the other holders and
+/// every fed worker are workers.
+fn roles(
+    holders: &BTreeMap<u32, u32>,
+    fed: &BTreeMap<u32, u32>,
+    known_dispatchers: &BTreeSet<u32>,
+) -> Roles {
+    let parents_of_holders: HashSet<u32> = holders.values().copied().collect();
+    let parents_of_fed: HashSet<u32> = fed.values().copied().collect();
+    let mut roles = Roles::default();
+    for pid in holders.keys() {
+        if parents_of_holders.contains(pid) {
+            continue; // the master
+        }
+        if parents_of_fed.contains(pid) || known_dispatchers.contains(pid) {
+            roles.dispatchers.insert(*pid);
+        } else {
+            roles.workers.insert(*pid);
+        }
+    }
+    roles.workers.extend(fed.keys().copied());
+    roles
+}
+
+/// At most this many of a process's accepted connections are kept to find
+/// its event loop by (a fed worker's epoll watches them).
+const CONNECTION_FDS_KEPT: usize = 16;
+
 /// The processes that serve each listener, with their names.
 pub struct Membership {
     workers: BTreeMap<ListenerId, BTreeSet<u32>>,
+    dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
     comms: HashMap<u32, String>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerId, u32), u64>,
@@ -89,6 +225,9 @@ pub struct Membership {
     unread: HashMap<ListenerId, Unread>,
     /// Listening-socket fds per process.
     listen_fds: HashMap<u32, BTreeSet<i32>>,
+    /// Some fds of accepted connections per process (at most
+    /// [`CONNECTION_FDS_KEPT`]).
+    connection_fds: HashMap<u32, BTreeSet<i32>>,
     /// Every process holding each listener (masters included).
     holders: BTreeMap<ListenerId, BTreeSet<u32>>,
     /// Every process holding each listening socket, by inode.
@@ -101,10 +240,18 @@ fn comm_string(comm: &[u8; 16]) -> String {
 }
 
 impl Membership {
-    /// Works out each listener's workers from what processes hold.
-    pub fn from_holders(listeners: &Collection, holdings: &[Holding]) -> Membership {
+    /// Works out each listener's workers from what processes hold, and who
+    /// was seen handing connections to whom before (updated with this
+    /// collection's).
+    pub fn from_holders(
+        listeners: &Collection,
+        holdings: &[Holding],
+        handoffs: &mut Handoffs,
+    ) -> Membership {
         let index = &listeners.index;
         let mut holders_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
+        let mut servers_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
+        let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
         let mut unread_held: HashMap<(ListenerId, u32), u64> = HashMap::new();
@@ -129,6 +276,11 @@ impl Membership {
                     socket_holders.entry(h.inode).or_default().insert(h.tgid);
                 }
             } else if let Some(id) = index.listener_of_held(h) {
+                servers_of.entry(id).or_default().insert(h.tgid, h.ppid);
+                let fds = connection_fds.entry(h.tgid).or_default();
+                if fds.len() < CONNECTION_FDS_KEPT {
+                    fds.insert(h.fd as i32);
+                }
                 // Count each open connection once per process (threads share fds).
                 if seen_sockets.insert((h.tgid, h.inode)) {
                     *active.entry((id, h.tgid)).or_default() += 1;
@@ -144,29 +296,30 @@ impl Membership {
                 }
             }
         }
+        let ids: BTreeSet<ListenerId> = listeners.listeners.iter().map(|v| v.id).collect();
+        let mut workers = BTreeMap::new();
+        let mut dispatchers = BTreeMap::new();
+        for (id, r) in handoffs.learn(&ids, &holders_of, &servers_of) {
+            if !r.workers.is_empty() {
+                workers.insert(id, r.workers);
+            }
+            if !r.dispatchers.is_empty() {
+                dispatchers.insert(id, r.dispatchers);
+            }
+        }
         let holders = holders_of
             .iter()
             .map(|(id, h)| (*id, h.keys().copied().collect()))
             .collect();
-        let workers = holders_of
-            .into_iter()
-            .map(|(id, holders)| {
-                let parents: HashSet<u32> = holders.values().copied().collect();
-                let workers = holders
-                    .keys()
-                    .copied()
-                    .filter(|pid| !parents.contains(pid))
-                    .collect();
-                (id, workers)
-            })
-            .collect();
         Membership {
             workers,
+            dispatchers,
             comms,
             active,
             unread_held,
             unread,
             listen_fds,
+            connection_fds,
             holders,
             socket_holders,
         }
@@ -209,6 +362,17 @@ impl Membership {
             .collect()
     }
 
+    /// The fds by which each worker's event loop is found (an epoll
+    /// instance watching one of them): its listeners, or, for a fed worker,
+    /// the connections it was handed.
+    pub fn event_loop_fds(&self) -> BTreeMap<u32, Vec<i32>> {
+        let mut fds = self.worker_listen_fds();
+        for (pid, fds) in fds.iter_mut().filter(|(_, fds)| fds.is_empty()) {
+            fds.extend(self.connection_fds.get(pid).into_iter().flatten());
+        }
+        fds
+    }
+
     /// Each worker's pool: the first listener it serves (workers that hold
     /// the same listeners share it).
     fn pool_tags(&self) -> HashMap<u32, PoolTag> {
@@ -240,11 +404,23 @@ pub fn pools(
     let mut over = 0u64;
     let mut pools = Vec::new();
     for view in listeners {
-        let Some(pids) = membership.workers.get(&view.id) else {
+        let dispatchers: Vec<DispatcherView> = membership
+            .dispatchers
+            .get(&view.id)
+            .into_iter()
+            .flatten()
+            .map(|pid| DispatcherView {
+                pid: *pid,
+                comm: membership.comm(*pid).to_owned(),
+                accepts: view.by_process.get(pid).map(|a| a.accepted).unwrap_or(0),
+            })
+            .collect();
+        let pids = membership.workers.get(&view.id);
+        if pids.is_none() && dispatchers.is_empty() {
             continue;
-        };
+        }
         let mut workers = Vec::new();
-        for pid in pids {
+        for pid in pids.into_iter().flatten() {
             if budget == 0 {
                 over += 1;
                 continue;
@@ -272,6 +448,7 @@ pub fn pools(
         pools.push(PoolView {
             listener: view.id,
             workers,
+            dispatchers,
             unread: membership.unread.get(&view.id).copied().unwrap_or_default(),
         });
     }
@@ -355,7 +532,7 @@ mod tests {
                 unix_name: None,
             })
             .collect();
-        Membership::from_holders(&listeners, &holdings)
+        Membership::from_holders(&listeners, &holdings, &mut Handoffs::default())
     }
 
     fn view(port: u16) -> ListenerView {
@@ -505,6 +682,135 @@ mod tests {
         );
         let other = membership(81, &[holder(30, 1, 81, TCP_LISTEN, 6)]);
         assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
+    }
+
+    /// Node's cluster primary (10) accepts every connection and passes it to
+    /// worker 11 or 12, which never hold the listener.
+    fn round_robin(fed: &mut Handoffs, held_by: &[(u32, u64)]) -> Membership {
+        let mut holders = vec![holder(10, 1, 80, TCP_LISTEN, 5)];
+        for (pid, inode) in held_by {
+            holders.push(HolderRecord {
+                fd: 20 + *inode as u32,
+                ..holder(*pid, 10, 80, TCP_ESTABLISHED, *inode)
+            });
+        }
+        let socket = ListenSocket {
+            id: id(80),
+            inode: 5,
+            queue_len: 0,
+            queue_max: 128,
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Waited { us: 0 },
+            unix_key: None,
+        };
+        let listeners = Collection {
+            listeners: vec![view(80)],
+            index: ListenerIndex::new(&[socket]),
+            ..Default::default()
+        };
+        let holdings: Vec<Holding> = holders
+            .iter()
+            .map(|record| Holding {
+                record: *record,
+                unix_name: None,
+            })
+            .collect();
+        Membership::from_holders(&listeners, &holdings, fed)
+    }
+
+    fn pids(pool: &PoolView) -> (Vec<u32>, Vec<u32>) {
+        (
+            pool.workers.iter().map(|w| w.pid).collect(),
+            pool.dispatchers.iter().map(|d| d.pid).collect(),
+        )
+    }
+
+    #[test]
+    fn processes_handed_connections_are_the_workers_and_the_primary_a_dispatcher() {
+        let mut fed = Handoffs::default();
+        // Connection 40 is still the primary's (not yet handed on).
+        let m = round_robin(&mut fed, &[(11, 41), (12, 42), (10, 40)]);
+        let mut v = view(80);
+        v.by_process.insert(
+            10,
+            Accepts {
+                accepted: 7,
+                ..Default::default()
+            },
+        );
+        let p = pools(&[v], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![10]));
+        assert_eq!(p.pools[0].dispatchers[0].accepts, 7);
+        assert_eq!(p.pools[0].workers[0].active_connections, 1);
+        let w = watched(&m, &HashMap::new());
+        assert_eq!(
+            w.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([11, 12]),
+            "the dispatcher is not sampled"
+        );
+        assert_eq!(w[&11].fds.listen, [-1; 4], "fed workers hold no listener");
+        assert_eq!(m.event_loop_fds()[&11], vec![61], "found by its connection");
+    }
+
+    #[test]
+    fn a_fed_worker_between_connections_stays_a_worker_while_it_lives() {
+        let mut fed = Handoffs::default();
+        round_robin(&mut fed, &[(11, 41), (12, 42)]);
+        let m = round_robin(&mut fed, &[]);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![10]));
+        fed.retain_alive(|pid| pid != 12);
+        let m = round_robin(&mut fed, &[]);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11], vec![10]));
+        fed.retain_alive(|pid| pid != 11);
+        let m = round_robin(&mut fed, &[]);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(
+            pids(&p.pools[0]),
+            (vec![], vec![10]),
+            "with its workers gone, the primary is still a dispatcher"
+        );
+        fed.retain_alive(|_| false);
+        let m = round_robin(&mut fed, &[]);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![10], vec![]), "a new process");
+    }
+
+    #[test]
+    fn workers_that_hold_the_listener_and_their_connections_are_plain_workers() {
+        // Node's cluster with NODE_CLUSTER_SCHED_POLICY=none: the primary
+        // shares the listener, each worker accepts for itself.
+        let holders = [
+            holder(10, 1, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_ESTABLISHED, 41),
+            holder(12, 10, 80, TCP_LISTEN, 5),
+        ];
+        let p = pools(&[view(80)], &membership(80, &holders), &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![]));
+    }
+
+    #[test]
+    fn roles_of_holders_and_fed_workers() {
+        let m = |pairs: &[(u32, u32)]| pairs.iter().copied().collect::<BTreeMap<u32, u32>>();
+        // A fork-per-connection server: 10 accepts, each child serves one.
+        let none = BTreeSet::new();
+        let r = roles(&m(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), &none);
+        assert_eq!(r.workers, BTreeSet::from([21, 22]));
+        assert_eq!(r.dispatchers, BTreeSet::from([10]));
+        // A master's child that was handed a connection: still the master.
+        let r = roles(&m(&[(10, 1), (11, 10)]), &m(&[(21, 10)]), &none);
+        assert_eq!(r.workers, BTreeSet::from([11, 21]));
+        assert!(r.dispatchers.is_empty());
+        // A fed process that is nobody's child: the holder stays a worker.
+        let r = roles(&m(&[(10, 1)]), &m(&[(30, 2)]), &none);
+        assert_eq!(r.workers, BTreeSet::from([10, 30]));
+        // Between connections, a dispatcher seen before stays one.
+        let r = roles(&m(&[(10, 1)]), &m(&[]), &BTreeSet::from([10]));
+        assert!(r.workers.is_empty());
+        assert_eq!(r.dispatchers, BTreeSet::from([10]));
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub struct WorkerRow {
     pub unread_connections: u64,
 }
 
+/// A process that accepts the listener's connections and hands them to its
+/// workers.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DispatcherRow {
+    pub pid: u32,
+    pub comm: String,
+    pub accepts_per_second: f64,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ListenerRow {
     pub netns: u32,
@@ -57,6 +66,7 @@ pub struct ListenerRow {
     pub container_id: Option<String>,
     pub pod: Option<String>,
     pub worker_list: Vec<WorkerRow>,
+    pub dispatchers: Vec<DispatcherRow>,
 }
 
 /// Which listeners to show.
@@ -101,6 +111,26 @@ fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64)
                 accepts_per_second: accepts as f64 / seconds,
                 active_connections: w.active_connections,
                 unread_connections: w.unread_connections,
+            }
+        })
+        .collect()
+}
+
+fn dispatcher_rows(
+    pool: Option<&PoolView>,
+    before: Option<&PoolView>,
+    seconds: f64,
+) -> Vec<DispatcherRow> {
+    let Some(pool) = pool else { return vec![] };
+    pool.dispatchers
+        .iter()
+        .map(|d| {
+            let earlier = before.and_then(|p| p.dispatchers.iter().find(|b| b.pid == d.pid));
+            let accepts = d.accepts - earlier.map(|e| e.accepts).unwrap_or(0);
+            DispatcherRow {
+                pid: d.pid,
+                comm: d.comm.clone(),
+                accepts_per_second: accepts as f64 / seconds,
             }
         })
         .collect()
@@ -170,6 +200,7 @@ pub fn rows(
                 container_id: container.map(|c| c.container_id.clone()),
                 pod: container.map(|c| c.pod.clone()).filter(|p| !p.is_empty()),
                 worker_list: worker_rows(pool, pools_before.get(&v.id), seconds),
+                dispatchers: dispatcher_rows(pool, pools_before.get(&v.id), seconds),
             }
         })
         .collect()

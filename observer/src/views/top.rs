@@ -145,6 +145,23 @@ pub fn render(
                 w.unread_connections
             ));
         }
+        for d in r
+            .dispatchers
+            .iter()
+            .take(height.saturating_sub(lines.len() + 1))
+        {
+            // A dispatcher accepts and hands connections on: not a worker.
+            lines.push(format!(
+                "{:>8} {:<16} {:>5} {:>6} {:>8.1} {:>6} {:>6}",
+                d.pid,
+                clip(&d.comm, 16),
+                "disp",
+                "-",
+                d.accepts_per_second,
+                "-",
+                "-"
+            ));
+        }
     }
     lines.into_iter().map(|l| clip(&l, width)).collect()
 }
@@ -261,6 +278,7 @@ mod tests {
             container_id: None,
             pod: None,
             worker_list: vec![],
+            dispatchers: vec![],
         }
     }
 
@@ -274,6 +292,22 @@ mod tests {
                 line.chars().count()
             );
         }
+    }
+
+    #[test]
+    fn a_dispatcher_is_listed_under_the_workers_as_disp() {
+        let mut r = row(80, 0, None);
+        r.dispatchers.push(crate::views::rows::DispatcherRow {
+            pid: 4242,
+            comm: "node".into(),
+            accepts_per_second: 11.5,
+        });
+        let lines = render(&[r], 0, SortBy::Wait, 80, 24);
+        let line = lines
+            .iter()
+            .find(|l| l.contains("4242"))
+            .expect("the dispatcher's line");
+        assert!(line.contains("disp") && line.contains("11.5"), "{line}");
     }
 
     #[test]
