@@ -807,6 +807,146 @@ fn unicorn_busy_workers_track_raindrops_active_connections() {
     busy_tracks_truth(&daemon, server.port, &run, || raindrops_active(server.port));
 }
 
+/// Puma in cluster mode (`-w 2 -t THREADS`) with its control server; each
+/// worker reports its status to it every second.
+fn puma(threads: &str) -> (Server, u16) {
+    let port = free_port();
+    let control = free_port();
+    let app = "run lambda { |env| sleep(env['QUERY_STRING'].to_f); [200, {'content-type' => 'text/plain'}, [\"ok\\n\"]] }\n";
+    let bind = format!("tcp://127.0.0.1:{port}");
+    let control_url = format!("tcp://127.0.0.1:{control}");
+    let server = Server::start(
+        "puma",
+        port,
+        &[("config.ru", app), ("puma.rb", "worker_check_interval 1\n")],
+        &[
+            "puma",
+            "-C",
+            "puma.rb",
+            "-e",
+            "none",
+            "-w",
+            "2",
+            "-t",
+            threads,
+            "-b",
+            &bind,
+            "--control-url",
+            &control_url,
+            "--control-token",
+            "t",
+            "config.ru",
+        ],
+    );
+    (server, control)
+}
+
+/// Each worker's last status from Puma's control server (`/stats`): pid,
+/// `pool_capacity` (threads free or still to spawn), `requests_count`.
+fn puma_workers(control: u16) -> Vec<(u32, f64, f64)> {
+    let Some(body) = http_get(control, "/stats?token=t") else {
+        return vec![];
+    };
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    stats["worker_status"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| {
+            let status = w.get("last_status")?;
+            Some((
+                w["pid"].as_u64()? as u32,
+                status.get("pool_capacity")?.as_f64()?,
+                status.get("requests_count")?.as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+/// Puma's workers are threaded: the `puma srv` thread selects on the
+/// listener, a pool thread serves. Idle from the first scrape after boot;
+/// under overload, busy exactly when Puma says a worker's pool is full
+/// (`pool_capacity` 0); and each worker's accepts are its `requests_count`.
+fn puma_pool_tracks_its_stats(threads: &str, max_threads: usize) {
+    let daemon = Daemon::start();
+    let (server, control) = puma(threads);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while puma_workers(control).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "puma workers never reported: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = daemon.scrape();
+    assert_eq!(
+        (
+            pool_state(&m, server.port, "idle"),
+            pool_state(&m, server.port, "busy")
+        ),
+        (2.0, 0.0),
+        "a booted pool is idle from the first scrape:\n{}",
+        m.text
+    );
+    let clients = 3 * 2 * max_threads;
+    // About 5 s of work: 4 requests a client, 0.4 s each.
+    let load = load(server.port, clients, 4, 0.4);
+    std::thread::sleep(Duration::from_millis(1500));
+    let full = || {
+        puma_workers(control)
+            .iter()
+            .filter(|(_, capacity, _)| *capacity == 0.0)
+            .count() as f64
+    };
+    let samples = sample(
+        6,
+        Duration::from_millis(300),
+        || pool_state(&daemon.scrape(), server.port, "busy"),
+        full,
+    );
+    let done = finish(load);
+    assert_tracks(
+        &samples,
+        &format!("puma -t {threads}: busy workers vs full pools"),
+    );
+    assert_eq!(median(observed(&samples)), 2.0, "both pools full");
+    // The control server's counts are a second old at most.
+    std::thread::sleep(Duration::from_millis(2200));
+    let m = daemon.scrape();
+    let stats = puma_workers(control);
+    let mut counted = 0.0;
+    for (pid, _, requests) in &stats {
+        let pid = pid.to_string();
+        let p = server.port.to_string();
+        let accepts = m.get(
+            "observer_worker_accepts_total",
+            &[("port", &p), ("pid", &pid)],
+        );
+        assert_eq!(
+            accepts,
+            Some(*requests),
+            "worker {pid}: accepts vs requests_count"
+        );
+        counted += requests;
+    }
+    assert_eq!(
+        counted, done as f64,
+        "requests_count adds up to the clients' requests"
+    );
+    assert_eq!(pool_state(&m, server.port, "idle"), 2.0, "idle again");
+}
+
+#[test]
+fn puma_one_thread_workers_are_idle_at_boot_and_busy_when_full_as_its_stats_say() {
+    puma_pool_tracks_its_stats("1:1", 1);
+}
+
+#[test]
+fn puma_four_thread_workers_are_idle_at_boot_and_busy_when_full_as_its_stats_say() {
+    puma_pool_tracks_its_stats("1:4", 4);
+}
+
 /// Forks a child that accepts one connection from `listener` and exits.
 fn fork_one_shot_acceptor(listener: &std::net::TcpListener) -> libc::pid_t {
     use std::os::fd::AsRawFd as _;

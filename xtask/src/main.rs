@@ -97,6 +97,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "liburing-dev",
     "apache2",
+    "nodejs",
+    "puma",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -207,23 +209,33 @@ fn setup() -> Result<()> {
     ensure_python_tools()
 }
 
-/// PyPI tools the tests use: the offline Kubernetes schema validator.
+/// PyPI tools the tests use: the offline Kubernetes schema validator, and
+/// uvicorn (an asyncio server with worker processes), each with the
+/// command that says it is there.
+const PYTHON_TOOLS: &[(&str, &[&str])] = &[
+    ("kubernetes-validate", &["kubernetes-validate", "--version"]),
+    ("uvicorn==0.30.6", &["python3", "-c", "import uvicorn"]),
+];
+
 fn ensure_python_tools() -> Result<()> {
-    if output(Command::new("kubernetes-validate").arg("--version")).is_some() {
-        return Ok(());
+    for (package, probe) in PYTHON_TOOLS {
+        if output(Command::new(probe[0]).args(&probe[1..])).is_some() {
+            continue;
+        }
+        println!("xtask: installing {package} from PyPI");
+        check(
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--root-user-action=ignore",
+                package,
+            ]),
+            &format!("`python3 -m pip install {package}`"),
+        )?;
     }
-    println!("xtask: installing kubernetes-validate from PyPI");
-    check(
-        Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--root-user-action=ignore",
-            "kubernetes-validate",
-        ]),
-        "`python3 -m pip install kubernetes-validate`",
-    )
+    Ok(())
 }
 
 fn ensure_rust_src() -> Result<()> {
