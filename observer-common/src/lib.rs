@@ -375,10 +375,31 @@ pub enum Health {
     /// An accepted connection's queue-entry stamp was unreadable: it is
     /// counted as accepted but its wait is not in the histogram.
     WaitUnknown = 3,
+    /// The holder iterator left out an accepted connection: its process
+    /// already had [`HELD_CONNECTIONS_PER_PROCESS`] reported in this scan.
+    HeldConnectionsOverLimit = 4,
 }
 
 /// Number of [`Health`] slots.
-pub const HEALTH_SLOTS: u32 = 4;
+pub const HEALTH_SLOTS: u32 = 5;
+
+/// The most accepted connections the holder iterator reports per process
+/// and scan: a worker holding many thousands (an event loop's keep-alive
+/// connections) costs a bounded share of a scrape; the rest are counted in
+/// [`Health::HeldConnectionsOverLimit`].
+pub const HELD_CONNECTIONS_PER_PROCESS: u32 = 4096;
+
+/// Where the holder iterator is in a scan, per CPU: which scan (the
+/// iterator's session), which process, and how many of its accepted
+/// connections it has reported. A task's files are visited one after
+/// another, so a change of process restarts the count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldCursor {
+    pub session: u64,
+    pub tgid: u32,
+    pub held: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -389,6 +410,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::ThreadSample {}
     unsafe impl aya::Pod for super::WorkerFds {}
+    unsafe impl aya::Pod for super::HeldCursor {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
     unsafe impl aya::Pod for super::UnixNameRecord {}
@@ -429,6 +451,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 136);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
+        assert_eq!(core::mem::size_of::<HeldCursor>(), 16);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 3));
     }
 }

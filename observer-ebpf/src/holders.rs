@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use observer_common::{
-    AF_UNIX, HolderRecord, IPPROTO_TCP, KernelOffsets, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN,
-    listen_port_key,
+    AF_UNIX, HELD_CONNECTIONS_PER_PROCESS, Health, HolderRecord, IPPROTO_TCP, KernelOffsets,
+    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, listen_port_key,
 };
 
 use crate::{
@@ -22,11 +22,13 @@ use crate::{
         SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
         tcp_unread_us, unix_listen_key, unix_queue,
     },
-    maps::{HOLDER, LISTEN_PORTS, UNIX_NAME},
+    maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, count_health},
 };
 
 /// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
 const ITER_TASK: usize = 8;
+/// Byte offset of `session_id` in `struct bpf_iter_meta` (after `seq`).
+const META_SESSION: usize = 8;
 const ITER_FD: usize = 16;
 const ITER_FILE: usize = 24;
 
@@ -50,6 +52,11 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     if task == 0 || file == 0 {
         return 0;
     }
+    // SAFETY: ctx->meta is the first field; reading its session id.
+    let session = unsafe {
+        bpf_probe_read_kernel(((*(ctx as *const u64)) + META_SESSION as u64) as *const u64)
+    }
+    .unwrap_or(0);
     let fd = field(ITER_FD) as u32;
     let off = offsets();
     let Some(inode) = read_ptr(file, off.file_f_inode) else {
@@ -81,7 +88,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         ..HolderRecord::default()
     };
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        unix_holder(seq, task, sk, &head, &off, record);
+        unix_holder(seq, task, sk, &head, &off, record, session);
         return 0;
     }
     let Some(place) = socket_place(&head, &off) else {
@@ -95,7 +102,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
             && LISTEN_PORTS
                 .get_ptr(listen_port_key(place.netns, place.port))
                 .is_some());
-    if !wanted {
+    if !wanted || (state != TCP_LISTEN && !within_held_limit(session, record.tgid)) {
         return 0;
     }
     record.netns = place.netns;
@@ -109,10 +116,13 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
         record.drops = read(sk, off.sk_drops).unwrap_or(0);
         record.oldest_wait_us = tcp_oldest_wait_us(sk, &off);
+        write(seq, record);
     } else {
         record.unread_us = tcp_unread_us(sk, &off);
+        if write(seq, record) {
+            count_held();
+        }
     }
-    write(seq, record);
     0
 }
 
@@ -126,6 +136,7 @@ fn unix_holder(
     head: &SockHead,
     off: &KernelOffsets,
     record: &mut HolderRecord,
+    session: u64,
 ) {
     let Some(key) = unix_listen_key(sk, off) else {
         return; // unbound: a client, never a listener or its child
@@ -133,7 +144,7 @@ fn unix_holder(
     let listening = record.state == TCP_LISTEN;
     let accepted = (record.state == TCP_ESTABLISHED || record.state == TCP_CLOSE_WAIT)
         && LISTEN_PORTS.get_ptr(key).is_some();
-    if !listening && !accepted {
+    if (!listening && !accepted) || (accepted && !within_held_limit(session, record.tgid)) {
         return;
     }
     let Some(netns) = head
@@ -147,7 +158,9 @@ fn unix_holder(
     record.addr[..8].copy_from_slice(&key.to_ne_bytes());
     fill_process(task, off, record);
     if !listening {
-        write(seq, record);
+        if write(seq, record) {
+            count_held();
+        }
         return;
     }
     let (queue_len, queue_head) = unix_queue(sk, off);
@@ -177,6 +190,38 @@ fn unix_oldest_wait_us(head: u64) -> u64 {
     now_ns.saturating_sub(queued_at_ns) / 1000
 }
 
+/// Whether one more accepted connection of process `tgid` may be reported
+/// in this scan (see [`HELD_CONNECTIONS_PER_PROCESS`]); one that may not is
+/// counted. Only records written count towards the limit ([`count_held`]):
+/// a record that did not fit the output buffer is shown again.
+#[inline(always)]
+fn within_held_limit(session: u64, tgid: u32) -> bool {
+    let Some(cursor) = HELD_CURSOR.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
+    let cursor = unsafe { &mut *cursor };
+    if cursor.session != session || cursor.tgid != tgid {
+        cursor.session = session;
+        cursor.tgid = tgid;
+        cursor.held = 0;
+    }
+    if cursor.held >= HELD_CONNECTIONS_PER_PROCESS {
+        count_health(Health::HeldConnectionsOverLimit);
+        return false;
+    }
+    true
+}
+
+/// One more accepted connection of the current process was written.
+#[inline(always)]
+fn count_held() {
+    if let Some(cursor) = HELD_CURSOR.get_ptr_mut(0) {
+        // SAFETY: as in `within_held_limit`.
+        unsafe { (*cursor).held += 1 };
+    }
+}
+
 /// The holding process's parent and name (its tgid is already in).
 #[inline(always)]
 fn fill_process(task: u64, off: &KernelOffsets, record: &mut HolderRecord) {
@@ -186,15 +231,17 @@ fn fill_process(task: u64, off: &KernelOffsets, record: &mut HolderRecord) {
     record.comm = read(task, off.task_comm).unwrap_or([0; 16]);
 }
 
-/// Appends `value`'s bytes to the iterator's output.
+/// Appends `value`'s bytes to the iterator's output; false when they did
+/// not fit (the kernel then shows this object again, in the next read).
 #[inline(always)]
-fn write<T>(seq: *mut seq_file, value: &T) {
+fn write<T>(seq: *mut seq_file, value: &T) -> bool {
     // SAFETY: `seq` is the iterator's seq_file; `value` lives on our stack.
-    unsafe {
+    let rc = unsafe {
         bpf_seq_write(
             seq,
             value as *const T as *const c_void,
             core::mem::size_of::<T>() as u32,
-        );
-    }
+        )
+    };
+    rc == 0
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    HolderRecord, LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord,
+    HeldCursor, HolderRecord, LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord,
     WORKER_MAP_CAPACITY, WorkerFds,
 };
 
@@ -54,6 +54,11 @@ pub static HOLDER: PerCpuArray<HolderRecord> = PerCpuArray::with_max_entries(1, 
 /// (too large for the 512-byte BPF stack beside the record).
 #[map]
 pub static UNIX_NAME: PerCpuArray<UnixNameRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The holder iterator's count of accepted connections reported for the
+/// process it is visiting; see [`HeldCursor`].
+#[map]
+pub static HELD_CURSOR: PerCpuArray<HeldCursor> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]

@@ -544,6 +544,7 @@ pub fn health_name(slot: usize) -> &'static str {
         s if s == Health::AcceptReadError as usize => "accept_read_error",
         s if s == Health::TraceEventLost as usize => "trace_event_lost",
         s if s == Health::WaitUnknown as usize => "wait_unknown",
+        s if s == Health::HeldConnectionsOverLimit as usize => "held_connections_over_limit",
         _ => "unknown",
     }
 }
