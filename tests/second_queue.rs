@@ -585,17 +585,23 @@ fn node_cluster_workers_that_accept_for_themselves_match_the_app() {
     queues_match_the_clients(&run, &pool, "node none", false);
     let m = daemon.scrape();
     let p = port.to_string();
-    let accepted: f64 = pool
-        .workers
-        .iter()
-        .filter_map(|w| {
-            let w = w.to_string();
-            m.get(
-                "observer_worker_accepts_total",
-                &[("port", &p), ("pid", &w)],
-            )
-        })
-        .sum();
+    // One request per connection: each worker's accepts are its requests.
+    let mut accepted = 0.0;
+    for w in &pool.workers {
+        let (_, served, _) = pool.truth(*w);
+        let pid = w.to_string();
+        let accepts = m.get(
+            "observer_worker_accepts_total",
+            &[("port", &p), ("pid", &pid)],
+        );
+        println!("node none: worker {pid}: {accepts:?} accepts, {served} served");
+        assert_eq!(
+            accepts,
+            Some(served as f64),
+            "worker {pid}: accepts vs the app's requests"
+        );
+        accepted += served as f64;
+    }
     assert_eq!(
         accepted,
         m.listener("observer_connections_accepted_total", port)
@@ -680,14 +686,14 @@ fn children_of(pid: u32) -> Vec<u32> {
 fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_workers() {
     let port = free_port();
     let daemon = Daemon::start();
-    let mut server = fork_per_connection_server(port, 1.0);
+    let server = KilledOnDrop(fork_per_connection_server(port, 1.0));
     let p = port.to_string();
     // A scrape that sees the new listener, so that the next one reads its
     // connections (the holder iterator reports those of known listeners).
     assert!(daemon.scrape().has_listener(port));
     let clients: Vec<Client> = (0..3).map(|_| send_request(port)).collect();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while children_of(server.id()).len() < 3 {
+    while children_of(server.0.id()).len() < 3 {
         assert!(
             Instant::now() < deadline,
             "the server never forked 3 children"
@@ -695,7 +701,7 @@ fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_worker
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
-    let children = children_of(server.id());
+    let children = children_of(server.0.id());
     let m = daemon.scrape();
     let seen: Vec<u32> = m
         .samples
@@ -714,7 +720,7 @@ fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_worker
         m.get("observer_workers", &[("port", &p), ("state", "busy")]),
         Some(3.0)
     );
-    let parent = server.id().to_string();
+    let parent = server.0.id().to_string();
     assert_eq!(
         m.get(
             "observer_dispatcher_accepts_total",
@@ -725,7 +731,7 @@ fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_worker
     drop(clients);
     // The children exit; the parent, waiting in accept(), stays the dispatcher.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !children_of(server.id()).is_empty() {
+    while !children_of(server.0.id()).is_empty() {
         assert!(Instant::now() < deadline, "the children never exited");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -743,6 +749,99 @@ fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_worker
         ),
         Some(3.0)
     );
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// Server-side connections on `port`, by `ss` (the kernel's count).
+fn ss_established(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_worker_holding_thousands_of_connections_costs_a_bounded_scan_and_the_rest_is_counted() {
+    const CLIENTS: usize = 4200;
+    const BOUND: f64 = 4096.0; // observer_common::HELD_CONNECTIONS_PER_PROCESS
+    let limit = libc::rlimit {
+        rlim_cur: 16384,
+        rlim_max: 16384,
+    };
+    // SAFETY: setrlimit with a valid struct, for this test process's fds.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let port = free_port();
+    let script = format!(
+        "import resource,socket\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (16384, 16384))\n\
+         l=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('127.0.0.1',{port})); l.listen(4096)\n\
+         held=[]\n\
+         while True:\n\
+         \x20   c,_=l.accept(); held.append(c)\n"
+    );
+    let server = KilledOnDrop(
+        Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+            .expect("python3"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ss_listen_queues(port).is_empty() {
+        assert!(Instant::now() < deadline, "the server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let daemon = Daemon::start();
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ss_established(port) < CLIENTS {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not accept them all"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lost = |m: &support::Metrics| {
+        m.get(
+            "observer_kernel_events_lost_total",
+            &[("reason", "held_connections_over_limit")],
+        )
+        .unwrap_or(-1.0)
+    };
+    let (p, pid) = (port.to_string(), server.0.id().to_string());
+    let first = daemon.scrape();
+    let m = daemon.scrape();
+    assert_eq!(
+        m.get(
+            "observer_worker_active_connections",
+            &[("port", &p), ("pid", &pid)]
+        ),
+        Some(BOUND),
+        "the scan reports at most the bound per process"
+    );
+    assert_eq!(
+        lost(&m) - lost(&first),
+        (CLIENTS as f64) - BOUND,
+        "each scan counts what it left out (ss: {} held)",
+        ss_established(port)
+    );
+    support::promtool_check_metrics(&m.text);
+    drop(clients);
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KilledOnDrop(Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
