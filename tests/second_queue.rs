@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, free_port, ss_listen_queues};
+use support::{Daemon, children_of, free_port, ss_listen_queues};
 
 /// A server that accepts every connection at once and hands it to one
 /// worker thread, which reads a request, sleeps `sleep_s` and replies:
@@ -667,19 +667,6 @@ fn fork_per_connection_server(port: u16, sleep_s: f64) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("pgrep");
-    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    pids.sort();
-    pids
 }
 
 #[test]

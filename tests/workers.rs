@@ -80,16 +80,7 @@ impl Server {
 
     /// Pids of the master's children (the workers, as the OS sees them).
     fn worker_pids(&self) -> Vec<u32> {
-        let out = Command::new("pgrep")
-            .args(["-P", &self.child.id().to_string()])
-            .output()
-            .expect("pgrep");
-        let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        pids.sort();
-        pids
+        support::children_of(self.child.id())
     }
 }
 

@@ -510,6 +510,15 @@ mod tests {
 
     /// The membership of the listener on `port`, from these holder records.
     fn membership(port: u16, holders: &[HolderRecord]) -> Membership {
+        membership_after(port, holders, &mut Handoffs::default())
+    }
+
+    /// [`membership`], with the hand-offs seen before (updated).
+    fn membership_after(
+        port: u16,
+        holders: &[HolderRecord],
+        handoffs: &mut Handoffs,
+    ) -> Membership {
         let socket = ListenSocket {
             id: id(port),
             inode: 5,
@@ -532,7 +541,7 @@ mod tests {
                 unix_name: None,
             })
             .collect();
-        Membership::from_holders(&listeners, &holdings, &mut Handoffs::default())
+        Membership::from_holders(&listeners, &holdings, handoffs)
     }
 
     fn view(port: u16) -> ListenerView {
@@ -694,29 +703,7 @@ mod tests {
                 ..holder(*pid, 10, 80, TCP_ESTABLISHED, *inode)
             });
         }
-        let socket = ListenSocket {
-            id: id(80),
-            inode: 5,
-            queue_len: 0,
-            queue_max: 128,
-            syn_queue_len: 0,
-            drops: 0,
-            head: QueueHead::Waited { us: 0 },
-            unix_key: None,
-        };
-        let listeners = Collection {
-            listeners: vec![view(80)],
-            index: ListenerIndex::new(&[socket]),
-            ..Default::default()
-        };
-        let holdings: Vec<Holding> = holders
-            .iter()
-            .map(|record| Holding {
-                record: *record,
-                unix_name: None,
-            })
-            .collect();
-        Membership::from_holders(&listeners, &holdings, fed)
+        membership_after(80, &holders, fed)
     }
 
     fn pids(pool: &PoolView) -> (Vec<u32>, Vec<u32>) {

@@ -474,3 +474,17 @@ fn listen_on(fd: std::os::fd::OwnedFd, backlog: i32) -> TcpListener {
     assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), backlog) }, 0);
     TcpListener::from(fd)
 }
+
+/// The child processes of `pid`, sorted (`pgrep -P`).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
