@@ -574,6 +574,18 @@ fn node_cluster_round_robin_workers_behind_the_primary_match_the_app() {
         None,
         "the primary is not a worker"
     );
+    for w in &pool.workers {
+        let pid = w.to_string();
+        assert_eq!(
+            m.get(
+                "observer_worker_busy",
+                &[("port", &p), ("pid", &pid), ("comm", "node")]
+            ),
+            Some(0.0),
+            "worker {pid}, between connections, idle and still named:\n{}",
+            m.text
+        );
+    }
 }
 
 #[test]

@@ -111,6 +111,9 @@ pub struct Handoffs {
     fed: BTreeMap<ListenerId, BTreeMap<u32, u32>>,
     /// Holders seen as the parent of a fed worker.
     dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
+    /// Fed workers' names, from when they were seen: one between
+    /// connections holds nothing that would name it.
+    comms: HashMap<u32, String>,
 }
 
 impl Handoffs {
@@ -122,7 +125,24 @@ impl Handoffs {
         for dispatchers in self.dispatchers.values_mut() {
             dispatchers.retain(|pid| alive(*pid));
         }
+        self.comms.retain(|pid, _| alive(*pid));
         self.forget_empty();
+    }
+
+    /// Keeps the name of every fed worker, and names those seen before.
+    fn remember_comms(&mut self, comms: &mut HashMap<u32, String>) {
+        for pid in self.fed.values().flat_map(|fed| fed.keys()) {
+            match comms.get(pid) {
+                Some(comm) => {
+                    self.comms.insert(*pid, comm.clone());
+                }
+                None => {
+                    if let Some(comm) = self.comms.get(pid) {
+                        comms.insert(*pid, comm.clone());
+                    }
+                }
+            }
+        }
     }
 
     fn forget_empty(&mut self) {
@@ -299,7 +319,9 @@ impl Membership {
         let ids: BTreeSet<ListenerId> = listeners.listeners.iter().map(|v| v.id).collect();
         let mut workers = BTreeMap::new();
         let mut dispatchers = BTreeMap::new();
-        for (id, r) in handoffs.learn(&ids, &holders_of, &servers_of) {
+        let roles_of = handoffs.learn(&ids, &holders_of, &servers_of);
+        handoffs.remember_comms(&mut comms);
+        for (id, r) in roles_of {
             if !r.workers.is_empty() {
                 workers.insert(id, r.workers);
             }
@@ -747,6 +769,7 @@ mod tests {
         let m = round_robin(&mut fed, &[]);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);
         assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![10]));
+        assert_eq!(p.pools[0].workers[0].comm, "gunz", "named as when seen");
         fed.retain_alive(|pid| pid != 12);
         let m = round_robin(&mut fed, &[]);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);
