@@ -30,8 +30,13 @@ fn accept_ahead_server(port: u16, sleep_s: f64) -> Child {
          while True:\n\
          \x20   c,_=l.accept(); q.put(c)\n"
     );
+    python_server(&script, port)
+}
+
+/// Runs `script` with python3 and waits until it listens on `port`.
+fn python_server(script: &str, port: u16) -> Child {
     let child = Command::new("python3")
-        .args(["-c", &script])
+        .args(["-c", script])
         .spawn()
         .expect("python3");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -669,16 +674,7 @@ fn fork_per_connection_server(port: u16, sleep_s: f64) -> Child {
          \x20       c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nok'); c.close(); os._exit(0)\n\
          \x20   c.close()\n"
     );
-    let child = Command::new("python3")
-        .args(["-c", &script])
-        .spawn()
-        .expect("python3");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ss_listen_queues(port).is_empty() {
-        assert!(Instant::now() < deadline, "the server never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    python_server(&script, port)
 }
 
 #[test]
@@ -784,17 +780,7 @@ fn a_worker_holding_thousands_of_connections_costs_a_bounded_scan_and_the_rest_i
          while True:\n\
          \x20   c,_=l.accept(); held.append(c)\n"
     );
-    let server = KilledOnDrop(
-        Command::new("python3")
-            .args(["-c", &script])
-            .spawn()
-            .expect("python3"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ss_listen_queues(port).is_empty() {
-        assert!(Instant::now() < deadline, "the server never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = KilledOnDrop(python_server(&script, port));
     let daemon = Daemon::start();
     let clients: Vec<TcpStream> = (0..CLIENTS)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
