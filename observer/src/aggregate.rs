@@ -102,6 +102,12 @@ pub struct ListenerView {
     /// always (the kernel stamps the child); Unix where a program stamps
     /// connects (`Probes::unix_waits_timed`).
     pub waits_known: bool,
+    /// Whether the listener has had traffic since the daemon started (or
+    /// since it appeared): a connection queued, accepted or dropped, or one
+    /// waiting now, in either queue. Stays true while the listener lives.
+    /// A listener without is *quiet*: the exposition keeps its core series
+    /// only (see `metrics`).
+    pub had_traffic: bool,
 }
 
 impl ListenerView {
@@ -126,6 +132,24 @@ pub struct Collection {
     pub index: ListenerIndex,
 }
 
+impl Collection {
+    /// Whether listener `id` had traffic since the daemon started
+    /// ([`ListenerView::had_traffic`]); false for one not collected.
+    pub fn had_traffic(&self, id: &ListenerId) -> bool {
+        self.listeners
+            .binary_search_by_key(id, |v| v.id)
+            .is_ok_and(|i| self.listeners[i].had_traffic)
+    }
+
+    /// Marks listener `id` as having had traffic (its workers hold open
+    /// connections, which the kernel counts nowhere else), from now on.
+    pub fn mark_traffic(&mut self, id: &ListenerId) {
+        if let Ok(i) = self.listeners.binary_search_by_key(id, |v| v.id) {
+            self.listeners[i].had_traffic = true;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ListenerState {
     /// Queue depth when first seen at daemon start (0 for later listeners).
@@ -138,6 +162,8 @@ struct ListenerState {
     drops_baseline: u64,
     /// Last exported `drops`.
     last_drops: u64,
+    /// See [`ListenerView::had_traffic`].
+    had_traffic: bool,
 }
 
 /// What must survive between collections for one listening socket.
@@ -233,6 +259,12 @@ impl Aggregator {
                 .last_drops
                 .max(view.drops_raw.saturating_sub(state.drops_baseline));
             view.drops = state.last_drops;
+            state.had_traffic |= view.queued > 0
+                || view.accepts.accepted > 0
+                || view.drops > 0
+                || view.queue_len > 0
+                || view.syn_queue_len > 0;
+            view.had_traffic = state.had_traffic;
         }
 
         let mut listeners: Vec<ListenerView> = views.into_values().collect();
@@ -244,6 +276,15 @@ impl Aggregator {
             listeners_over_cap,
             forget,
             index,
+        }
+    }
+
+    /// Remembers that listener `id` had traffic that the kernel counts
+    /// nowhere else (its workers hold open connections): see
+    /// [`Collection::mark_traffic`].
+    pub fn mark_traffic(&mut self, id: &ListenerId) {
+        if let Some(state) = self.listeners.get_mut(id) {
+            state.had_traffic = true;
         }
     }
 
@@ -313,6 +354,7 @@ fn group_listeners(
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
             waits_known: !s.id.is_unix() || unix_waits_timed,
+            had_traffic: false,
         });
         view.queue_len += s.queue_len as u64;
         view.queue_max += s.queue_max as u64;

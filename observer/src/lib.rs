@@ -10,6 +10,7 @@
 pub mod activity;
 pub mod aggregate;
 pub mod cli;
+pub mod collectors;
 pub mod containers;
 pub mod kernel;
 pub mod metrics;

@@ -1,133 +1,300 @@
-//! Stage 4a: Prometheus exposition. Builds metric families from a
-//! [`Collection`] and the daemon's own health, and encodes them as text.
+//! Stage 4a: Prometheus exposition. Writes a [`Snapshot`] and the daemon's
+//! own health as the Prometheus text format, straight into one buffer: each
+//! listener's label set is rendered once per scrape, and no series is built
+//! as an object first (at 10,000 listeners, building and encoding protobuf
+//! families took 100 ms of a 300 ms scrape; see BENCHMARKS.md).
+//!
+//! What is exported for whom: every listener gets the core series (queue
+//! length and limit, accepted, queued and dropped totals) and, with the
+//! workers collector, its pool's busy/idle counts; a listener that had
+//! traffic since the daemon started ([`ListenerView::had_traffic`]) gets the
+//! rest (oldest wait, SYN queue, socket count, the wait histogram, per-worker
+//! and per-socket series). A quiet listener's would all be zero.
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result};
 use observer_common::WAIT_BUCKET_BOUNDS_US;
-use prometheus::{
-    Encoder as _, TextEncoder,
-    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
-};
+use prometheus::{Encoder as _, TextEncoder, proto::MetricFamily};
 
 use crate::{
     aggregate::{ListenerView, SocketView, Waits},
+    collectors::Collectors,
     containers::ContainerInfo,
     pipeline::{DaemonHealth, Snapshot},
     sockets::ListenerId,
     workers::{PoolView, WorkerView},
 };
 
-fn label(name: &str, value: impl Into<String>) -> LabelPair {
-    let mut l = LabelPair::default();
-    l.set_name(name.to_owned());
-    l.set_value(value.into());
-    l
+type Containers = std::collections::HashMap<ListenerId, ContainerInfo>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A label value escaped for the text format (`\`, `"`, newline).
+fn escape_into(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `name="value"` pairs, comma-separated, as they go between braces.
+#[derive(Clone, Debug, Default)]
+pub struct Labels(String);
+
+impl Labels {
+    fn with(mut self, name: &str, value: &str) -> Labels {
+        self.push(name, value);
+        self
+    }
+
+    fn push(&mut self, name: &str, value: &str) {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+        self.0.push_str(name);
+        self.0.push_str("=\"");
+        escape_into(&mut self.0, value);
+        self.0.push('"');
+    }
 }
 
 /// A listener's labels: `addr` and `port` (TCP) or `path` (Unix, as `ss`
 /// prints it), `netns`, and its container's when it has one. Rules and
 /// dashboards group by `addr, port, path, netns`: each kind leaves the
 /// other's labels empty, which Prometheus treats as absent.
-fn id_labels(id: &ListenerId, containers: &Containers) -> Vec<LabelPair> {
-    let mut labels = if id.is_unix() {
-        vec![
-            label("netns", id.netns.to_string()),
-            label("path", id.path.display()),
-        ]
+fn id_labels(id: &ListenerId, containers: &Containers) -> Labels {
+    let mut labels = Labels::default();
+    if id.is_unix() {
+        labels.push("netns", &id.netns.to_string());
+        labels.push("path", &id.path.display());
     } else {
-        vec![
-            label("addr", id.ip().to_string()),
-            label("netns", id.netns.to_string()),
-            label("port", id.port.to_string()),
-        ]
-    };
+        labels.push("addr", &id.ip().to_string());
+        labels.push("netns", &id.netns.to_string());
+        labels.push("port", &id.port.to_string());
+    }
     if let Some(c) = containers.get(id) {
-        labels.push(label("container_id", c.container_id.clone()));
+        labels.push("container_id", &c.container_id);
         for (name, value) in [("pod", &c.pod), ("namespace", &c.namespace)] {
             if !value.is_empty() {
-                labels.push(label(name, value.clone()));
+                labels.push(name, value);
             }
         }
     }
     labels
 }
 
-fn worker_labels(pool: &PoolView, w: &WorkerView, containers: &Containers) -> Vec<LabelPair> {
-    let mut labels = id_labels(&pool.listener, containers);
-    labels.push(label("comm", w.comm.clone()));
-    labels.push(label("pid", w.pid.to_string()));
-    labels
+/// The text being written. A family's HELP and TYPE lines are written with
+/// its first series: the text format has no way to say "a family with no
+/// series", so one without is left out.
+#[derive(Default)]
+pub struct Text {
+    out: String,
 }
 
-type Containers = std::collections::HashMap<ListenerId, ContainerInfo>;
-
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_owned());
-    f.set_help(help.to_owned());
-    f.set_field_type(kind);
-    f.set_metric(metrics);
-    f
+/// One family being written into a [`Text`].
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    started: bool,
 }
 
-fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut g = Gauge::default();
-    g.set_value(value);
-    let mut m = Metric::from_gauge(g);
-    m.set_label(labels);
-    m
+impl Text {
+    fn family(&mut self, name: &'static str, help: &'static str, kind: Kind) -> Family<'_> {
+        Family {
+            out: &mut self.out,
+            name,
+            help,
+            kind,
+            started: false,
+        }
+    }
+
+    /// Appends families collected by the prometheus crate (the process
+    /// collector's).
+    pub fn extend_encoded(&mut self, families: &[MetricFamily]) -> Result<()> {
+        let present: Vec<&MetricFamily> = families
+            .iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect();
+        let mut bytes = Vec::new();
+        for family in present {
+            TextEncoder::new()
+                .encode(std::slice::from_ref(family), &mut bytes)
+                .context("encoding metrics")?;
+        }
+        self.out
+            .push_str(std::str::from_utf8(&bytes).context("metrics text is not UTF-8")?);
+        Ok(())
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
 }
 
-fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(value);
-    let mut m = Metric::from_label(labels);
-    m.set_counter(c);
-    m
-}
-
-/// A histogram in seconds from per-bucket microsecond counts.
-fn histogram(labels: Vec<LabelPair>, waits: &Waits) -> Metric {
-    let mut cumulative = 0;
-    let buckets = WAIT_BUCKET_BOUNDS_US
-        .iter()
-        .zip(waits.buckets.iter())
-        .map(|(bound_us, n)| {
-            cumulative += n;
-            let mut b = Bucket::default();
-            b.set_upper_bound(*bound_us as f64 / 1e6);
-            b.set_cumulative_count(cumulative);
-            b
-        })
-        .collect();
-    let mut h = Histogram::default();
-    h.set_bucket(buckets); // the encoder adds le="+Inf" = sample count
-    h.set_sample_count(waits.count());
-    h.set_sample_sum(waits.sum_ns as f64 / 1e9);
-    let mut m = Metric::from_label(labels);
-    m.set_histogram(h);
-    m
-}
-
-/// One series per listener; `value` is `None` where the kernel does not
-/// know the figure for this listener (the series is then absent).
-fn per_listener(
-    s: &Snapshot,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    value: impl Fn(&ListenerView) -> Option<f64>,
-) -> MetricFamily {
-    let make = if kind == MetricType::COUNTER {
-        counter
+/// A sample value as the text format writes it.
+fn write_value(out: &mut String, value: f64) {
+    if value.is_nan() {
+        out.push_str("NaN");
+    } else if value.is_infinite() {
+        out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
     } else {
-        gauge
-    };
-    let metrics = s
-        .listeners
-        .listeners
-        .iter()
-        .filter_map(|v| Some(make(id_labels(&v.id, &s.containers), value(v)?)))
-        .collect();
-    family(name, help, kind, metrics)
+        let _ = write!(out, "{value}");
+    }
+}
+
+impl Family<'_> {
+    fn header(&mut self) {
+        if !self.started {
+            self.started = true;
+            let _ = writeln!(self.out, "# HELP {} {}", self.name, self.help);
+            let _ = writeln!(self.out, "# TYPE {} {}", self.name, self.kind.name());
+        }
+    }
+
+    fn line(&mut self, suffix: &str, labels: &str, extra: Option<(&str, &str)>, value: f64) {
+        let out = &mut *self.out;
+        out.push_str(self.name);
+        out.push_str(suffix);
+        if !labels.is_empty() || extra.is_some() {
+            out.push('{');
+            out.push_str(labels);
+            if let Some((name, value)) = extra {
+                if !labels.is_empty() {
+                    out.push(',');
+                }
+                out.push_str(name);
+                out.push_str("=\"");
+                escape_into(out, value);
+                out.push('"');
+            }
+            out.push('}');
+        }
+        out.push(' ');
+        write_value(out, value);
+        out.push('\n');
+    }
+
+    /// One series of a counter or gauge.
+    fn sample(&mut self, labels: &Labels, value: f64) {
+        self.header();
+        self.line("", &labels.0, None, value);
+    }
+
+    /// A histogram in seconds from per-bucket microsecond counts.
+    fn histogram(&mut self, labels: &Labels, waits: &Waits) {
+        self.header();
+        let mut cumulative = 0;
+        let mut le = String::new();
+        for (bound_us, n) in WAIT_BUCKET_BOUNDS_US.iter().zip(waits.buckets.iter()) {
+            cumulative += n;
+            le.clear();
+            write_value(&mut le, *bound_us as f64 / 1e6);
+            self.line("_bucket", &labels.0, Some(("le", &le)), cumulative as f64);
+        }
+        self.line(
+            "_bucket",
+            &labels.0,
+            Some(("le", "+Inf")),
+            waits.count() as f64,
+        );
+        self.line("_sum", &labels.0, None, waits.sum_ns as f64 / 1e9);
+        self.line("_count", &labels.0, None, waits.count() as f64);
+    }
+}
+
+/// Which listeners a family has series for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every listener: the core series.
+    Every,
+    /// Listeners that had traffic since the daemon started
+    /// ([`ListenerView::had_traffic`]); a quiet listener's would all be 0.
+    WithTraffic,
+}
+
+impl Scope {
+    fn covers(self, v: &ListenerView) -> bool {
+        self == Scope::Every || v.had_traffic
+    }
+}
+
+/// The listeners of a snapshot with their label sets, rendered once.
+pub struct Exported<'a> {
+    s: &'a Snapshot,
+    labels: Vec<Labels>,
+}
+
+impl<'a> Exported<'a> {
+    pub fn new(s: &'a Snapshot) -> Exported<'a> {
+        let labels = s
+            .listeners
+            .listeners
+            .iter()
+            .map(|v| id_labels(&v.id, &s.containers))
+            .collect();
+        Exported { s, labels }
+    }
+
+    /// Each listener with its labels.
+    fn listeners(&self) -> impl Iterator<Item = (&'a ListenerView, &Labels)> {
+        self.s.listeners.listeners.iter().zip(&self.labels)
+    }
+
+    /// A listener's labels and whether it had traffic (listeners are sorted
+    /// by id).
+    fn listener(&self, id: &ListenerId) -> Option<(&Labels, bool)> {
+        let all = &self.s.listeners.listeners;
+        let i = all.binary_search_by_key(id, |v| v.id).ok()?;
+        Some((&self.labels[i], all[i].had_traffic))
+    }
+
+    /// Each pool with its listener's labels, where the listener had
+    /// traffic (`traffic_only`) or always.
+    fn pools(&self, traffic_only: bool) -> impl Iterator<Item = (&'a PoolView, &Labels)> {
+        self.s.pools.pools.iter().filter_map(move |pool| {
+            let (labels, traffic) = self.listener(&pool.listener)?;
+            (traffic || !traffic_only).then_some((pool, labels))
+        })
+    }
+}
+
+/// One series per listener in `scope`; `value` is `None` where the kernel
+/// does not know the figure for this listener (the series is then absent).
+fn per_listener(
+    text: &mut Text,
+    e: &Exported,
+    scope: Scope,
+    (name, help, kind): (&'static str, &'static str, Kind),
+    value: impl Fn(&ListenerView) -> Option<f64>,
+) {
+    let mut f = text.family(name, help, kind);
+    for (v, labels) in e.listeners().filter(|(v, _)| scope.covers(v)) {
+        if let Some(value) = value(v) {
+            f.sample(labels, value);
+        }
+    }
 }
 
 /// Listening sockets reported one by one per listener (beyond it, the
@@ -137,435 +304,469 @@ pub const MAX_SOCKETS_PER_LISTENER: usize = 64;
 pub const MAX_HOLDERS_PER_SOCKET: usize = 8;
 
 /// The sockets of listeners with more than one (SO_REUSEPORT groups, or a
-/// Unix path bound again after an unlink), each with its labels: the
-/// listener's plus `socket` (its inode, as in `socket:[N]` and `ss -e`).
-fn shared_sockets(s: &Snapshot) -> Vec<(Vec<LabelPair>, &SocketView, bool)> {
+/// Unix path bound again after an unlink) that had traffic, each with its
+/// labels: the listener's plus `socket` (its inode, as in `socket:[N]` and
+/// `ss -e`), and whether its drops are known.
+fn shared_sockets<'a>(e: &Exported<'a>) -> Vec<(Labels, &'a SocketView, bool)> {
     let mut out = Vec::new();
-    for v in s.listeners.listeners.iter().filter(|v| v.sockets.len() > 1) {
+    let shared = |(v, _): &(&ListenerView, &Labels)| v.sockets.len() > 1 && v.had_traffic;
+    for (v, labels) in e.listeners().filter(shared) {
         let mut sockets: Vec<&SocketView> = v.sockets.iter().collect();
         sockets.sort_by_key(|sk| (std::cmp::Reverse(sk.queue_len), sk.inode));
         sockets.truncate(MAX_SOCKETS_PER_LISTENER);
         sockets.sort_by_key(|sk| sk.inode);
         for socket in sockets {
-            let mut labels = id_labels(&v.id, &s.containers);
-            labels.push(label("socket", socket.inode.to_string()));
+            let labels = labels.clone().with("socket", &socket.inode.to_string());
             out.push((labels, socket, v.drops_known()));
         }
     }
     out
 }
 
-fn per_socket(
-    s: &Snapshot,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    value: impl Fn(&SocketView, bool) -> Option<f64>,
-) -> MetricFamily {
-    let make = if kind == MetricType::COUNTER {
-        counter
-    } else {
-        gauge
-    };
-    let metrics = shared_sockets(s)
-        .into_iter()
-        .filter_map(|(labels, socket, drops_known)| Some(make(labels, value(socket, drops_known)?)))
-        .collect();
-    family(name, help, kind, metrics)
-}
-
-/// The processes holding each shared socket (named up to
-/// [`MAX_HOLDERS_PER_SOCKET`], counted all).
-fn socket_holder_families(s: &Snapshot) -> Vec<MetricFamily> {
-    let mut counts = Vec::new();
-    let mut info = Vec::new();
-    for (labels, socket, _) in shared_sockets(s) {
-        let holders = s
-            .socket_holders
-            .get(&socket.inode)
-            .map_or(&[][..], |h| &h[..]);
-        counts.push(gauge(labels.clone(), holders.len() as f64));
-        for (pid, comm) in holders.iter().take(MAX_HOLDERS_PER_SOCKET) {
-            let mut labels = labels.clone();
-            labels.push(label("pid", pid.to_string()));
-            labels.push(label("comm", comm.clone()));
-            info.push(gauge(labels, 1.0));
+/// The per-socket series of listeners with more than one socket, and the
+/// processes holding each (named up to [`MAX_HOLDERS_PER_SOCKET`], counted
+/// all).
+fn socket_families(text: &mut Text, e: &Exported) {
+    let shared = shared_sockets(e);
+    let per_socket = |text: &mut Text,
+                      (name, help, kind): (&'static str, &'static str, Kind),
+                      value: &dyn Fn(&SocketView, bool) -> Option<f64>| {
+        let mut f = text.family(name, help, kind);
+        for (labels, socket, drops_known) in &shared {
+            if let Some(value) = value(socket, *drops_known) {
+                f.sample(labels, value);
+            }
         }
-    }
-    vec![
-        family(
-            "observer_listen_socket_holders",
-            "Processes holding this listening socket (0: nobody can accept from it).",
-            MetricType::GAUGE,
-            counts,
-        ),
-        family(
-            "observer_listen_socket_holder_info",
-            "A process holding this listening socket (the lowest pids, at most 8 per socket).",
-            MetricType::GAUGE,
-            info,
-        ),
-    ]
-}
-
-/// Every listener metric family, in the order of the README's reference table.
-pub fn listener_families(s: &Snapshot) -> Vec<MetricFamily> {
-    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
-    let mut families = vec![
-        per_listener(
-            s,
-            "observer_listen_queue_length",
-            "Connections waiting in the listening socket's accept queue now (ss Recv-Q).",
-            GAUGE,
-            |v| Some(v.queue_len as f64),
-        ),
-        per_listener(
-            s,
-            "observer_listen_queue_max",
-            "Accept queue limit of the listening socket (the backlog; ss Send-Q).",
-            GAUGE,
-            |v| Some(v.queue_max as f64),
-        ),
-        per_listener(
-            s,
-            "observer_listen_queue_oldest_seconds",
-            "How long the connection at the head of the accept queue (the oldest) has waited, at the scrape; 0 when the queue is empty. Unix listeners: counted from the first scrape that saw it there (the kernel keeps no enqueue time).",
-            GAUGE,
-            |v| Some(v.oldest_wait.as_secs_f64()),
-        ),
-        per_listener(
-            s,
-            "observer_listen_sockets",
-            "Listening sockets behind this address or path (more than 1 with SO_REUSEPORT); see observer_listen_socket_*.",
-            GAUGE,
-            |v| Some(v.sockets.len().max(1) as f64),
-        ),
-        per_listener(
-            s,
-            "observer_listen_syn_queue_length",
-            "Half-open connections (SYN received, handshake not complete) of the listening socket now (TCP).",
-            GAUGE,
-            |v| v.drops_known().then_some(v.syn_queue_len as f64),
-        ),
-        per_listener(
-            s,
-            "observer_listen_drops_total",
-            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops; TCP).",
-            COUNTER,
-            |v| v.drops_known().then_some(v.drops as f64),
-        ),
-        per_listener(
-            s,
-            "observer_connections_queued_total",
-            "Connections that completed the handshake (TCP) or connect() (Unix) and entered the accept queue since observer started.",
-            COUNTER,
-            |v| Some(v.queued as f64),
-        ),
-        per_listener(
-            s,
-            "observer_connections_accepted_total",
-            "Connections taken from the accept queue by accept() since observer started.",
-            COUNTER,
-            |v| Some(v.accepts.accepted as f64),
-        ),
-        family(
-            "observer_accept_queue_wait_seconds",
-            "Time each accepted connection waited in the accept queue until accept(): TCP from handshake completion, Unix from connect().",
-            HISTOGRAM,
-            s.listeners
-                .listeners
-                .iter()
-                .filter(|v| v.waits_known)
-                .map(|v| histogram(id_labels(&v.id, &s.containers), &v.accepts.waits))
-                .collect(),
-        ),
-        per_socket(
-            s,
+    };
+    per_socket(
+        text,
+        (
             "observer_listen_socket_queue_length",
             "Connections waiting in this one listening socket's accept queue (listeners with more than one socket).",
-            GAUGE,
-            |sk, _| Some(sk.queue_len as f64),
+            Kind::Gauge,
         ),
-        per_socket(
-            s,
+        &|sk, _| Some(sk.queue_len as f64),
+    );
+    per_socket(
+        text,
+        (
             "observer_listen_socket_queue_max",
             "Accept queue limit of this one listening socket.",
-            GAUGE,
-            |sk, _| Some(sk.queue_max as f64),
+            Kind::Gauge,
         ),
-        per_socket(
-            s,
+        &|sk, _| Some(sk.queue_max as f64),
+    );
+    per_socket(
+        text,
+        (
             "observer_listen_socket_queue_oldest_seconds",
             "How long the connection at the head of this one socket's accept queue has waited.",
-            GAUGE,
-            |sk, _| Some(sk.oldest_wait.as_secs_f64()),
+            Kind::Gauge,
         ),
-        per_socket(
-            s,
+        &|sk, _| Some(sk.oldest_wait.as_secs_f64()),
+    );
+    per_socket(
+        text,
+        (
             "observer_listen_socket_drops_total",
             "Connections this one listening socket dropped since observer started (TCP).",
-            COUNTER,
-            |sk, drops_known| drops_known.then_some(sk.drops as f64),
+            Kind::Counter,
         ),
-    ];
-    families.extend(socket_holder_families(s));
-    families
-}
-
-fn per_worker(
-    s: &Snapshot,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    value: impl Fn(&WorkerView) -> Option<f64>,
-) -> MetricFamily {
-    let make = if kind == MetricType::COUNTER {
-        counter
-    } else {
-        gauge
+        &|sk, drops_known| drops_known.then_some(sk.drops as f64),
+    );
+    let holders_of = |socket: &SocketView| {
+        e.s.socket_holders
+            .get(&socket.inode)
+            .map_or(&[][..], |h| &h[..])
     };
-    let value = &value;
-    let metrics = s
-        .pools
-        .pools
-        .iter()
-        .flat_map(|pool| {
-            pool.workers
-                .iter()
-                .filter_map(move |w| Some(make(worker_labels(pool, w, &s.containers), value(w)?)))
-        })
-        .collect();
-    family(name, help, kind, metrics)
+    let mut f = text.family(
+        "observer_listen_socket_holders",
+        "Processes holding this listening socket (0: nobody can accept from it).",
+        Kind::Gauge,
+    );
+    for (labels, socket, _) in &shared {
+        f.sample(labels, holders_of(socket).len() as f64);
+    }
+    let mut f = text.family(
+        "observer_listen_socket_holder_info",
+        "A process holding this listening socket (the lowest pids, at most 8 per socket).",
+        Kind::Gauge,
+    );
+    for (labels, socket, _) in &shared {
+        for (pid, comm) in holders_of(socket).iter().take(MAX_HOLDERS_PER_SOCKET) {
+            let labels = labels
+                .clone()
+                .with("pid", &pid.to_string())
+                .with("comm", comm);
+            f.sample(&labels, 1.0);
+        }
+    }
 }
 
-/// Worker pool families: per pool busy/idle counts, and per worker figures.
-/// A gauge per pool's listener (TCP listeners only: Unix connections have
-/// no read counter to tell unread ones).
-fn per_pool(
-    s: &Snapshot,
-    name: &str,
-    help: &str,
-    value: impl Fn(&PoolView) -> f64,
-) -> MetricFamily {
-    family(
-        name,
-        help,
-        MetricType::GAUGE,
-        s.pools
-            .pools
-            .iter()
-            .filter(|pool| !pool.listener.is_unix())
-            .map(|pool| gauge(id_labels(&pool.listener, &s.containers), value(pool)))
-            .collect(),
-    )
-}
-
-pub fn worker_families(s: &Snapshot) -> Vec<MetricFamily> {
-    let p = &s.pools;
-    use MetricType::{COUNTER, GAUGE};
-    // Without a sampler (or before it saw a pool) there is no state to tell.
-    let pool_states = p
-        .pools
-        .iter()
-        .filter(|pool| pool.workers.iter().any(|w| w.busy.is_some()))
-        .flat_map(|pool| {
-            [("busy", pool.busy()), ("idle", pool.idle())].map(|(state, n)| {
-                let mut labels = id_labels(&pool.listener, &s.containers);
-                labels.push(label("state", state));
-                gauge(labels, n as f64)
-            })
-        })
-        .collect();
-    vec![
-        family(
-            "observer_workers",
-            "Worker processes of the listener's pool by state at the scrape: idle (a thread waits for new work: on the listener, its epoll, or the pool's accept lock) or busy.",
-            GAUGE,
-            pool_states,
+/// Every listener metric family, in the order of the README's reference
+/// table. Quiet listeners get the core series only (see [`Scope`]).
+pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
+    use Kind::{Counter, Gauge};
+    use Scope::{Every, WithTraffic};
+    per_listener(
+        text,
+        e,
+        Every,
+        (
+            "observer_listen_queue_length",
+            "Connections waiting in the listening socket's accept queue now (ss Recv-Q).",
+            Gauge,
         ),
-        per_worker(
-            s,
+        |v| Some(v.queue_len as f64),
+    );
+    per_listener(
+        text,
+        e,
+        Every,
+        (
+            "observer_listen_queue_max",
+            "Accept queue limit of the listening socket (the backlog; ss Send-Q).",
+            Gauge,
+        ),
+        |v| Some(v.queue_max as f64),
+    );
+    per_listener(
+        text,
+        e,
+        WithTraffic,
+        (
+            "observer_listen_queue_oldest_seconds",
+            "How long the connection at the head of the accept queue (the oldest) has waited, at the scrape; 0 when the queue is empty. Unix listeners: counted from the first scrape that saw it there (the kernel keeps no enqueue time).",
+            Gauge,
+        ),
+        |v| Some(v.oldest_wait.as_secs_f64()),
+    );
+    per_listener(
+        text,
+        e,
+        WithTraffic,
+        (
+            "observer_listen_sockets",
+            "Listening sockets behind this address or path (more than 1 with SO_REUSEPORT); see observer_listen_socket_*.",
+            Gauge,
+        ),
+        |v| Some(v.sockets.len().max(1) as f64),
+    );
+    per_listener(
+        text,
+        e,
+        WithTraffic,
+        (
+            "observer_listen_syn_queue_length",
+            "Half-open connections (SYN received, handshake not complete) of the listening socket now (TCP).",
+            Gauge,
+        ),
+        |v| v.drops_known().then_some(v.syn_queue_len as f64),
+    );
+    per_listener(
+        text,
+        e,
+        Every,
+        (
+            "observer_listen_drops_total",
+            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops; TCP).",
+            Counter,
+        ),
+        |v| v.drops_known().then_some(v.drops as f64),
+    );
+    per_listener(
+        text,
+        e,
+        Every,
+        (
+            "observer_connections_queued_total",
+            "Connections that completed the handshake (TCP) or connect() (Unix) and entered the accept queue since observer started.",
+            Counter,
+        ),
+        |v| Some(v.queued as f64),
+    );
+    per_listener(
+        text,
+        e,
+        Every,
+        (
+            "observer_connections_accepted_total",
+            "Connections taken from the accept queue by accept() since observer started.",
+            Counter,
+        ),
+        |v| Some(v.accepts.accepted as f64),
+    );
+    let mut f = text.family(
+        "observer_accept_queue_wait_seconds",
+        "Time each accepted connection waited in the accept queue until accept(): TCP from handshake completion, Unix from connect().",
+        Kind::Histogram,
+    );
+    let histogram = |v: &ListenerView| c.wait_histogram && v.waits_known && v.had_traffic;
+    for (v, labels) in e.listeners().filter(|(v, _)| histogram(v)) {
+        f.histogram(labels, &v.accepts.waits);
+    }
+    if c.sockets {
+        socket_families(text, e);
+    }
+}
+
+/// One series per worker of the pools of listeners that had traffic.
+fn per_worker(
+    text: &mut Text,
+    e: &Exported,
+    (name, help, kind): (&'static str, &'static str, Kind),
+    value: impl Fn(&WorkerView) -> Option<f64>,
+) {
+    let mut f = text.family(name, help, kind);
+    for (pool, labels) in e.pools(true) {
+        for w in &pool.workers {
+            if let Some(value) = value(w) {
+                let labels = labels
+                    .clone()
+                    .with("comm", &w.comm)
+                    .with("pid", &w.pid.to_string());
+                f.sample(&labels, value);
+            }
+        }
+    }
+}
+
+/// A gauge per pool of a TCP listener that had traffic (Unix connections
+/// have no read counter to tell unread ones).
+fn per_pool(
+    text: &mut Text,
+    e: &Exported,
+    (name, help): (&'static str, &'static str),
+    value: impl Fn(&PoolView) -> f64,
+) {
+    let mut f = text.family(name, help, Kind::Gauge);
+    for (pool, labels) in e.pools(true).filter(|(pool, _)| !pool.listener.is_unix()) {
+        f.sample(labels, value(pool));
+    }
+}
+
+/// Worker families (none with `--no-collector.workers`): every pool's
+/// busy/idle counts; the per-worker and per-pool series of listeners that
+/// had traffic.
+pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
+    use Kind::{Counter, Gauge};
+    if !c.workers {
+        return;
+    }
+    // Without a sampler (or before it saw a pool) there is no state to tell.
+    let mut f = text.family(
+        "observer_workers",
+        "Worker processes of the listener's pool by state at the scrape: idle (a thread waits for new work: on the listener, its epoll, or the pool's accept lock) or busy.",
+        Gauge,
+    );
+    let sampled = |(pool, _): &(&PoolView, &Labels)| pool.workers.iter().any(|w| w.busy.is_some());
+    for (pool, labels) in e.pools(false).filter(sampled) {
+        for (state, n) in [("busy", pool.busy()), ("idle", pool.idle())] {
+            f.sample(&labels.clone().with("state", state), n as f64);
+        }
+    }
+    per_worker(
+        text,
+        e,
+        (
             "observer_worker_busy",
             "1 while the worker is busy (no thread of it waits for new work), 0 while idle, at the scrape.",
-            GAUGE,
-            |w| w.busy.map(|b| b as u8 as f64),
+            Gauge,
         ),
-        per_worker(
-            s,
+        |w| w.busy.map(|b| b as u8 as f64),
+    );
+    per_worker(
+        text,
+        e,
+        (
             "observer_worker_busy_seconds_total",
             "Time the worker spent busy since observer first saw it, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation.",
-            COUNTER,
-            |w| w.busy.map(|_| w.busy_seconds),
+            Counter,
         ),
-        per_worker(
-            s,
+        |w| w.busy.map(|_| w.busy_seconds),
+    );
+    per_worker(
+        text,
+        e,
+        (
             "observer_worker_accepts_total",
             "Connections the worker accepted from this listener since observer started.",
-            COUNTER,
-            |w| Some(w.accepts as f64),
+            Counter,
         ),
-        per_worker(
-            s,
+        |w| Some(w.accepts as f64),
+    );
+    per_worker(
+        text,
+        e,
+        (
             "observer_worker_active_connections",
             "Connections the worker accepted from this listener that are still open.",
-            GAUGE,
-            |w| Some(w.active_connections as f64),
+            Gauge,
         ),
-        per_worker(
-            s,
+        |w| Some(w.active_connections as f64),
+    );
+    per_worker(
+        text,
+        e,
+        (
             "observer_worker_connections_unread",
             "Of the worker's open connections, those whose client has sent bytes it has not started to read (TCP).",
-            GAUGE,
-            |w| Some(w.unread_connections as f64),
+            Gauge,
         ),
-        per_pool(
-            s,
+        |w| Some(w.unread_connections as f64),
+    );
+    per_pool(
+        text,
+        e,
+        (
             "observer_connections_unread",
             "Accepted connections of the listener whose client has sent bytes that no process has started to read: the queue after accept (TCP).",
-            |pool| pool.unread.connections as f64,
         ),
-        per_pool(
-            s,
+        |pool| pool.unread.connections as f64,
+    );
+    per_pool(
+        text,
+        e,
+        (
             "observer_connections_unread_oldest_seconds",
             "How long the oldest unread accepted connection has waited since it entered the accept queue (its accept-queue wait included); 0 when none (TCP).",
-            |pool| pool.unread.oldest.as_secs_f64(),
         ),
-        family(
-            "observer_dispatcher_accepts_total",
-            "Connections a dispatcher accepted from this listener since observer started and handed to its fed workers (Node's cluster primary, a fork-per-connection server); a dispatcher is not one of the pool's workers.",
-            COUNTER,
-            p.pools
-                .iter()
-                .flat_map(|pool| {
-                    pool.dispatchers.iter().map(|d| {
-                        let mut labels = id_labels(&pool.listener, &s.containers);
-                        labels.push(label("comm", d.comm.clone()));
-                        labels.push(label("pid", d.pid.to_string()));
-                        counter(labels, d.accepts as f64)
-                    })
-                })
-                .collect(),
-        ),
-        family(
-            "observer_workers_over_limit",
-            "Worker processes left out of this scrape because of --collector.max-workers.",
-            GAUGE,
-            vec![gauge(vec![], p.workers_over_cap as f64)],
-        ),
-    ]
+        |pool| pool.unread.oldest.as_secs_f64(),
+    );
+    let mut f = text.family(
+        "observer_dispatcher_accepts_total",
+        "Connections a dispatcher accepted from this listener since observer started and handed to its fed workers (Node's cluster primary, a fork-per-connection server); a dispatcher is not one of the pool's workers.",
+        Counter,
+    );
+    for (pool, labels) in e.pools(true) {
+        for d in &pool.dispatchers {
+            let labels = labels
+                .clone()
+                .with("comm", &d.comm)
+                .with("pid", &d.pid.to_string());
+            f.sample(&labels, d.accepts as f64);
+        }
+    }
+    text.family(
+        "observer_workers_over_limit",
+        "Worker processes left out of this scrape because of --collector.max-workers.",
+        Gauge,
+    )
+    .sample(&Labels::default(), e.s.pools.workers_over_cap as f64);
 }
+
+/// A thread sampler family: name, help, kind and its value.
+type SamplerFamily = (
+    &'static str,
+    &'static str,
+    Kind,
+    fn(&crate::sampler::SamplerCost) -> f64,
+);
 
 /// The daemon's own health and build information.
-pub fn daemon_families(snapshot: &Snapshot, d: &DaemonHealth) -> Vec<MetricFamily> {
-    let c = &snapshot.listeners;
-    use MetricType::{COUNTER, GAUGE};
-    let build = gauge(
-        vec![
-            label("accept_source", d.accept_source.clone()),
-            label("lockdown", d.lockdown.clone()),
-            label("version", env!("CARGO_PKG_VERSION")),
-        ],
-        1.0,
+pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
+    use Kind::{Counter, Gauge};
+    let none = Labels::default();
+    let build = Labels::default()
+        .with("accept_source", &d.accept_source)
+        .with("lockdown", &d.lockdown)
+        .with("version", env!("CARGO_PKG_VERSION"));
+    text.family(
+        "observer_build_info",
+        "Build and probe information: the accept source in use and the kernel lockdown mode.",
+        Gauge,
+    )
+    .sample(&build, 1.0);
+    let mut f = text.family(
+        "observer_program_errors_total",
+        "eBPF programs or attach points that failed to load or attach (non-fatal ones).",
+        Counter,
     );
-    let program_errors = d
-        .program_errors
-        .iter()
-        .map(|(program, _)| counter(vec![label("program", program.clone())], 1.0))
-        .collect();
-    let lost = d
-        .kernel_events_lost
-        .iter()
-        .map(|(reason, n)| counter(vec![label("reason", *reason)], *n as f64))
-        .collect();
-    vec![
-        family(
-            "observer_build_info",
-            "Build and probe information: the accept source in use and the kernel lockdown mode.",
-            GAUGE,
-            vec![build],
-        ),
-        family(
-            "observer_program_errors_total",
-            "eBPF programs or attach points that failed to load or attach (non-fatal ones).",
-            COUNTER,
-            program_errors,
-        ),
-        family(
-            "observer_kernel_events_lost_total",
-            "Kernel events the eBPF programs could not count, by reason (e.g. a full map).",
-            COUNTER,
-            lost,
-        ),
-        family(
-            "observer_listeners_over_limit",
-            "Listening addresses left out of this scrape because of --collector.max-listeners.",
-            GAUGE,
-            vec![gauge(vec![], c.listeners_over_cap as f64)],
-        ),
-        family(
+    for (program, _) in &d.program_errors {
+        f.sample(&Labels::default().with("program", program), 1.0);
+    }
+    let mut f = text.family(
+        "observer_kernel_events_lost_total",
+        "Kernel events the eBPF programs could not count, by reason (e.g. a full map).",
+        Counter,
+    );
+    for (reason, n) in &d.kernel_events_lost {
+        f.sample(&Labels::default().with("reason", reason), *n as f64);
+    }
+    text.family(
+        "observer_listeners_over_limit",
+        "Listening addresses left out of this scrape because of --collector.max-listeners.",
+        Gauge,
+    )
+    .sample(&none, snapshot.listeners.listeners_over_cap as f64);
+    let sampler: &[SamplerFamily] = &[
+        (
             "observer_worker_sample_passes_total",
             "Passes of the thread sampler over the watched workers' threads (between and at scrapes).",
-            COUNTER,
-            d.sampler
-                .iter()
-                .map(|c| counter(vec![], c.passes as f64))
-                .collect(),
+            Counter,
+            |c| c.passes as f64,
         ),
-        family(
+        (
             "observer_worker_sample_interval_seconds",
             "Interval between the thread sampler's passes in effect: 1 / --collector.workers.sample-rate, or longer where passes would take more than 0.5% of a core.",
-            GAUGE,
-            d.sampler
-                .iter()
-                .map(|c| gauge(vec![], c.interval_seconds))
-                .collect(),
+            Gauge,
+            |c| c.interval_seconds,
         ),
-        family(
+        (
             "observer_worker_sample_seconds_total",
             "Time the thread sampler spent in its passes (kernel iterator and classification).",
-            COUNTER,
-            d.sampler
-                .iter()
-                .map(|c| counter(vec![], c.seconds))
-                .collect(),
+            Counter,
+            |c| c.seconds,
         ),
-        family(
+        (
             "observer_worker_sample_threads_total",
             "Threads of watched workers read by the thread sampler, summed over its passes.",
-            COUNTER,
-            d.sampler
-                .iter()
-                .map(|c| counter(vec![], c.threads_sampled as f64))
-                .collect(),
+            Counter,
+            |c| c.threads_sampled as f64,
         ),
-        family(
-            "observer_collect_errors_total",
-            "Scrapes whose collection from the kernel failed.",
-            COUNTER,
-            vec![counter(vec![], d.collect_errors as f64)],
-        ),
-        family(
-            "observer_collect_duration_seconds",
-            "Time the last collection from the kernel took.",
-            GAUGE,
-            vec![gauge(vec![], d.last_collect_seconds)],
-        ),
-    ]
+    ];
+    if let Some(cost) = &d.sampler {
+        for (name, help, kind, value) in sampler {
+            text.family(name, help, *kind).sample(&none, value(cost));
+        }
+    }
+    text.family(
+        "observer_collect_errors_total",
+        "Scrapes whose collection from the kernel failed.",
+        Counter,
+    )
+    .sample(&none, d.collect_errors as f64);
+    text.family(
+        "observer_collect_duration_seconds",
+        "Time the last collection from the kernel took.",
+        Gauge,
+    )
+    .sample(&none, d.last_collect_seconds);
+    let mut f = text.family(
+        "observer_collect_stage_seconds",
+        "Time the last collection spent in each stage (iterators, maps, aggregation, /proc reads, the thread sampler's pass; exposition: writing the previous scrape's text).",
+        Gauge,
+    );
+    for (stage, seconds) in &d.stages.0 {
+        f.sample(&Labels::default().with("stage", stage), *seconds);
+    }
 }
 
-/// Encodes metric families in the Prometheus text format.
-pub fn encode(families: &[MetricFamily]) -> Result<String> {
-    // The text format has no way to say "a family with no series": leave them out.
-    let present: Vec<MetricFamily> = families
-        .iter()
-        .filter(|f| !f.get_metric().is_empty())
-        .cloned()
-        .collect();
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&present, &mut out)
-        .context("encoding metrics")?;
-    String::from_utf8(out).context("metrics text is not UTF-8")
+/// The whole exposition of a snapshot, the daemon's health and `extra`
+/// families (the process collector's).
+pub fn exposition(
+    snapshot: &Snapshot,
+    health: &DaemonHealth,
+    c: &Collectors,
+    extra: &[MetricFamily],
+) -> Result<String> {
+    let mut text = Text::default();
+    let exported = Exported::new(snapshot);
+    listener_families(&mut text, &exported, c);
+    worker_families(&mut text, &exported, c);
+    daemon_families(&mut text, snapshot, health);
+    text.extend_encoded(extra)?;
+    Ok(text.finish())
 }
 
 #[cfg(test)]
@@ -574,6 +775,97 @@ mod tests {
     use crate::aggregate::{Accepts, Collection};
     use crate::workers::Pools;
     use observer_common::AF_INET;
+
+    fn all() -> Collectors {
+        crate::collectors::CollectorOptions::all()
+    }
+
+    fn with_a_worker(snapshot: &mut Snapshot) {
+        use crate::workers::{PoolView, WorkerView};
+        snapshot.pools.pools.push(PoolView {
+            listener: snapshot.listeners.listeners[0].id,
+            workers: vec![WorkerView {
+                pid: 11,
+                comm: "gunicorn".into(),
+                accepts: 0,
+                active_connections: 0,
+                unread_connections: 0,
+                busy: Some(false),
+                busy_seconds: 0.0,
+            }],
+            dispatchers: vec![],
+            unread: Default::default(),
+        });
+    }
+
+    fn listeners_text(s: &Snapshot, c: &Collectors) -> String {
+        let mut text = Text::default();
+        listener_families(&mut text, &Exported::new(s), c);
+        text.finish()
+    }
+
+    fn workers_text(s: &Snapshot, c: &Collectors) -> String {
+        let mut text = Text::default();
+        worker_families(&mut text, &Exported::new(s), c);
+        text.finish()
+    }
+
+    fn families_of(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_listener_exports_its_core_series_and_its_pool_state_only() {
+        let mut snapshot = one_listener();
+        let v = &mut snapshot.listeners.listeners[0];
+        (v.had_traffic, v.queue_len, v.queued) = (false, 0, 0);
+        v.accepts = Default::default();
+        with_a_worker(&mut snapshot);
+        let text = listeners_text(&snapshot, &all()) + &workers_text(&snapshot, &all());
+        assert_eq!(
+            families_of(&text),
+            [
+                "observer_listen_queue_length",
+                "observer_listen_queue_max",
+                "observer_listen_drops_total",
+                "observer_connections_queued_total",
+                "observer_connections_accepted_total",
+                "observer_workers",
+                "observer_workers_over_limit",
+            ],
+            "{text}"
+        );
+        // With traffic, every family is back.
+        snapshot.listeners.listeners[0].had_traffic = true;
+        let text = listeners_text(&snapshot, &all()) + &workers_text(&snapshot, &all());
+        for name in [
+            "observer_listen_queue_oldest_seconds",
+            "observer_accept_queue_wait_seconds",
+            "observer_worker_busy",
+            "observer_worker_accepts_total",
+            "observer_connections_unread",
+        ] {
+            assert!(families_of(&text).contains(&name), "{name}: {text}");
+        }
+    }
+
+    #[test]
+    fn collectors_turned_off_leave_their_families_out() {
+        let mut snapshot = one_listener();
+        with_a_worker(&mut snapshot);
+        let mut c = all();
+        (c.workers, c.wait_histogram) = (false, false);
+        let text = listeners_text(&snapshot, &c) + &workers_text(&snapshot, &c);
+        assert!(
+            !text.contains("observer_accept_queue_wait_seconds"),
+            "{text}"
+        );
+        assert!(!text.contains("observer_worker"), "{text}");
+        assert!(text.contains("observer_listen_queue_length{"), "{text}");
+    }
 
     fn one_listener() -> Snapshot {
         let mut addr = [0u8; 16];
@@ -596,6 +888,7 @@ mod tests {
                 accepts: Accepts { accepted: 3, waits },
                 by_process: Default::default(),
                 waits_known: true,
+                had_traffic: true,
             }],
             ..Default::default()
         };
@@ -609,7 +902,7 @@ mod tests {
 
     #[test]
     fn listener_metrics_carry_addr_port_netns_labels() {
-        let text = encode(&listener_families(&one_listener())).unwrap();
+        let text = listeners_text(&one_listener(), &all());
         assert!(text.contains(
             "observer_listen_queue_length{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\"} 3"
         ), "{text}");
@@ -626,7 +919,7 @@ mod tests {
             ..Default::default()
         };
         snapshot.containers.insert(id, info);
-        let text = encode(&listener_families(&snapshot)).unwrap();
+        let text = listeners_text(&snapshot, &all());
         assert!(text.contains(
             "observer_listen_queue_max{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\",container_id=\"abc\",pod=\"web-1\"} 128"
         ), "{text}");
@@ -651,12 +944,12 @@ mod tests {
             dispatchers: vec![],
             unread: Default::default(),
         });
-        let text = encode(&worker_families(&snapshot)).unwrap();
+        let text = workers_text(&snapshot, &all());
         assert!(!text.contains("observer_workers{"), "{text}");
         assert!(!text.contains("observer_worker_busy"), "{text}");
         assert!(text.contains("observer_worker_accepts_total{"), "{text}");
         snapshot.pools.pools[0].workers[0].busy = Some(true);
-        let text = encode(&worker_families(&snapshot)).unwrap();
+        let text = workers_text(&snapshot, &all());
         assert!(text.contains("state=\"busy\"} 1"), "{text}");
         assert!(
             text.contains("observer_worker_busy_seconds_total{"),
@@ -678,7 +971,7 @@ mod tests {
             }],
             unread: Default::default(),
         });
-        let text = encode(&worker_families(&snapshot)).unwrap();
+        let text = workers_text(&snapshot, &all());
         assert!(text.contains(
             "observer_dispatcher_accepts_total{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\",comm=\"node\",pid=\"10\"} 12"
         ), "{text}");
@@ -686,8 +979,20 @@ mod tests {
     }
 
     #[test]
+    fn label_values_are_escaped_and_values_written_as_prometheus_does() {
+        let labels = Labels::default().with("comm", "a\"b\\c\nd");
+        assert_eq!(labels.0, r#"comm="a\"b\\c\nd""#);
+        let mut out = String::new();
+        for v in [3.0, 0.9, f64::INFINITY, 1e-4, 4026531840.0] {
+            write_value(&mut out, v);
+            out.push(' ');
+        }
+        assert_eq!(out, "3 0.9 +Inf 0.0001 4026531840 ");
+    }
+
+    #[test]
     fn wait_histogram_is_cumulative_in_seconds_with_inf() {
-        let text = encode(&listener_families(&one_listener())).unwrap();
+        let text = listeners_text(&one_listener(), &all());
         let line = |le: &str| {
             text.lines()
                 .find(|l| {

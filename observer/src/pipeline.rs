@@ -19,15 +19,16 @@ use observer_common::{AcceptKey, AcceptStats, ListenerRecord, listen_port_key};
 use crate::{
     activity::Watched,
     aggregate::{Aggregator, Collection},
+    collectors::Collectors,
     containers::{ContainerCache, ContainerInfo},
     kernel::{
         host, offsets,
         probes::{self, AcceptSource, Holding, Probes},
         procfs,
     },
-    sampler::{self, SamplerCost, ThreadSampler},
+    sampler::{self, SamplerCost, ThreadSampler, WorkerActivity},
     sockets::{self, ListenSocket, ListenerId},
-    workers::{self, Handoffs, Membership, Pools},
+    workers::{self, EventLoops, Handoffs, Membership, Pools},
 };
 
 /// The daemon's view of itself, exported next to the listener figures.
@@ -43,6 +44,33 @@ pub struct DaemonHealth {
     pub sampler: Option<SamplerCost>,
     pub collect_errors: u64,
     pub last_collect_seconds: f64,
+    /// Where the last collection spent its time, stage by stage (and the
+    /// exposition of the scrape before it).
+    pub stages: Stages,
+}
+
+/// Seconds spent per stage of one collection, in the order they ran.
+#[derive(Clone, Debug, Default)]
+pub struct Stages(pub Vec<(&'static str, f64)>);
+
+impl Stages {
+    /// Runs `f`, adding its time to `stage`.
+    pub fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        let seconds = started.elapsed().as_secs_f64();
+        match self.0.iter_mut().find(|(name, _)| *name == stage) {
+            Some((_, total)) => *total += seconds,
+            None => self.0.push((stage, seconds)),
+        }
+        out
+    }
+
+    /// Sets `stage`'s time, replacing what it held.
+    pub fn set(&mut self, stage: &'static str, seconds: f64) {
+        self.0.retain(|(name, _)| *name != stage);
+        self.0.push((stage, seconds));
+    }
 }
 
 /// Everything one collection produced.
@@ -117,9 +145,10 @@ pub struct Pipeline {
     probes: Probes,
     aggregator: Aggregator,
     max_workers: usize,
+    collectors: Collectors,
     /// Epoll fds watching a listener (or a fed worker's connections), per
-    /// worker process (found once).
-    epolls: HashMap<u32, Vec<i32>>,
+    /// worker process.
+    event_loops: EventLoops,
     /// Who hands connections to whom (dispatchers, fed workers),
     /// remembered while they live.
     handoffs: Handoffs,
@@ -134,13 +163,19 @@ pub struct Pipeline {
 impl Pipeline {
     /// Checks the host, loads and attaches the programs, starts the thread
     /// sampler, and takes the baseline collection (queue depths at start).
-    pub fn start(kernel: &KernelOptions, max_listeners: usize, max_workers: usize) -> Result<Self> {
+    pub fn start(
+        kernel: &KernelOptions,
+        collectors: Collectors,
+        max_listeners: usize,
+        max_workers: usize,
+    ) -> Result<Self> {
         let probes = load_probes(kernel, false)?;
         log::info!("accept source: {}", probes.accept_source.name());
         for e in &probes.attach_errors {
             log::warn!("{}: {}", e.program, e.message);
         }
         let sampler = match probes.thread_sampler() {
+            _ if !collectors.workers => None,
             Ok(link) => {
                 let sampler = Arc::new(Mutex::new(ThreadSampler::new(link)));
                 sampler::spawn(&sampler, Duration::from_secs_f64(1.0 / kernel.sample_rate))?;
@@ -166,7 +201,8 @@ impl Pipeline {
             probes,
             aggregator,
             max_workers,
-            epolls: Default::default(),
+            collectors,
+            event_loops: Default::default(),
             handoffs: Default::default(),
             containers: Default::default(),
             started: Instant::now(),
@@ -189,49 +225,61 @@ impl Pipeline {
     }
 
     fn collect_inner(&mut self) -> Result<Snapshot> {
-        let view = self.observe()?;
-        let all = sockets::listen_sockets(&view.listeners, &view.holders);
-        let listeners = self.aggregator.collect(
-            &all,
-            &view.accepts,
-            procfs::process_is_alive,
-            self.started.elapsed(),
-        );
-        self.handoffs.retain_alive(procfs::process_is_alive);
-        let membership = Membership::from_holders(&listeners, &view.holders, &mut self.handoffs);
-        self.discover_epolls(&membership);
+        let mut st = Stages::default();
+        let view = self.observe(&mut st)?;
+        let all = st.time("sockets", || {
+            let mut all = sockets::listen_sockets(&view.listeners, &view.holders);
+            all.retain(|socket| self.collectors.filter.keeps(&socket.id));
+            all
+        });
+        let mut listeners = st.time("aggregate", || {
+            self.aggregator.collect(
+                &all,
+                &view.accepts,
+                procfs::process_is_alive,
+                self.started.elapsed(),
+            )
+        });
+        let membership = st.time("membership", || {
+            self.handoffs.retain_alive(procfs::process_is_alive);
+            Membership::from_holders(&listeners, &view.holders, &mut self.handoffs)
+        });
+        if self.collectors.workers {
+            let loop_fds = membership.event_loop_fds();
+            let now = self.started.elapsed();
+            st.time("epolls", || {
+                self.event_loops
+                    .refresh(&loop_fds, now, procfs::epolls_watching)
+            });
+        }
         let writes = MapWrites {
             listen_ports: all.iter().map(listen_key).collect(),
-            watched: workers::watched(&membership, &self.epolls),
+            watched: workers::watched(&membership, self.event_loops.epolls()),
             forget_accepts: listeners.forget.clone(),
         };
-        self.apply(&writes)?;
-        let activity = match &self.sampler {
-            Some(sampler) => {
-                let mut sampler = lock(sampler)?;
-                sampler.set_watched(writes.watched);
-                // Busy/idle then comes from the sampler's previous pass.
-                if let Err(e) = sampler.sample() {
-                    log::warn!("thread sampler at this scrape: {e:#}");
-                }
-                self.health.sampler = Some(sampler.cost());
-                sampler.activity()
-            }
-            None => HashMap::new(),
-        };
-        let pools = workers::pools(
-            &listeners.listeners,
-            &membership,
-            &activity,
-            self.max_workers,
-        );
+        st.time("apply", || self.apply(&writes))?;
+        let activity = st.time("sample", || self.sample(writes.watched))?;
+        let pools = st.time("pools", || {
+            workers::pools(
+                &listeners.listeners,
+                &membership,
+                &activity,
+                self.max_workers,
+            )
+        });
+        for id in pools.serving() {
+            self.aggregator.mark_traffic(id);
+            listeners.mark_traffic(id);
+        }
         self.health.kernel_events_lost = view.kernel_events_lost;
-        self.containers.retain(procfs::process_is_alive);
-        let containers = listeners
-            .listeners
-            .iter()
-            .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
-            .collect();
+        let containers = st.time("containers", || {
+            self.containers.retain(procfs::process_is_alive);
+            listeners
+                .listeners
+                .iter()
+                .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
+                .collect()
+        });
         let socket_holders = listeners
             .listeners
             .iter()
@@ -245,6 +293,10 @@ impl Pipeline {
                 (socket.inode, holders)
             })
             .collect();
+        // The previous scrape's exposition stages (see serve).
+        let previous = &self.health.stages.0;
+        st.0.extend(previous.iter().filter(|(name, _)| *name == "exposition"));
+        self.health.stages = st;
         Ok(Snapshot {
             listeners,
             pools,
@@ -253,11 +305,27 @@ impl Pipeline {
         })
     }
 
+    /// Hands the watched set to the thread sampler and takes busy/idle from
+    /// its last pass, which runs once more now.
+    fn sample(&mut self, watched: HashMap<u32, Watched>) -> Result<HashMap<u32, WorkerActivity>> {
+        let Some(sampler) = &self.sampler else {
+            return Ok(HashMap::new());
+        };
+        let mut sampler = lock(sampler)?;
+        sampler.set_watched(watched);
+        // Busy/idle then comes from the sampler's previous pass.
+        if let Err(e) = sampler.sample() {
+            log::warn!("thread sampler at this scrape: {e:#}");
+        }
+        self.health.sampler = Some(sampler.cost());
+        Ok(sampler.activity())
+    }
+
     /// Reads everything a collection needs from the kernel; writes nothing.
-    fn observe(&self) -> Result<KernelView> {
-        let holders = self.probes.holders()?;
-        let listeners = self.probes.listeners()?;
-        let accepts = self.probes.accepts()?;
+    fn observe(&self, st: &mut Stages) -> Result<KernelView> {
+        let holders = st.time("holders_iterator", || self.probes.holders())?;
+        let listeners = st.time("listeners_iterator", || self.probes.listeners())?;
+        let accepts = st.time("accepts_map", || self.probes.accepts())?;
         let kernel_events_lost = self
             .probes
             .health()?
@@ -288,22 +356,6 @@ impl Pipeline {
                 .collect(),
         )?;
         self.probes.forget_accepts(&writes.forget_accepts)
-    }
-
-    /// Epoll sets are looked up in /proc once per worker process (until one
-    /// watching a listener, or a fed worker's connection, is found): an
-    /// event loop keeps its epoll.
-    fn discover_epolls(&mut self, membership: &Membership) {
-        let loop_fds = membership.event_loop_fds();
-        self.epolls.retain(|pid, _| loop_fds.contains_key(pid));
-        for (pid, fds) in &loop_fds {
-            if !self.epolls.contains_key(pid) {
-                let found = procfs::epolls_watching(*pid, fds);
-                if !found.is_empty() {
-                    self.epolls.insert(*pid, found);
-                }
-            }
-        }
     }
 }
 

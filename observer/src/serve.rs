@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::core::Collector as _;
 
 use crate::{
+    collectors::{CollectorOptions, Collectors},
     metrics,
     pipeline::{KernelOptions, Pipeline},
     webconfig::WebConfig,
@@ -61,11 +62,14 @@ pub struct ServeOptions {
     )]
     pub max_workers: usize,
     #[command(flatten)]
+    pub collectors: CollectorOptions,
+    #[command(flatten)]
     pub kernel: KernelOptions,
 }
 
 struct State {
     web: WebConfig,
+    collectors: Collectors,
     pipeline: Mutex<Pipeline>,
     process: prometheus::process_collector::ProcessCollector,
     telemetry_path: String,
@@ -94,10 +98,17 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         )
     })?;
     listener.set_nonblocking(true)?;
-    let pipeline = Pipeline::start(&opts.kernel, opts.max_listeners, opts.max_workers)?;
+    let collectors = opts.collectors.resolve();
+    let pipeline = Pipeline::start(
+        &opts.kernel,
+        collectors.clone(),
+        opts.max_listeners,
+        opts.max_workers,
+    )?;
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     let state = Arc::new(State {
         web,
+        collectors,
         pipeline: Mutex::new(pipeline),
         process: prometheus::process_collector::ProcessCollector::for_self(),
         telemetry_path: opts.telemetry_path.clone(),
@@ -236,9 +247,18 @@ fn scrape(state: &State) -> Result<String> {
         .lock()
         .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
     let snapshot = pipeline.collect()?;
-    let mut families = metrics::listener_families(&snapshot);
-    families.extend(metrics::worker_families(&snapshot));
-    families.extend(metrics::daemon_families(&snapshot, &pipeline.health));
-    families.extend(state.process.collect());
-    metrics::encode(&families)
+    // Written after the collection: its time is exported by the next
+    // scrape's observer_collect_stage_seconds.
+    let started = Instant::now();
+    let text = metrics::exposition(
+        &snapshot,
+        &pipeline.health,
+        &state.collectors,
+        &state.process.collect(),
+    );
+    pipeline
+        .health
+        .stages
+        .set("exposition", started.elapsed().as_secs_f64());
+    text
 }

@@ -21,10 +21,19 @@ use crate::kernel::probes::Holding;
 /// renders it as `ss` does.
 ///
 /// [`fmt`]: UnixPath::display
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UnixPath {
     len: u8,
     bytes: [u8; UNIX_PATH_BYTES],
+}
+
+/// Hashes the name's bytes only, not the unused rest of the array: every
+/// listener id is hashed many times per collection (equal paths have equal
+/// raw bytes, so this agrees with `Eq`).
+impl std::hash::Hash for UnixPath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.raw().hash(state);
+    }
 }
 
 impl UnixPath {

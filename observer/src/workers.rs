@@ -100,6 +100,18 @@ pub struct Pools {
     pub workers_over_cap: u64,
 }
 
+impl Pools {
+    /// Listeners whose workers hold connections open now.
+    pub fn serving(&self) -> impl Iterator<Item = &ListenerId> {
+        self.pools
+            .iter()
+            .filter(|pool| {
+                pool.unread.connections > 0 || pool.workers.iter().any(|w| w.active_connections > 0)
+            })
+            .map(|pool| &pool.listener)
+    }
+}
+
 /// Who hands connections to whom, per listener, kept from one collection
 /// to the next while the processes live: a fed worker idle between
 /// connections holds none, and a fork-per-connection server's dispatcher
@@ -415,6 +427,60 @@ fn pool_tag(id: &ListenerId) -> PoolTag {
     h.finish()
 }
 
+/// Each worker's event loop: the epoll fds that watch its listeners (or, for
+/// a fed worker, its connections), looked up in /proc. A found set is kept
+/// while the worker lives: an event loop keeps its epoll. A worker where
+/// none was found (one blocking in accept, or not yet in its loop) is looked
+/// at again with back-off, 1 s doubling to 64 s, or at once when the fds it
+/// serves change: a host of blocking workers, or one process holding
+/// thousands of fds, costs a few /proc reads per scrape, not all of them.
+#[derive(Debug, Default)]
+pub struct EventLoops {
+    found: HashMap<u32, Vec<i32>>,
+    /// Workers with none found: the fds looked for, when to look again,
+    /// and the back-off after that.
+    missing: HashMap<u32, (Vec<i32>, Duration, Duration)>,
+}
+
+const LOOK_AGAIN_FIRST: Duration = Duration::from_secs(1);
+const LOOK_AGAIN_MAX: Duration = Duration::from_secs(64);
+
+impl EventLoops {
+    /// Updates the sets for the workers' fds (`loop_fds`, per pid) at `now`
+    /// (any monotonic clock), with `lookup(pid, fds)` reading /proc.
+    pub fn refresh(
+        &mut self,
+        loop_fds: &BTreeMap<u32, Vec<i32>>,
+        now: Duration,
+        lookup: impl Fn(u32, &[i32]) -> Vec<i32>,
+    ) {
+        self.found.retain(|pid, _| loop_fds.contains_key(pid));
+        self.missing.retain(|pid, _| loop_fds.contains_key(pid));
+        for (pid, fds) in loop_fds {
+            if self.found.contains_key(pid) {
+                continue;
+            }
+            let step = match self.missing.get(pid) {
+                Some((looked_for, next, _)) if looked_for == fds && now < *next => continue,
+                Some((looked_for, _, step)) if looked_for == fds => (*step * 2).min(LOOK_AGAIN_MAX),
+                _ => LOOK_AGAIN_FIRST,
+            };
+            let epolls = lookup(*pid, fds);
+            if epolls.is_empty() {
+                self.missing.insert(*pid, (fds.clone(), now + step, step));
+            } else {
+                self.missing.remove(pid);
+                self.found.insert(*pid, epolls);
+            }
+        }
+    }
+
+    /// The epoll fds found, per worker.
+    pub fn epolls(&self) -> &HashMap<u32, Vec<i32>> {
+        &self.found
+    }
+}
+
 /// Builds the pools from the membership and each worker's activity.
 pub fn pools(
     listeners: &[ListenerView],
@@ -530,6 +596,38 @@ mod tests {
         ListenerId::tcp(1, AF_INET, [0; 16], port)
     }
 
+    #[test]
+    fn workers_without_an_event_loop_are_looked_at_again_with_back_off() {
+        use std::cell::RefCell;
+        let looked = RefCell::new(Vec::new());
+        let has_epoll = RefCell::new(false);
+        let lookup = |pid: u32, _: &[i32]| {
+            looked.borrow_mut().push(pid);
+            if *has_epoll.borrow() { vec![9] } else { vec![] }
+        };
+        let mut loops = EventLoops::default();
+        let fds = BTreeMap::from([(7, vec![3])]);
+        let secs = Duration::from_secs;
+        // Looked at 0 s, then 1 s later, then 2 s after that, then 4 s.
+        for t in 0..8 {
+            loops.refresh(&fds, secs(t), lookup);
+        }
+        assert_eq!(looked.borrow().len(), 4, "at 0, 1, 3, 7 s");
+        // Its fds change: looked at once, whatever the back-off.
+        let moved = BTreeMap::from([(7, vec![4])]);
+        loops.refresh(&moved, secs(8), lookup);
+        assert_eq!(looked.borrow().len(), 5);
+        // Found: kept, never looked up again.
+        *has_epoll.borrow_mut() = true;
+        loops.refresh(&moved, secs(9), lookup);
+        loops.refresh(&moved, secs(100), lookup);
+        assert_eq!(looked.borrow().len(), 6);
+        assert_eq!(loops.epolls()[&7], vec![9]);
+        // Gone: forgotten.
+        loops.refresh(&BTreeMap::new(), secs(101), lookup);
+        assert!(loops.epolls().is_empty());
+    }
+
     /// The membership of the listener on `port`, from these holder records.
     fn membership(port: u16, holders: &[HolderRecord]) -> Membership {
         membership_after(port, holders, &mut Handoffs::default())
@@ -580,6 +678,7 @@ mod tests {
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
             waits_known: true,
+            had_traffic: true,
         }
     }
 

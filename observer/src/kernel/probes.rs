@@ -96,6 +96,10 @@ pub struct Probes {
     pub attach_errors: Vec<AttachError>,
     /// The kprobe source's kretprobe (detached and removed on drop).
     kretprobe: Option<TracefsKretprobe>,
+    /// What the daemon wrote to `LISTEN_PORTS` and `WATCHED` (nothing else
+    /// writes them), so that each collection writes only what changed.
+    listen_ports: HashMirror<u64, u8>,
+    watched: HashMirror<u32, WorkerFds>,
 }
 
 /// One readable line for a program error; the verifier log goes to debug level.
@@ -170,6 +174,8 @@ impl Probes {
             unix_waits_timed,
             attach_errors,
             kretprobe,
+            listen_ports: HashMirror::default(),
+            watched: HashMirror::default(),
         })
     }
 
@@ -197,13 +203,14 @@ impl Probes {
     /// Makes `LISTEN_PORTS` hold exactly `keys`.
     pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
         let wanted = keys.iter().map(|k| (*k, 1u8)).collect();
-        sync_map(&mut self.ebpf, "LISTEN_PORTS", &wanted)
+        self.listen_ports
+            .sync(&mut self.ebpf, "LISTEN_PORTS", &wanted)
     }
 
     /// Makes `WATCHED` hold exactly `fds` (per worker process): the
     /// processes whose threads the sampler reports.
     pub fn set_watched(&mut self, fds: &std::collections::HashMap<u32, WorkerFds>) -> Result<()> {
-        sync_map(&mut self.ebpf, "WATCHED", fds)
+        self.watched.sync(&mut self.ebpf, "WATCHED", fds)
     }
 
     /// The ring buffer of accepted connections (trace mode).
@@ -441,33 +448,59 @@ fn attach_unix_connect(ebpf: &mut Ebpf, btf: &Btf, source: AcceptSource) -> Resu
     Ok(true)
 }
 
-/// Makes the hash map `name` hold exactly `wanted`: other keys are removed,
-/// wanted ones written.
-fn sync_map<K, V>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    wanted: &std::collections::HashMap<K, V>,
-) -> Result<()>
+/// A userspace copy of a hash map that only the daemon writes: syncing it
+/// to a wanted state removes and writes the keys that differ, without
+/// reading the kernel map back (10,000 listeners: 20,000 syscalls a scrape
+/// saved).
+struct HashMirror<K, V> {
+    written: std::collections::HashMap<K, V>,
+}
+
+impl<K, V> Default for HashMirror<K, V> {
+    fn default() -> Self {
+        HashMirror {
+            written: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<K, V> HashMirror<K, V>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
-    let mut map: HashMap<_, K, V> = HashMap::try_from(
-        ebpf.map_mut(name)
-            .with_context(|| format!("map {name} missing"))?,
-    )?;
-    let present: std::collections::HashMap<K, V> = map.iter().filter_map(|e| e.ok()).collect();
-    let stale: Vec<&K> = present.keys().filter(|k| !wanted.contains_key(k)).collect();
-    for key in stale {
-        let _ = map.remove(key);
-    }
-    for (key, value) in wanted.iter().filter(|(k, v)| present.get(k) != Some(v)) {
-        if let Err(e) = map.insert(key, value, 0) {
-            log::debug!("{name}: {e}");
-            break;
+    /// Makes the hash map `name` hold exactly `wanted`.
+    fn sync(
+        &mut self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        wanted: &std::collections::HashMap<K, V>,
+    ) -> Result<()> {
+        let mut map: HashMap<_, K, V> = HashMap::try_from(
+            ebpf.map_mut(name)
+                .with_context(|| format!("map {name} missing"))?,
+        )?;
+        let stale: Vec<K> = (self.written.keys())
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            // ENOENT is fine: the state wanted is "absent".
+            let _ = map.remove(&key);
+            self.written.remove(&key);
         }
+        for (key, value) in wanted {
+            if self.written.get(key) == Some(value) {
+                continue;
+            }
+            if let Err(e) = map.insert(key, value, 0) {
+                log::debug!("{name}: {e}");
+                break;
+            }
+            self.written.insert(*key, *value);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One socket a process holds, with the path of a Unix listener.
