@@ -49,6 +49,18 @@ fn a_malformed_listen_address_names_the_flag() {
 }
 
 #[test]
+fn a_bad_listener_selector_names_the_forms_it_takes() {
+    for bad in ["8000", "port:0", "port:9000-8000", "proto:tcp"] {
+        let (code, stderr) = fails(&[], &["serve", "--collector.listeners.include", bad]);
+        assert_eq!(code, 2, "{bad}: {stderr}");
+        assert!(stderr.contains("--collector.listeners.include"), "{stderr}");
+        assert!(stderr.contains(bad), "{bad}: {stderr}");
+    }
+    let (_, stderr) = fails(&[], &["serve", "--collector.listeners.exclude", "pid:1"]);
+    assert!(stderr.contains("use port, addr, path or netns"), "{stderr}");
+}
+
+#[test]
 fn a_telemetry_path_without_slash_is_refused() {
     let (_, stderr) = fails(
         &[],

@@ -325,6 +325,9 @@ fn odd_names_and_unlinked_sockets_keep_the_exposition_valid() {
     let old = unix_listener(reused.as_os_str().as_bytes(), libc::SOCK_STREAM, 4);
     std::fs::remove_file(&reused).expect("unlink");
     let new = unix_listener(reused.as_os_str().as_bytes(), libc::SOCK_STREAM, 9);
+    // A connection waiting: a listener with traffic gets its per-socket
+    // series (a quiet one, its core series only).
+    let _waiting = UnixStream::connect(&reused).expect("connect");
     let daemon = Daemon::start();
     let text = http_get(daemon.port, "/metrics").expect("scrape");
     let m = Metrics::parse(&text);

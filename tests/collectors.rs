@@ -1,0 +1,179 @@
+//! The exposition's scope and its knobs (issue #15): a quiet listener
+//! exports its core series only, and gets the rest with its first
+//! connection; `--collector.listeners.include`/`exclude` keep and drop
+//! listeners; `--no-collector.*` leave their families out. Each checked
+//! against what the test did (its clients) and `ss`.
+mod support;
+
+use std::{
+    net::{TcpListener, TcpStream},
+    time::Duration,
+};
+
+use support::{Daemon, Metrics, ss_listen_queues};
+
+fn families(m: &Metrics, port: u16) -> Vec<String> {
+    let port = port.to_string();
+    let mut names: Vec<String> = m
+        .samples
+        .iter()
+        .filter(|(_, l, _)| l.get("port") == Some(&port))
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    names.dedup();
+    names
+}
+
+/// One connection made and accepted on `listener`; returns when accepted.
+fn one_accepted(listener: &TcpListener) -> TcpStream {
+    let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let _ = listener.accept().expect("accept");
+    client
+}
+
+#[test]
+fn a_quiet_listener_exports_its_core_series_until_its_first_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let daemon = Daemon::start();
+    let m = daemon.scrape();
+    assert_eq!(
+        families(&m, port),
+        [
+            "observer_listen_queue_length",
+            "observer_listen_queue_max",
+            "observer_listen_drops_total",
+            "observer_connections_queued_total",
+            "observer_connections_accepted_total",
+            "observer_workers",
+        ],
+        "{}",
+        m.text
+    );
+    // The core series say what ss says.
+    let (depth, limit) = ss_listen_queues(port)[0];
+    assert_eq!(
+        m.listener("observer_listen_queue_length", port),
+        depth as f64
+    );
+    assert_eq!(m.listener("observer_listen_queue_max", port), limit as f64);
+    assert_eq!(m.listener("observer_connections_accepted_total", port), 0.0);
+    // One connection later: every family, and the histogram counts it.
+    let _client = one_accepted(&listener);
+    let m = daemon.scrape();
+    let names = families(&m, port);
+    for name in [
+        "observer_listen_queue_oldest_seconds",
+        "observer_accept_queue_wait_seconds_count",
+        "observer_worker_accepts_total",
+        "observer_worker_busy",
+        "observer_connections_unread",
+    ] {
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} missing:\n{}",
+            m.text
+        );
+    }
+    assert_eq!(m.listener("observer_connections_accepted_total", port), 1.0);
+    assert_eq!(
+        m.listener("observer_accept_queue_wait_seconds_count", port),
+        1.0
+    );
+    support::promtool_check_metrics(&m.text);
+}
+
+#[test]
+fn listener_include_and_exclude_keep_the_selected_pools_only() {
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect();
+    let (lo, hi) = (ports.iter().min().unwrap(), ports.iter().max().unwrap());
+    // Keep the range that holds all three, then drop the first by port.
+    let include = format!("port:{lo}-{hi}");
+    let exclude = format!("port:{}", ports[0]);
+    let daemon = Daemon::start_with(&[
+        "--collector.listeners.include",
+        &include,
+        "--collector.listeners.exclude",
+        &exclude,
+    ]);
+    let clients: Vec<TcpStream> = listeners.iter().map(one_accepted).collect();
+    let m = daemon.scrape();
+    assert!(!m.has_listener(ports[0]), "excluded:\n{}", m.text);
+    for port in &ports[1..] {
+        assert_eq!(
+            m.listener("observer_connections_accepted_total", *port),
+            1.0
+        );
+    }
+    // A listener outside the include range is not exported.
+    let outside = (0..100)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .find(|l| {
+            let port = l.local_addr().expect("addr").port();
+            port < *lo || port > *hi
+        })
+        .expect("a port outside the range");
+    let outside_port = outside.local_addr().expect("addr").port();
+    let _outside_client = one_accepted(&outside);
+    let m = daemon.scrape();
+    assert!(!m.has_listener(outside_port), "not included:\n{}", m.text);
+    assert!(!m.has_listener(ports[0]), "excluded:\n{}", m.text);
+    drop(clients);
+}
+
+#[test]
+fn collectors_turned_off_leave_their_families_out_and_the_rest_exact() {
+    let daemon = Daemon::start_with(&[
+        "--no-collector.workers",
+        "--no-collector.wait-histogram",
+        "--no-collector.sockets",
+    ]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let clients: Vec<TcpStream> = (0..3).map(|_| one_accepted(&listener)).collect();
+    // Two more wait in the queue.
+    let waiting: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let m = daemon.scrape();
+    for gone in [
+        "observer_workers",
+        "observer_worker_",
+        "observer_accept_queue_wait_seconds",
+        "observer_listen_socket_",
+        "observer_worker_sample_passes_total",
+    ] {
+        assert!(
+            !m.samples.iter().any(|(n, _, _)| n.starts_with(gone)),
+            "{gone} still exported:\n{}",
+            m.text
+        );
+    }
+    assert_eq!(m.listener("observer_connections_accepted_total", port), 3.0);
+    assert_eq!(
+        m.listener("observer_listen_queue_length", port),
+        ss_listen_queues(port)[0].0 as f64
+    );
+    assert_eq!(m.listener("observer_listen_queue_length", port), 2.0);
+    // A second flag wins over the first, as in node_exporter.
+    let again = Daemon::start_with(&["--no-collector.workers", "--collector.workers"]);
+    let m = again.scrape();
+    assert!(
+        m.get(
+            "observer_worker_accepts_total",
+            &[("port", &port.to_string())]
+        )
+        .is_some()
+            || m.get("observer_worker_sample_passes_total", &[]).is_some(),
+        "workers stayed off:\n{}",
+        m.text
+    );
+    drop((clients, waiting));
+}
