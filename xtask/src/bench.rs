@@ -32,6 +32,15 @@ pub struct BenchOptions {
     /// A smoke run: 1 round of 1 s, small growth sizes.
     #[arg(long)]
     quick: bool,
+    /// Only the growth table (start-up, scrape, exposition, memory as
+    /// listeners, workers and network namespaces grow).
+    #[arg(long)]
+    growth_only: bool,
+    /// The growth table's scenes instead of the full set, as
+    /// NETNSxLISTENERSxWORKERS (listeners per namespace), comma-separated:
+    /// --scenes 1x10000x1000,100x100x10
+    #[arg(long, value_delimiter = ',', value_parser = crate::growth::Scene::parse)]
+    scenes: Vec<crate::growth::Scene>,
 }
 
 /// What runs beside the server during a measurement.
@@ -104,7 +113,7 @@ fn spawn(cmd: &mut Command, what: &str) -> Result<Running> {
     ))
 }
 
-fn http_get(port: u16, path: &str) -> Option<Vec<u8>> {
+pub(crate) fn http_get(port: u16, path: &str) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
     let mut body = Vec::new();
@@ -113,9 +122,9 @@ fn http_get(port: u16, path: &str) -> Option<Vec<u8>> {
 }
 
 /// observer serve, scraped every second like a (demanding) Prometheus.
-struct ObserverDaemon {
+pub(crate) struct ObserverDaemon {
     process: Running,
-    port: u16,
+    pub(crate) port: u16,
     stop: Arc<AtomicBool>,
     scraper: Option<std::thread::JoinHandle<()>>,
 }
@@ -128,7 +137,10 @@ impl ObserverDaemon {
 
     /// A daemon scraped every `every` in the background, or only when the
     /// bench asks (`None`).
-    fn start_scraped_every(bin: &Path, every: Option<Duration>) -> Result<ObserverDaemon> {
+    pub(crate) fn start_scraped_every(
+        bin: &Path,
+        every: Option<Duration>,
+    ) -> Result<ObserverDaemon> {
         let port = free_port()?;
         let process = spawn(
             Command::new(bin).args([
@@ -157,7 +169,7 @@ impl ObserverDaemon {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.0.id()
     }
 }
@@ -248,7 +260,7 @@ fn wrk(port: u16, seconds: u64) -> Result<f64> {
         .with_context(|| format!("no Requests/sec in wrk output: {text}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         f64::NAN
@@ -491,7 +503,7 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_mib(pid: u32) -> f64 {
+pub(crate) fn rss_mib(pid: u32) -> f64 {
     rss_kib(pid) as f64 / 1024.0
 }
 
@@ -553,7 +565,7 @@ fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64, f64) {
 /// The daemon's CPU over `window` with one scrape at its start (a
 /// Prometheus scraping every `window`): the sampler's passes plus that
 /// scrape. Then the sampler's interval in effect and its time per pass.
-fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64, f64)> {
+pub(crate) fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64, f64)> {
     let (t0, w0) = (cpu_ticks(daemon.pid()), Instant::now());
     let (passes0, secs0, _) = sampler_totals(daemon);
     std::thread::sleep(window.saturating_sub(w0.elapsed()));
@@ -566,118 +578,47 @@ fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64, 
     Ok((cpu, interval, secs / passes * 1e6))
 }
 
-/// Threads on the host now (what each sampler pass walks).
-fn host_threads() -> usize {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read_dir(e.path().join("task")).ok())
-        .map(|tasks| tasks.count())
-        .sum()
-}
-
-/// Scrape latency, daemon memory and CPU as listeners and workers grow.
-fn growth(
-    sizes: &[(usize, usize)],
-    window: Duration,
-    bin: &Path,
-    report: &mut String,
-) -> Result<()> {
-    report.push_str("\n| listeners | workers | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
-    raise_fd_limit(sizes.iter().map(|s| s.0).max().unwrap_or(0) as u64 + 1024);
-    for (n_listeners, n_workers) in sizes {
-        let listeners: Vec<TcpListener> = (0..*n_listeners)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<_, _>>()?;
-        // Workers: children that hold the first listener (only: like real
-        // workers, not every listener of the bench) and block in accept.
-        let first = listeners[0].as_raw_fd();
-        let others: Vec<i32> = listeners[1..].iter().map(|l| l.as_raw_fd()).collect();
-        let mut children = Vec::new();
-        for _ in 0..*n_workers {
-            // SAFETY: the child only blocks in accept and is killed below.
-            match unsafe { libc::fork() } {
-                0 => unsafe {
-                    for fd in &others {
-                        libc::close(*fd);
-                    }
-                    loop {
-                        libc::accept(first, std::ptr::null_mut(), std::ptr::null_mut());
-                    }
-                },
-                pid if pid > 0 => children.push(pid),
-                _ => bail!("fork failed"),
-            }
-        }
-        // Start-up: the daemon binds its port first, so the first scrape
-        // waits in its backlog until the first collection is done.
-        let spawned = Instant::now();
-        let daemon = ObserverDaemon::start_scraped_every(bin, None)?;
-        let _ = http_get(daemon.port, "/metrics");
-        let start_up = spawned.elapsed().as_secs_f64();
-        let mut times = Vec::new();
-        let mut size = 0;
-        for _ in 0..5 {
-            let start = Instant::now();
-            size = http_get(daemon.port, "/metrics")
-                .map(|b| b.len())
-                .unwrap_or(0);
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
-        let threads = host_threads();
-        report.push_str(&format!(
-            "| {n_listeners} | {n_workers} | {start_up:.2} | {:.1} | {:.0} | {:.1} | {cpu:.2} | {interval:.3} | {pass_us:.0} | {threads} | {:.0} |\n",
-            median(times),
-            size as f64 / 1024.0,
-            rss_mib(daemon.pid()),
-            pass_us * 1e3 / threads.max(1) as f64
-        ));
-        drop(daemon);
-        for pid in children {
-            // SAFETY: killing and reaping our own children.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn raise_fd_limit(n: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    // SAFETY: setrlimit with a valid struct; failure only limits the growth sizes.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-}
-
 pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
     let (rounds, seconds) = if opts.quick {
         (1, 1)
     } else {
         (opts.rounds, opts.seconds)
     };
+    let mut report = String::new();
+    if !opts.growth_only {
+        let stats_before =
+            std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+            .context("enabling kernel.bpf_stats_enabled (run as root)")?;
+        let measured = costs(rounds, seconds, opts.quick, bin, &mut report);
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+        measured?;
+    }
+    println!("bench: growth…");
+    let shown = report.len();
+    let window = Duration::from_secs(if opts.quick { 2 } else { 15 });
+    let scenes = match &opts.scenes[..] {
+        [] => crate::growth::scenes(opts.quick),
+        chosen => chosen.to_vec(),
+    };
+    crate::growth::run(&scenes, window, bin, &mut report)?;
+    print!("{}", &report[shown..]);
+    std::fs::write("target/bench-report.md", &report).context("writing target/bench-report.md")?;
+    println!("(also written to target/bench-report.md)");
+    Ok(())
+}
+
+/// What observing costs the observed: served throughput beside the peer,
+/// per-event program costs, untracked processes' syscalls, and the daemon's
+/// own CPU and memory under load.
+fn costs(rounds: usize, seconds: u64, quick: bool, bin: &Path, report: &mut String) -> Result<()> {
     let script = std::env::temp_dir().join("observer-bench-peer.bt");
     std::fs::write(&script, BPFTRACE_PEER)?;
-    let stats_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
-        .context("enabling kernel.bpf_stats_enabled (run as root)")?;
     let servers = start_servers()?;
-    let mut report = format!(
+    report.push_str(&format!(
         "## Served throughput (wrk, new connection per request, {rounds} rounds × {seconds} s per condition)\n\n\
          | server | baseline req/s (median) | with observer ÷ baseline | with bpftrace peer ÷ baseline |\n|---|---|---|---|\n"
-    );
+    ));
     let mut shown = 0;
     let mut show = |report: &str| {
         print!("{}", &report[shown..]);
@@ -690,7 +631,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
         seconds,
         bin,
         &script,
-        &mut report,
+        report,
         "nginx (2 workers)",
     )?;
     println!("bench: throughput against gunicorn…");
@@ -700,7 +641,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
         seconds,
         bin,
         &script,
-        &mut report,
+        report,
         "gunicorn (2 sync workers)",
     )?);
     report.push_str(
@@ -714,24 +655,12 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> Result<()> {
             *ns as f64 / *cnt as f64
         ));
     }
-    show(&report);
+    show(report);
     println!("bench: syscalls of untracked processes…");
-    untracked_syscalls(if opts.quick { 1 } else { 5 }, bin, &script, &mut report)?;
-    show(&report);
+    untracked_syscalls(if quick { 1 } else { 5 }, bin, &script, report)?;
+    show(report);
     println!("bench: daemon CPU and memory…");
-    daemon_cost(servers.nginx_port, seconds.max(2), bin, &mut report)?;
-    show(&report);
-    println!("bench: growth…");
-    let sizes: &[(usize, usize)] = if opts.quick {
-        &[(10, 10)]
-    } else {
-        &[(10, 10), (10, 100), (10, 1000), (1000, 100), (10000, 1000)]
-    };
-    let window = Duration::from_secs(if opts.quick { 2 } else { 15 });
-    growth(sizes, window, bin, &mut report)?;
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
-    show(&report);
-    std::fs::write("target/bench-report.md", &report).context("writing target/bench-report.md")?;
-    println!("(also written to target/bench-report.md)");
+    daemon_cost(servers.nginx_port, seconds.max(2), bin, report)?;
+    show(report);
     Ok(())
 }

@@ -1,0 +1,339 @@
+//! `cargo xtask bench`'s growth table: what the daemon costs as the host's
+//! listeners, workers and network namespaces grow (issue #15's targets:
+//! at 10,000 listeners and 1,000 workers, start-up ≤ 5 s, scrape ≤ 50 ms,
+//! exposition ≤ 8 MiB, RSS ≤ 64 MiB, /healthz ≤ 50 ms during a scrape).
+//!
+//! Each scene is made by this process: it opens the listeners (or forks one
+//! child per network namespace that opens them there) and forks workers that
+//! block in `accept()` on the first listener; then a fresh daemon is started
+//! and measured, and everything is killed.
+use std::{
+    net::TcpListener,
+    os::fd::AsRawFd as _,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::bench::{ObserverDaemon, http_get, median, rss_mib, sampler_cost};
+
+/// One row of the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Scene {
+    /// Network namespaces holding listeners (1: the host's only).
+    pub netns: usize,
+    /// Listeners per namespace.
+    pub listeners: usize,
+    /// Worker processes blocked in accept() on the first listener.
+    pub workers: usize,
+}
+
+impl Scene {
+    /// `NETNSxLISTENERSxWORKERS`, e.g. `1x10000x1000`.
+    pub fn parse(text: &str) -> Result<Scene, String> {
+        let numbers: Vec<usize> = text
+            .split('x')
+            .map(|n| n.parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{text:?} is not NETNSxLISTENERSxWORKERS"))?;
+        match numbers[..] {
+            [netns, listeners, workers] if netns > 0 && listeners > 0 => Ok(Scene {
+                netns,
+                listeners,
+                workers,
+            }),
+            _ => Err(format!(
+                "{text:?} is not NETNSxLISTENERSxWORKERS (at least 1 namespace and 1 listener)"
+            )),
+        }
+    }
+}
+
+/// The full table: 10 / 1k / 10k listeners × 10 / 100 / 1,000 workers, and
+/// 100 network namespaces × 100 listeners.
+pub fn scenes(quick: bool) -> Vec<Scene> {
+    let s = |netns, listeners, workers| Scene {
+        netns,
+        listeners,
+        workers,
+    };
+    if quick {
+        return vec![s(1, 10, 10), s(3, 10, 10)];
+    }
+    let mut all = Vec::new();
+    for listeners in [10, 1000, 10000] {
+        for workers in [10, 100, 1000] {
+            all.push(s(1, listeners, workers));
+        }
+    }
+    all.push(s(100, 100, 10));
+    all
+}
+
+/// Processes this process forked for a scene; killed and reaped on drop.
+struct Children(Vec<i32>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: killing and reaping our own children.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+                libc::waitpid(*pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// Forks a child that runs `body` (async-signal-safe calls only: this
+/// process may have threads) and never returns.
+fn fork_child(children: &mut Children, body: impl FnOnce()) -> Result<()> {
+    // SAFETY: the child runs `body`, which only makes raw syscalls, then
+    // waits to be killed; it never returns into Rust code that could
+    // touch state another thread held at the fork.
+    match unsafe { libc::fork() } {
+        0 => {
+            body();
+            loop {
+                // SAFETY: pause() only waits for a signal.
+                unsafe { libc::pause() };
+            }
+        }
+        pid if pid > 0 => {
+            children.0.push(pid);
+            Ok(())
+        }
+        _ => bail!("fork failed: {}", std::io::Error::last_os_error()),
+    }
+}
+
+/// In a forked child: a new network namespace with `n` TCP listeners on
+/// 0.0.0.0, ports chosen by the kernel.
+fn listeners_in_new_netns(n: usize) {
+    // SAFETY: raw syscalls with valid arguments; failures leave fewer
+    // listeners, which the table's exposition size shows.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return;
+        }
+        for _ in 0..n {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            };
+            libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            libc::listen(fd, 128);
+        }
+    }
+}
+
+/// In a forked child: keeps only `listener` (as fd 3) and stdio, moves to a
+/// fresh fd table sized for them, and blocks in accept() for ever.
+fn worker_in_accept(listener: i32) {
+    const LISTENER: i32 = 3;
+    // SAFETY: raw syscalls on this child's own fds.
+    unsafe {
+        if listener != LISTENER {
+            libc::dup2(listener, LISTENER);
+        }
+        libc::syscall(libc::SYS_close_range, LISTENER + 1, u32::MAX, 0);
+        // unshare copies the table, sized to the highest open fd.
+        libc::unshare(libc::CLONE_FILES);
+        loop {
+            libc::accept(LISTENER, std::ptr::null_mut(), std::ptr::null_mut());
+        }
+    }
+}
+
+/// What a scene's daemon measured.
+struct Measured {
+    start_up: f64,
+    scrape_ms: f64,
+    size: usize,
+    healthz_ms: (f64, f64),
+    rss: f64,
+    cpu: f64,
+    interval: f64,
+    pass_us: f64,
+    stages: Vec<(String, f64)>,
+}
+
+/// /healthz latencies (ms) taken while a /metrics scrape is in flight.
+fn healthz_during_scrape(port: u16) -> (f64, Vec<f64>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let start = Instant::now();
+    let scrape = std::thread::spawn(move || {
+        let size = http_get(port, "/metrics").map_or(0, |b| b.len());
+        flag.store(true, Ordering::Relaxed);
+        size
+    });
+    let mut healthz = Vec::new();
+    // Bounded: at most 200 probes, 2 ms apart.
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(2));
+        if done.load(Ordering::Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        let _ = http_get(port, "/healthz");
+        if !done.load(Ordering::Relaxed) {
+            healthz.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let _ = scrape.join();
+    (start.elapsed().as_secs_f64() * 1e3, healthz)
+}
+
+/// `observer_collect_stage_seconds{stage}` of the daemon's last collection.
+fn stages(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("observer_collect_stage_seconds{stage=\"")?;
+            let (stage, value) = rest.split_once("\"} ")?;
+            Some((stage.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn measure(bin: &Path, window: Duration) -> Result<Measured> {
+    // Start-up: the daemon binds its port first, so the first scrape waits
+    // in its backlog until the first collection is done.
+    let spawned = Instant::now();
+    let daemon = ObserverDaemon::start_scraped_every(bin, None)?;
+    let _ = http_get(daemon.port, "/metrics");
+    let start_up = spawned.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    let mut healthz = Vec::new();
+    for _ in 0..5 {
+        let (scrape_ms, during) = healthz_during_scrape(daemon.port);
+        times.push(scrape_ms);
+        healthz.extend(during);
+    }
+    let text = http_get(daemon.port, "/metrics").unwrap_or_default();
+    let size = text.len();
+    let stages = stages(&String::from_utf8_lossy(&text));
+    let healthz_max = healthz.iter().copied().fold(0.0, f64::max);
+    let rss = rss_mib(daemon.pid());
+    let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
+    Ok(Measured {
+        start_up,
+        scrape_ms: median(times),
+        size,
+        healthz_ms: (median(healthz), healthz_max),
+        rss,
+        cpu,
+        interval,
+        pass_us,
+        stages,
+    })
+}
+
+fn raise_fd_limit(n: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit with a valid struct; failure only limits the growth sizes.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+}
+
+/// Threads on the host now (what each sampler pass walks).
+fn host_threads() -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_dir(e.path().join("task")).ok())
+        .map(|tasks| tasks.count())
+        .sum()
+}
+
+/// Start-up, scrape latency, exposition, memory, /healthz and CPU per scene;
+/// then where each scene's scrape spent its time.
+pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) -> Result<()> {
+    report.push_str(
+        "\n| netns | listeners | workers | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | /healthz ms during a scrape (median, max) | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let most = scenes.iter().map(|s| s.listeners).max().unwrap_or(0);
+    raise_fd_limit(most as u64 + 1024);
+    let mut profile = String::new();
+    for scene in scenes {
+        let mut children = Children(Vec::new());
+        let host: Vec<TcpListener> = if scene.netns == 1 {
+            (0..scene.listeners)
+                .map(|_| TcpListener::bind("127.0.0.1:0"))
+                .collect::<Result<_, _>>()?
+        } else {
+            // The host's namespace gets one listener, for the workers.
+            for _ in 0..scene.netns {
+                fork_child(&mut children, || listeners_in_new_netns(scene.listeners))?;
+            }
+            vec![TcpListener::bind("127.0.0.1:0")?]
+        };
+        // Workers hold the first listener only, like real workers, not
+        // every listener of the bench, in an fd table of their own: a child
+        // of this process would inherit a table of 10,000 slots, which the
+        // kernel's task_file iterator walks slot by slot (a real pool's
+        // workers are forked from a master holding a few fds).
+        let first = host[0].as_raw_fd();
+        for _ in 0..scene.workers {
+            fork_child(&mut children, || worker_in_accept(first))?;
+        }
+        let m = measure(bin, window)?;
+        let threads = host_threads();
+        report.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1}, {:.1} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
+            scene.netns,
+            scene.listeners * scene.netns,
+            scene.workers,
+            m.start_up,
+            m.scrape_ms,
+            m.size as f64 / 1024.0,
+            m.rss,
+            m.healthz_ms.0,
+            m.healthz_ms.1,
+            m.cpu,
+            m.interval,
+            m.pass_us,
+            m.pass_us * 1e3 / threads.max(1) as f64
+        ));
+        let stages: Vec<String> = m
+            .stages
+            .iter()
+            .map(|(stage, s)| format!("{stage} {:.1}", s * 1e3))
+            .collect();
+        profile.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            scene.netns,
+            scene.listeners * scene.netns,
+            scene.workers,
+            stages.join(", ")
+        ));
+        drop(host);
+    }
+    report.push_str(
+        "\n| netns | listeners | workers | the last scrape's collection by stage, ms (observer_collect_stage_seconds) |\n|---|---|---|---|\n",
+    );
+    report.push_str(&profile);
+    Ok(())
+}
