@@ -267,10 +267,12 @@ impl Aggregator {
             view.had_traffic = state.had_traffic;
         }
 
+        // Over the cap, listeners with traffic are kept before quiet ones.
         let mut listeners: Vec<ListenerView> = views.into_values().collect();
-        listeners.sort_by_key(|v| v.id);
+        listeners.sort_by_key(|v| (!v.had_traffic, v.id));
         let listeners_over_cap = listeners.len().saturating_sub(self.max_listeners) as u64;
         listeners.truncate(self.max_listeners);
+        listeners.sort_by_key(|v| v.id);
         Collection {
             listeners,
             listeners_over_cap,
@@ -436,6 +438,22 @@ mod tests {
         let accepts = [(key(mapped, AF_INET6, 8080, 7), stats(2, 0))];
         let c = agg.collect(&records, &accepts, |_| true, Duration::ZERO);
         assert_eq!(c.listeners[0].accepts.accepted, 2);
+    }
+
+    #[test]
+    fn over_the_cap_listeners_with_traffic_are_kept_before_quiet_ones() {
+        let mut agg = Aggregator::new(2, true);
+        let lo = v4([127, 0, 0, 1]);
+        let records = [
+            listener(lo, AF_INET, 80, 0),
+            listener(lo, AF_INET, 81, 0),
+            listener(lo, AF_INET, 82, 1), // a connection waiting
+        ];
+        let c = agg.collect(&records, &[], |_| true, Duration::ZERO);
+        let ports: Vec<u16> = c.listeners.iter().map(|v| v.id.port).collect();
+        assert_eq!(ports, [80, 82]);
+        assert_eq!(c.listeners_over_cap, 1);
+        assert!(c.had_traffic(&c.listeners[1].id) && !c.had_traffic(&c.listeners[0].id));
     }
 
     #[test]
