@@ -405,8 +405,10 @@ fn no_program_of_ours_runs_on_another_process_s_wait_syscalls() {
                 > 1.0,
             "the thread sampler did not run"
         );
+        // Its pool's busy/idle count (a listener without traffic exports
+        // that, not per-worker series).
         assert!(
-            m.get("observer_worker_busy", &[("port", &port.to_string())])
+            m.get("observer_workers", &[("port", &port.to_string())])
                 .is_some(),
             "the listener's process was not sampled:\n{}",
             m.text

@@ -19,7 +19,7 @@ use observer_common::{AcceptKey, AcceptStats, ListenerRecord, listen_port_key};
 use crate::{
     activity::Watched,
     aggregate::{Aggregator, Collection},
-    collectors::Collectors,
+    collectors::{CollectorOptions, Collectors},
     containers::{ContainerCache, ContainerInfo},
     kernel::{
         host, offsets,
@@ -211,6 +211,11 @@ impl Pipeline {
         };
         pipeline.collect().context("first collection")?;
         Ok(pipeline)
+    }
+
+    /// Every collector, every listener, no cap: the CLI views.
+    pub fn start_unbounded(kernel: &KernelOptions) -> Result<Self> {
+        Self::start(kernel, CollectorOptions::all(), usize::MAX, usize::MAX)
     }
 
     /// One collection: observe, compute, apply, then sample the workers.

@@ -41,12 +41,7 @@ pub fn positive_seconds(s: &str) -> Result<f64, String> {
 }
 
 pub fn run(opts: ListenersOptions) -> Result<()> {
-    let mut pipeline = Pipeline::start(
-        &opts.kernel,
-        crate::collectors::CollectorOptions::all(),
-        usize::MAX,
-        usize::MAX,
-    )?;
+    let mut pipeline = Pipeline::start_unbounded(&opts.kernel)?;
     let before = pipeline.collect()?;
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(opts.interval));

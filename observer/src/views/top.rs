@@ -181,12 +181,7 @@ impl Drop for Screen {
 }
 
 pub fn run(opts: TopOptions) -> Result<()> {
-    let mut pipeline = Pipeline::start(
-        &opts.kernel,
-        crate::collectors::CollectorOptions::all(),
-        usize::MAX,
-        usize::MAX,
-    )?;
+    let mut pipeline = Pipeline::start_unbounded(&opts.kernel)?;
     let mut before = pipeline.collect()?;
     let mut taken = Instant::now();
     terminal::enable_raw_mode()
