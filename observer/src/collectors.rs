@@ -13,31 +13,33 @@ use crate::sockets::ListenerId;
 /// The collector flags of `observer serve`.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CollectorOptions {
-    /// Worker pools (default on): busy/idle from the thread sampler,
-    /// per-worker accepts, busy time, open and unread connections,
-    /// dispatchers. --no-collector.workers also stops the thread sampler
-    /// and the /proc reads that find workers' event loops.
     #[arg(long = "collector.workers", overrides_with = "no_workers", hide = true)]
     workers: bool,
+    /// Leave out the worker pools (collected by default: busy/idle from the
+    /// thread sampler, per-worker accepts, busy time, open and unread
+    /// connections, dispatchers); also stops the thread sampler and the
+    /// /proc reads that find workers' event loops. A later
+    /// --collector.workers turns them back on (likewise for each collector).
     #[arg(long = "no-collector.workers", overrides_with = "workers")]
     no_workers: bool,
-    /// The accept-queue wait histogram, observer_accept_queue_wait_seconds
-    /// (default on; 23 series per listener with traffic).
     #[arg(
         long = "collector.wait-histogram",
         overrides_with = "no_wait_histogram",
         hide = true
     )]
     wait_histogram: bool,
+    /// Leave out the accept-queue wait histogram,
+    /// observer_accept_queue_wait_seconds (23 series per listener with
+    /// traffic).
     #[arg(
         long = "no-collector.wait-histogram",
         overrides_with = "wait_histogram"
     )]
     no_wait_histogram: bool,
-    /// Each socket of an SO_REUSEPORT group on its own,
-    /// observer_listen_socket_* (default on).
     #[arg(long = "collector.sockets", overrides_with = "no_sockets", hide = true)]
     sockets: bool,
+    /// Leave out the series of each socket of an SO_REUSEPORT group on its
+    /// own, observer_listen_socket_*.
     #[arg(long = "no-collector.sockets", overrides_with = "sockets")]
     no_sockets: bool,
     /// Keep only listeners matching one of these selectors (comma-separated
