@@ -104,10 +104,6 @@ impl ListenerFilter {
         (self.include.is_empty() || self.include.iter().any(|s| s.matches(id)))
             && !self.exclude.iter().any(|s| s.matches(id))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.include.is_empty() && self.exclude.is_empty()
-    }
 }
 
 /// One listener selector of `--collector.listeners.include`/`exclude`.
