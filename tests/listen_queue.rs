@@ -13,12 +13,25 @@ use support::{Daemon, listen, ss_listen_queues, ss_sockets};
 
 /// Connects `n` clients that each send a request line at once, and returns
 /// them with the instant each connect completed, by local port.
-fn connect_clients(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, HashMap<u16, Instant>) {
+/// When a client's connect(2) was called and when it returned: the kernel
+/// queues (and stamps) the connection somewhere in between, or just after
+/// on a busy or emulated machine, where the calling thread may also be
+/// preempted before it reads the clock.
+#[derive(Clone, Copy)]
+struct Connected {
+    called: Instant,
+    returned: Instant,
+}
+
+fn connect_clients(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, HashMap<u16, Connected>) {
     let mut clients = Vec::new();
     let mut connected_at = HashMap::new();
     for _ in 0..n {
+        let called = Instant::now();
         let mut c = TcpStream::connect(addr).expect("client connect");
-        connected_at.insert(c.local_addr().expect("client addr").port(), Instant::now());
+        let returned = Instant::now();
+        let port = c.local_addr().expect("client addr").port();
+        connected_at.insert(port, Connected { called, returned });
         c.write_all(b"GET / HTTP/1.0\r\n").expect("client write");
         clients.push(c);
     }
@@ -26,18 +39,23 @@ fn connect_clients(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, HashMap<u16, 
 }
 
 /// Accepts one connection and returns it with the bounds the clients' clocks
-/// put on its queue wait: at least from connect to the accept call, at most
-/// from connect to accept's return. (Bounds, not one figure, so that a slow
-/// machine, an emulated guest say, widens them instead of failing the test.)
+/// put on its queue wait: at least from connect's return to the accept call,
+/// at most from connect's call to accept's return. (Bounds, not one figure,
+/// so that a slow machine, an emulated guest say, widens them instead of
+/// failing the test.)
 fn accept_timed(
     listener: &TcpListener,
-    connected_at: &HashMap<u16, Instant>,
+    connected_at: &HashMap<u16, Connected>,
 ) -> (TcpStream, Duration, Duration) {
     let called = Instant::now();
     let (conn, peer) = listener.accept().expect("accept");
     let returned = Instant::now();
     let connected = connected_at[&peer.port()];
-    (conn, called - connected, returned - connected)
+    (
+        conn,
+        called.saturating_duration_since(connected.returned),
+        returned - connected.called,
+    )
 }
 
 /// Whether `observed` seconds lies within [at_least, at_most], give or take
