@@ -24,7 +24,9 @@
 //! It is **busy** otherwise: running, or blocked on anything else (a
 //! database, an upstream, a `sleep`, a lock that is not the accept lock).
 //! Pure logic: I/O (file-lock holders) comes in through [`FileLocks`].
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet};
 
 use observer_common::{
     SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,

@@ -5,10 +5,9 @@
 //!
 //! Pure logic, no I/O: the caller passes the kernel snapshot and a liveness
 //! test for process ids.
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use observer_common::{AcceptKey, AcceptStats, WAIT_BUCKETS};
 
@@ -133,18 +132,21 @@ pub struct Collection {
 }
 
 impl Collection {
+    /// Where listener `id` is in `listeners` (sorted by id).
+    pub fn position(&self, id: &ListenerId) -> Option<usize> {
+        position(&self.listeners, id)
+    }
+
     /// Whether listener `id` had traffic since the daemon started
     /// ([`ListenerView::had_traffic`]); false for one not collected.
     pub fn had_traffic(&self, id: &ListenerId) -> bool {
-        self.listeners
-            .binary_search_by_key(id, |v| v.id)
-            .is_ok_and(|i| self.listeners[i].had_traffic)
+        position(&self.listeners, id).is_some_and(|i| self.listeners[i].had_traffic)
     }
 
     /// Marks listener `id` as having had traffic (its workers hold open
     /// connections, which the kernel counts nowhere else), from now on.
     pub fn mark_traffic(&mut self, id: &ListenerId) {
-        if let Ok(i) = self.listeners.binary_search_by_key(id, |v| v.id) {
+        if let Some(i) = position(&self.listeners, id) {
             self.listeners[i].had_traffic = true;
         }
     }
@@ -214,27 +216,30 @@ impl Aggregator {
         let index = ListenerIndex::new(sockets);
 
         // Listeners that closed: forget their state (and, below, their keys).
-        let present: HashSet<ListenerId> = views.keys().copied().collect();
-        self.listeners.retain(|id, _| present.contains(id));
-        for (id, view) in &views {
-            self.listeners.entry(*id).or_insert_with(|| ListenerState {
-                depth_baseline: if startup { view.queue_len } else { 0 },
-                drops_baseline: if startup { view.drops_raw } else { 0 },
-                ..Default::default()
-            });
+        self.listeners
+            .retain(|id, _| position(&views, id).is_some());
+        for view in &views {
+            self.listeners
+                .entry(view.id)
+                .or_insert_with(|| ListenerState {
+                    depth_baseline: if startup { view.queue_len } else { 0 },
+                    drops_baseline: if startup { view.drops_raw } else { 0 },
+                    ..Default::default()
+                });
         }
 
         let mut forget = Vec::new();
-        let mut live: HashMap<ListenerId, Accepts> = HashMap::new();
+        // Accepts of live processes, per view (same order).
+        let mut live = vec![Accepts::default(); views.len()];
         for (key, stats) in accepts {
             let Some(id) = index.listener_of(key.netns, key.family, &key.addr, key.port) else {
                 forget.push(*key);
                 continue;
             };
             if is_alive(key.tgid) {
-                live.entry(id).or_default().add(stats);
-                if let Some(view) = views.get_mut(&id) {
-                    view.by_process.entry(key.tgid).or_default().add(stats);
+                if let Some(i) = position(&views, &id) {
+                    live[i].add(stats);
+                    views[i].by_process.entry(key.tgid).or_default().add(stats);
                 }
             } else if let Some(state) = self.listeners.get_mut(&id) {
                 state.retired.add(stats);
@@ -242,15 +247,12 @@ impl Aggregator {
             }
         }
 
-        for (id, view) in views.iter_mut() {
-            let state = self
-                .listeners
-                .get_mut(id)
-                .expect("state inserted above for every view");
+        for (view, live) in views.iter_mut().zip(&live) {
+            let Some(state) = self.listeners.get_mut(&view.id) else {
+                continue; // inserted above for every view
+            };
             view.accepts = state.retired;
-            if let Some(l) = live.get(id) {
-                view.accepts.add_accepts(l);
-            }
+            view.accepts.add_accepts(live);
             let derived =
                 (view.accepts.accepted + view.queue_len).saturating_sub(state.depth_baseline);
             state.last_queued = state.last_queued.max(derived);
@@ -267,14 +269,9 @@ impl Aggregator {
             view.had_traffic = state.had_traffic;
         }
 
-        // Over the cap, listeners with traffic are kept before quiet ones.
-        let mut listeners: Vec<ListenerView> = views.into_values().collect();
-        listeners.sort_by_key(|v| (!v.had_traffic, v.id));
-        let listeners_over_cap = listeners.len().saturating_sub(self.max_listeners) as u64;
-        listeners.truncate(self.max_listeners);
-        listeners.sort_by_key(|v| v.id);
+        let listeners_over_cap = cap(&mut views, self.max_listeners);
         Collection {
-            listeners,
+            listeners: views,
             listeners_over_cap,
             forget,
             index,
@@ -290,85 +287,107 @@ impl Aggregator {
         }
     }
 
-    /// Each socket's figures, by inode: drops since start, and how long its
-    /// queue head has waited (Unix heads timed from their first sighting).
+    /// Each socket's figures (same order as `sockets`): drops since start,
+    /// and how long its queue head has waited (Unix heads timed from their
+    /// first sighting).
     fn socket_views(
         &mut self,
         sockets: &[ListenSocket],
         startup: bool,
         now: Duration,
-    ) -> HashMap<u64, SocketView> {
+    ) -> Vec<SocketView> {
         let present: HashSet<u64> = sockets.iter().map(|s| s.inode).collect();
         self.sockets.retain(|inode, _| present.contains(inode));
-        let mut views = HashMap::new();
-        for s in sockets {
-            let state = self.sockets.entry(s.inode).or_insert_with(|| SocketState {
-                drops_baseline: if startup { s.drops as u64 } else { 0 },
-                head: None,
-            });
-            let oldest_wait = match s.head {
-                QueueHead::Waited { us } => Duration::from_micros(us),
-                QueueHead::Unix { head: 0 } => {
-                    state.head = None;
-                    Duration::ZERO
-                }
-                QueueHead::Unix { head } => match state.head {
-                    Some((seen, since)) if seen == head => now.saturating_sub(since),
-                    _ => {
-                        state.head = Some((head, now));
+        sockets
+            .iter()
+            .map(|s| {
+                let state = self.sockets.entry(s.inode).or_insert_with(|| SocketState {
+                    drops_baseline: if startup { s.drops as u64 } else { 0 },
+                    head: None,
+                });
+                let oldest_wait = match s.head {
+                    QueueHead::Waited { us } => Duration::from_micros(us),
+                    QueueHead::Unix { head: 0 } => {
+                        state.head = None;
                         Duration::ZERO
                     }
-                },
-            };
-            views.insert(
-                s.inode,
+                    QueueHead::Unix { head } => match state.head {
+                        Some((seen, since)) if seen == head => now.saturating_sub(since),
+                        _ => {
+                            state.head = Some((head, now));
+                            Duration::ZERO
+                        }
+                    },
+                };
                 SocketView {
                     inode: s.inode,
                     queue_len: s.queue_len as u64,
                     queue_max: s.queue_max as u64,
                     drops: (s.drops as u64).saturating_sub(state.drops_baseline),
                     oldest_wait,
-                },
-            );
-        }
-        views
+                }
+            })
+            .collect()
     }
 }
 
-/// One view per listener, summing the sockets behind it.
+/// Where listener `id` is in `views` (sorted by id).
+fn position(views: &[ListenerView], id: &ListenerId) -> Option<usize> {
+    views.binary_search_by(|v| v.id.cmp(id)).ok()
+}
+
+/// Keeps at most `max` of `views` (sorted by id, and still so after),
+/// listeners with traffic before quiet ones; returns how many it left out.
+fn cap(views: &mut Vec<ListenerView>, max: usize) -> u64 {
+    let over = views.len().saturating_sub(max);
+    if over == 0 {
+        return 0;
+    }
+    views.sort_by(|a, b| (!a.had_traffic, &a.id).cmp(&(!b.had_traffic, &b.id)));
+    views.truncate(max);
+    views.sort_by_key(|v| v.id);
+    over as u64
+}
+
+/// One view per listener, summing the sockets behind it (`socket_views`:
+/// the same order as `sockets`); sorted by id, each view's sockets by inode.
 fn group_listeners(
     sockets: &[ListenSocket],
-    mut socket_views: HashMap<u64, SocketView>,
+    socket_views: Vec<SocketView>,
     unix_waits_timed: bool,
-) -> HashMap<ListenerId, ListenerView> {
-    let mut views: HashMap<ListenerId, ListenerView> = HashMap::new();
-    for s in sockets {
-        let view = views.entry(s.id).or_insert_with(|| ListenerView {
-            id: s.id,
-            sockets: Vec::new(),
-            queue_len: 0,
-            queue_max: 0,
-            syn_queue_len: 0,
-            oldest_wait: Duration::ZERO,
-            queued: 0,
-            drops: 0,
-            drops_raw: 0,
-            accepts: Accepts::default(),
-            by_process: BTreeMap::new(),
-            waits_known: !s.id.is_unix() || unix_waits_timed,
-            had_traffic: false,
-        });
+) -> Vec<ListenerView> {
+    let mut order: Vec<(&ListenSocket, SocketView)> = sockets.iter().zip(socket_views).collect();
+    order.sort_unstable_by(|(a, _), (b, _)| (&a.id, a.inode).cmp(&(&b.id, b.inode)));
+    let mut views: Vec<ListenerView> = Vec::new();
+    for (s, socket) in order {
+        let view = match views.last_mut() {
+            Some(view) if view.id == s.id => view,
+            _ => {
+                views.push(ListenerView {
+                    id: s.id,
+                    sockets: Vec::with_capacity(1),
+                    queue_len: 0,
+                    queue_max: 0,
+                    syn_queue_len: 0,
+                    oldest_wait: Duration::ZERO,
+                    queued: 0,
+                    drops: 0,
+                    drops_raw: 0,
+                    accepts: Accepts::default(),
+                    by_process: BTreeMap::new(),
+                    waits_known: !s.id.is_unix() || unix_waits_timed,
+                    had_traffic: false,
+                });
+                let last = views.len() - 1;
+                &mut views[last]
+            }
+        };
         view.queue_len += s.queue_len as u64;
         view.queue_max += s.queue_max as u64;
         view.syn_queue_len += s.syn_queue_len as u64;
         view.drops_raw += s.drops as u64;
-        if let Some(socket) = socket_views.remove(&s.inode) {
-            view.oldest_wait = view.oldest_wait.max(socket.oldest_wait);
-            view.sockets.push(socket);
-        }
-    }
-    for view in views.values_mut() {
-        view.sockets.sort_by_key(|s| s.inode);
+        view.oldest_wait = view.oldest_wait.max(socket.oldest_wait);
+        view.sockets.push(socket);
     }
     views
 }

@@ -17,15 +17,15 @@ use observer_common::WAIT_BUCKET_BOUNDS_US;
 use prometheus::{Encoder as _, TextEncoder, proto::MetricFamily};
 
 use crate::{
-    aggregate::{ListenerView, SocketView, Waits},
+    aggregate::{Collection, ListenerView, SocketView, Waits},
     collectors::Collectors,
     containers::ContainerInfo,
     pipeline::{DaemonHealth, Snapshot},
     sockets::ListenerId,
-    workers::{PoolView, WorkerView},
+    workers::{PoolView, Pools, WorkerView},
 };
 
-type Containers = std::collections::HashMap<ListenerId, ContainerInfo>;
+type Containers = foldhash::HashMap<ListenerId, ContainerInfo>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -244,6 +244,8 @@ impl Scope {
 pub struct Exported<'a> {
     s: &'a Snapshot,
     labels: Vec<Labels>,
+    /// Each pool's listener, by position in the snapshot's listeners.
+    pool_listener: Vec<Option<usize>>,
 }
 
 impl<'a> Exported<'a> {
@@ -254,7 +256,12 @@ impl<'a> Exported<'a> {
             .iter()
             .map(|v| id_labels(&v.id, &s.containers))
             .collect();
-        Exported { s, labels }
+        let pool_listener = pool_positions(&s.pools, &s.listeners);
+        Exported {
+            s,
+            labels,
+            pool_listener,
+        }
     }
 
     /// Each listener with its labels.
@@ -262,22 +269,40 @@ impl<'a> Exported<'a> {
         self.s.listeners.listeners.iter().zip(&self.labels)
     }
 
-    /// A listener's labels and whether it had traffic (listeners are sorted
-    /// by id).
-    fn listener(&self, id: &ListenerId) -> Option<(&Labels, bool)> {
-        let all = &self.s.listeners.listeners;
-        let i = all.binary_search_by_key(id, |v| v.id).ok()?;
-        Some((&self.labels[i], all[i].had_traffic))
-    }
-
     /// Each pool with its listener's labels, where the listener had
     /// traffic (`traffic_only`) or always.
     fn pools(&self, traffic_only: bool) -> impl Iterator<Item = (&'a PoolView, &Labels)> {
-        self.s.pools.pools.iter().filter_map(move |pool| {
-            let (labels, traffic) = self.listener(&pool.listener)?;
-            (traffic || !traffic_only).then_some((pool, labels))
-        })
+        let listeners = &self.s.listeners.listeners;
+        self.s
+            .pools
+            .pools
+            .iter()
+            .zip(&self.pool_listener)
+            .filter_map(move |(pool, i)| {
+                let i = (*i)?;
+                (listeners[i].had_traffic || !traffic_only).then_some((pool, &self.labels[i]))
+            })
     }
+}
+
+/// Each pool's listener, by position in `listeners` (both in id order, so
+/// one merge walk; a pool out of order is looked up).
+fn pool_positions(pools: &Pools, listeners: &Collection) -> Vec<Option<usize>> {
+    let all = &listeners.listeners;
+    let mut next = 0;
+    pools
+        .pools
+        .iter()
+        .map(|pool| {
+            while next < all.len() && all[next].id < pool.listener {
+                next += 1;
+            }
+            match all.get(next) {
+                Some(v) if v.id == pool.listener => Some(next),
+                _ => listeners.position(&pool.listener),
+            }
+        })
+        .collect()
 }
 
 /// One series per listener in `scope`; `value` is `None` where the kernel

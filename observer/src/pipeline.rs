@@ -6,11 +6,12 @@
 //! reads the workers once more, so that busy/idle describes this instant.
 //! Shared by `serve` and the one-shot CLI commands.
 use std::{
-    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use anyhow::{Context as _, Result};
 

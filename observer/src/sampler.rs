@@ -9,10 +9,12 @@
 //! over a window is about ± one interval per busy period that starts or ends
 //! in it, and averages out (README, "What busy means").
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::BTreeMap,
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use anyhow::Result;
 use observer_common::ThreadSample;

@@ -4,10 +4,11 @@
 //! [`ListenerIndex`] finds the listener of an accepted connection from what
 //! the kernel records on it. Pure logic, no I/O.
 use std::{
-    collections::{HashMap, HashSet},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
+
+use foldhash::{HashMap, HashSet};
 
 use observer_common::{
     AF_INET, AF_INET6, AF_UNIX, HolderRecord, ListenerRecord, TCP_LISTEN, UNIX_PATH_BYTES,

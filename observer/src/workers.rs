@@ -20,9 +20,11 @@
 //! worker. Whether a worker is busy is the rule in `activity.rs`. Pure
 //! logic, no I/O.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use observer_common::{TCP_LISTEN, WorkerFds};
 
@@ -169,11 +171,11 @@ impl Handoffs {
     /// holds it is forgotten, and so is a listener that is gone.
     fn learn(
         &mut self,
-        listeners: &BTreeSet<ListenerId>,
-        holders_of: &BTreeMap<ListenerId, BTreeMap<u32, u32>>,
-        servers_of: &BTreeMap<ListenerId, BTreeMap<u32, u32>>,
-    ) -> BTreeMap<ListenerId, Roles> {
-        self.fed.retain(|id, _| listeners.contains(id));
+        is_listener: impl Fn(&ListenerId) -> bool,
+        holders_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
+        servers_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
+    ) -> HashMap<ListenerId, Roles> {
+        self.fed.retain(|id, _| is_listener(id));
         let no_one = BTreeMap::new();
         for (id, servers) in servers_of {
             let holders = holders_of.get(id).unwrap_or(&no_one);
@@ -184,14 +186,26 @@ impl Handoffs {
                 }
             }
         }
-        let mut roles_of = BTreeMap::new();
+        let mut roles_of = HashMap::with_capacity(holders_of.len());
+        let no_dispatchers = BTreeSet::new();
         for (id, holders) in holders_of {
-            let fed = self.fed.entry(*id).or_default();
-            fed.retain(|pid, _| !holders.contains_key(pid));
-            let dispatchers = self.dispatchers.entry(*id).or_default();
-            dispatchers.retain(|pid| holders.contains_key(pid));
-            let r = roles(holders, fed, dispatchers);
-            dispatchers.clone_from(&r.dispatchers);
+            // Most listeners have neither: touch those maps only where known.
+            if let Some(fed) = self.fed.get_mut(id) {
+                fed.retain(|pid, _| !holders.contains_key(pid));
+            }
+            if let Some(dispatchers) = self.dispatchers.get_mut(id) {
+                dispatchers.retain(|pid| holders.contains_key(pid));
+            }
+            let r = roles(
+                holders,
+                self.fed.get(id).unwrap_or(&no_one),
+                self.dispatchers.get(id).unwrap_or(&no_dispatchers),
+            );
+            if r.dispatchers.is_empty() {
+                self.dispatchers.remove(id);
+            } else {
+                self.dispatchers.insert(*id, r.dispatchers.clone());
+            }
             roles_of.insert(*id, r);
         }
         self.dispatchers.retain(|id, _| holders_of.contains_key(id));
@@ -246,8 +260,8 @@ const CONNECTION_FDS_KEPT: usize = 16;
 
 /// The processes that serve each listener, with their names.
 pub struct Membership {
-    workers: BTreeMap<ListenerId, BTreeSet<u32>>,
-    dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
+    workers: HashMap<ListenerId, BTreeSet<u32>>,
+    dispatchers: HashMap<ListenerId, BTreeSet<u32>>,
     comms: HashMap<u32, String>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerId, u32), u64>,
@@ -261,7 +275,7 @@ pub struct Membership {
     /// [`CONNECTION_FDS_KEPT`]).
     connection_fds: HashMap<u32, BTreeSet<i32>>,
     /// Every process holding each listener (masters included).
-    holders: BTreeMap<ListenerId, BTreeSet<u32>>,
+    holders: HashMap<ListenerId, BTreeSet<u32>>,
     /// Every process holding each listening socket, by inode.
     socket_holders: HashMap<u64, BTreeSet<u32>>,
 }
@@ -281,8 +295,9 @@ impl Membership {
         handoffs: &mut Handoffs,
     ) -> Membership {
         let index = &listeners.index;
-        let mut holders_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
-        let mut servers_of: BTreeMap<ListenerId, BTreeMap<u32, u32>> = BTreeMap::new();
+        let mut holders_of: HashMap<ListenerId, BTreeMap<u32, u32>> =
+            HashMap::with_capacity(listeners.listeners.len());
+        let mut servers_of: HashMap<ListenerId, BTreeMap<u32, u32>> = HashMap::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
@@ -328,10 +343,10 @@ impl Membership {
                 }
             }
         }
-        let ids: BTreeSet<ListenerId> = listeners.listeners.iter().map(|v| v.id).collect();
-        let mut workers = BTreeMap::new();
-        let mut dispatchers = BTreeMap::new();
-        let roles_of = handoffs.learn(&ids, &holders_of, &servers_of);
+        let mut workers = HashMap::with_capacity(holders_of.len());
+        let mut dispatchers = HashMap::new();
+        let is_listener = |id: &ListenerId| listeners.position(id).is_some();
+        let roles_of = handoffs.learn(is_listener, &holders_of, &servers_of);
         handoffs.remember_comms(&mut comms);
         for (id, r) in roles_of {
             if !r.workers.is_empty() {
@@ -407,16 +422,22 @@ impl Membership {
         fds
     }
 
-    /// Each worker's pool: the first listener it serves (workers that hold
-    /// the same listeners share it).
+    /// Each worker's pool: the first listener it serves, in id order
+    /// (workers that hold the same listeners share it).
     fn pool_tags(&self) -> HashMap<u32, PoolTag> {
-        let mut tags = HashMap::new();
+        let mut first: HashMap<u32, &ListenerId> = HashMap::new();
         for (id, pids) in &self.workers {
             for pid in pids {
-                tags.entry(*pid).or_insert_with(|| pool_tag(id));
+                first
+                    .entry(*pid)
+                    .and_modify(|seen| *seen = (*seen).min(id))
+                    .or_insert(id);
             }
         }
-        tags
+        first
+            .into_iter()
+            .map(|(pid, id)| (pid, pool_tag(id)))
+            .collect()
     }
 }
 
@@ -434,6 +455,10 @@ fn pool_tag(id: &ListenerId) -> PoolTag {
 /// at again with back-off, 1 s doubling to 64 s, or at once when the fds it
 /// serves change: a host of blocking workers, or one process holding
 /// thousands of fds, costs a few /proc reads per scrape, not all of them.
+/// Those second looks are also capped per scrape
+/// ([`RELOOKS_PER_REFRESH`], the longest due first): a thousand workers
+/// started together come due together, and one scrape would pay for all
+/// (~120 µs each).
 #[derive(Debug, Default)]
 pub struct EventLoops {
     found: HashMap<u32, Vec<i32>>,
@@ -444,6 +469,9 @@ pub struct EventLoops {
 
 const LOOK_AGAIN_FIRST: Duration = Duration::from_secs(1);
 const LOOK_AGAIN_MAX: Duration = Duration::from_secs(64);
+/// Second looks at most per refresh (first looks, and looks after a
+/// worker's fds changed, are never deferred).
+pub const RELOOKS_PER_REFRESH: usize = 64;
 
 impl EventLoops {
     /// Updates the sets for the workers' fds (`loop_fds`, per pid) at `now`
@@ -456,22 +484,42 @@ impl EventLoops {
     ) {
         self.found.retain(|pid, _| loop_fds.contains_key(pid));
         self.missing.retain(|pid, _| loop_fds.contains_key(pid));
+        // Second looks that are due: (due since, pid, fds, next back-off).
+        let mut due = Vec::new();
         for (pid, fds) in loop_fds {
             if self.found.contains_key(pid) {
                 continue;
             }
-            let step = match self.missing.get(pid) {
-                Some((looked_for, next, _)) if looked_for == fds && now < *next => continue,
-                Some((looked_for, _, step)) if looked_for == fds => (*step * 2).min(LOOK_AGAIN_MAX),
-                _ => LOOK_AGAIN_FIRST,
-            };
-            let epolls = lookup(*pid, fds);
-            if epolls.is_empty() {
-                self.missing.insert(*pid, (fds.clone(), now + step, step));
-            } else {
-                self.missing.remove(pid);
-                self.found.insert(*pid, epolls);
+            match self.missing.get(pid) {
+                Some((looked_for, next, step)) if looked_for == fds => {
+                    if now >= *next {
+                        due.push((*next, *pid, fds, (*step * 2).min(LOOK_AGAIN_MAX)));
+                    }
+                }
+                _ => self.look(*pid, fds, now, LOOK_AGAIN_FIRST, &lookup),
             }
+        }
+        due.sort_unstable_by_key(|(since, pid, _, _)| (*since, *pid));
+        for (_, pid, fds, step) in due.into_iter().take(RELOOKS_PER_REFRESH) {
+            self.look(pid, fds, now, step, &lookup);
+        }
+    }
+
+    /// Looks for `pid`'s event loop now; if none, again `step` from `now`.
+    fn look(
+        &mut self,
+        pid: u32,
+        fds: &[i32],
+        now: Duration,
+        step: Duration,
+        lookup: impl Fn(u32, &[i32]) -> Vec<i32>,
+    ) {
+        let epolls = lookup(pid, fds);
+        if epolls.is_empty() {
+            self.missing.insert(pid, (fds.to_vec(), now + step, step));
+        } else {
+            self.missing.remove(&pid);
+            self.found.insert(pid, epolls);
         }
     }
 
@@ -628,6 +676,39 @@ mod tests {
         assert!(loops.epolls().is_empty());
     }
 
+    #[test]
+    fn second_looks_are_capped_per_refresh_longest_due_first() {
+        use std::cell::RefCell;
+        let looked = RefCell::new(Vec::new());
+        let lookup = |pid: u32, _: &[i32]| {
+            looked.borrow_mut().push(pid);
+            vec![]
+        };
+        let mut loops = EventLoops::default();
+        let n = RELOOKS_PER_REFRESH as u32 * 3;
+        let fds: BTreeMap<u32, Vec<i32>> = (0..n).map(|pid| (pid, vec![3])).collect();
+        loops.refresh(&fds, Duration::ZERO, lookup);
+        assert_eq!(looked.borrow().len(), n as usize, "first looks: all");
+        // All come due at 1 s: a third per refresh, the rest later.
+        looked.borrow_mut().clear();
+        let mut per_refresh = Vec::new();
+        for t in [1000, 1001, 1002] {
+            let before = looked.borrow().len();
+            loops.refresh(&fds, Duration::from_millis(t), lookup);
+            per_refresh.push(looked.borrow().len() - before);
+        }
+        assert_eq!(per_refresh, vec![RELOOKS_PER_REFRESH; 3]);
+        let mut pids = looked.borrow().clone();
+        pids.sort_unstable();
+        assert_eq!(pids, (0..n).collect::<Vec<_>>(), "each once");
+        // A new worker is looked at at once, cap or not.
+        looked.borrow_mut().clear();
+        let mut more = fds.clone();
+        more.insert(n, vec![3]);
+        loops.refresh(&more, Duration::from_millis(1003), lookup);
+        assert_eq!(*looked.borrow(), vec![n]);
+    }
+
     /// The membership of the listener on `port`, from these holder records.
     fn membership(port: u16, holders: &[HolderRecord]) -> Membership {
         membership_after(port, holders, &mut Handoffs::default())
@@ -734,7 +815,7 @@ mod tests {
 
     #[test]
     fn busy_and_idle_come_from_the_sampler() {
-        let activity = HashMap::from([
+        let activity = HashMap::from_iter([
             (
                 11,
                 WorkerActivity {
@@ -800,7 +881,7 @@ mod tests {
 
     #[test]
     fn watched_workers_carry_listeners_epolls_and_one_pool() {
-        let w = watched(&gunicorn_pool(), &HashMap::from([(11, vec![7])]));
+        let w = watched(&gunicorn_pool(), &HashMap::from_iter([(11, vec![7])]));
         assert_eq!(w.len(), 2, "the workers, not the master");
         assert_eq!(w[&11].fds.listen, [3, -1, -1, -1]);
         assert_eq!(w[&11].fds.epoll, [7, -1, -1, -1]);

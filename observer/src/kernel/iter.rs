@@ -6,6 +6,7 @@
 use std::{
     io::Read as _,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{Context as _, Result};
@@ -41,6 +42,10 @@ fn bpf(cmd: libc::c_long, attr: &BpfAttr) -> std::io::Result<OwnedFd> {
 pub struct IterLink {
     fd: OwnedFd,
     name: &'static str,
+    /// Bytes the last read returned: the next one reserves that much and a
+    /// little more up front, instead of growing (and copying) a
+    /// megabyte-sized buffer step by step.
+    last_len: AtomicUsize,
 }
 
 impl IterLink {
@@ -51,7 +56,11 @@ impl IterLink {
         attr.0[2] = BPF_TRACE_ITER; // link_create.attach_type
         let fd = bpf(BPF_LINK_CREATE, &attr)
             .with_context(|| format!("attaching the {name} iterator (bpf_link_create)"))?;
-        Ok(IterLink { fd, name })
+        Ok(IterLink {
+            fd,
+            name,
+            last_len: AtomicUsize::new(0),
+        })
     }
 
     /// Runs the iterator once and returns everything it wrote.
@@ -60,10 +69,12 @@ impl IterLink {
         attr.0[0] = self.fd.as_raw_fd() as u32; // iter_create.link_fd
         let fd = bpf(BPF_ITER_CREATE, &attr)
             .with_context(|| format!("opening the {} iterator", self.name))?;
-        let mut bytes = Vec::new();
+        let last_len = self.last_len.load(Ordering::Relaxed);
+        let mut bytes = Vec::with_capacity(last_len + last_len / 8);
         std::fs::File::from(fd)
             .read_to_end(&mut bytes)
             .with_context(|| format!("reading the {} iterator", self.name))?;
+        self.last_len.store(bytes.len(), Ordering::Relaxed);
         Ok(bytes)
     }
 
@@ -75,6 +86,7 @@ impl IterLink {
                 .try_clone()
                 .context("duplicating an iterator link")?,
             name: self.name,
+            last_len: AtomicUsize::new(0),
         })
     }
 }

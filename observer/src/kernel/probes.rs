@@ -201,7 +201,7 @@ impl Probes {
     }
 
     /// Makes `LISTEN_PORTS` hold exactly `keys`.
-    pub fn set_listen_ports(&mut self, keys: &std::collections::HashSet<u64>) -> Result<()> {
+    pub fn set_listen_ports(&mut self, keys: &foldhash::HashSet<u64>) -> Result<()> {
         let wanted = keys.iter().map(|k| (*k, 1u8)).collect();
         self.listen_ports
             .sync(&mut self.ebpf, "LISTEN_PORTS", &wanted)
@@ -209,7 +209,7 @@ impl Probes {
 
     /// Makes `WATCHED` hold exactly `fds` (per worker process): the
     /// processes whose threads the sampler reports.
-    pub fn set_watched(&mut self, fds: &std::collections::HashMap<u32, WorkerFds>) -> Result<()> {
+    pub fn set_watched(&mut self, fds: &foldhash::HashMap<u32, WorkerFds>) -> Result<()> {
         self.watched.sync(&mut self.ebpf, "WATCHED", fds)
     }
 
@@ -453,13 +453,13 @@ fn attach_unix_connect(ebpf: &mut Ebpf, btf: &Btf, source: AcceptSource) -> Resu
 /// reading the kernel map back (10,000 listeners: 20,000 syscalls a scrape
 /// saved).
 struct HashMirror<K, V> {
-    written: std::collections::HashMap<K, V>,
+    written: foldhash::HashMap<K, V>,
 }
 
 impl<K, V> Default for HashMirror<K, V> {
     fn default() -> Self {
         HashMirror {
-            written: std::collections::HashMap::new(),
+            written: foldhash::HashMap::default(),
         }
     }
 }
@@ -474,7 +474,7 @@ where
         &mut self,
         ebpf: &mut Ebpf,
         name: &str,
-        wanted: &std::collections::HashMap<K, V>,
+        wanted: &foldhash::HashMap<K, V>,
     ) -> Result<()> {
         let mut map: HashMap<_, K, V> = HashMap::try_from(
             ebpf.map_mut(name)
