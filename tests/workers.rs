@@ -159,9 +159,16 @@ fn load_at(
     requests: usize,
     sleep_s: f64,
 ) -> Vec<ClientRun> {
+    // Clients start staggered over one request's sleep, as real clients
+    // are: started together, they would finish and come back together, and
+    // every worker would be idle for the same millisecond each round (a
+    // scrape landing there reads all of them idle while the server's own
+    // count, read just before and after, says busy).
+    let stagger = Duration::from_secs_f64(sleep_s / clients.max(1) as f64);
     (0..clients)
-        .map(|_| {
+        .map(|i| {
             std::thread::spawn(move || {
+                std::thread::sleep(stagger * i as u32);
                 let (mut done, mut took) = (0, Duration::ZERO);
                 for _ in 0..requests {
                     let started = Instant::now();
