@@ -129,3 +129,160 @@ fn without_privileges_the_error_names_the_missing_capabilities() {
         "{line}"
     );
 }
+
+/// Installs, in the child about to exec, a seccomp filter that fails
+/// bpf(2) with EPERM, as a container runtime's default profile does.
+fn deny_bpf_syscall(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // Classic BPF: load the arch; if not x86-64, allow; load the syscall
+    // number; bpf → EPERM; anything else → allow.
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let filter = [
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 4,
+        }, // ld arch
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 3,
+            k: AUDIT_ARCH_X86_64,
+        },
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // ld nr
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_bpf as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        }, // allow
+    ];
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl);
+    // `filter` is a local array copied into the closure, alive for the call.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn under_a_seccomp_profile_that_blocks_bpf_serve_and_doctor_say_so() {
+    let bin = observer_bin();
+    let mut serve = Command::new(&bin);
+    serve.args(["serve", "--web.listen-address", "127.0.0.1:0"]);
+    deny_bpf_syscall(&mut serve);
+    let out = run(&mut serve);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = one_error_line(&stderr);
+    assert!(
+        line.contains("seccomp profile blocks bpf()") && line.contains("seccomp=unconfined"),
+        "{line}"
+    );
+
+    let mut doctor = Command::new(&bin);
+    doctor.arg("doctor");
+    deny_bpf_syscall(&mut doctor);
+    let out = run(&mut doctor);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL seccomp") && l.contains("seccomp=unconfined")),
+        "{stdout}"
+    );
+    // No line with an empty reason (a mark, a name and nothing else).
+    for line in stdout
+        .lines()
+        .filter(|l| l.starts_with("ok") || l.starts_with("FAIL") || l.starts_with("warn"))
+    {
+        assert!(
+            line.split_whitespace().count() > 2,
+            "empty reason: {line:?}\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn without_the_bpf_capability_doctor_names_it() {
+    let no_bpf = [
+        "setpriv",
+        "--inh-caps=-bpf,-sys_admin",
+        "--bounding-set=-bpf,-sys_admin",
+    ];
+    let bin = observer_bin();
+    let out = run(Command::new(no_bpf[0])
+        .args(&no_bpf[1..])
+        .arg(&bin)
+        .arg("doctor"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL privileges") && l.contains("missing CAP_BPF")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn where_securityfs_cannot_be_mounted_doctor_says_lockdown_is_unknown_and_why() {
+    // A container's view: no securityfs, and no CAP_SYS_ADMIN to mount it
+    // (a private mount namespace, so the host's mount stays).
+    let bin = observer_bin();
+    let script = format!(
+        "umount /sys/kernel/security && \
+         setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {} doctor",
+        bin.display()
+    );
+    let out =
+        run(Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(" lockdown "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no lockdown line:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        line.contains("unknown: securityfs is not mounted here and mounting it failed")
+            && line.contains("/sys/kernel/security"),
+        "{line}"
+    );
+}

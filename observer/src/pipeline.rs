@@ -189,7 +189,7 @@ impl Pipeline {
         };
         let health = DaemonHealth {
             accept_source: probes.accept_source.name().to_owned(),
-            lockdown: host::lockdown_mode().unwrap_or_else(|| "unknown".into()),
+            lockdown: host::lockdown().label(),
             program_errors: probes
                 .attach_errors
                 .iter()
@@ -375,6 +375,7 @@ fn lock(sampler: &Mutex<ThreadSampler>) -> Result<std::sync::MutexGuard<'_, Thre
 pub fn load_probes(kernel: &KernelOptions, trace: bool) -> Result<Probes> {
     probes::ensure_object_sane()?;
     host::require_privileges()?;
+    host::require_bpf_allowed()?;
     host::require_lockdown_allows_reads()?;
     if host::ensure_tracefs()? {
         log::info!("mounted tracefs at /sys/kernel/tracing");

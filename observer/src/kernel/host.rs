@@ -121,26 +121,119 @@ pub fn ensure_tracefs() -> Result<bool> {
     }
 }
 
-/// The kernel lockdown mode ("none", "integrity", "confidentiality"), or None
-/// when the kernel has no lockdown support or securityfs can't be mounted.
-pub fn lockdown_mode() -> Option<String> {
-    let file = Path::new(SECURITYFS).join("lockdown");
-    if !file.exists() {
-        let _ = mount("securityfs", SECURITYFS);
+/// What can be known of the kernel's lockdown mode from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lockdown {
+    /// The active mode: "none", "integrity" or "confidentiality".
+    Mode(String),
+    /// securityfs is mounted and has no `lockdown` file: no lockdown LSM.
+    NoLsm,
+    /// securityfs is not mounted here (a container, say) and mounting it
+    /// failed, with this error.
+    Unknown(String),
+}
+
+impl Lockdown {
+    /// The mode, or "unknown" (for `observer_build_info`).
+    pub fn label(&self) -> String {
+        match self {
+            Lockdown::Mode(mode) => mode.clone(),
+            Lockdown::NoLsm => "none".into(),
+            Lockdown::Unknown(_) => "unknown".into(),
+        }
     }
-    let text = std::fs::read_to_string(file).ok()?;
-    // The active mode is in brackets: "none [integrity] confidentiality".
+}
+
+/// Reads the kernel lockdown mode from securityfs, mounting it when it is
+/// not mounted (a container without the host's /sys/kernel/security).
+pub fn lockdown() -> Lockdown {
+    let file = Path::new(SECURITYFS).join("lockdown");
+    if !file.exists()
+        && !securityfs_mounted()
+        && let Err(e) = mount("securityfs", SECURITYFS)
+    {
+        return Lockdown::Unknown(e.to_string());
+    }
+    match std::fs::read_to_string(&file) {
+        Ok(text) => parse_lockdown(&text).map_or(Lockdown::NoLsm, Lockdown::Mode),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lockdown::NoLsm,
+        Err(e) => Lockdown::Unknown(e.to_string()),
+    }
+}
+
+fn securityfs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("securityfs"))
+}
+
+/// The active mode of a securityfs `lockdown` file, in brackets:
+/// "none [integrity] confidentiality".
+fn parse_lockdown(text: &str) -> Option<String> {
     let start = text.find('[')? + 1;
     let end = text[start..].find(']')? + start;
     Some(text[start..end].to_owned())
 }
 
+/// Whether a seccomp filter keeps this process from calling bpf(2), as a
+/// container runtime's default profile does: the process is filtered
+/// (`Seccomp: 2` in /proc/self/status) and a bpf() call that the kernel
+/// itself would refuse with EINVAL fails with EPERM or ENOSYS instead.
+pub fn seccomp_blocks_bpf() -> bool {
+    let filtered = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.strip_prefix("Seccomp:").map(str::trim) == Some("2"));
+    if !filtered {
+        return false;
+    }
+    // BPF_MAP_CREATE with an all-zero attribute (map type 0 does not exist).
+    let attr = [0u8; 72];
+    // SAFETY: the bpf syscall reads `attr`, ours and of the size passed;
+    // this call can create nothing (the kernel rejects map type 0).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), attr.len()) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    rc < 0 && matches!(errno, Some(libc::EPERM) | Some(libc::ENOSYS))
+}
+
+pub const SECCOMP_BLOCKS_BPF: &str = "the container's seccomp profile blocks bpf(): run with \
+     seccomp=unconfined or a profile that allows bpf, perf_event_open";
+
+pub fn require_bpf_allowed() -> Result<()> {
+    if seccomp_blocks_bpf() {
+        bail!("{SECCOMP_BLOCKS_BPF}");
+    }
+    Ok(())
+}
+
 pub fn require_lockdown_allows_reads() -> Result<()> {
-    if lockdown_mode().as_deref() == Some("confidentiality") {
+    if lockdown() == Lockdown::Mode("confidentiality".into()) {
         bail!(
             "kernel lockdown is 'confidentiality', which forbids eBPF programs from reading \
              kernel memory; boot with lockdown=integrity (or none) to use observer"
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_active_lockdown_mode_is_the_bracketed_one() {
+        // As read on 6.18 (ours) and on a Debian 6.1 guest.
+        assert_eq!(
+            parse_lockdown("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(
+            parse_lockdown("[none] integrity confidentiality\n").as_deref(),
+            Some("none")
+        );
+        assert_eq!(parse_lockdown("").as_deref(), None);
+        assert_eq!(Lockdown::Unknown("EPERM".into()).label(), "unknown");
+        assert_eq!(Lockdown::NoLsm.label(), "none");
+    }
 }

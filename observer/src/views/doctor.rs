@@ -6,7 +6,8 @@ use observer_common::KernelOffsets;
 
 use crate::{
     kernel::{
-        host, offsets,
+        host::{self, Lockdown},
+        offsets,
         probes::{AcceptSource, Probes, UNIX_WAITS_UNTIMED},
     },
     pipeline::KernelOptions,
@@ -52,12 +53,17 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
     checks.push(Check {
         name: "lockdown",
         required: true,
-        result: match host::lockdown_mode().as_deref() {
-            Some("confidentiality") => {
+        result: match host::lockdown() {
+            Lockdown::Mode(mode) if mode == "confidentiality" => {
                 Err("confidentiality: eBPF may not read kernel memory".into())
             }
-            Some(mode) => Ok(format!("{mode} (eBPF kernel reads allowed)")),
-            None => Ok("not reported (no lockdown LSM)".into()),
+            Lockdown::Mode(mode) => Ok(format!("{mode} (eBPF kernel reads allowed)")),
+            Lockdown::NoLsm => Ok("none (the kernel has no lockdown LSM)".into()),
+            Lockdown::Unknown(why) => Ok(format!(
+                "unknown: securityfs is not mounted here and mounting it failed ({why}); \
+                 mount the host's /sys/kernel/security read-only to know (programs are \
+                 loaded below either way)"
+            )),
         },
     });
     checks.push(Check {
@@ -88,9 +94,20 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
             })
             .map_err(|e| format!("{e:#}")),
     });
+    let seccomp_blocks_bpf = host::seccomp_blocks_bpf();
+    checks.push(Check {
+        name: "seccomp",
+        required: true,
+        result: if seccomp_blocks_bpf {
+            Err(host::SECCOMP_BLOCKS_BPF.into())
+        } else {
+            Ok("bpf() is allowed".into())
+        },
+    });
     let privileged = checks
         .iter()
-        .any(|c| c.name == "privileges" && c.result.is_ok());
+        .any(|c| c.name == "privileges" && c.result.is_ok())
+        && !seccomp_blocks_bpf;
     if let (Ok(offsets), true) = (&offsets, privileged) {
         checks.extend(program_checks(offsets, opts));
     }
@@ -224,10 +241,17 @@ fn programs_summary(loaded: &Result<Probes>) -> Result<String, String> {
     }
 }
 
-/// An error's causes without its outermost context, when it has any.
+/// An error's causes without its outermost context, when it has any
+/// (never empty: an error without causes is its own reason).
 fn reason(e: &anyhow::Error) -> String {
     let causes: Vec<String> = e.chain().map(ToString::to_string).collect();
-    causes[causes.len().min(1)..].join(": ")
+    let skip = usize::from(causes.len() > 1);
+    let reason = causes[skip..].join(": ");
+    if reason.trim().is_empty() {
+        format!("{e:#}")
+    } else {
+        reason
+    }
 }
 
 pub fn run(opts: DoctorOptions) -> Result<()> {
