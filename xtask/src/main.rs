@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deb;
 mod growth;
 mod soak;
 mod vm;
@@ -66,6 +67,10 @@ enum Task {
     /// Build the container image `observer:<version>` offline with buildah:
     /// the release binary and the libraries it links, on scratch.
     Image,
+    /// Build the Debian package target/debian/observer_<version>_<arch>.deb:
+    /// the release binary in /usr/bin, the systemd unit, a man page and the
+    /// copyright file (with Debian's dpkg-deb).
+    Deb,
     /// Set up, build, and run `observer serve` with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -100,6 +105,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "apache2",
     "nodejs",
     "puma",
+    // The image under a container runtime (tests/containers.rs): runc, as
+    // crun refuses this host's hybrid cgroup layout.
+    "podman",
+    "runc",
+    "conmon",
+    // The Debian package's man page check (tests/package.rs).
+    "man-db",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -137,6 +149,11 @@ fn run(cli: Cli) -> Result<()> {
             ensure_packages(&["buildah"])?;
             cargo(&["build", "--release", "--package", "observer"])?;
             image()
+        }
+        Task::Deb => {
+            setup()?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            deb::build().map(|_| ())
         }
         Task::VmTest(opts) => {
             setup()?;
@@ -465,6 +482,7 @@ fn test(vm_kernel: &str, args: &[String]) -> Result<()> {
     // The image too (release build), so that the tests can inspect it.
     cargo(&["build", "--release", "--package", "observer"])?;
     image()?;
+    deb::build()?;
     let bin = workspace_root().join("target/debug/observer");
     // Unit tests run in parallel; end-to-end tests one at a time, so that one
     // test's load does not skew another's timings.

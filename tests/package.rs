@@ -1,0 +1,143 @@
+//! The Debian package that `cargo xtask deb` builds (and `cargo xtask test`
+//! builds before the end-to-end tests): installed with dpkg on this host,
+//! run from /usr/bin, its unit verified by systemd, removed without a trace.
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use support::run;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// target/debian/observer_<version>_<arch>.deb.
+fn package() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
+    let found = std::fs::read_dir(&dir).ok().and_then(|entries| {
+        entries.flatten().map(|e| e.path()).find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("observer_{VERSION}_")) && n.ends_with(".deb")
+            })
+        })
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no observer_{VERSION}_*.deb in {}: run `cargo xtask deb` (cargo xtask test builds it)",
+            dir.display()
+        )
+    })
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn installed_status() -> String {
+    let out = run(Command::new("dpkg-query").args(["-W", "-f=${Status}", "observer"]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const FILES: &[&str] = &[
+    "/usr/bin/observer",
+    "/lib/systemd/system/observer.service",
+    "/usr/share/man/man1/observer.1.gz",
+    "/usr/share/doc/observer/copyright",
+];
+
+#[test]
+fn the_package_holds_the_binary_unit_man_page_and_copyright() {
+    let deb = package();
+    let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    for file in FILES {
+        assert!(
+            contents.contains(&format!(".{file}")),
+            "{file} missing:\n{contents}"
+        );
+    }
+    let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    assert!(info.contains("Package: observer"), "{info}");
+    assert!(info.contains(&format!("Version: {VERSION}")), "{info}");
+    assert!(info.contains("Depends: libc6 (>= 2."), "{info}");
+
+    // The man page, extracted (a slim Debian may exclude /usr/share/man on
+    // install), renders every command's section without warnings.
+    let dir = tempdir();
+    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir));
+    let page = dir.join("usr/share/man/man1/observer.1.gz");
+    let out = run(Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .env_remove("MAN_KEEP_FORMATTING"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "man -l: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).trim().is_empty(),
+        "groff warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for section in [
+        "OBSERVER SERVE",
+        "OBSERVER LISTENERS",
+        "OBSERVER TRACE",
+        "OBSERVER TOP",
+        "OBSERVER DOCTOR",
+    ] {
+        assert!(
+            text.contains(section),
+            "no {section} in the man page:\n{text}"
+        );
+    }
+    assert!(text.contains("--web.listen-address"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_package_installs_runs_from_usr_bin_and_removes_cleanly() {
+    let deb = package();
+    ok(Command::new("dpkg").arg("-i").arg(&deb));
+    assert_eq!(installed_status(), "install ok installed");
+
+    let version = ok(Command::new("/usr/bin/observer").arg("--version"));
+    assert_eq!(version.trim(), format!("observer {VERSION}"));
+    let doctor = ok(Command::new("/usr/bin/observer").arg("doctor"));
+    assert!(
+        doctor.contains("observer serve can run on this host"),
+        "{doctor}"
+    );
+    let unit = std::fs::read_to_string("/lib/systemd/system/observer.service").expect("unit");
+    assert!(unit.contains("ExecStart=/usr/bin/observer serve"), "{unit}");
+    ok(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/observer.service"]));
+
+    ok(Command::new("dpkg").args(["-r", "observer"]));
+    for file in FILES {
+        assert!(!Path::new(file).exists(), "{file} left after dpkg -r");
+    }
+    ok(Command::new("dpkg").args(["-P", "observer"]));
+    let status = installed_status();
+    assert!(
+        !status.contains("installed") || status.contains("not-installed"),
+        "after purge: {status:?}"
+    );
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("observer-deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
