@@ -4,13 +4,15 @@ use clap::{Parser, Subcommand};
 use crate::{
     serve::ServeOptions,
     views::{
-        doctor::DoctorOptions, listeners::ListenersOptions, top::TopOptions, trace::TraceOptions,
+        doctor::DoctorOptions, explain::ExplainOptions, listeners::ListenersOptions,
+        top::TopOptions, trace::TraceOptions,
     },
 };
 
 const EXAMPLES: &str = "\
 Examples:
   observer serve                                  # metrics on http://127.0.0.1:9688/metrics
+  observer explain                                # why connections wait, per listener, and the fix
   observer listeners                              # every listener: queue, waits, workers
   observer trace --port 8000 --min-wait 10ms      # each accepted connection that waited
   observer top                                    # live view; s: sort, q: quit
@@ -39,6 +41,12 @@ const DOCTOR_EXAMPLES: &str = "\
 Examples:
   observer doctor                   # exit status 0: `observer serve` can run here
   observer doctor --kernel.btf /path/to/vmlinux.btf";
+
+const EXPLAIN_EXAMPLES: &str = "\
+Examples:
+  observer explain                        # every listener with traffic, watched for 10 s
+  observer explain --port 8000 --interval 30
+  observer explain --json | jq '.[] | select(.verdict.kind != \"healthy\")'";
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -73,6 +81,11 @@ pub enum Command {
     /// Live view of listeners and their workers.
     #[command(after_help = TOP_EXAMPLES)]
     Top(TopOptions),
+    /// Watch every listener for a while, then say for each one with traffic
+    /// or a queue why its connections wait: saturated, not accepting,
+    /// overflowing, uneven or healthy, with the evidence and the fix.
+    #[command(after_help = EXPLAIN_EXAMPLES)]
+    Explain(ExplainOptions),
     /// Check this host: kernel, BTF, lockdown, privileges, tracefs, which
     /// programs load; exit status 0 when `observer serve` can run.
     #[command(after_help = DOCTOR_EXAMPLES)]

@@ -6,7 +6,8 @@
 //! iterators) → `sampler` (worker threads, many times a second) with the
 //! busy/idle rule in `activity` → `aggregate` (per-listener figures) and
 //! `workers` (per-pool figures) → `pipeline` (one collection) → `metrics` /
-//! `serve` (Prometheus).
+//! `serve` (Prometheus); `verdict` says why a listener's connections wait
+//! (`observer explain`).
 pub mod activity;
 pub mod aggregate;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod quantile;
 pub mod sampler;
 pub mod serve;
 pub mod sockets;
+pub mod verdict;
 pub mod views;
 pub mod webconfig;
 pub mod workers;

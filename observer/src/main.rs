@@ -21,6 +21,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Trace(opts) => views::trace::run(opts),
         cli::Command::Top(opts) => views::top::run(opts),
         cli::Command::Doctor(opts) => views::doctor::run(opts),
+        cli::Command::Explain(opts) => views::explain::run(opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

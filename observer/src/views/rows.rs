@@ -85,7 +85,7 @@ pub struct ListenerFilter {
 }
 
 impl ListenerFilter {
-    fn keeps(&self, id: &ListenerId) -> bool {
+    pub fn keeps(&self, id: &ListenerId) -> bool {
         self.port.is_none_or(|p| !id.is_unix() && p == id.port)
             && self
                 .path

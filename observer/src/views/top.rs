@@ -3,6 +3,7 @@
 //! up/down select a listener (its workers show below), `q` quit. Fits 80
 //! columns.
 use std::{
+    collections::{HashMap, VecDeque},
     io::Write as _,
     time::{Duration, Instant},
 };
@@ -15,10 +16,16 @@ use crossterm::{
 };
 
 use crate::{
-    pipeline::{KernelOptions, Pipeline},
+    pipeline::{KernelOptions, Pipeline, Snapshot},
     quantile::human_seconds,
-    views::rows::{ListenerFilter, ListenerRow, rows},
+    views::{
+        explain::{Explained, count_samples, explain},
+        rows::{ListenerFilter, ListenerRow, rows},
+    },
 };
+
+/// How far back the selected listener's verdict looks.
+const VERDICT_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TopOptions {
@@ -68,6 +75,7 @@ fn clip(s: &str, width: usize) -> String {
 pub fn render(
     rows: &[ListenerRow],
     selected: usize,
+    verdicts: &[Explained],
     by: SortBy,
     width: usize,
     height: usize,
@@ -119,6 +127,18 @@ pub fn render(
     }
     if let Some(r) = rows.get(selected) {
         lines.push(String::new());
+        if let Some(e) = verdicts
+            .iter()
+            .find(|e| e.listen == r.listen && e.netns == r.netns)
+        {
+            let why = e.verdict.evidence.get(1).map(String::as_str).unwrap_or("");
+            lines.push(format!(
+                "verdict ({:.0} s): {} — {why}",
+                e.window.seconds,
+                e.verdict.kind.name().to_uppercase()
+            ));
+            lines.push(format!("fix: {}", e.verdict.fix));
+        }
         lines.push(format!("workers of {} (netns {})", r.listen, r.netns));
         lines.push(format!(
             "{:>8} {:<16} {:>5} {:>6} {:>8} {:>6} {:>6}",
@@ -194,12 +214,24 @@ pub fn run(opts: TopOptions) -> Result<()> {
     )?;
     let (mut by, mut selected) = (opts.sort, 0usize);
     let mut table: Vec<ListenerRow> = Vec::new();
+    let mut verdicts: Vec<Explained> = Vec::new();
     let interval = Duration::from_secs_f64(opts.interval);
     let mut next_refresh = Instant::now();
+    // The snapshots of the last VERDICT_WINDOW, oldest first.
+    let mut history: VecDeque<(Instant, Snapshot)> = VecDeque::new();
     loop {
         if Instant::now() >= next_refresh {
             let after = pipeline.collect()?;
             table = rows(&before, &after, taken.elapsed().as_secs_f64(), &opts.filter);
+            history.push_back((taken, before));
+            while history.len() > 2
+                && history
+                    .front()
+                    .is_some_and(|(at, _)| at.elapsed() > VERDICT_WINDOW)
+            {
+                history.pop_front();
+            }
+            verdicts = window_verdicts(&history, &after, &opts.filter);
             before = after;
             taken = Instant::now();
             next_refresh = taken + interval;
@@ -210,6 +242,7 @@ pub fn run(opts: TopOptions) -> Result<()> {
         draw(&render(
             &table,
             selected,
+            &verdicts,
             by,
             width as usize,
             height as usize,
@@ -235,6 +268,24 @@ pub fn run(opts: TopOptions) -> Result<()> {
             }
         }
     }
+}
+
+/// `observer explain`'s verdicts over the snapshots kept (from the oldest
+/// to `last`).
+fn window_verdicts(
+    history: &VecDeque<(Instant, Snapshot)>,
+    last: &Snapshot,
+    filter: &ListenerFilter,
+) -> Vec<Explained> {
+    let Some((since, first)) = history.front() else {
+        return vec![];
+    };
+    let mut seen = HashMap::new();
+    for (_, snapshot) in history.iter().skip(1) {
+        count_samples(snapshot, filter, &mut seen);
+    }
+    count_samples(last, filter, &mut seen);
+    explain(first, last, since.elapsed().as_secs_f64(), &seen, filter)
 }
 
 fn draw(lines: &[String]) -> Result<()> {
@@ -285,7 +336,7 @@ mod tests {
     #[test]
     fn every_line_fits_80_columns() {
         let rows = vec![row(65535, 4096, Some(12.5)), row(80, 0, None)];
-        for line in render(&rows, 0, SortBy::Wait, 80, 24) {
+        for line in render(&rows, 0, &[], SortBy::Wait, 80, 24) {
             assert!(
                 line.chars().count() <= 80,
                 "{} chars: {line}",
@@ -302,12 +353,63 @@ mod tests {
             comm: "node".into(),
             accepts_per_second: 11.5,
         });
-        let lines = render(&[r], 0, SortBy::Wait, 80, 24);
+        let lines = render(&[r], 0, &[], SortBy::Wait, 80, 24);
         let line = lines
             .iter()
             .find(|l| l.contains("4242"))
             .expect("the dispatcher's line");
         assert!(line.contains("disp") && line.contains("11.5"), "{line}");
+    }
+
+    #[test]
+    fn the_selected_listeners_verdict_and_fix_show_above_its_workers() {
+        use crate::verdict::{Kind, Verdict, Window};
+        let r = row(8000, 6, Some(1.2));
+        let window = Window {
+            seconds: 10.0,
+            samples: 10,
+            samples_all_busy: 10,
+            samples_queued: 10,
+            arrivals: 66,
+            accepts: 66,
+            drops: Some(0),
+            queue_len: 6,
+            queue_max: 4096,
+            oldest_first: 0.5,
+            oldest_last: 0.8,
+            wait_p50: Some(0.7),
+            wait_p99: Some(1.2),
+            workers: vec![],
+            dispatchers: 0,
+            somaxconn: None,
+            orphaned_socket: false,
+            sockets: 1,
+        };
+        let explained = Explained {
+            listen: r.listen.clone(),
+            netns: r.netns,
+            comm: None,
+            verdict: Verdict {
+                kind: Kind::Saturated,
+                evidence: vec![
+                    "waits".into(),
+                    "2 workers, all busy in 10 of 10 samples".into(),
+                ],
+                fix: "run at least 3 workers (there are 2)".into(),
+                workers_needed: Some(3),
+            },
+            window,
+        };
+        let lines = render(&[r], 0, &[explained], SortBy::Wait, 80, 24);
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("verdict (10 s): SATURATED — 2 workers, all busy"))
+            .unwrap_or_else(|| panic!("no verdict line: {lines:#?}"));
+        assert!(
+            lines[at + 1].starts_with("fix: run at least 3 workers"),
+            "{lines:#?}"
+        );
+        assert!(lines[at + 2].starts_with("workers of"), "{lines:#?}");
     }
 
     #[test]
