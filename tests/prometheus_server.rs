@@ -132,6 +132,18 @@ fn saturation_alerts(prom: u16, port: u16) -> Vec<String> {
         .collect()
 }
 
+/// The verdicts `observer:listener_verdict` gives the listener on `port`
+/// (one, when the rules are right).
+fn verdicts(prom: u16, port: u16) -> Vec<String> {
+    let query = percent_encode(&format!("observer:listener_verdict{{port=\"{port}\"}}"));
+    api(prom, &format!("/api/v1/query?query={query}"))["data"]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["metric"]["verdict"].as_str().map(str::to_owned))
+        .collect()
+}
+
 #[test]
 fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_returns_data() {
     let daemon = Daemon::start();
@@ -178,6 +190,10 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
             .contains(&"firing".to_owned())
             .then_some(())
     });
+    // The same cause, as the verdict rule says it (one verdict, not two).
+    until("the saturated verdict", 30, || {
+        (verdicts(prom, app_port) == ["saturated"]).then_some(())
+    });
 
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo("deploy/grafana/observer.json")).expect("dashboard"),
@@ -220,6 +236,10 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     until("the saturation alert to resolve", 30, || {
         saturation_alerts(prom, app_port).is_empty().then_some(())
     });
+    // The load is gone: it accepted in the last 5 minutes, nothing waits.
+    until("the healthy verdict", 30, || {
+        (verdicts(prom, app_port) == ["healthy"]).then_some(())
+    });
 
     // Oldest wait over 30 s and grown by over 45 s in the last minute.
     let alert = until("the not-accepting alert to fire", 120, || {
@@ -241,6 +261,15 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     assert!(
         alerts(prom, "ObserverListenerNotAccepting", app_port).is_empty(),
         "the saturated but accepting gunicorn listener is not flagged"
+    );
+    // The verdict group evaluates on its own schedule: the same condition,
+    // as it crosses its thresholds, may be seen there a moment later.
+    until("the not-accepting verdict", 30, || {
+        (verdicts(prom, stalled_port) == ["not_accepting"]).then_some(())
+    });
+    assert!(
+        alerts(prom, "ObserverWorkerAcceptsUneven", app_port).is_empty(),
+        "one worker, so never uneven"
     );
     let _ = stopped.kill();
     let _ = stopped.wait();
