@@ -425,7 +425,7 @@ fn the_text_output_names_the_verdict_evidence_and_fix() {
             && lines[0].ends_with(": NOT ACCEPTING"),
         "{text}"
     );
-    assert!(lines[1].trim_start().starts_with("wait p50"), "{text}");
+    assert!(lines[1].trim_start().starts_with("wait mean"), "{text}");
     assert!(
         lines
             .iter()

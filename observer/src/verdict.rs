@@ -35,6 +35,9 @@ pub struct Window {
     /// The oldest queued connection's wait at the first and last sample.
     pub oldest_first: f64,
     pub oldest_last: f64,
+    /// Mean accept-queue wait (exact: the kernel sums the waits), and the
+    /// histogram's p50 and p99 (interpolated within its buckets).
+    pub wait_mean: Option<f64>,
     pub wait_p50: Option<f64>,
     pub wait_p99: Option<f64>,
     pub workers: Vec<WorkerWindow>,
@@ -139,7 +142,8 @@ pub fn judge(w: &Window) -> Verdict {
 fn waits_line(w: &Window) -> String {
     let p = |q: Option<f64>| q.map_or_else(|| "-".into(), secs);
     format!(
-        "wait p50 {}, p99 {} over {:.0} s; queue {}/{}, oldest {}",
+        "wait mean {}, p50 {}, p99 {} over {:.0} s; queue {}/{}, oldest {}",
+        p(w.wait_mean),
         p(w.wait_p50),
         p(w.wait_p99),
         w.seconds,
@@ -234,28 +238,45 @@ fn saturated(w: &Window) -> Option<Verdict> {
             w.samples
         ),
     ];
+    let workers = w.workers.len() as u64;
     let needed = w.service_seconds().map(|service| {
-        let needed = (arrive * service).ceil().max(1.0) as u64;
+        let busy = arrive * service;
+        let needed = (busy.ceil() as u64).max(1);
+        let headroom = match needed.cmp(&workers) {
+            std::cmp::Ordering::Greater => format!(": {} short", needed - workers),
+            std::cmp::Ordering::Equal => ": no headroom".to_owned(),
+            std::cmp::Ordering::Less => String::new(),
+        };
         evidence.push(format!(
             "{arrive:.1} conn/s arrive, {complete:.1} conn/s are accepted; each holds a worker \
-             {} → needs ≥ {needed} (arrival rate × service time)",
+             {}: {arrive:.1} × {service:.3} s = {busy:.1} workers busy on average → needs ≥ \
+             {needed}, has {workers}{headroom}",
             secs(service)
         ));
         needed
     });
+    if w.queue_len > 0 {
+        evidence.push(format!(
+            "now {} connections are in the pool or its queue ({workers} served, {} waiting): \
+             {} workers would serve them all at once",
+            workers + w.queue_len,
+            w.queue_len,
+            workers + w.queue_len
+        ));
+    }
     if let Some(drops) = w.drops.filter(|d| *d > 0) {
         evidence.push(format!(
             "{drops} connection(s) dropped: the queue ({}) is full",
             w.queue_max
         ));
     }
+    // A pool busy all the time has no headroom: one more at least.
     let more = match needed {
         Some(n) => format!(
-            "at least {} workers (there are {})",
-            n.max(w.workers.len() as u64 + 1),
-            w.workers.len()
+            "at least {} workers (there are {workers})",
+            n.max(workers + 1)
         ),
-        None => format!("more than {} workers", w.workers.len()),
+        None => format!("more than {workers} workers"),
     };
     Some(Verdict {
         kind: Kind::Saturated,
@@ -404,6 +425,7 @@ mod tests {
             queue_max: 128,
             oldest_first: 0.0,
             oldest_last: 0.0,
+            wait_mean: Some(0.0001),
             wait_p50: Some(0.0001),
             wait_p99: Some(0.001),
             workers: vec![worker(1, 25, 2.0), worker(2, 25, 2.0)],
@@ -430,12 +452,43 @@ mod tests {
         assert_eq!(v.kind, Kind::Saturated);
         // 7.0/s arrive × 0.3 s = 2.1 → 3.
         assert_eq!(v.workers_needed, Some(3));
+        // At exactly the pool's capacity: needs what it has, and the fix
+        // asks for one more.
+        let at_capacity = Window {
+            arrivals: 66,
+            ..w.clone()
+        };
+        let v2 = judge(&at_capacity);
+        assert_eq!(v2.workers_needed, Some(2));
+        assert!(
+            v2.evidence[2].ends_with("→ needs ≥ 2, has 2: no headroom"),
+            "{:?}",
+            v2.evidence
+        );
+        assert!(
+            v2.fix.contains("at least 3 workers (there are 2)"),
+            "{}",
+            v2.fix
+        );
         assert!(
             v.fix.contains("at least 3 workers (there are 2)"),
             "{}",
             v.fix
         );
         assert!(v.evidence[1].contains("all busy in 20 of 20 samples"));
+        assert!(
+            v.evidence[2].contains(
+                "7.0 × 0.300 s = 2.1 workers busy on average → needs ≥ 3, has 2: 1 short"
+            ),
+            "{:?}",
+            v.evidence
+        );
+        assert!(
+            v.evidence[3]
+                .contains("now 8 connections are in the pool or its queue (2 served, 6 waiting)"),
+            "{:?}",
+            v.evidence
+        );
     }
 
     #[test]

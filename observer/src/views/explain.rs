@@ -244,6 +244,8 @@ fn window_of(
         queue_max: v.queue_max,
         oldest_first: prior.map_or(0.0, |p| p.oldest_wait.as_secs_f64()),
         oldest_last: v.oldest_wait.as_secs_f64(),
+        wait_mean: (waits.count() > 0 && v.waits_known)
+            .then(|| waits.sum_ns as f64 / 1e9 / waits.count() as f64),
         wait_p50: wait_quantile(&waits, 0.5).filter(|_| v.waits_known),
         wait_p99: wait_quantile(&waits, 0.99).filter(|_| v.waits_known),
         workers,

@@ -377,6 +377,7 @@ mod tests {
             queue_max: 4096,
             oldest_first: 0.5,
             oldest_last: 0.8,
+            wait_mean: Some(0.6),
             wait_p50: Some(0.7),
             wait_p99: Some(1.2),
             workers: vec![],
