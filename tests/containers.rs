@@ -190,8 +190,21 @@ fn daemonset_flags() -> (Vec<String>, Vec<String>) {
     flags.push("--security-opt=seccomp=unconfined".to_owned());
     assert!(has("memory: 256Mi"), "the memory limit");
     flags.push("--memory=256m".to_owned());
-    assert!(has("mountPath: /sys/kernel/tracing") && has("path: /sys/kernel/tracing"));
-    flags.push("--volume=/sys/kernel/tracing:/sys/kernel/tracing:ro".to_owned());
+    // Every hostPath volume, mounted where the manifest mounts it.
+    let mounts: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .collect();
+    let host_paths: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("path: "))
+        .filter(|p| p.starts_with("/sys/"))
+        .collect();
+    assert_eq!(mounts, host_paths, "each volume mounted at its host path");
+    assert!(mounts.contains(&"/sys/kernel/tracing"), "{mounts:?}");
+    for path in mounts {
+        flags.push(format!("--volume={path}:{path}:ro"));
+    }
     // Its own network namespace (the pod's): no hostNetwork.
     assert!(!has("hostNetwork: true"));
     flags.push("--network=none".to_owned());
@@ -362,6 +375,18 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
         "{}\n{}",
         first.text,
         observer.logs()
+    );
+
+    // The kernel lockdown mode, from the host's securityfs the manifest mounts.
+    let host_lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .ok()
+        .and_then(|t| Some(t[t.find('[')? + 1..t.find(']')?].to_owned()))
+        .unwrap_or_else(|| "none".into());
+    assert_eq!(
+        first.get("observer_build_info", &[("lockdown", &host_lockdown)]),
+        Some(1.0),
+        "lockdown in the container vs the host's {host_lockdown}:\n{}",
+        first.text
     );
 
     // The host listener: depth = ss.
