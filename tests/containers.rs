@@ -12,23 +12,15 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
-use support::{Metrics, listen, run, ss_listen_queues};
+use support::{Metrics, WSGI_APP, in_netns, listen, run, run_ok, ss_listen_queues};
 
 const IMAGE: &str = concat!("localhost/observer:", env!("CARGO_PKG_VERSION"));
 const SERVER_PORT: u16 = 8000;
-
-const WSGI_APP: &str = r#"import time
-def app(environ, start_response):
-    time.sleep(float(environ.get('QUERY_STRING') or 0.3))
-    start_response('200 OK', [('Content-Type', 'text/plain')])
-    return [b'ok\n']
-"#;
 
 /// gunicorn's busy-worker semaphore (shared by the workers), in a file.
 const GUNICORN_HOOKS: &str = r#"import multiprocessing, os
@@ -52,18 +44,6 @@ fn podman() -> Command {
     let mut cmd = Command::new("podman");
     cmd.args(["--storage-driver", "vfs"]);
     cmd
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// What every container here runs with: runc (crun refuses this host's
@@ -93,11 +73,13 @@ struct Container {
 
 impl Container {
     fn run(flags: &[String], command: &[&str]) -> Container {
-        let id = ok(podman()
-            .args(["run", "-d"])
-            .args(runtime_flags())
-            .args(flags)
-            .args(command));
+        let id = run_ok(
+            podman()
+                .args(["run", "-d"])
+                .args(runtime_flags())
+                .args(flags)
+                .args(command),
+        );
         assert!(
             id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
             "podman run -d printed {id:?}"
@@ -107,7 +89,7 @@ impl Container {
 
     /// Its first process, as the host sees it.
     fn pid(&self) -> u32 {
-        ok(podman().args(["inspect", "-f", "{{.State.Pid}}", &self.id]))
+        run_ok(podman().args(["inspect", "-f", "{{.State.Pid}}", &self.id]))
             .parse()
             .expect("pid")
     }
@@ -143,9 +125,11 @@ impl HostRootfs {
             let _ = std::os::unix::fs::symlink(format!("usr/{link}"), dir.join(link));
         }
         for sub in ["usr", "etc"] {
-            ok(Command::new("mount")
-                .args(["--bind", "-o", "ro", &format!("/{sub}")])
-                .arg(dir.join(sub)));
+            run_ok(
+                Command::new("mount")
+                    .args(["--bind", "-o", "ro", &format!("/{sub}")])
+                    .arg(dir.join(sub)),
+            );
         }
         HostRootfs { dir }
     }
@@ -237,22 +221,6 @@ fn scrape_in(pid: u32) -> Option<Metrics> {
         .then(|| Metrics::parse(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Runs `f` on a thread inside process `pid`'s network namespace.
-fn in_netns_of<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
-        // SAFETY: setns on this thread only, with a namespace fd we hold open.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        f()
-    })
-    .join()
-    .expect("thread in netns")
-}
-
 fn netns_inode(pid: u32) -> String {
     let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns link");
     let text = link.to_string_lossy();
@@ -263,9 +231,11 @@ fn netns_inode(pid: u32) -> String {
 
 /// Recv-Q of the listener on `port`, per `ss` in `pid`'s network namespace.
 fn ss_depth_in(pid: u32, port: u16) -> f64 {
-    let out = ok(Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n"])
-        .args(["ss", "-Hltn", &format!("sport = :{port}")]));
+    let out = run_ok(
+        Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n"])
+            .args(["ss", "-Hltn", &format!("sport = :{port}")]),
+    );
     out.split_whitespace()
         .nth(1)
         .and_then(|q| q.parse().ok())
@@ -276,7 +246,9 @@ fn ss_depth_in(pid: u32, port: u16) -> f64 {
 /// `pid`'s network namespace; returns whether it got a 200.
 fn request_in(pid: u32, sleep_s: f64) -> std::thread::JoinHandle<bool> {
     std::thread::spawn(move || {
-        let stream = in_netns_of(pid, || TcpStream::connect(("127.0.0.1", SERVER_PORT)));
+        let stream = in_netns(format!("/proc/{pid}/ns/net"), || {
+            TcpStream::connect(("127.0.0.1", SERVER_PORT))
+        });
         let Ok(mut s) = stream else { return false };
         let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
         let _ = write!(s, "GET /?{sleep_s} HTTP/1.0\r\n\r\n");
@@ -312,7 +284,7 @@ fn series(m: &Metrics, name: &str, port: u16, netns: &str) -> Option<(f64, Strin
 fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_gunicorn_and_the_host()
 {
     assert!(
-        !ok(podman().args(["images", "-q", IMAGE])).is_empty(),
+        !run_ok(podman().args(["images", "-q", IMAGE])).is_empty(),
         "no image {IMAGE}: run `cargo xtask image` (cargo xtask test builds it)"
     );
     // The server: gunicorn, 2 sync workers, in a container of its own.

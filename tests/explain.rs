@@ -10,10 +10,7 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
-    },
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -25,14 +22,9 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Netns, children_of, free_port, observer_bin, ss_listen_queues};
-
-const WSGI_APP: &str = r#"import time
-def app(environ, start_response):
-    time.sleep(float(environ.get('QUERY_STRING') or 0.3))
-    start_response('200 OK', [('Content-Type', 'text/plain')])
-    return [b'ok\n']
-"#;
+use support::{
+    Netns, WSGI_APP, children_of, free_port, observer_bin, ss_listen_queues, start_connects,
+};
 
 /// A server the test started, as a process group (killed on drop).
 struct Server {
@@ -278,33 +270,6 @@ fn a_listener_nobody_accepts_from_is_not_accepting_with_no_acceptor() {
         evidence(e)
     );
     drop(listener);
-}
-
-/// Non-blocking connects from inside `ns` (they complete, or keep retrying
-/// SYNs, in the background).
-fn start_connects(ns: &Netns, port: u16, n: usize) -> Vec<OwnedFd> {
-    ns.enter(move || {
-        (0..n)
-            .map(|_| {
-                // SAFETY: plain socket(2); the fd is owned by the OwnedFd below.
-                let fd = unsafe {
-                    libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
-                };
-                assert!(fd >= 0, "socket");
-                let addr = support::loopback_v4(port);
-                // SAFETY: connect with a sockaddr_in of the right size; EINPROGRESS is expected.
-                unsafe {
-                    libc::connect(
-                        fd,
-                        &addr as *const _ as *const libc::sockaddr,
-                        std::mem::size_of_val(&addr) as u32,
-                    )
-                };
-                // SAFETY: fd is a socket we just created and own.
-                unsafe { OwnedFd::from_raw_fd(fd) }
-            })
-            .collect()
-    })
 }
 
 #[test]

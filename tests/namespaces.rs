@@ -5,41 +5,14 @@ mod support;
 
 use std::{
     net::TcpListener,
-    os::fd::{FromRawFd as _, OwnedFd},
     process::Command,
     time::{Duration, Instant},
 };
 
-use support::{Daemon, Netns};
+use support::{Daemon, Netns, start_connects};
 
 fn listen_in(ns: &Netns, port: u16, backlog: i32) -> TcpListener {
     ns.enter(move || support::listen(format!("127.0.0.1:{port}").parse().expect("addr"), backlog))
-}
-
-/// Starts a non-blocking connect (it completes, or keeps retrying SYNs, in the background).
-fn start_connects(ns: &Netns, port: u16, n: usize) -> Vec<OwnedFd> {
-    ns.enter(move || {
-        (0..n)
-            .map(|_| {
-                // SAFETY: plain socket(2); the fd is owned by the OwnedFd below.
-                let fd = unsafe {
-                    libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
-                };
-                assert!(fd >= 0, "socket");
-                let addr = support::loopback_v4(port);
-                // SAFETY: connect with a sockaddr_in of the right size; EINPROGRESS is expected.
-                unsafe {
-                    libc::connect(
-                        fd,
-                        &addr as *const _ as *const libc::sockaddr,
-                        std::mem::size_of_val(&addr) as u32,
-                    )
-                };
-                // SAFETY: fd is a socket we just created and own.
-                unsafe { OwnedFd::from_raw_fd(fd) }
-            })
-            .collect()
-    })
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use support::run;
+use support::{run, run_ok};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -30,18 +30,6 @@ fn package() -> PathBuf {
     })
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn installed_status() -> String {
     let out = run(Command::new("dpkg-query").args(["-W", "-f=${Status}", "observer"]));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -57,14 +45,14 @@ const FILES: &[&str] = &[
 #[test]
 fn the_package_holds_the_binary_unit_man_page_and_copyright() {
     let deb = package();
-    let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    let contents = run_ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     for file in FILES {
         assert!(
             contents.contains(&format!(".{file}")),
             "{file} missing:\n{contents}"
         );
     }
-    let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    let info = run_ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
     assert!(info.contains("Package: observer"), "{info}");
     assert!(info.contains(&format!("Version: {VERSION}")), "{info}");
     assert!(info.contains("Depends: libc6 (>= 2."), "{info}");
@@ -72,7 +60,7 @@ fn the_package_holds_the_binary_unit_man_page_and_copyright() {
     // The man page, extracted (a slim Debian may exclude /usr/share/man on
     // install), renders every command's section without warnings.
     let dir = tempdir();
-    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir));
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir));
     let page = dir.join("usr/share/man/man1/observer.1.gz");
     let out = run(Command::new("man")
         .args(["--warnings", "-l"])
@@ -109,25 +97,27 @@ fn the_package_holds_the_binary_unit_man_page_and_copyright() {
 #[test]
 fn the_package_installs_runs_from_usr_bin_and_removes_cleanly() {
     let deb = package();
-    ok(Command::new("dpkg").arg("-i").arg(&deb));
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
     assert_eq!(installed_status(), "install ok installed");
 
-    let version = ok(Command::new("/usr/bin/observer").arg("--version"));
+    let version = run_ok(Command::new("/usr/bin/observer").arg("--version"));
     assert_eq!(version.trim(), format!("observer {VERSION}"));
-    let doctor = ok(Command::new("/usr/bin/observer").arg("doctor"));
+    let doctor = run_ok(Command::new("/usr/bin/observer").arg("doctor"));
     assert!(
         doctor.contains("observer serve can run on this host"),
         "{doctor}"
     );
     let unit = std::fs::read_to_string("/lib/systemd/system/observer.service").expect("unit");
     assert!(unit.contains("ExecStart=/usr/bin/observer serve"), "{unit}");
-    ok(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/observer.service"]));
+    run_ok(
+        Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/observer.service"]),
+    );
 
-    ok(Command::new("dpkg").args(["-r", "observer"]));
+    run_ok(Command::new("dpkg").args(["-r", "observer"]));
     for file in FILES {
         assert!(!Path::new(file).exists(), "{file} left after dpkg -r");
     }
-    ok(Command::new("dpkg").args(["-P", "observer"]));
+    run_ok(Command::new("dpkg").args(["-P", "observer"]));
     let status = installed_status();
     assert!(
         !status.contains("installed") || status.contains("not-installed"),

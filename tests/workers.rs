@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, Metrics, free_port, http_get, run, ss_listen_queues};
+use support::{Daemon, Metrics, WSGI_APP, free_port, http_get, run, ss_listen_queues};
 
 /// A server started in its own process group (master and workers die together).
 struct Server {
@@ -99,13 +99,6 @@ impl Drop for Server {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
-const WSGI_APP: &str = r#"import time
-def app(environ, start_response):
-    time.sleep(float(environ.get('QUERY_STRING') or 0.3))
-    start_response('200 OK', [('Content-Type', 'text/plain')])
-    return [b'ok\n']
-"#;
 
 /// The classic busy-worker semaphore, shared by all workers (created before
 /// the fork), published to a file on every change.

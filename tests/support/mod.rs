@@ -256,19 +256,7 @@ impl Netns {
     /// Runs `f` on a thread that has entered the namespace: sockets it
     /// creates belong to the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a namespace fd we hold open.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("thread in netns")
+        in_netns(format!("/run/netns/{}", self.name), f)
     }
 
     /// (Recv-Q, Send-Q) of the listener on `port`, per `ss` in the namespace.
@@ -488,3 +476,69 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     pids.sort();
     pids
 }
+
+/// Runs `f` on a thread that has entered the network namespace at `path`
+/// (`/run/netns/NAME`, `/proc/PID/ns/net`): sockets it creates belong there.
+pub fn in_netns<T: Send + 'static>(path: String, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a namespace fd we hold open.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        f()
+    })
+    .join()
+    .expect("thread in netns")
+}
+
+/// Starts `n` non-blocking connects to 127.0.0.1:`port` from inside `ns`
+/// (they complete, or keep retrying SYNs, in the background).
+pub fn start_connects(ns: &Netns, port: u16, n: usize) -> Vec<std::os::fd::OwnedFd> {
+    ns.enter(move || {
+        (0..n)
+            .map(|_| {
+                // SAFETY: plain socket(2); the fd is owned by the OwnedFd below.
+                let fd = unsafe {
+                    libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
+                };
+                assert!(fd >= 0, "socket");
+                let addr = loopback_v4(port);
+                // SAFETY: connect with a sockaddr_in of the right size; EINPROGRESS is expected.
+                unsafe {
+                    libc::connect(
+                        fd,
+                        &addr as *const _ as *const libc::sockaddr,
+                        std::mem::size_of_val(&addr) as u32,
+                    )
+                };
+                // SAFETY: fd is a socket we just created and own.
+                unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+            })
+            .collect()
+    })
+}
+
+/// Runs a command that must succeed; its stdout, trimmed.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A WSGI app that answers after the seconds its query string says (0.3
+/// without one).
+pub const WSGI_APP: &str = r#"import time
+def app(environ, start_response):
+    time.sleep(float(environ.get('QUERY_STRING') or 0.3))
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'ok\n']
+"#;

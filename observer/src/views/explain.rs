@@ -17,7 +17,10 @@ use crate::{
     quantile::{wait_quantile, waits_between},
     sockets::ListenerId,
     verdict::{self, Kind, Verdict, Window, WorkerWindow},
-    views::{listeners::positive_seconds, rows::ListenerFilter},
+    views::{
+        listeners::positive_seconds,
+        rows::{ListenerFilter, listeners_by_id, pools_by_listener},
+    },
     workers::PoolView,
 };
 
@@ -123,8 +126,7 @@ pub fn format_explained(e: &Explained) -> String {
 }
 
 pub fn count_samples(s: &Snapshot, filter: &ListenerFilter, seen: &mut HashMap<ListenerId, Seen>) {
-    let pools: HashMap<ListenerId, &PoolView> =
-        s.pools.pools.iter().map(|p| (p.listener, p)).collect();
+    let pools = pools_by_listener(s);
     for v in s.listeners.listeners.iter().filter(|v| filter.keeps(&v.id)) {
         let entry = seen.entry(v.id).or_default();
         entry.samples += 1;
@@ -148,20 +150,8 @@ pub fn explain(
     seen: &HashMap<ListenerId, Seen>,
     filter: &ListenerFilter,
 ) -> Vec<Explained> {
-    let before: HashMap<ListenerId, &ListenerView> = first
-        .listeners
-        .listeners
-        .iter()
-        .map(|v| (v.id, v))
-        .collect();
-    let pools = |s: &Snapshot| -> HashMap<ListenerId, PoolView> {
-        s.pools
-            .pools
-            .iter()
-            .map(|p| (p.listener, p.clone()))
-            .collect()
-    };
-    let (pools_before, pools_after) = (pools(first), pools(last));
+    let before = listeners_by_id(first);
+    let (pools_before, pools_after) = (pools_by_listener(first), pools_by_listener(last));
     let own_netns = own_netns();
     last.listeners
         .listeners
@@ -169,12 +159,12 @@ pub fn explain(
         .filter(|v| filter.keeps(&v.id))
         .filter_map(|v| {
             let prior = before.get(&v.id).copied();
-            let pool = pools_after.get(&v.id);
+            let pool = pools_after.get(&v.id).copied();
             let window = window_of(
                 v,
                 prior,
                 pool,
-                pools_before.get(&v.id),
+                pools_before.get(&v.id).copied(),
                 seen.get(&v.id),
                 seconds,
                 somaxconn(v.id.netns, own_netns, pool),

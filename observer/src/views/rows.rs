@@ -136,6 +136,16 @@ fn dispatcher_rows(
         .collect()
 }
 
+/// A snapshot's listeners, by id.
+pub fn listeners_by_id(s: &Snapshot) -> HashMap<ListenerId, &ListenerView> {
+    s.listeners.listeners.iter().map(|v| (v.id, v)).collect()
+}
+
+/// A snapshot's worker pools, by listener.
+pub fn pools_by_listener(s: &Snapshot) -> HashMap<ListenerId, &PoolView> {
+    s.pools.pools.iter().map(|p| (p.listener, p)).collect()
+}
+
 /// Rows for the listeners of `after`, with rates over the `seconds` since `before`.
 pub fn rows(
     before: &Snapshot,
@@ -144,20 +154,8 @@ pub fn rows(
     filter: &ListenerFilter,
 ) -> Vec<ListenerRow> {
     let seconds = seconds.max(1e-3);
-    let earlier: HashMap<ListenerId, &ListenerView> = before
-        .listeners
-        .listeners
-        .iter()
-        .map(|v| (v.id, v))
-        .collect();
-    let pools = |s: &Snapshot| -> HashMap<ListenerId, PoolView> {
-        s.pools
-            .pools
-            .iter()
-            .map(|p| (p.listener, p.clone()))
-            .collect()
-    };
-    let (pools_before, pools_after) = (pools(before), pools(after));
+    let earlier = listeners_by_id(before);
+    let (pools_before, pools_after) = (pools_by_listener(before), pools_by_listener(after));
     after
         .listeners
         .listeners
@@ -169,7 +167,7 @@ pub fn rows(
                 .map(|p| waits_between(&p.accepts.waits, &v.accepts.waits))
                 .unwrap_or(v.accepts.waits);
             let accepted = v.accepts.accepted - prior.map(|p| p.accepts.accepted).unwrap_or(0);
-            let pool = pools_after.get(&v.id);
+            let pool = pools_after.get(&v.id).copied();
             let container = after.containers.get(&v.id);
             ListenerRow {
                 netns: v.id.netns,
@@ -199,8 +197,8 @@ pub fn rows(
                     .then(|| v.drops - prior.map(|p| p.drops).unwrap_or(0)),
                 container_id: container.map(|c| c.container_id.clone()),
                 pod: container.map(|c| c.pod.clone()).filter(|p| !p.is_empty()),
-                worker_list: worker_rows(pool, pools_before.get(&v.id), seconds),
-                dispatchers: dispatcher_rows(pool, pools_before.get(&v.id), seconds),
+                worker_list: worker_rows(pool, pools_before.get(&v.id).copied(), seconds),
+                dispatchers: dispatcher_rows(pool, pools_before.get(&v.id).copied(), seconds),
             }
         })
         .collect()
