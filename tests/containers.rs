@@ -17,27 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Metrics, WSGI_APP, in_netns, listen, run, run_ok, ss_listen_queues};
+use support::{GUNICORN_HOOKS, Metrics, WSGI_APP, in_netns, listen, run, run_ok, ss_listen_queues};
 
 const IMAGE: &str = concat!("localhost/observer:", env!("CARGO_PKG_VERSION"));
 const SERVER_PORT: u16 = 8000;
-
-/// gunicorn's busy-worker semaphore (shared by the workers), in a file.
-const GUNICORN_HOOKS: &str = r#"import multiprocessing, os
-busy = multiprocessing.Value('i', 0)
-def _publish():
-    with open('/app/busy.tmp', 'w') as f:
-        f.write(str(busy.value))
-    os.replace('/app/busy.tmp', '/app/busy')
-def pre_request(worker, req):
-    with busy.get_lock():
-        busy.value += 1
-        _publish()
-def post_request(worker, req, environ, resp):
-    with busy.get_lock():
-        busy.value -= 1
-        _publish()
-"#;
 
 /// `podman` on the storage that `cargo xtask image` (buildah) wrote.
 fn podman() -> Command {
@@ -298,6 +281,7 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
             "--network=none".into(),
             format!("--volume={}:/app", app.display()),
             "--workdir=/app".into(),
+            "--env=BUSY_FILE=/app/busy".into(),
             // A boolean flag: the root filesystem is the first argument.
             "--rootfs".into(),
         ],

@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, Metrics, WSGI_APP, free_port, http_get, run, ss_listen_queues};
+use support::{
+    Daemon, GUNICORN_HOOKS, Metrics, WSGI_APP, free_port, http_get, run, ss_listen_queues,
+};
 
 /// A server started in its own process group (master and workers die together).
 struct Server {
@@ -99,25 +101,6 @@ impl Drop for Server {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
-/// The classic busy-worker semaphore, shared by all workers (created before
-/// the fork), published to a file on every change.
-const GUNICORN_HOOKS: &str = r#"import multiprocessing, os
-busy = multiprocessing.Value('i', 0)
-def _publish():
-    tmp = os.environ['BUSY_FILE'] + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(str(busy.value))
-    os.replace(tmp, os.environ['BUSY_FILE'])
-def pre_request(worker, req):
-    with busy.get_lock():
-        busy.value += 1
-        _publish()
-def post_request(worker, req, environ, resp):
-    with busy.get_lock():
-        busy.value -= 1
-        _publish()
-"#;
 
 fn gunicorn(extra: &[&str]) -> Server {
     let port = free_port();

@@ -542,3 +542,22 @@ def app(environ, start_response):
     start_response('200 OK', [('Content-Type', 'text/plain')])
     return [b'ok\n']
 "#;
+
+/// The classic busy-worker semaphore, shared by all workers (created before
+/// the fork), published to a file on every change.
+pub const GUNICORN_HOOKS: &str = r#"import multiprocessing, os
+busy = multiprocessing.Value('i', 0)
+def _publish():
+    tmp = os.environ['BUSY_FILE'] + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(str(busy.value))
+    os.replace(tmp, os.environ['BUSY_FILE'])
+def pre_request(worker, req):
+    with busy.get_lock():
+        busy.value += 1
+        _publish()
+def post_request(worker, req, environ, resp):
+    with busy.get_lock():
+        busy.value -= 1
+        _publish()
+"#;
