@@ -176,6 +176,12 @@ fn top_runs_in_an_80_column_terminal_sorts_and_quits() {
     assert!(screen.contains("sorted by wait p99"), "{screen}");
     assert!(screen.contains("1/8"), "queue 1 of 8 shown:\n{screen}");
     assert!(screen.lines().all(|l| l.chars().count() <= 80));
+    // The selected listener's verdict: one connection queued, nobody accepts.
+    let screen = screen_with(&session, "verdict (");
+    assert!(
+        screen.contains("NOT ACCEPTING") && screen.contains("fix: no acceptor"),
+        "{screen}"
+    );
     tmux(&["send-keys", "-t", &session, "s"]);
     screen_with(&session, "sorted by queue");
     tmux(&["send-keys", "-t", &session, "q"]);
@@ -204,6 +210,7 @@ fn every_command_has_help_with_examples() {
         vec!["trace", "--help"],
         vec!["top", "--help"],
         vec!["doctor", "--help"],
+        vec!["explain", "--help"],
     ] {
         let out = run(Command::new(observer_bin()).args(&args));
         let text = String::from_utf8_lossy(&out.stdout);

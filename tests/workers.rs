@@ -123,11 +123,19 @@ fn gunicorn(extra: &[&str]) -> Server {
 /// by its own clock (connect to the last byte of each reply).
 type ClientRun = JoinHandle<(usize, Duration)>;
 
+/// Clients started together: tests that compare the connections a server
+/// holds open with its in-request count want every client in a request
+/// at once (staggered, one client is between two connections at any
+/// moment, and the two counts differ by the ones in transit).
 fn load(port: u16, clients: usize, requests: usize, sleep_s: f64) -> Vec<ClientRun> {
-    load_at(port, "/", clients, requests, sleep_s)
+    clients_at(port, "/", clients, requests, sleep_s, Duration::ZERO)
 }
 
-/// [`load`] on the page at `path`.
+/// [`load`] on the page at `path`, with the clients started staggered over
+/// one request's sleep: started together they finish and come back
+/// together, and every worker is idle for the same millisecond each round
+/// (a scrape landing there reads all of them idle while the server's own
+/// count, read just before and after, says busy).
 fn load_at(
     port: u16,
     path: &'static str,
@@ -135,12 +143,19 @@ fn load_at(
     requests: usize,
     sleep_s: f64,
 ) -> Vec<ClientRun> {
-    // Clients start staggered over one request's sleep, as real clients
-    // are: started together, they would finish and come back together, and
-    // every worker would be idle for the same millisecond each round (a
-    // scrape landing there reads all of them idle while the server's own
-    // count, read just before and after, says busy).
     let stagger = Duration::from_secs_f64(sleep_s / clients.max(1) as f64);
+    clients_at(port, path, clients, requests, sleep_s, stagger)
+}
+
+/// `clients` threads, the i-th starting `i × stagger` late.
+fn clients_at(
+    port: u16,
+    path: &'static str,
+    clients: usize,
+    requests: usize,
+    sleep_s: f64,
+    stagger: Duration,
+) -> Vec<ClientRun> {
     (0..clients)
         .map(|i| {
             std::thread::spawn(move || {
