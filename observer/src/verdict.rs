@@ -163,10 +163,17 @@ fn not_accepting(w: &Window) -> Option<Verdict> {
     }
     let mut evidence = vec![
         waits_line(w),
-        format!(
-            "{} connection(s) queued in {:.0} s and none accepted",
-            w.arrivals, w.seconds
-        ),
+        if w.arrivals > 0 {
+            format!(
+                "{} connection(s) queued in {:.0} s and none accepted",
+                w.arrivals, w.seconds
+            )
+        } else {
+            format!(
+                "{} connection(s) waiting, none accepted in {:.0} s",
+                w.queue_len, w.seconds
+            )
+        },
     ];
     let stopped: Vec<&WorkerWindow> = w.workers.iter().filter(|x| x.state == 'T').collect();
     let idle: Vec<&WorkerWindow> = w.workers.iter().filter(|x| x.busy_seconds == 0.0).collect();
@@ -517,6 +524,18 @@ mod tests {
         };
         let v = judge(&stopped);
         assert_eq!(v.kind, Kind::NotAccepting);
+        assert_eq!(
+            v.evidence[1],
+            "3 connection(s) queued in 10 s and none accepted"
+        );
+        let before = Window {
+            arrivals: 0,
+            ..stopped.clone()
+        };
+        assert_eq!(
+            judge(&before).evidence[1],
+            "3 connection(s) waiting, none accepted in 10 s"
+        );
         assert!(
             v.evidence[2].contains("stopped (state T): 2 of 2"),
             "{:?}",
