@@ -88,9 +88,8 @@ pub fn run(opts: ExplainOptions) -> Result<()> {
             "no listener had traffic or a queue in {seconds:.0} s (observer listeners shows them all)"
         )?;
     } else {
-        for e in &explained {
-            write!(out, "{}", format_explained(e))?;
-        }
+        let texts: Vec<String> = explained.iter().map(format_explained).collect();
+        write!(out, "{}", texts.join("\n"))?;
     }
     Ok(())
 }
@@ -125,6 +124,8 @@ pub fn format_explained(e: &Explained) -> String {
     text
 }
 
+/// Counts one more sample for each listener of `s`: whether connections
+/// were queued, and whether every worker of its pool was busy.
 pub fn count_samples(s: &Snapshot, filter: &ListenerFilter, seen: &mut HashMap<ListenerId, Seen>) {
     let pools = pools_by_listener(s);
     for v in s.listeners.listeners.iter().filter(|v| filter.keeps(&v.id)) {
