@@ -223,7 +223,8 @@ mod tests {
 
     #[test]
     fn the_active_lockdown_mode_is_the_bracketed_one() {
-        // As read on 6.18 (ours) and on a Debian 6.1 guest.
+        // The file lists every mode and brackets the active one; the first
+        // is what our 6.18 host reads.
         assert_eq!(
             parse_lockdown("none [integrity] confidentiality\n").as_deref(),
             Some("integrity")
