@@ -19,7 +19,7 @@ use crate::{
     verdict::{self, Kind, Verdict, Window, WorkerWindow},
     views::{
         listeners::positive_seconds,
-        rows::{ListenerFilter, listeners_by_id, pools_by_listener},
+        rows::{ListenerFilter, listeners_by_id, pools_by_listener, worker_since},
     },
     workers::PoolView,
 };
@@ -161,21 +161,23 @@ pub fn explain(
         .filter_map(|v| {
             let prior = before.get(&v.id).copied();
             let pool = pools_after.get(&v.id).copied();
-            let window = window_of(
-                v,
-                prior,
-                pool,
-                pools_before.get(&v.id).copied(),
-                seen.get(&v.id),
-                seconds,
-                somaxconn(v.id.netns, own_netns, pool),
-                orphaned_socket(v, last),
-            );
+            let before = pools_before.get(&v.id).copied();
+            let mut window = window_of(v, prior, pool, before, seen.get(&v.id), seconds);
             let active = window.accepts > 0
                 || window.arrivals > 0
                 || window.queue_len > 0
                 || window.drops.unwrap_or(0) > 0;
-            active.then(|| Explained {
+            if !active {
+                return None;
+            }
+            // What only the listeners explained need: /proc reads, and the
+            // namespace's sysctl through a thread that enters it.
+            window.somaxconn = somaxconn(v.id.netns, own_netns, pool);
+            window.orphaned_socket = orphaned_socket(v, last);
+            for worker in &mut window.workers {
+                worker.state = process_state(worker.pid);
+            }
+            Some(Explained {
                 listen: v.id.local_address(),
                 netns: v.id.netns,
                 comm: pool.and_then(|p| p.workers.first().map(|w| w.comm.clone())),
@@ -186,7 +188,8 @@ pub fn explain(
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The window from the two snapshots and the samples between them (no I/O:
+/// process states, somaxconn and orphaned sockets are left unknown).
 fn window_of(
     v: &ListenerView,
     prior: Option<&ListenerView>,
@@ -194,8 +197,6 @@ fn window_of(
     pool_before: Option<&PoolView>,
     seen: Option<&Seen>,
     seconds: f64,
-    somaxconn: Option<u64>,
-    orphaned_socket: bool,
 ) -> Window {
     let waits = prior
         .map(|p| waits_between(&p.accepts.waits, &v.accepts.waits))
@@ -205,15 +206,13 @@ fn window_of(
             pool.workers
                 .iter()
                 .map(|w| {
-                    let earlier =
-                        pool_before.and_then(|p| p.workers.iter().find(|b| b.pid == w.pid));
+                    let (accepts, busy_seconds) = worker_since(w, pool_before);
                     WorkerWindow {
                         pid: w.pid,
                         comm: w.comm.clone(),
-                        accepts: w.accepts - earlier.map_or(0, |e| e.accepts.min(w.accepts)),
-                        busy_seconds: (w.busy_seconds - earlier.map_or(0.0, |e| e.busy_seconds))
-                            .max(0.0),
-                        state: process_state(w.pid),
+                        accepts,
+                        busy_seconds,
+                        state: '?',
                     }
                 })
                 .collect()
@@ -241,8 +240,8 @@ fn window_of(
         wait_p99: wait_quantile(&waits, 0.99).filter(|_| v.waits_known),
         workers,
         dispatchers: pool.map_or(0, |p| p.dispatchers.len()),
-        somaxconn,
-        orphaned_socket,
+        somaxconn: None,
+        orphaned_socket: false,
         sockets: v.sockets.len(),
     }
 }

@@ -9,7 +9,7 @@ use crate::{
     pipeline::Snapshot,
     quantile::{wait_quantile, waits_between},
     sockets::ListenerId,
-    workers::PoolView,
+    workers::{PoolView, WorkerView},
 };
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -95,14 +95,22 @@ impl ListenerFilter {
     }
 }
 
+/// A worker's accepts and busy seconds since `before`'s reading of the same
+/// pid (all of them for a worker `before` did not have).
+pub fn worker_since(w: &WorkerView, before: Option<&PoolView>) -> (u64, f64) {
+    let earlier = before.and_then(|p| p.workers.iter().find(|b| b.pid == w.pid));
+    (
+        w.accepts.saturating_sub(earlier.map_or(0, |e| e.accepts)),
+        (w.busy_seconds - earlier.map_or(0.0, |e| e.busy_seconds)).max(0.0),
+    )
+}
+
 fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64) -> Vec<WorkerRow> {
     let Some(pool) = pool else { return vec![] };
     pool.workers
         .iter()
         .map(|w| {
-            let earlier = before.and_then(|p| p.workers.iter().find(|b| b.pid == w.pid));
-            let busy_s = w.busy_seconds - earlier.map(|e| e.busy_seconds).unwrap_or(0.0);
-            let accepts = w.accepts - earlier.map(|e| e.accepts).unwrap_or(0);
+            let (accepts, busy_s) = worker_since(w, before);
             WorkerRow {
                 pid: w.pid,
                 comm: w.comm.clone(),
