@@ -14,10 +14,12 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use support::{GUNICORN_HOOKS, Metrics, WSGI_APP, in_netns, listen, run, run_ok, ss_listen_queues};
+use support::{
+    GUNICORN_HOOKS, Metrics, WSGI_APP, in_netns, listen, run, run_ok, ss_listen_queues, until,
+};
 
 const IMAGE: &str = concat!("localhost/observer:", env!("CARGO_PKG_VERSION"));
 const SERVER_PORT: u16 = 8000;
@@ -240,29 +242,6 @@ fn request_in(pid: u32, sleep_s: f64) -> std::thread::JoinHandle<bool> {
     })
 }
 
-fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The series `name` of the listener on `port` in network namespace
-/// `netns`, with the line it came from.
-fn series(m: &Metrics, name: &str, port: u16, netns: &str) -> Option<(f64, String)> {
-    let port = format!("port=\"{port}\"");
-    let netns = format!("netns=\"{netns}\"");
-    m.text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| l.contains(&port) && l.contains(&netns))
-        .and_then(|l| Some((l.rsplit(' ').next()?.parse().ok()?, l.to_owned())))
-}
-
 #[test]
 fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_gunicorn_and_the_host()
 {
@@ -303,7 +282,7 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
     );
     let server_pid = server.pid();
     let server_netns = netns_inode(server_pid);
-    wait_until("gunicorn to listen in its container", 30, || {
+    until("gunicorn to listen in its container", 30, || {
         let out = run(Command::new("nsenter")
             .args(["-t", &server_pid.to_string(), "-n"])
             .args(["ss", "-Hltn", &format!("sport = :{SERVER_PORT}")]));
@@ -323,7 +302,7 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
     command.extend(args.iter().map(String::as_str));
     let observer = Container::run(&flags, &command);
     let observer_pid = observer.pid();
-    let first = wait_until("observer's first /metrics in its container", 60, || {
+    let first = until("observer's first /metrics in its container", 60, || {
         scrape_in(observer_pid)
     });
     assert!(
@@ -359,51 +338,43 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
     );
 
     // The server's listener: in its netns, with podman's container id.
-    let (_, line) = series(
-        &m,
-        "observer_listen_queue_length",
-        SERVER_PORT,
-        &server_netns,
-    )
-    .unwrap_or_else(|| {
-        panic!(
-            "no series for gunicorn's listener in netns {server_netns}:\n{}",
-            m.text
-        )
-    });
+    let port = SERVER_PORT.to_string();
+    let listener = [("port", port.as_str()), ("netns", server_netns.as_str())];
     assert!(
-        line.contains(&format!("container_id=\"{}\"", server.id)),
-        "container_id is not podman's {}: {line}",
-        server.id
+        m.get("observer_listen_queue_length", &listener).is_some(),
+        "no series for gunicorn's listener in netns {server_netns}:\n{}",
+        m.text
+    );
+    assert!(
+        m.get(
+            "observer_listen_queue_length",
+            &[
+                listener[0],
+                listener[1],
+                ("container_id", server.id.as_str())
+            ]
+        )
+        .is_some(),
+        "container_id is not podman's {}:\n{}",
+        server.id,
+        m.text
     );
 
     // Load: 2 slow requests keep both workers busy, 3 more wait in the queue.
     let slow: Vec<_> = (0..2).map(|_| request_in(server_pid, 4.0)).collect();
-    wait_until("gunicorn's semaphore at 2", 20, || {
+    until("gunicorn's semaphore at 2", 20, || {
         (std::fs::read_to_string(app.join("busy")).ok()?.trim() == "2").then_some(())
     });
     let queued: Vec<_> = (0..3).map(|_| request_in(server_pid, 0.1)).collect();
-    wait_until("3 queued, per ss in the server's netns", 20, || {
+    until("3 queued, per ss in the server's netns", 20, || {
         (ss_depth_in(server_pid, SERVER_PORT) == 3.0).then_some(())
     });
     let m = scrape_in(observer_pid).expect("scrape");
-    let depth = series(
-        &m,
-        "observer_listen_queue_length",
-        SERVER_PORT,
-        &server_netns,
-    )
-    .map(|(v, _)| v);
-    let busy = m
-        .text
-        .lines()
-        .filter(|l| l.starts_with("observer_workers{"))
-        .find(|l| {
-            l.contains(&format!("netns=\"{server_netns}\""))
-                && l.contains(&format!("port=\"{SERVER_PORT}\""))
-                && l.contains("state=\"busy\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    let depth = m.get("observer_listen_queue_length", &listener);
+    let busy = m.get(
+        "observer_workers",
+        &[listener[0], listener[1], ("state", "busy")],
+    );
     let truth_depth = ss_depth_in(server_pid, SERVER_PORT);
     let truth_busy = std::fs::read_to_string(app.join("busy")).unwrap_or_default();
     println!(
@@ -433,13 +404,7 @@ fn the_image_under_podman_with_the_daemonsets_settings_sees_a_containerised_guni
         .count();
     assert_eq!(served, 5, "{}", server.logs());
     let m = scrape_in(observer_pid).expect("scrape");
-    let accepted = series(
-        &m,
-        "observer_connections_accepted_total",
-        SERVER_PORT,
-        &server_netns,
-    )
-    .map(|(v, _)| v);
+    let accepted = m.get("observer_connections_accepted_total", &listener);
     assert_eq!(accepted, Some(5.0), "accepted vs the clients' 5");
     drop(host);
     let _ = std::fs::remove_dir_all(&app);

@@ -8,10 +8,10 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use support::{Daemon, free_port, reuseport_pair_with_a_stopped_holder, ss_listen_queues};
+use support::{Daemon, free_port, reuseport_pair_with_a_stopped_holder, ss_listen_queues, until};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -53,17 +53,6 @@ fn api(port: u16, path_and_query: &str) -> serde_json::Value {
     }
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
-}
-
-fn until<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn start_prometheus(observer_port: u16) -> (Running, u16) {

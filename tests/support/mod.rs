@@ -561,3 +561,15 @@ def post_request(worker, req, environ, resp):
         busy.value -= 1
         _publish()
 "#;
+
+/// Polls `f` (every 200 ms) until it gives a value, for at most `seconds`.
+pub fn until<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
