@@ -4,9 +4,9 @@
 //! exposition ≤ 8 MiB, RSS ≤ 64 MiB, /healthz ≤ 50 ms during a scrape).
 //!
 //! Each scene is made by this process: it opens the listeners (or forks one
-//! child per network namespace that opens them there) and forks workers that
-//! block in `accept()` on the first listener; then a fresh daemon is started
-//! and measured, and everything is killed.
+//! child per network namespace that opens them there) and forks a pool
+//! master whose workers block in `accept()` on the first listener; then a
+//! fresh daemon is started and measured, and everything is killed.
 use std::{
     net::TcpListener,
     os::fd::AsRawFd as _,
@@ -139,8 +139,49 @@ fn listeners_in_new_netns(n: usize) {
     }
 }
 
-/// In a forked child: keeps only `listener` (as fd 3) and stdio, moves to a
-/// fresh fd table sized for them, and blocks in accept() for ever.
+/// Forks a pool master that forks `workers` processes blocked in accept()
+/// on `listener`, and returns once they all are forked. Killing the master
+/// kills its workers.
+fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<()> {
+    let mut ready = [0i32; 2];
+    // SAFETY: pipe() fills the two fds.
+    if unsafe { libc::pipe(ready.as_mut_ptr()) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let [read_end, write_end] = ready;
+    fork_child(children, || pool_master(listener, workers, write_end))?;
+    let mut byte = 0u8;
+    // SAFETY: reading one byte into our own buffer; closing our pipe fds.
+    let n = unsafe {
+        libc::close(write_end);
+        let n = libc::read(read_end, (&mut byte as *mut u8).cast(), 1);
+        libc::close(read_end);
+        n
+    };
+    if n != 1 {
+        bail!("the pool master exited before forking its workers");
+    }
+    Ok(())
+}
+
+/// In a forked child: forks the workers, then says so on `ready`.
+fn pool_master(listener: i32, workers: usize, ready: i32) {
+    // SAFETY: raw syscalls only (fork, prctl, write), as fork_child asks.
+    unsafe {
+        for _ in 0..workers {
+            if libc::fork() == 0 {
+                libc::close(ready);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                worker_in_accept(listener);
+            }
+        }
+        libc::write(ready, b"!".as_ptr().cast(), 1);
+        libc::close(ready);
+    }
+}
+
+/// In a forked worker: keeps only `listener` (as fd 3) and stdio, and
+/// blocks in accept() for ever.
 fn worker_in_accept(listener: i32) {
     const LISTENER: i32 = 3;
     // SAFETY: raw syscalls on this child's own fds.
@@ -149,8 +190,6 @@ fn worker_in_accept(listener: i32) {
             libc::dup2(listener, LISTENER);
         }
         libc::syscall(libc::SYS_close_range, LISTENER + 1, u32::MAX, 0);
-        // unshare copies the table, sized to the highest open fd.
-        libc::unshare(libc::CLONE_FILES);
         loop {
             libc::accept(LISTENER, std::ptr::null_mut(), std::ptr::null_mut());
         }
@@ -279,26 +318,26 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
     let mut profile = String::new();
     for scene in scenes {
         let mut children = Children(Vec::new());
-        let host: Vec<TcpListener> = if scene.netns == 1 {
-            (0..scene.listeners)
-                .map(|_| TcpListener::bind("127.0.0.1:0"))
-                .collect::<Result<_, _>>()?
-        } else {
-            // The host's namespace gets one listener, for the workers.
+        // The pool: a master forked while this process holds few fds forks
+        // the workers, which hold the first listener only, in fd tables
+        // as small as a real pool's. (A fork copies the parent's table at
+        // its size: forked after 10,000 listeners, each worker had 16,384
+        // slots, which the kernel's task_file iterator walks one by one,
+        // and neither close_range nor unshare(CLONE_FILES) in a process
+        // that does not share its table shrinks it.)
+        // With namespaces, the host's gets one listener, for the workers
+        // (forked after the namespaces' children, which must not hold it).
+        if scene.netns > 1 {
             for _ in 0..scene.netns {
                 fork_child(&mut children, || listeners_in_new_netns(scene.listeners))?;
             }
-            vec![TcpListener::bind("127.0.0.1:0")?]
-        };
-        // Workers hold the first listener only, like real workers, not
-        // every listener of the bench, in an fd table of their own: a child
-        // of this process would inherit a table of 10,000 slots, which the
-        // kernel's task_file iterator walks slot by slot (a real pool's
-        // workers are forked from a master holding a few fds).
-        let first = host[0].as_raw_fd();
-        for _ in 0..scene.workers {
-            fork_child(&mut children, || worker_in_accept(first))?;
         }
+        let first = TcpListener::bind("127.0.0.1:0")?;
+        fork_pool(&mut children, first.as_raw_fd(), scene.workers)?;
+        let host_listeners = if scene.netns == 1 { scene.listeners } else { 1 };
+        let host: Vec<TcpListener> = std::iter::once(Ok(first))
+            .chain((1..host_listeners).map(|_| TcpListener::bind("127.0.0.1:0")))
+            .collect::<Result<_, _>>()?;
         let m = measure(bin, window)?;
         let threads = host_threads();
         report.push_str(&format!(
