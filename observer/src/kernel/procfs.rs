@@ -4,6 +4,8 @@
 //! error.
 use std::path::Path;
 
+use foldhash::HashSet;
+
 /// The file open as `fd` in process `pid`.
 pub fn file_id(pid: u32, fd: u32) -> Option<crate::activity::FileId> {
     use std::os::unix::fs::MetadataExt as _;
@@ -58,15 +60,16 @@ pub fn process_is_alive(tgid: u32) -> bool {
 
 /// The epoll fds of process `tgid` whose interest list contains one of
 /// `listen_fds` (from /proc/PID/fdinfo/N, whose "tfd:" lines name the fds an
-/// epoll instance watches).
+/// epoll instance watches). The fds in `listen_fds` are sockets, so their
+/// links are not read: a process holding 10,000 listeners costs a directory
+/// listing, not 10,000 readlinks.
 pub fn epolls_watching(tgid: u32, listen_fds: &[i32]) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{tgid}/fd")) else {
         return vec![];
     };
+    let sockets: HashSet<i32> = listen_fds.iter().copied().collect();
     let mut epolls = Vec::new();
     for entry in dir.flatten() {
-        let is_epoll = std::fs::read_link(entry.path())
-            .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]");
         let Some(fd) = entry
             .file_name()
             .to_str()
@@ -74,6 +77,11 @@ pub fn epolls_watching(tgid: u32, listen_fds: &[i32]) -> Vec<i32> {
         else {
             continue;
         };
+        if sockets.contains(&fd) {
+            continue;
+        }
+        let is_epoll = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]");
         if !is_epoll {
             continue;
         }
@@ -82,7 +90,7 @@ pub fn epolls_watching(tgid: u32, listen_fds: &[i32]) -> Vec<i32> {
             .lines()
             .filter_map(|l| l.strip_prefix("tfd:"))
             .filter_map(|rest| rest.split_whitespace().next()?.parse::<i32>().ok())
-            .any(|watched| listen_fds.contains(&watched));
+            .any(|watched| sockets.contains(&watched));
         if watches_listener {
             epolls.push(fd);
         }
