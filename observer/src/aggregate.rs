@@ -166,6 +166,8 @@ struct ListenerState {
     last_drops: u64,
     /// See [`ListenerView::had_traffic`].
     had_traffic: bool,
+    /// The collection that last saw it.
+    last_seen: u64,
 }
 
 /// What must survive between collections for one listening socket.
@@ -182,6 +184,8 @@ struct SocketState {
 #[derive(Debug)]
 pub struct Aggregator {
     seen_first_collection: bool,
+    /// Collections so far.
+    collections: u64,
     listeners: HashMap<ListenerId, ListenerState>,
     sockets: HashMap<u64, SocketState>,
     max_listeners: usize,
@@ -193,6 +197,7 @@ impl Aggregator {
     pub fn new(max_listeners: usize, unix_waits_timed: bool) -> Self {
         Aggregator {
             seen_first_collection: false,
+            collections: 0,
             listeners: HashMap::new(),
             sockets: HashMap::new(),
             max_listeners,
@@ -216,8 +221,8 @@ impl Aggregator {
         let index = ListenerIndex::new(sockets);
 
         // Listeners that closed: forget their state (and, below, their keys).
-        self.listeners
-            .retain(|id, _| position(&views, id).is_some());
+        self.collections += 1;
+        let this_collection = self.collections;
         for view in &views {
             self.listeners
                 .entry(view.id)
@@ -225,8 +230,11 @@ impl Aggregator {
                     depth_baseline: if startup { view.queue_len } else { 0 },
                     drops_baseline: if startup { view.drops_raw } else { 0 },
                     ..Default::default()
-                });
+                })
+                .last_seen = this_collection;
         }
+        self.listeners
+            .retain(|_, state| state.last_seen == this_collection);
 
         let mut forget = Vec::new();
         // Accepts of live processes, per view (same order).
