@@ -237,14 +237,14 @@ fn roles(
     fed: &BTreeMap<u32, u32>,
     known_dispatchers: &BTreeSet<u32>,
 ) -> Roles {
-    let parents_of_holders: HashSet<u32> = holders.values().copied().collect();
-    let parents_of_fed: HashSet<u32> = fed.values().copied().collect();
+    let parents_of_holders = Parents::of(holders);
+    let parents_of_fed = Parents::of(fed);
     let mut roles = Roles::default();
     for pid in holders.keys() {
-        if parents_of_holders.contains(pid) {
+        if parents_of_holders.contains(*pid) {
             continue; // the master
         }
-        if parents_of_fed.contains(pid) || known_dispatchers.contains(pid) {
+        if parents_of_fed.contains(*pid) || known_dispatchers.contains(pid) {
             roles.dispatchers.insert(*pid);
         } else {
             roles.workers.insert(*pid);
@@ -252,6 +252,33 @@ fn roles(
     }
     roles.workers.extend(fed.keys().copied());
     roles
+}
+
+/// The parents of a set of processes (pid → parent's pid): a hash set for
+/// a large pool, a scan of the map for a few (most listeners have one
+/// holder, and a set for each of 10,000 costs more than the scans).
+enum Parents<'a> {
+    Few(&'a BTreeMap<u32, u32>),
+    Many(HashSet<u32>),
+}
+
+impl<'a> Parents<'a> {
+    const FEW: usize = 8;
+
+    fn of(processes: &'a BTreeMap<u32, u32>) -> Parents<'a> {
+        if processes.len() <= Self::FEW {
+            Parents::Few(processes)
+        } else {
+            Parents::Many(processes.values().copied().collect())
+        }
+    }
+
+    fn contains(&self, pid: u32) -> bool {
+        match self {
+            Parents::Few(processes) => processes.values().any(|parent| *parent == pid),
+            Parents::Many(parents) => parents.contains(&pid),
+        }
+    }
 }
 
 /// At most this many of a process's accepted connections are kept to find
@@ -274,10 +301,12 @@ pub struct Membership {
     /// Some fds of accepted connections per process (at most
     /// [`CONNECTION_FDS_KEPT`]).
     connection_fds: HashMap<u32, BTreeSet<i32>>,
-    /// Every process holding each listener (masters included).
-    holders: HashMap<ListenerId, BTreeSet<u32>>,
-    /// Every process holding each listening socket, by inode.
-    socket_holders: HashMap<u64, BTreeSet<u32>>,
+    /// Every process holding each listener (masters included), with its
+    /// parent.
+    holders: HashMap<ListenerId, BTreeMap<u32, u32>>,
+    /// Every (inode, process) of a listening socket and a process holding
+    /// it: sorted, once each.
+    socket_holders: Vec<(u64, u32)>,
 }
 
 fn comm_string(comm: &[u8; 16]) -> String {
@@ -306,7 +335,7 @@ impl Membership {
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
         let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
-        let mut socket_holders: HashMap<u64, BTreeSet<u32>> = HashMap::new();
+        let mut socket_holders: Vec<(u64, u32)> = Vec::new();
         for holding in holdings {
             let h = &holding.record;
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
@@ -320,7 +349,7 @@ impl Membership {
                         .or_default()
                         .insert(h.tgid, h.ppid);
                     listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
-                    socket_holders.entry(h.inode).or_default().insert(h.tgid);
+                    socket_holders.push((h.inode, h.tgid));
                 }
             } else if let Some(id) = index.listener_of_held(h) {
                 servers_of.entry(id).or_default().insert(h.tgid, h.ppid);
@@ -356,10 +385,8 @@ impl Membership {
                 dispatchers.insert(id, r.dispatchers);
             }
         }
-        let holders = holders_of
-            .iter()
-            .map(|(id, h)| (*id, h.keys().copied().collect()))
-            .collect();
+        socket_holders.sort_unstable();
+        socket_holders.dedup();
         Membership {
             workers,
             dispatchers,
@@ -369,18 +396,18 @@ impl Membership {
             unread,
             listen_fds,
             connection_fds,
-            holders,
+            holders: holders_of,
             socket_holders,
         }
     }
 
     /// The processes holding the listening socket with this inode.
     pub fn socket_holders(&self, inode: u64) -> impl Iterator<Item = (u32, &str)> {
-        self.socket_holders
-            .get(&inode)
-            .into_iter()
-            .flatten()
-            .map(|pid| (*pid, self.comm(*pid)))
+        let first = self.socket_holders.partition_point(|(i, _)| *i < inode);
+        self.socket_holders[first..]
+            .iter()
+            .take_while(move |(i, _)| *i == inode)
+            .map(|(_, pid)| (*pid, self.comm(*pid)))
     }
 
     /// A process's name, as the kernel holds it (`comm`).
@@ -391,7 +418,7 @@ impl Membership {
     /// A process that holds the listener (a worker if any), to learn its container.
     pub fn a_holder(&self, id: &ListenerId) -> Option<u32> {
         let workers = self.workers.get(id).and_then(|w| w.first().copied());
-        workers.or_else(|| self.holders.get(id).and_then(|h| h.first().copied()))
+        workers.or_else(|| self.holders.get(id).and_then(|h| h.keys().next().copied()))
     }
 
     /// Every worker process with its listening-socket fds.
