@@ -38,7 +38,11 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         return 0;
     }
     if head.field::<u8>(off.sk_state) != Some(TCP_LISTEN) {
-        return 0;
+        // The walk visits the listening hash first: past it, every socket
+        // is a connection. Returning 1 ends the read (-EAGAIN, which the
+        // daemon takes as the end), so the established hash, as large as
+        // the host's connections and TIME_WAIT sockets, is not walked.
+        return 1;
     }
     let Some(place) = socket_place(&head, &off) else {
         return 0;

@@ -71,9 +71,14 @@ impl IterLink {
             .with_context(|| format!("opening the {} iterator", self.name))?;
         let last_len = self.last_len.load(Ordering::Relaxed);
         let mut bytes = Vec::with_capacity(last_len + last_len / 8);
-        std::fs::File::from(fd)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("reading the {} iterator", self.name))?;
+        match std::fs::File::from(fd).read_to_end(&mut bytes) {
+            // The program returned 1: it has seen all it wants (iter/tcp
+            // after the last listener). What it wrote before is in `bytes`.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            read => {
+                read.with_context(|| format!("reading the {} iterator", self.name))?;
+            }
+        }
         self.last_len.store(bytes.len(), Ordering::Relaxed);
         Ok(bytes)
     }
