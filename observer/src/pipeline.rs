@@ -331,15 +331,22 @@ impl Pipeline {
 
     /// Reads everything a collection needs from the kernel; writes nothing.
     fn observe(&mut self, st: &mut Stages) -> Result<KernelView> {
-        let holders = st.time("holders_iterator", || self.probes.holders())?;
         let now = self.started.elapsed();
-        let listeners = if self.tcp_walk.due(now) {
-            let listeners = st.time("listeners_iterator", || self.probes.listeners())?;
-            self.tcp_walk.walked(now, &listeners, &holders);
-            listeners
-        } else {
-            st.set("listeners_iterator", 0.0);
-            Vec::new()
+        let walks = self.probes.walks(self.tcp_walk.due(now));
+        let (holders, seconds) = walks.holders;
+        st.set("holders_iterator", seconds);
+        let holders = holders?;
+        let listeners = match walks.listeners {
+            Some((listeners, seconds)) => {
+                st.set("listeners_iterator", seconds);
+                let listeners = listeners?;
+                self.tcp_walk.walked(now, &listeners, &holders);
+                listeners
+            }
+            None => {
+                st.set("listeners_iterator", 0.0);
+                Vec::new()
+            }
         };
         let accepts = st.time("accepts_map", || self.probes.accepts())?;
         let kernel_events_lost = self

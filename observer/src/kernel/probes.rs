@@ -72,6 +72,18 @@ impl AcceptSource {
     }
 }
 
+/// What [`Probes::walks`] read, each with the seconds it took.
+pub struct Walks {
+    pub holders: (Result<Vec<Holding>>, f64),
+    pub listeners: Option<(Result<Vec<ListenerRecord>>, f64)>,
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
+    let started = std::time::Instant::now();
+    let out = f();
+    (out, started.elapsed().as_secs_f64())
+}
+
 /// A program that could not be attached but was not essential.
 #[derive(Clone, Debug)]
 pub struct AttachError {
@@ -189,6 +201,39 @@ impl Probes {
     /// ports in `LISTEN_PORTS`, right now.
     pub fn holders(&self) -> Result<Vec<Holding>> {
         Ok(parse_holders(&self.holders.read()?))
+    }
+
+    /// The holder walk ([`Probes::holders`]) and, when `tcp`, the `iter/tcp`
+    /// walk ([`Probes::listeners`]) beside it on a second thread: two
+    /// independent kernel walks, so a collection waits for the longer of
+    /// the two, not for their sum. Each comes with its own seconds.
+    pub fn walks(&self, tcp: bool) -> Walks {
+        let (holders, listeners) = (&self.holders, &self.listeners);
+        let walk_holders = || timed(|| Ok(parse_holders(&holders.read()?)));
+        let walk_tcp = || timed(|| Ok(parse_records(&listeners.read()?)));
+        if !tcp {
+            return Walks {
+                holders: walk_holders(),
+                listeners: None,
+            };
+        }
+        std::thread::scope(|scope| {
+            let beside = std::thread::Builder::new()
+                .name("iter-tcp".into())
+                .spawn_scoped(scope, walk_tcp);
+            let holders = walk_holders();
+            let listeners = match beside {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|_| (Err(anyhow!("the iter/tcp walk's thread panicked")), 0.0)),
+                // No thread to spare: one walk after the other.
+                Err(_) => walk_tcp(),
+            };
+            Walks {
+                holders,
+                listeners: Some(listeners),
+            }
+        })
     }
 
     /// The thread sampler's iterator (a handle of its own, for the sampler's
