@@ -401,6 +401,21 @@ pub struct HeldCursor {
     pub held: u32,
 }
 
+/// The process the holder iterator is visiting, per CPU: read once per
+/// task and scan (`session`), not once per socket it holds (a process
+/// holding 10,000 listeners would read its parent and name 10,000 times).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VisitedProcess {
+    pub session: u64,
+    /// The kernel address of the `task_struct`.
+    pub task: u64,
+    pub tgid: u32,
+    /// Parent's tgid.
+    pub ppid: u32,
+    pub comm: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all impls): plain `#[repr(C)]` integers and byte arrays with

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use observer_common::{
     AF_UNIX, HELD_CONNECTIONS_PER_PROCESS, Health, HolderRecord, IPPROTO_TCP, KernelOffsets,
-    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, listen_port_key,
+    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, VisitedProcess, listen_port_key,
 };
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
         SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
         tcp_unread_us, unix_listen_key, unix_queue,
     },
-    maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, count_health},
+    maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
 };
 
 /// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
@@ -74,6 +74,9 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         return 0;
     }
     let state: u8 = head.field(off.sk_state).unwrap_or(0);
+    let Some(process) = visited(task, session, &off) else {
+        return 0;
+    };
     let Some(record) = HOLDER.get_ptr_mut(0) else {
         return 0;
     };
@@ -81,14 +84,14 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     // (iterator runs do not nest on one CPU).
     let record = unsafe { &mut *record };
     *record = HolderRecord {
-        tgid: read(task, off.task_tgid).unwrap_or(0),
+        tgid: process.tgid,
         fd,
         state,
         inode: read(inode, off.inode_i_ino).unwrap_or(0),
         ..HolderRecord::default()
     };
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        unix_holder(seq, task, sk, &head, &off, record, session);
+        unix_holder(seq, &process, sk, &head, &off, record, session);
         return 0;
     }
     let Some(place) = socket_place(&head, &off) else {
@@ -109,7 +112,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     record.family = place.family;
     record.port = place.port;
     record.addr = place.addr;
-    fill_process(task, &off, record);
+    fill_process(&process, record);
     if state == TCP_LISTEN {
         record.queue_len = read(sk, off.sk_ack_backlog).unwrap_or(0);
         record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
@@ -131,7 +134,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
 #[inline(always)]
 fn unix_holder(
     seq: *mut seq_file,
-    task: u64,
+    process: &VisitedProcess,
     sk: u64,
     head: &SockHead,
     off: &KernelOffsets,
@@ -156,7 +159,7 @@ fn unix_holder(
     record.netns = netns;
     record.family = AF_UNIX;
     record.addr[..8].copy_from_slice(&key.to_ne_bytes());
-    fill_process(task, off, record);
+    fill_process(process, record);
     if !listening {
         if write(seq, record) {
             count_held();
@@ -224,11 +227,31 @@ fn count_held() {
 
 /// The holding process's parent and name (its tgid is already in).
 #[inline(always)]
-fn fill_process(task: u64, off: &KernelOffsets, record: &mut HolderRecord) {
-    record.ppid = read_ptr(task, off.task_real_parent)
-        .and_then(|p| read::<u32>(p, off.task_tgid))
-        .unwrap_or(0);
-    record.comm = read(task, off.task_comm).unwrap_or([0; 16]);
+fn fill_process(process: &VisitedProcess, record: &mut HolderRecord) {
+    record.ppid = process.ppid;
+    record.comm = process.comm;
+}
+
+/// The process of `task`: its tgid, and its parent and name, read at its
+/// first socket in this scan and kept in a per-CPU slot for the rest of its
+/// files. The tgid is read each time: a `task_struct` freed during the scan
+/// can come back as another process's at the same address.
+#[inline(always)]
+fn visited(task: u64, session: u64, off: &KernelOffsets) -> Option<VisitedProcess> {
+    let slot = VISITED.get_ptr_mut(0)?;
+    // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
+    let slot = unsafe { &mut *slot };
+    let tgid = read(task, off.task_tgid).unwrap_or(0);
+    if slot.session != session || slot.task != task || slot.tgid != tgid {
+        slot.session = session;
+        slot.task = task;
+        slot.tgid = tgid;
+        slot.ppid = read_ptr(task, off.task_real_parent)
+            .and_then(|p| read::<u32>(p, off.task_tgid))
+            .unwrap_or(0);
+        slot.comm = read(task, off.task_comm).unwrap_or([0; 16]);
+    }
+    Some(*slot)
 }
 
 /// Appends `value`'s bytes to the iterator's output; false when they did

@@ -6,7 +6,7 @@ use aya_ebpf::{
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
     HeldCursor, HolderRecord, LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord,
-    WORKER_MAP_CAPACITY, WorkerFds,
+    VisitedProcess, WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -59,6 +59,10 @@ pub static UNIX_NAME: PerCpuArray<UnixNameRecord> = PerCpuArray::with_max_entrie
 /// process it is visiting; see [`HeldCursor`].
 #[map]
 pub static HELD_CURSOR: PerCpuArray<HeldCursor> = PerCpuArray::with_max_entries(1, 0);
+
+/// The process the holder iterator is visiting; see [`VisitedProcess`].
+#[map]
+pub static VISITED: PerCpuArray<VisitedProcess> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]
