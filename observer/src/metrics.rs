@@ -159,6 +159,10 @@ fn write_value(out: &mut String, value: f64) {
         out.push_str("NaN");
     } else if value.is_infinite() {
         out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
+    } else if value.fract() == 0.0 && value.abs() < 1e15 {
+        // Most samples are counts: integer formatting, as `{value}` would
+        // print them, without the float formatter's cost.
+        out.push_str(itoa::Buffer::new().format(value as i64));
     } else {
         let _ = write!(out, "{value}");
     }
