@@ -220,25 +220,11 @@ impl Aggregator {
         let mut views = group_listeners(sockets, socket_views, self.unix_waits_timed);
         let index = ListenerIndex::new(sockets);
 
-        // Listeners that closed: forget their state (and, below, their keys).
-        self.collections += 1;
-        let this_collection = self.collections;
-        for view in &views {
-            self.listeners
-                .entry(view.id)
-                .or_insert_with(|| ListenerState {
-                    depth_baseline: if startup { view.queue_len } else { 0 },
-                    drops_baseline: if startup { view.drops_raw } else { 0 },
-                    ..Default::default()
-                })
-                .last_seen = this_collection;
-        }
-        self.listeners
-            .retain(|_, state| state.last_seen == this_collection);
-
         let mut forget = Vec::new();
-        // Accepts of live processes, per view (same order).
+        // Accepts of live processes, per view (same order), and of those
+        // that exited, per listener: those are folded into its state below.
         let mut live = vec![Accepts::default(); views.len()];
+        let mut exited: HashMap<ListenerId, Accepts> = HashMap::new();
         for (key, stats) in accepts {
             let Some(id) = index.listener_of(key.netns, key.family, &key.addr, key.port) else {
                 forget.push(*key);
@@ -249,16 +235,27 @@ impl Aggregator {
                     live[i].add(stats);
                     views[i].by_process.entry(key.tgid).or_default().add(stats);
                 }
-            } else if let Some(state) = self.listeners.get_mut(&id) {
-                state.retired.add(stats);
+            } else if position(&views, &id).is_some() {
+                exited.entry(id).or_default().add(stats);
                 forget.push(*key);
             }
         }
 
+        self.collections += 1;
+        let this_collection = self.collections;
         for (view, live) in views.iter_mut().zip(&live) {
-            let Some(state) = self.listeners.get_mut(&view.id) else {
-                continue; // inserted above for every view
-            };
+            let state = self
+                .listeners
+                .entry(view.id)
+                .or_insert_with(|| ListenerState {
+                    depth_baseline: if startup { view.queue_len } else { 0 },
+                    drops_baseline: if startup { view.drops_raw } else { 0 },
+                    ..Default::default()
+                });
+            state.last_seen = this_collection;
+            if let Some(exited) = exited.get(&view.id) {
+                state.retired.add_accepts(exited);
+            }
             view.accepts = state.retired;
             view.accepts.add_accepts(live);
             let derived =
@@ -276,6 +273,10 @@ impl Aggregator {
                 || view.syn_queue_len > 0;
             view.had_traffic = state.had_traffic;
         }
+        // Listeners that closed: forget their state (their keys are gone
+        // with them, above).
+        self.listeners
+            .retain(|_, state| state.last_seen == this_collection);
 
         let listeners_over_cap = cap(&mut views, self.max_listeners);
         Collection {

@@ -174,7 +174,7 @@ impl Handoffs {
         is_listener: impl Fn(&ListenerId) -> bool,
         holders_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
         servers_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
-    ) -> HashMap<ListenerId, Roles> {
+    ) -> ListenerRoles {
         self.fed.retain(|id, _| is_listener(id));
         let no_one = BTreeMap::new();
         for (id, servers) in servers_of {
@@ -186,7 +186,7 @@ impl Handoffs {
                 }
             }
         }
-        let mut roles_of = HashMap::with_capacity(holders_of.len());
+        let mut roles_of = ListenerRoles::with_capacity(holders_of.len());
         let no_dispatchers = BTreeSet::new();
         for (id, holders) in holders_of {
             // Most listeners have neither: touch those maps only where known.
@@ -210,13 +210,44 @@ impl Handoffs {
         }
         self.dispatchers.retain(|id, _| holders_of.contains_key(id));
         for (id, fed) in &self.fed {
-            roles_of.entry(*id).or_insert_with(|| Roles {
-                workers: fed.keys().copied().collect(),
-                dispatchers: BTreeSet::new(),
-            });
+            if !holders_of.contains_key(id) {
+                roles_of.insert(
+                    *id,
+                    Roles {
+                        workers: fed.keys().copied().collect(),
+                        dispatchers: BTreeSet::new(),
+                    },
+                );
+            }
         }
         self.forget_empty();
         roles_of
+    }
+}
+
+/// Every listener's processes by role: its workers and its dispatchers,
+/// each map without the listeners that have none.
+#[derive(Debug, Default)]
+struct ListenerRoles {
+    workers: HashMap<ListenerId, BTreeSet<u32>>,
+    dispatchers: HashMap<ListenerId, BTreeSet<u32>>,
+}
+
+impl ListenerRoles {
+    fn with_capacity(listeners: usize) -> ListenerRoles {
+        ListenerRoles {
+            workers: HashMap::with_capacity(listeners),
+            dispatchers: HashMap::new(),
+        }
+    }
+
+    fn insert(&mut self, id: ListenerId, roles: Roles) {
+        if !roles.workers.is_empty() {
+            self.workers.insert(id, roles.workers);
+        }
+        if !roles.dispatchers.is_empty() {
+            self.dispatchers.insert(id, roles.dispatchers);
+        }
     }
 }
 
@@ -372,19 +403,12 @@ impl Membership {
                 }
             }
         }
-        let mut workers = HashMap::with_capacity(holders_of.len());
-        let mut dispatchers = HashMap::new();
         let is_listener = |id: &ListenerId| listeners.position(id).is_some();
-        let roles_of = handoffs.learn(is_listener, &holders_of, &servers_of);
+        let ListenerRoles {
+            workers,
+            dispatchers,
+        } = handoffs.learn(is_listener, &holders_of, &servers_of);
         handoffs.remember_comms(&mut comms);
-        for (id, r) in roles_of {
-            if !r.workers.is_empty() {
-                workers.insert(id, r.workers);
-            }
-            if !r.dispatchers.is_empty() {
-                dispatchers.insert(id, r.dispatchers);
-            }
-        }
         socket_holders.sort_unstable();
         socket_holders.dedup();
         Membership {
