@@ -207,6 +207,25 @@ impl AcceptLocks {
     }
 }
 
+/// The watched processes with a thread blocked in `accept`/`accept4` on one
+/// of their listeners in this pass: they wait for work without an event
+/// loop, so the daemon does not look in /proc for theirs.
+pub fn waiting_in_accept(
+    samples: &[ThreadSample],
+    watched: &HashMap<u32, Watched>,
+) -> HashSet<u32> {
+    samples
+        .iter()
+        .filter(|s| s.state != 0 && matches!(s.syscall, SYS_ACCEPT | SYS_ACCEPT4))
+        .filter(|s| {
+            watched
+                .get(&s.tgid)
+                .is_some_and(|w| contains(&w.fds.listen, s.args[0]))
+        })
+        .map(|s| s.tgid)
+        .collect()
+}
+
 /// One pass: busy (true) or idle (false) per watched process seen in it.
 /// Processes not in `watched` (a stale map entry) are left out.
 pub fn process_states(
@@ -294,6 +313,18 @@ mod tests {
     }
 
     /// A blocked thread (state 1, TASK_INTERRUPTIBLE) in `syscall`.
+    #[test]
+    fn workers_blocked_in_accept_on_their_listener_are_waiting_in_accept() {
+        let w = watched(&[1, 2, 3], &[3], &[]);
+        let samples = [
+            blocked(1, 1, SYS_ACCEPT4, [3, 0, 0, 0]),
+            // accept() on another socket, and epoll_wait: not on the listener.
+            blocked(2, 2, SYS_ACCEPT, [9, 0, 0, 0]),
+            blocked(3, 3, SYS_EPOLL_WAIT, [3, 0, 0, 0]),
+        ];
+        assert_eq!(waiting_in_accept(&samples, &w), HashSet::from_iter([1]));
+    }
+
     fn blocked(tgid: u32, tid: u32, syscall: i64, args: [u64; 4]) -> ThreadSample {
         ThreadSample {
             tgid,

@@ -254,10 +254,14 @@ impl Pipeline {
         });
         if self.collectors.workers {
             let loop_fds = membership.event_loop_fds();
+            let in_accept = match &self.sampler {
+                Some(sampler) => lock(sampler)?.in_accept(),
+                None => HashSet::default(),
+            };
             let now = self.started.elapsed();
             st.time("epolls", || {
                 self.event_loops
-                    .refresh(&loop_fds, now, procfs::epolls_watching)
+                    .refresh(&loop_fds, &in_accept, now, procfs::epolls_watching)
             });
         }
         let writes = MapWrites {

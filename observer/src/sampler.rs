@@ -64,6 +64,8 @@ pub struct ThreadSampler {
     watched: HashMap<u32, Watched>,
     locks: AcceptLocks,
     accounts: BTreeMap<ProcessKey, Account>,
+    /// See [`activity::waiting_in_accept`]: as of the last pass.
+    in_accept: HashSet<u32>,
     cost: SamplerCost,
 }
 
@@ -74,6 +76,7 @@ impl ThreadSampler {
             watched: HashMap::new(),
             locks: AcceptLocks::default(),
             accounts: BTreeMap::new(),
+            in_accept: HashSet::default(),
             cost: SamplerCost::default(),
         }
     }
@@ -95,6 +98,7 @@ impl ThreadSampler {
         let states =
             activity::process_states(&samples, &self.watched, &mut self.locks, &mut ProcFileLocks);
         integrate(&mut self.accounts, &states, now_ns);
+        self.in_accept = activity::waiting_in_accept(&samples, &self.watched);
         self.cost.passes += 1;
         self.cost.threads_sampled += samples.len() as u64;
         self.cost.seconds += started.elapsed().as_secs_f64();
@@ -114,6 +118,11 @@ impl ThreadSampler {
                 (key.pid, activity)
             })
             .collect()
+    }
+
+    /// The workers blocked in accept() at the last pass.
+    pub fn in_accept(&self) -> HashSet<u32> {
+        self.in_accept.clone()
     }
 
     pub fn cost(&self) -> SamplerCost {

@@ -526,10 +526,14 @@ pub const RELOOKS_PER_REFRESH: usize = 64;
 
 impl EventLoops {
     /// Updates the sets for the workers' fds (`loop_fds`, per pid) at `now`
-    /// (any monotonic clock), with `lookup(pid, fds)` reading /proc.
+    /// (any monotonic clock), with `lookup(pid, fds)` reading /proc. Workers
+    /// `in_accept` (blocked in accept() on a listener at the sampler's last
+    /// pass) wait for work without an event loop: they are not looked at
+    /// now, and keep their place in the back-off for when they are not.
     pub fn refresh(
         &mut self,
         loop_fds: &BTreeMap<u32, Vec<i32>>,
+        in_accept: &HashSet<u32>,
         now: Duration,
         lookup: impl Fn(u32, &[i32]) -> Vec<i32>,
     ) {
@@ -538,7 +542,7 @@ impl EventLoops {
         // Second looks that are due: (due since, pid, fds, next back-off).
         let mut due = Vec::new();
         for (pid, fds) in loop_fds {
-            if self.found.contains_key(pid) {
+            if self.found.contains_key(pid) || in_accept.contains(pid) {
                 continue;
             }
             match self.missing.get(pid) {
@@ -709,22 +713,49 @@ mod tests {
         let secs = Duration::from_secs;
         // Looked at 0 s, then 1 s later, then 2 s after that, then 4 s.
         for t in 0..8 {
-            loops.refresh(&fds, secs(t), lookup);
+            loops.refresh(&fds, &HashSet::default(), secs(t), lookup);
         }
         assert_eq!(looked.borrow().len(), 4, "at 0, 1, 3, 7 s");
         // Its fds change: looked at once, whatever the back-off.
         let moved = BTreeMap::from([(7, vec![4])]);
-        loops.refresh(&moved, secs(8), lookup);
+        loops.refresh(&moved, &HashSet::default(), secs(8), lookup);
         assert_eq!(looked.borrow().len(), 5);
         // Found: kept, never looked up again.
         *has_epoll.borrow_mut() = true;
-        loops.refresh(&moved, secs(9), lookup);
-        loops.refresh(&moved, secs(100), lookup);
+        loops.refresh(&moved, &HashSet::default(), secs(9), lookup);
+        loops.refresh(&moved, &HashSet::default(), secs(100), lookup);
         assert_eq!(looked.borrow().len(), 6);
         assert_eq!(loops.epolls()[&7], vec![9]);
         // Gone: forgotten.
-        loops.refresh(&BTreeMap::new(), secs(101), lookup);
+        loops.refresh(&BTreeMap::new(), &HashSet::default(), secs(101), lookup);
         assert!(loops.epolls().is_empty());
+    }
+
+    #[test]
+    fn workers_blocked_in_accept_are_not_looked_at_until_they_leave_it() {
+        use std::cell::RefCell;
+        let looked = RefCell::new(Vec::new());
+        let lookup = |pid: u32, _: &[i32]| {
+            looked.borrow_mut().push(pid);
+            vec![]
+        };
+        let mut loops = EventLoops::default();
+        let fds = BTreeMap::from([(7, vec![3]), (8, vec![3])]);
+        let in_accept = HashSet::from_iter([8]);
+        let secs = Duration::from_secs;
+        loops.refresh(&fds, &in_accept, secs(0), lookup);
+        assert_eq!(
+            *looked.borrow(),
+            vec![7],
+            "8 waits in accept(): no event loop to find"
+        );
+        for t in 1..10 {
+            loops.refresh(&fds, &in_accept, secs(t), lookup);
+        }
+        assert!(!looked.borrow().contains(&8));
+        // Out of accept(): looked at.
+        loops.refresh(&fds, &HashSet::default(), secs(10), lookup);
+        assert_eq!(looked.borrow().last(), Some(&8));
     }
 
     #[test]
@@ -738,14 +769,14 @@ mod tests {
         let mut loops = EventLoops::default();
         let n = RELOOKS_PER_REFRESH as u32 * 3;
         let fds: BTreeMap<u32, Vec<i32>> = (0..n).map(|pid| (pid, vec![3])).collect();
-        loops.refresh(&fds, Duration::ZERO, lookup);
+        loops.refresh(&fds, &HashSet::default(), Duration::ZERO, lookup);
         assert_eq!(looked.borrow().len(), n as usize, "first looks: all");
         // All come due at 1 s: a third per refresh, the rest later.
         looked.borrow_mut().clear();
         let mut per_refresh = Vec::new();
         for t in [1000, 1001, 1002] {
             let before = looked.borrow().len();
-            loops.refresh(&fds, Duration::from_millis(t), lookup);
+            loops.refresh(&fds, &HashSet::default(), Duration::from_millis(t), lookup);
             per_refresh.push(looked.borrow().len() - before);
         }
         assert_eq!(per_refresh, vec![RELOOKS_PER_REFRESH; 3]);
@@ -756,7 +787,12 @@ mod tests {
         looked.borrow_mut().clear();
         let mut more = fds.clone();
         more.insert(n, vec![3]);
-        loops.refresh(&more, Duration::from_millis(1003), lookup);
+        loops.refresh(
+            &more,
+            &HashSet::default(),
+            Duration::from_millis(1003),
+            lookup,
+        );
         assert_eq!(*looked.borrow(), vec![n]);
     }
 
