@@ -201,7 +201,8 @@ struct Measured {
     start_up: f64,
     scrape_ms: f64,
     size: usize,
-    healthz_ms: (f64, f64),
+    /// Every /healthz probe's time that overlapped a scrape.
+    healthz_ms: Vec<f64>,
     rss: f64,
     cpu: f64,
     interval: f64,
@@ -236,6 +237,16 @@ fn healthz_during_scrape(port: u16) -> (f64, Vec<f64>) {
     (start.elapsed().as_secs_f64() * 1e3, healthz)
 }
 
+/// "median, max" of the /healthz probes, or why there are none: a scrape
+/// shorter than the probes' 2 ms spacing ends before the first.
+fn healthz_cell(healthz_ms: &[f64]) -> String {
+    if healthz_ms.is_empty() {
+        return "— (each scrape ended before the first probe)".to_owned();
+    }
+    let max = healthz_ms.iter().copied().fold(0.0, f64::max);
+    format!("{:.1}, {max:.1}", median(healthz_ms.to_vec()))
+}
+
 /// `observer_collect_stage_seconds{stage}` of the daemon's last collection.
 fn stages(text: &str) -> Vec<(String, f64)> {
     text.lines()
@@ -264,14 +275,13 @@ fn measure(bin: &Path, window: Duration) -> Result<Measured> {
     let text = http_get(daemon.port, "/metrics").unwrap_or_default();
     let size = text.len();
     let stages = stages(&String::from_utf8_lossy(&text));
-    let healthz_max = healthz.iter().copied().fold(0.0, f64::max);
     let rss = rss_mib(daemon.pid());
     let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
     Ok(Measured {
         start_up,
         scrape_ms: median(times),
         size,
-        healthz_ms: (median(healthz), healthz_max),
+        healthz_ms: healthz,
         rss,
         cpu,
         interval,
@@ -341,7 +351,7 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
         let m = measure(bin, window)?;
         let threads = host_threads();
         report.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1}, {:.1} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
+            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
             scene.netns,
             scene.listeners * scene.netns,
             scene.workers,
@@ -349,8 +359,7 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
             m.scrape_ms,
             m.size as f64 / 1024.0,
             m.rss,
-            m.healthz_ms.0,
-            m.healthz_ms.1,
+            healthz_cell(&m.healthz_ms),
             m.cpu,
             m.interval,
             m.pass_us,
