@@ -76,6 +76,69 @@ fn wait_for_depth(port: u16, depth: u64) {
     }
 }
 
+/// Sends `fd` over `sock` (SCM_RIGHTS) with one byte.
+fn send_fd(sock: &std::os::unix::net::UnixStream, fd: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd as _;
+    let fd_bytes = std::mem::size_of::<std::os::fd::RawFd>() as u32;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer has room for one cmsg carrying one fd
+    // (CMSG_SPACE above); sendmsg reads our own buffers.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+        std::ptr::copy_nonoverlapping(
+            (&fd as *const std::os::fd::RawFd).cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            fd_bytes as usize,
+        );
+        libc::sendmsg(sock.as_raw_fd(), &msg, 0)
+    };
+    assert_eq!(sent, 1, "sendmsg: {}", std::io::Error::last_os_error());
+}
+
+/// A listener no process holds is seen by iter/tcp alone, which must then
+/// walk at every scrape (not once a minute): its depth follows `ss` from
+/// one scrape to the next.
+#[test]
+fn a_listener_no_process_holds_is_read_at_every_scrape() {
+    let listener = listen("127.0.0.1:0".parse().expect("addr"), 8);
+    let local = listener.local_addr().expect("local addr");
+    let port = local.port();
+    // Its only reference is in flight: sent over a socket pair and closed,
+    // never received. No process has it among its fds.
+    let (tx, _rx) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    send_fd(&tx, std::os::fd::AsRawFd::as_raw_fd(&listener));
+    drop(listener);
+    let daemon = Daemon::start();
+    let mut clients = Vec::new();
+    for depth in 1..=3 {
+        clients.push(TcpStream::connect(local).expect("connect"));
+        wait_for_depth(port, depth);
+        let m = daemon.scrape();
+        assert_eq!(
+            m.listener("observer_listen_queue_length", port),
+            depth as f64,
+            "scrape {depth}"
+        );
+        assert_eq!(m.listener("observer_listen_queue_max", port), 8.0);
+    }
+}
+
 fn depth_and_limit_equal_ss(addr: &str) {
     let listener = listen(addr.parse().expect("addr"), 8);
     let local = listener.local_addr().expect("local addr");
