@@ -37,6 +37,15 @@ fn bpf(cmd: libc::c_long, attr: &BpfAttr) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// What an EAGAIN from an iterator read means.
+#[derive(Clone, Copy)]
+enum Eagain {
+    /// The kernel paused a long walk: read on.
+    ReadOn,
+    /// The program ended the walk (it returned 1).
+    Stops,
+}
+
 /// An attached iterator program; each [`IterLink::read`] runs it once.
 #[derive(Debug)]
 pub struct IterLink {
@@ -63,24 +72,49 @@ impl IterLink {
         })
     }
 
-    /// Runs the iterator once and returns everything it wrote.
+    /// Runs the iterator once and returns everything it wrote. A read that
+    /// fails with EAGAIN is read again: the kernel says so after a million
+    /// objects that wrote nothing, and goes on from there.
     pub fn read(&self) -> Result<Vec<u8>> {
+        self.read_to_end(Eagain::ReadOn)
+    }
+
+    /// Like [`IterLink::read`], for a program that ends the walk by
+    /// returning 1 (`iter/tcp` past the listening hash): the EAGAIN that
+    /// follows is the end, and what it wrote before is the result.
+    pub fn read_until_stopped(&self) -> Result<Vec<u8>> {
+        self.read_to_end(Eagain::Stops)
+    }
+
+    fn read_to_end(&self, eagain: Eagain) -> Result<Vec<u8>> {
+        /// Reads after an EAGAIN, at most (a billion objects' walk).
+        const READS_ON: usize = 1000;
         let mut attr = BpfAttr([0; 32]);
         attr.0[0] = self.fd.as_raw_fd() as u32; // iter_create.link_fd
         let fd = bpf(BPF_ITER_CREATE, &attr)
             .with_context(|| format!("opening the {} iterator", self.name))?;
+        let mut file = std::fs::File::from(fd);
         let last_len = self.last_len.load(Ordering::Relaxed);
         let mut bytes = Vec::with_capacity(last_len + last_len / 8);
-        match std::fs::File::from(fd).read_to_end(&mut bytes) {
-            // The program returned 1: it has seen all it wants (iter/tcp
-            // after the last listener). What it wrote before is in `bytes`.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            read => {
-                read.with_context(|| format!("reading the {} iterator", self.name))?;
+        for _ in 0..READS_ON {
+            // Bytes read before an error are in `bytes` (read_to_end).
+            match file.read_to_end(&mut bytes) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Eagain::ReadOn = eagain {
+                        continue;
+                    }
+                }
+                read => {
+                    read.with_context(|| format!("reading the {} iterator", self.name))?;
+                }
             }
+            self.last_len.store(bytes.len(), Ordering::Relaxed);
+            return Ok(bytes);
         }
-        self.last_len.store(bytes.len(), Ordering::Relaxed);
-        Ok(bytes)
+        anyhow::bail!(
+            "reading the {} iterator: still EAGAIN after {READS_ON} reads",
+            self.name
+        )
     }
 
     /// A second handle on the same link (for another thread).

@@ -194,7 +194,7 @@ impl Probes {
     /// Every listening TCP socket of the daemon's network namespace, right
     /// now (`iter/tcp` is limited to it; see `holders` for the others).
     pub fn listeners(&self) -> Result<Vec<ListenerRecord>> {
-        Ok(parse_records(&self.listeners.read()?))
+        Ok(parse_records(&self.listeners.read_until_stopped()?))
     }
 
     /// Every process's listening sockets and its accepted connections of the
@@ -210,7 +210,7 @@ impl Probes {
     pub fn walks(&self, tcp: bool) -> Walks {
         let (holders, listeners) = (&self.holders, &self.listeners);
         let walk_holders = || timed(|| Ok(parse_holders(&holders.read()?)));
-        let walk_tcp = || timed(|| Ok(parse_records(&listeners.read()?)));
+        let walk_tcp = || timed(|| Ok(parse_records(&listeners.read_until_stopped()?)));
         if !tcp {
             return Walks {
                 holders: walk_holders(),
