@@ -113,27 +113,34 @@ fn send_fd(sock: &std::os::unix::net::UnixStream, fd: std::os::fd::RawFd) {
 
 /// A listener no process holds is seen by iter/tcp alone, which must then
 /// walk at every scrape (not once a minute): its depth follows `ss` from
-/// one scrape to the next.
+/// one scrape to the next, from the scrape where its holder let it go.
 #[test]
 fn a_listener_no_process_holds_is_read_at_every_scrape() {
     let listener = listen("127.0.0.1:0".parse().expect("addr"), 8);
     let local = listener.local_addr().expect("local addr");
     let port = local.port();
-    // Its only reference is in flight: sent over a socket pair and closed,
-    // never received. No process has it among its fds.
+    let daemon = Daemon::start();
+    let mut clients = vec![TcpStream::connect(local).expect("connect")];
+    wait_for_depth(port, 1);
+    let m = daemon.scrape();
+    assert_eq!(
+        m.listener("observer_listen_queue_length", port),
+        1.0,
+        "held"
+    );
+    // Now its only reference is in flight: sent over a socket pair and
+    // closed, never received. No process has it among its fds.
     let (tx, _rx) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     send_fd(&tx, std::os::fd::AsRawFd::as_raw_fd(&listener));
     drop(listener);
-    let daemon = Daemon::start();
-    let mut clients = Vec::new();
-    for depth in 1..=3 {
+    for depth in 2..=4 {
         clients.push(TcpStream::connect(local).expect("connect"));
         wait_for_depth(port, depth);
         let m = daemon.scrape();
         assert_eq!(
             m.listener("observer_listen_queue_length", port),
             depth as f64,
-            "scrape {depth}"
+            "in flight, scrape {depth}"
         );
         assert_eq!(m.listener("observer_listen_queue_max", port), 8.0);
     }

@@ -15,7 +15,9 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 
 use anyhow::{Context as _, Result};
 
-use observer_common::{AcceptKey, AcceptStats, ListenerRecord, TCP_LISTEN, listen_port_key};
+use observer_common::{
+    AF_UNIX, AcceptKey, AcceptStats, ListenerRecord, TCP_LISTEN, listen_port_key,
+};
 
 use crate::{
     activity::Watched,
@@ -340,17 +342,28 @@ impl Pipeline {
         let (holders, seconds) = walks.holders;
         st.set("holders_iterator", seconds);
         let holders = holders?;
+        let lost_a_holder = self.tcp_walk.saw_held(&holders);
         let listeners = match walks.listeners {
             Some((listeners, seconds)) => {
                 st.set("listeners_iterator", seconds);
-                let listeners = listeners?;
-                self.tcp_walk.walked(now, &listeners, &holders);
-                listeners
+                Some(listeners?)
+            }
+            // A listener held before may still be there, held by no one we
+            // see (in flight to another process): iter/tcp looks now.
+            None if lost_a_holder => {
+                Some(st.time("listeners_iterator", || self.probes.listeners())?)
             }
             None => {
                 st.set("listeners_iterator", 0.0);
-                Vec::new()
+                None
             }
+        };
+        let listeners = match listeners {
+            Some(listeners) => {
+                self.tcp_walk.walked(now, &listeners);
+                listeners
+            }
+            None => Vec::new(),
         };
         let accepts = st.time("accepts_map", || self.probes.accepts())?;
         let kernel_events_lost = self
@@ -388,15 +401,19 @@ impl Pipeline {
 
 /// When `iter/tcp` walks the daemon's namespace. Every listener a process
 /// holds is also in the holder walk, with the same figures; `iter/tcp`
-/// alone sees those nobody holds (kernel-owned, as nfsd's, or held by
-/// processes outside the daemon's PID namespace). So it walks at the first
-/// collection, then at every one while it found such listeners, and at
-/// least every [`TcpWalk::EVERY`] for new ones. At 10,000 listeners a walk
-/// costs about 16 ms of a 50 ms scrape budget.
+/// alone sees those nobody holds (kernel-owned, as nfsd's, held by
+/// processes outside the daemon's PID namespace, or in flight between two
+/// processes). So it walks at the first collection, then at every one
+/// while it found such listeners, after a TCP listener the holder walk saw
+/// is no longer seen held, and at least every [`TcpWalk::EVERY`] for new
+/// ones. At 10,000 listeners a walk costs about 16 ms of a 50 ms scrape
+/// budget.
 #[derive(Debug, Default)]
 struct TcpWalk {
     last: Option<Duration>,
     found_unheld: bool,
+    /// The TCP listening sockets (inodes) the last holder walk saw held.
+    held: HashSet<u64>,
 }
 
 impl TcpWalk {
@@ -409,14 +426,25 @@ impl TcpWalk {
         }
     }
 
-    fn walked(&mut self, now: Duration, listeners: &[ListenerRecord], holders: &[Holding]) {
+    /// Takes this collection's holder walk; true when a TCP listener held
+    /// at the last one is not held now (closed, or held by no one seen).
+    fn saw_held(&mut self, holders: &[Holding]) -> bool {
         let held: HashSet<u64> = holders
             .iter()
-            .filter(|h| h.record.state == TCP_LISTEN)
-            .map(|h| h.record.inode)
+            .map(|h| &h.record)
+            .filter(|r| r.state == TCP_LISTEN && r.family != AF_UNIX)
+            .map(|r| r.inode)
             .collect();
+        let lost = self.held.iter().any(|inode| !held.contains(inode));
+        self.held = held;
+        lost
+    }
+
+    /// `iter/tcp` walked at `now` and found `listeners` (after
+    /// [`TcpWalk::saw_held`] took this collection's holders).
+    fn walked(&mut self, now: Duration, listeners: &[ListenerRecord]) {
         self.last = Some(now);
-        self.found_unheld = listeners.iter().any(|l| !held.contains(&l.inode));
+        self.found_unheld = listeners.iter().any(|l| !self.held.contains(&l.inode));
     }
 }
 
@@ -477,22 +505,25 @@ mod tests {
         let at = Duration::from_secs;
         assert!(walk.due(at(0)), "the first collection walks");
         // Every listener held: the holder walk has them all.
-        walk.walked(
-            at(0),
-            &[listener(1), listener(2)],
-            &[holding(1, TCP_LISTEN), holding(2, TCP_LISTEN)],
-        );
+        assert!(!walk.saw_held(&[holding(1, TCP_LISTEN), holding(2, TCP_LISTEN)]));
+        walk.walked(at(0), &[listener(1), listener(2)]);
         assert!(!walk.due(at(59)));
         assert!(walk.due(at(60)), "new unheld listeners are looked for");
         // Inode 2 is held only as a connection's inode would be: unheld.
-        walk.walked(
-            at(60),
-            &[listener(1), listener(2)],
-            &[holding(1, TCP_LISTEN), holding(2, TCP_ESTABLISHED)],
-        );
+        let lost = walk.saw_held(&[holding(1, TCP_LISTEN), holding(2, TCP_ESTABLISHED)]);
+        assert!(lost, "listener 2 was held at the last collection");
+        walk.walked(at(60), &[listener(1), listener(2)]);
         assert!(
             walk.due(at(61)),
             "an unheld listener's figures come from iter/tcp alone"
+        );
+        // Held again, then closed: a walk at once, not in a minute.
+        assert!(!walk.saw_held(&[holding(1, TCP_LISTEN), holding(2, TCP_LISTEN)]));
+        walk.walked(at(61), &[listener(1), listener(2)]);
+        assert!(!walk.due(at(62)));
+        assert!(
+            walk.saw_held(&[holding(1, TCP_LISTEN)]),
+            "listener 2 is gone"
         );
     }
 }
