@@ -76,17 +76,53 @@ pub fn scenes(quick: bool) -> Vec<Scene> {
 }
 
 /// Processes this process forked for a scene; killed and reaped on drop.
-struct Children(Vec<i32>);
+#[derive(Default)]
+struct Children {
+    pids: Vec<i32>,
+    /// Process groups of pools (a master and its workers), each killed as
+    /// one; the workers come back to this process (a child subreaper, see
+    /// [`run`]) when their master dies, and are reaped here too.
+    groups: Vec<i32>,
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: killing and reaping our own children.
-            unsafe {
+        // SAFETY: killing and reaping our own children and their groups.
+        unsafe {
+            for group in &self.groups {
+                libc::kill(-group, libc::SIGKILL);
+            }
+            for pid in &self.pids {
                 libc::kill(*pid, libc::SIGKILL);
+            }
+            for pid in &self.pids {
                 libc::waitpid(*pid, std::ptr::null_mut(), 0);
             }
+            // Bounded: one wait per process of the group, until none is left.
+            for group in &self.groups {
+                while libc::waitpid(-group, std::ptr::null_mut(), 0) > 0 {}
+            }
         }
+    }
+}
+
+/// While it lives, this process is a child subreaper: a pool's workers,
+/// which outlive their master by a moment when a scene ends, come back to
+/// it and are reaped (see [`Children`]), not left to init.
+struct Subreaper;
+
+impl Subreaper {
+    fn become_one() -> Subreaper {
+        // SAFETY: prctl sets a flag of this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+        Subreaper
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0) };
     }
 }
 
@@ -105,7 +141,7 @@ fn fork_child(children: &mut Children, body: impl FnOnce()) -> Result<()> {
             }
         }
         pid if pid > 0 => {
-            children.0.push(pid);
+            children.pids.push(pid);
             Ok(())
         }
         _ => bail!("fork failed: {}", std::io::Error::last_os_error()),
@@ -139,9 +175,9 @@ fn listeners_in_new_netns(n: usize) {
     }
 }
 
-/// Forks a pool master that forks `workers` processes blocked in accept()
-/// on `listener`, and returns once they all are forked. Killing the master
-/// kills its workers.
+/// Forks a pool master, in a process group of its own, that forks
+/// `workers` processes blocked in accept() on `listener`; returns once they
+/// all are forked.
 fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<()> {
     let mut ready = [0i32; 2];
     // SAFETY: pipe() fills the two fds.
@@ -149,33 +185,58 @@ fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<(
         bail!("pipe: {}", std::io::Error::last_os_error());
     }
     let [read_end, write_end] = ready;
-    fork_child(children, || pool_master(listener, workers, write_end))?;
-    let mut byte = 0u8;
-    // SAFETY: reading one byte into our own buffer; closing our pipe fds.
+    let mut master = Children::default();
+    fork_child(&mut master, || pool_master(listener, workers, write_end))?;
+    // The master leads its group (it calls setpgid before it says ready).
+    children.groups.append(&mut master.pids);
+    let mut forked = [0u8; 4];
+    // SAFETY: reading into our own buffer; closing our pipe fds.
     let n = unsafe {
         libc::close(write_end);
-        let n = libc::read(read_end, (&mut byte as *mut u8).cast(), 1);
+        let n = loop {
+            let n = libc::read(read_end, forked.as_mut_ptr().cast(), forked.len());
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
         libc::close(read_end);
         n
     };
-    if n != 1 {
+    if n != forked.len() as isize {
         bail!("the pool master exited before forking its workers");
+    }
+    let forked = u32::from_ne_bytes(forked) as usize;
+    if forked != workers {
+        bail!("the pool master forked {forked} of {workers} workers (fork failed: see ulimit -u)");
     }
     Ok(())
 }
 
-/// In a forked child: forks the workers, then says so on `ready`.
+/// In a forked child: leads a process group of its own, forks the workers,
+/// then writes how many it forked to `ready`.
 fn pool_master(listener: i32, workers: usize, ready: i32) {
-    // SAFETY: raw syscalls only (fork, prctl, write), as fork_child asks.
+    // SAFETY: raw syscalls only (setpgid, fork, prctl, write), as
+    // fork_child asks.
     unsafe {
+        libc::setpgid(0, 0);
+        let master = libc::getpid();
+        let mut forked: u32 = 0;
         for _ in 0..workers {
-            if libc::fork() == 0 {
-                libc::close(ready);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                worker_in_accept(listener);
+            match libc::fork() {
+                0 => {
+                    libc::close(ready);
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    // The master died before the line above: go with it.
+                    if libc::getppid() != master {
+                        libc::_exit(0);
+                    }
+                    worker_in_accept(listener);
+                }
+                pid if pid > 0 => forked += 1,
+                _ => break,
             }
         }
-        libc::write(ready, b"!".as_ptr().cast(), 1);
+        libc::write(ready, forked.to_ne_bytes().as_ptr().cast(), 4);
         libc::close(ready);
     }
 }
@@ -325,9 +386,10 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
     );
     let most = scenes.iter().map(|s| s.listeners).max().unwrap_or(0);
     raise_fd_limit(most as u64 + 1024);
+    let _subreaper = Subreaper::become_one();
     let mut profile = String::new();
     for scene in scenes {
-        let mut children = Children(Vec::new());
+        let mut children = Children::default();
         // The pool: a master forked while this process holds few fds forks
         // the workers, which hold the first listener only, in fd tables
         // as small as a real pool's. (A fork copies the parent's table at
