@@ -145,7 +145,7 @@ fn doing(s: &ThreadSample, w: &Watched) -> Doing {
     let listen = &w.fds.listen;
     let [a0, a1, _, a3] = s.args;
     let waits_for_work = match s.syscall {
-        SYS_ACCEPT | SYS_ACCEPT4 => contains(listen, a0),
+        SYS_ACCEPT | SYS_ACCEPT4 => in_accept_on_listener(s, w),
         SYS_SELECT | SYS_PSELECT6 | SYS_POLL | SYS_PPOLL => {
             let polled = match s.syscall {
                 SYS_POLL | SYS_PPOLL => &s.polled_fds[..(a1 as usize).min(s.polled_fds.len())],
@@ -216,14 +216,20 @@ pub fn waiting_in_accept(
 ) -> HashSet<u32> {
     samples
         .iter()
-        .filter(|s| s.state != 0 && matches!(s.syscall, SYS_ACCEPT | SYS_ACCEPT4))
+        .filter(|s| s.state != 0)
         .filter(|s| {
             watched
                 .get(&s.tgid)
-                .is_some_and(|w| contains(&w.fds.listen, s.args[0]))
+                .is_some_and(|w| in_accept_on_listener(s, w))
         })
         .map(|s| s.tgid)
         .collect()
+}
+
+/// Whether the thread's syscall is `accept`/`accept4` on one of the
+/// worker's listeners.
+fn in_accept_on_listener(s: &ThreadSample, w: &Watched) -> bool {
+    matches!(s.syscall, SYS_ACCEPT | SYS_ACCEPT4) && contains(&w.fds.listen, s.args[0])
 }
 
 /// One pass: busy (true) or idle (false) per watched process seen in it.

@@ -78,6 +78,16 @@ pub struct Walks {
     pub listeners: Option<(Result<Vec<ListenerRecord>>, f64)>,
 }
 
+/// `iter/tcp`'s records (its program ends the walk after the listeners).
+fn read_listeners(link: &IterLink) -> Result<Vec<ListenerRecord>> {
+    Ok(parse_records(&link.read_until_stopped()?))
+}
+
+/// The holder walk's records.
+fn read_holders(link: &IterLink) -> Result<Vec<Holding>> {
+    Ok(parse_holders(&link.read()?))
+}
+
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
     let started = std::time::Instant::now();
     let out = f();
@@ -194,13 +204,13 @@ impl Probes {
     /// Every listening TCP socket of the daemon's network namespace, right
     /// now (`iter/tcp` is limited to it; see `holders` for the others).
     pub fn listeners(&self) -> Result<Vec<ListenerRecord>> {
-        Ok(parse_records(&self.listeners.read_until_stopped()?))
+        read_listeners(&self.listeners)
     }
 
     /// Every process's listening sockets and its accepted connections of the
     /// ports in `LISTEN_PORTS`, right now.
     pub fn holders(&self) -> Result<Vec<Holding>> {
-        Ok(parse_holders(&self.holders.read()?))
+        read_holders(&self.holders)
     }
 
     /// The holder walk ([`Probes::holders`]) and, when `tcp`, the `iter/tcp`
@@ -208,9 +218,10 @@ impl Probes {
     /// independent kernel walks, so a collection waits for the longer of
     /// the two, not for their sum. Each comes with its own seconds.
     pub fn walks(&self, tcp: bool) -> Walks {
+        // The links, not `self`: the second thread needs only its own.
         let (holders, listeners) = (&self.holders, &self.listeners);
-        let walk_holders = || timed(|| Ok(parse_holders(&holders.read()?)));
-        let walk_tcp = || timed(|| Ok(parse_records(&listeners.read_until_stopped()?)));
+        let walk_holders = || timed(|| read_holders(holders));
+        let walk_tcp = || timed(|| read_listeners(listeners));
         if !tcp {
             return Walks {
                 holders: walk_holders(),
