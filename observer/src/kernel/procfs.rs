@@ -1,6 +1,7 @@
 //! The few facts the daemon reads from /proc: whether a process still
-//! exists, which epoll instances watch a listener, and who holds a file
-//! lock. A process that vanishes mid-read is simply "not alive", never an
+//! exists, which epoll instances watch a listener, who holds a file lock,
+//! and for `explain` a process's scheduler state, the daemon's network
+//! namespace and `net.core.somaxconn`. A process that vanishes mid-read is simply "not alive", never an
 //! error.
 use std::path::Path;
 
@@ -96,6 +97,33 @@ pub fn epolls_watching(tgid: u32, listen_fds: &[i32]) -> Vec<i32> {
         }
     }
     epolls
+}
+
+/// The scheduler state of a process (`/proc/PID/stat`, after the name).
+pub fn process_state(pid: u32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
+        .unwrap_or('?')
+}
+
+/// The daemon's network namespace (inode).
+pub fn own_netns() -> Option<u32> {
+    let link = std::fs::read_link("/proc/self/ns/net").ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// `net.core.somaxconn` of the namespace this thread is in.
+pub fn somaxconn() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

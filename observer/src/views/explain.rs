@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     aggregate::ListenerView,
+    kernel::procfs,
     pipeline::{KernelOptions, Pipeline, Snapshot},
     quantile::{wait_quantile, waits_between},
     sockets::ListenerId,
@@ -153,7 +154,7 @@ pub fn explain(
 ) -> Vec<Explained> {
     let before = listeners_by_id(first);
     let (pools_before, pools_after) = (pools_by_listener(first), pools_by_listener(last));
-    let own_netns = own_netns();
+    let own_netns = procfs::own_netns();
     last.listeners
         .listeners
         .iter()
@@ -175,7 +176,7 @@ pub fn explain(
             window.somaxconn = somaxconn(v.id.netns, own_netns, pool);
             window.orphaned_socket = orphaned_socket(v, last);
             for worker in &mut window.workers {
-                worker.state = process_state(worker.pid);
+                worker.state = procfs::process_state(worker.pid);
             }
             Some(Explained {
                 listen: v.id.local_address(),
@@ -258,31 +259,6 @@ fn orphaned_socket(v: &ListenerView, s: &Snapshot) -> bool {
         })
 }
 
-/// The scheduler state of a process (`/proc/PID/stat`, after the name).
-fn process_state(pid: u32) -> char {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
-        .unwrap_or('?')
-}
-
-fn own_netns() -> Option<u32> {
-    let link = std::fs::read_link("/proc/self/ns/net").ok()?;
-    link.to_str()?
-        .strip_prefix("net:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-fn read_somaxconn() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// `net.core.somaxconn` of network namespace `netns`: read here for ours,
 /// and for another from a thread that entered it through one of the
 /// listener's processes (sysctls under /proc/sys/net are the opener's
@@ -290,7 +266,7 @@ fn read_somaxconn() -> Option<u64> {
 /// can hold a socket made by a thread that entered another one.
 fn somaxconn(netns: u32, own: Option<u32>, pool: Option<&PoolView>) -> Option<u64> {
     if Some(netns) == own {
-        return read_somaxconn();
+        return procfs::somaxconn();
     }
     let pid = pool?.workers.first()?.pid;
     let want = format!("net:[{netns}]");
@@ -305,7 +281,7 @@ fn somaxconn(netns: u32, own: Option<u32>, pool: Option<&PoolView>) -> Option<u6
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return None;
         }
-        read_somaxconn()
+        procfs::somaxconn()
     })
     .join()
     .ok()
