@@ -291,7 +291,10 @@ impl Pipeline {
             listeners
                 .listeners
                 .iter()
-                .filter_map(|v| Some((v.id, self.containers.lookup(membership.a_holder(&v.id)?)?)))
+                .enumerate()
+                .filter_map(|(no, v)| {
+                    Some((v.id, self.containers.lookup(membership.a_holder(no)?)?))
+                })
                 .collect()
         });
         let socket_holders = listeners

@@ -169,144 +169,159 @@ impl Handoffs {
     /// them the roles of every listener's processes. A process that now
     /// holds the listener is no longer fed; a dispatcher that no longer
     /// holds it is forgotten, and so is a listener that is gone.
+    /// `holders` and the result are by [`ListenerNo`] in `listeners`.
     fn learn(
         &mut self,
-        is_listener: impl Fn(&ListenerId) -> bool,
-        holders_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
-        servers_of: &HashMap<ListenerId, BTreeMap<u32, u32>>,
+        listeners: &[ListenerView],
+        holders: &[Vec<Process>],
+        servers: &BTreeMap<ListenerNo, BTreeMap<u32, u32>>,
     ) -> ListenerRoles {
-        self.fed.retain(|id, _| is_listener(id));
-        let no_one = BTreeMap::new();
-        for (id, servers) in servers_of {
-            let holders = holders_of.get(id).unwrap_or(&no_one);
-            let fed = self.fed.entry(*id).or_default();
+        let number = |id: &ListenerId| listeners.binary_search_by(|v| v.id.cmp(id)).ok();
+        self.fed.retain(|id, _| number(id).is_some());
+        for (no, servers) in servers {
+            let holding = &holders[*no];
+            let fed = self.fed.entry(listeners[*no].id).or_default();
             for (pid, ppid) in servers {
-                if !holders.contains_key(pid) {
+                if !holds(holding, *pid) {
                     fed.insert(*pid, *ppid);
                 }
             }
         }
-        let mut roles_of = ListenerRoles::with_capacity(holders_of.len());
-        let no_dispatchers = BTreeSet::new();
-        for (id, holders) in holders_of {
-            // Most listeners have neither: touch those maps only where known.
+        let mut roles_of = ListenerRoles::new(listeners.len());
+        let (no_one, no_dispatchers) = (BTreeMap::new(), BTreeSet::new());
+        for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
+            let id = &view.id;
+            if holding.is_empty() {
+                // Served by fed workers only (or by no one seen).
+                if let Some(fed) = self.fed.get(id) {
+                    roles_of.workers[no] = fed.keys().copied().collect();
+                }
+                continue;
+            }
+            // Most listeners have neither: the maps are empty, and cheap.
             if let Some(fed) = self.fed.get_mut(id) {
-                fed.retain(|pid, _| !holders.contains_key(pid));
+                fed.retain(|pid, _| !holds(holding, *pid));
             }
             if let Some(dispatchers) = self.dispatchers.get_mut(id) {
-                dispatchers.retain(|pid| holders.contains_key(pid));
+                dispatchers.retain(|pid| holds(holding, *pid));
             }
             let r = roles(
-                holders,
+                holding,
                 self.fed.get(id).unwrap_or(&no_one),
                 self.dispatchers.get(id).unwrap_or(&no_dispatchers),
             );
             if r.dispatchers.is_empty() {
                 self.dispatchers.remove(id);
             } else {
-                self.dispatchers.insert(*id, r.dispatchers.clone());
+                self.dispatchers
+                    .insert(*id, r.dispatchers.iter().copied().collect());
             }
-            roles_of.insert(*id, r);
+            roles_of.workers[no] = r.workers;
+            roles_of.dispatchers[no] = r.dispatchers;
         }
-        self.dispatchers.retain(|id, _| holders_of.contains_key(id));
-        for (id, fed) in &self.fed {
-            if !holders_of.contains_key(id) {
-                roles_of.insert(
-                    *id,
-                    Roles {
-                        workers: fed.keys().copied().collect(),
-                        dispatchers: BTreeSet::new(),
-                    },
-                );
-            }
-        }
+        self.dispatchers
+            .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
         self.forget_empty();
         roles_of
     }
 }
 
-/// Every listener's processes by role: its workers and its dispatchers,
-/// each map without the listeners that have none.
+/// A listener's place in the collection's listeners (sorted by id): the
+/// index of membership's per-listener tables. Numbering the listeners once
+/// per collection makes each table a `Vec`, read in order, instead of a
+/// hash map keyed by a 136-byte [`ListenerId`] and looked up several times
+/// per listener.
+pub type ListenerNo = usize;
+
+/// A process holding a listener, with its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Process {
+    pid: u32,
+    ppid: u32,
+}
+
+/// Whether `pid` is among `holders` (sorted by pid).
+fn holds(holders: &[Process], pid: u32) -> bool {
+    holders.binary_search_by_key(&pid, |p| p.pid).is_ok()
+}
+
+/// Every listener's processes by role, by [`ListenerNo`]: its workers and
+/// its dispatchers, each sorted (empty, and unallocated, for most).
 #[derive(Debug, Default)]
 struct ListenerRoles {
-    workers: HashMap<ListenerId, BTreeSet<u32>>,
-    dispatchers: HashMap<ListenerId, BTreeSet<u32>>,
+    workers: Vec<Vec<u32>>,
+    dispatchers: Vec<Vec<u32>>,
 }
 
 impl ListenerRoles {
-    fn with_capacity(listeners: usize) -> ListenerRoles {
+    fn new(listeners: usize) -> ListenerRoles {
         ListenerRoles {
-            workers: HashMap::with_capacity(listeners),
-            dispatchers: HashMap::new(),
-        }
-    }
-
-    fn insert(&mut self, id: ListenerId, roles: Roles) {
-        if !roles.workers.is_empty() {
-            self.workers.insert(id, roles.workers);
-        }
-        if !roles.dispatchers.is_empty() {
-            self.dispatchers.insert(id, roles.dispatchers);
+            workers: vec![Vec::new(); listeners],
+            dispatchers: vec![Vec::new(); listeners],
         }
     }
 }
 
-/// One listener's processes by role.
+/// One listener's processes by role, each sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Roles {
-    workers: BTreeSet<u32>,
-    dispatchers: BTreeSet<u32>,
+    workers: Vec<u32>,
+    dispatchers: Vec<u32>,
 }
 
-/// Who serves a listener, from its holders and its fed workers (each pid →
-/// its parent's pid) and the dispatchers known before: a holder whose child
-/// also holds the listener is its master; one whose child is a fed worker,
-/// or that was seen as a dispatcher, a dispatcher; the other holders and
-/// every fed worker are workers.
+/// Who serves a listener, from its holders (sorted by pid) and its fed
+/// workers (each pid → its parent's pid) and the dispatchers known before:
+/// a holder whose child also holds the listener is its master; one whose
+/// child is a fed worker, or that was seen as a dispatcher, a dispatcher;
+/// the other holders and every fed worker are workers.
 fn roles(
-    holders: &BTreeMap<u32, u32>,
+    holders: &[Process],
     fed: &BTreeMap<u32, u32>,
     known_dispatchers: &BTreeSet<u32>,
 ) -> Roles {
-    let parents_of_holders = Parents::of(holders);
-    let parents_of_fed = Parents::of(fed);
+    let parents_of_holders = Parents::of(holders.iter().map(|p| p.ppid));
+    let parents_of_fed = Parents::of(fed.values().copied());
     let mut roles = Roles::default();
-    for pid in holders.keys() {
-        if parents_of_holders.contains(*pid) {
+    for p in holders {
+        if parents_of_holders.contains(p.pid) {
             continue; // the master
         }
-        if parents_of_fed.contains(*pid) || known_dispatchers.contains(pid) {
-            roles.dispatchers.insert(*pid);
+        if parents_of_fed.contains(p.pid) || known_dispatchers.contains(&p.pid) {
+            roles.dispatchers.push(p.pid);
         } else {
-            roles.workers.insert(*pid);
+            roles.workers.push(p.pid);
         }
     }
-    roles.workers.extend(fed.keys().copied());
+    if !fed.is_empty() {
+        roles.workers.extend(fed.keys().copied());
+        roles.workers.sort_unstable();
+        roles.workers.dedup();
+    }
     roles
 }
 
-/// The parents of a set of processes (pid → parent's pid): a hash set for
-/// a large pool, a scan of the map for a few (most listeners have one
-/// holder, and a set for each of 10,000 costs more than the scans).
-enum Parents<'a> {
-    Few(&'a BTreeMap<u32, u32>),
+/// The parents of a set of processes: a hash set for a large pool, a scan
+/// for a few (most listeners have one holder, and a set for each of 10,000
+/// costs more than the scans).
+enum Parents<I> {
+    Few(I),
     Many(HashSet<u32>),
 }
 
-impl<'a> Parents<'a> {
+impl<I: ExactSizeIterator<Item = u32> + Clone> Parents<I> {
     const FEW: usize = 8;
 
-    fn of(processes: &'a BTreeMap<u32, u32>) -> Parents<'a> {
-        if processes.len() <= Self::FEW {
-            Parents::Few(processes)
+    fn of(parents: I) -> Parents<I> {
+        if parents.len() <= Self::FEW {
+            Parents::Few(parents)
         } else {
-            Parents::Many(processes.values().copied().collect())
+            Parents::Many(parents.collect())
         }
     }
 
     fn contains(&self, pid: u32) -> bool {
         match self {
-            Parents::Few(processes) => processes.values().any(|parent| *parent == pid),
+            Parents::Few(parents) => parents.clone().any(|parent| parent == pid),
             Parents::Many(parents) => parents.contains(&pid),
         }
     }
@@ -316,25 +331,28 @@ impl<'a> Parents<'a> {
 /// its event loop by (a fed worker's epoll watches them).
 const CONNECTION_FDS_KEPT: usize = 16;
 
-/// The processes that serve each listener, with their names.
+/// The processes that serve each listener, with their names. Per-listener
+/// tables are indexed by [`ListenerNo`] in the collection it was made from.
 pub struct Membership {
-    workers: HashMap<ListenerId, BTreeSet<u32>>,
-    dispatchers: HashMap<ListenerId, BTreeSet<u32>>,
+    workers: Vec<Vec<u32>>,
+    dispatchers: Vec<Vec<u32>>,
+    /// Every process holding each listener (masters included), by pid.
+    holders: Vec<Vec<Process>>,
+    /// Each worker's pool: the first listener it serves, in id order
+    /// (workers that hold the same listeners share it).
+    pool_tags: HashMap<u32, PoolTag>,
     comms: HashMap<u32, String>,
     /// Open accepted connections per (listener, pid).
-    active: HashMap<(ListenerId, u32), u64>,
+    active: HashMap<(ListenerNo, u32), u64>,
     /// Of those, the unread ones.
-    unread_held: HashMap<(ListenerId, u32), u64>,
+    unread_held: HashMap<(ListenerNo, u32), u64>,
     /// Unread connections per listener, each socket once.
-    unread: HashMap<ListenerId, Unread>,
+    unread: HashMap<ListenerNo, Unread>,
     /// Listening-socket fds per process.
     listen_fds: HashMap<u32, BTreeSet<i32>>,
     /// Some fds of accepted connections per process (at most
     /// [`CONNECTION_FDS_KEPT`]).
     connection_fds: HashMap<u32, BTreeSet<i32>>,
-    /// Every process holding each listener (masters included), with its
-    /// parent.
-    holders: HashMap<ListenerId, BTreeMap<u32, u32>>,
     /// Every (inode, process) of a listening socket and a process holding
     /// it: sorted, once each.
     socket_holders: Vec<(u64, u32)>,
@@ -354,15 +372,15 @@ impl Membership {
         holdings: &[Holding],
         handoffs: &mut Handoffs,
     ) -> Membership {
+        let views = &listeners.listeners;
         let index = &listeners.index;
-        let mut holders_of: HashMap<ListenerId, BTreeMap<u32, u32>> =
-            HashMap::with_capacity(listeners.listeners.len());
-        let mut servers_of: HashMap<ListenerId, BTreeMap<u32, u32>> = HashMap::new();
+        let mut holders: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
+        let mut servers: BTreeMap<ListenerNo, BTreeMap<u32, u32>> = BTreeMap::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         let mut comms = HashMap::new();
-        let mut active: HashMap<(ListenerId, u32), u64> = HashMap::new();
-        let mut unread_held: HashMap<(ListenerId, u32), u64> = HashMap::new();
-        let mut unread: HashMap<ListenerId, Unread> = HashMap::new();
+        let mut active: HashMap<(ListenerNo, u32), u64> = HashMap::new();
+        let mut unread_held: HashMap<(ListenerNo, u32), u64> = HashMap::new();
+        let mut unread: HashMap<ListenerNo, Unread> = HashMap::new();
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
         let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
@@ -374,53 +392,66 @@ impl Membership {
                 let Some(socket) = ListenSocket::from_holding(holding) else {
                     continue;
                 };
-                if index.contains(&socket.id) {
-                    holders_of
-                        .entry(socket.id)
-                        .or_default()
-                        .insert(h.tgid, h.ppid);
-                    listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
-                    socket_holders.push((h.inode, h.tgid));
+                let no = listeners.position(&socket.id);
+                // A listener left out by the cap still is one: a worker
+                // waiting on it waits for work.
+                if no.is_none() && !index.contains(&socket.id) {
+                    continue;
                 }
-            } else if let Some(id) = index.listener_of_held(h) {
-                servers_of.entry(id).or_default().insert(h.tgid, h.ppid);
+                listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
+                socket_holders.push((h.inode, h.tgid));
+                if let Some(no) = no {
+                    holders[no].push(Process {
+                        pid: h.tgid,
+                        ppid: h.ppid,
+                    });
+                }
+            } else if let Some(no) = index
+                .listener_of_held(h)
+                .and_then(|id| listeners.position(&id))
+            {
+                servers.entry(no).or_default().insert(h.tgid, h.ppid);
                 let fds = connection_fds.entry(h.tgid).or_default();
                 if fds.len() < CONNECTION_FDS_KEPT {
                     fds.insert(h.fd as i32);
                 }
                 // Count each open connection once per process (threads share fds).
                 if seen_sockets.insert((h.tgid, h.inode)) {
-                    *active.entry((id, h.tgid)).or_default() += 1;
+                    *active.entry((no, h.tgid)).or_default() += 1;
                     if h.unread_us > 0 {
-                        *unread_held.entry((id, h.tgid)).or_default() += 1;
+                        *unread_held.entry((no, h.tgid)).or_default() += 1;
                     }
                 }
                 // And once per listener (a passed fd can sit in two processes).
                 if h.unread_us > 0 && seen_unread.insert(h.inode) {
-                    let u = unread.entry(id).or_default();
+                    let u = unread.entry(no).or_default();
                     u.connections += 1;
                     u.oldest = u.oldest.max(Duration::from_micros(h.unread_us));
                 }
             }
         }
-        let is_listener = |id: &ListenerId| listeners.position(id).is_some();
+        for holding in holders.iter_mut().filter(|h| h.len() > 1) {
+            holding.sort_unstable();
+            holding.dedup_by_key(|p| p.pid);
+        }
         let ListenerRoles {
             workers,
             dispatchers,
-        } = handoffs.learn(is_listener, &holders_of, &servers_of);
+        } = handoffs.learn(views, &holders, &servers);
         handoffs.remember_comms(&mut comms);
         socket_holders.sort_unstable();
         socket_holders.dedup();
         Membership {
+            pool_tags: pool_tags(views, &workers),
             workers,
             dispatchers,
+            holders,
             comms,
             active,
             unread_held,
             unread,
             listen_fds,
             connection_fds,
-            holders: holders_of,
             socket_holders,
         }
     }
@@ -439,15 +470,17 @@ impl Membership {
         self.comms.get(&pid).map_or("", |c| c.as_str())
     }
 
-    /// A process that holds the listener (a worker if any), to learn its container.
-    pub fn a_holder(&self, id: &ListenerId) -> Option<u32> {
-        let workers = self.workers.get(id).and_then(|w| w.first().copied());
-        workers.or_else(|| self.holders.get(id).and_then(|h| h.keys().next().copied()))
+    /// A process that holds listener `no` (a worker if any), to learn its
+    /// container.
+    pub fn a_holder(&self, no: ListenerNo) -> Option<u32> {
+        let worker = self.workers.get(no).and_then(|w| w.first());
+        let holder = || self.holders.get(no).and_then(|h| h.first()).map(|p| &p.pid);
+        worker.or_else(holder).copied()
     }
 
     /// Every worker process with its listening-socket fds.
     pub fn worker_listen_fds(&self) -> BTreeMap<u32, Vec<i32>> {
-        let workers: BTreeSet<u32> = self.workers.values().flatten().copied().collect();
+        let workers: BTreeSet<u32> = self.workers.iter().flatten().copied().collect();
         workers
             .into_iter()
             .map(|pid| {
@@ -472,24 +505,18 @@ impl Membership {
         }
         fds
     }
+}
 
-    /// Each worker's pool: the first listener it serves, in id order
-    /// (workers that hold the same listeners share it).
-    fn pool_tags(&self) -> HashMap<u32, PoolTag> {
-        let mut first: HashMap<u32, &ListenerId> = HashMap::new();
-        for (id, pids) in &self.workers {
-            for pid in pids {
-                first
-                    .entry(*pid)
-                    .and_modify(|seen| *seen = (*seen).min(id))
-                    .or_insert(id);
-            }
+/// Each worker's pool: the first listener it serves, in id order (which
+/// is [`ListenerNo`] order).
+fn pool_tags(listeners: &[ListenerView], workers: &[Vec<u32>]) -> HashMap<u32, PoolTag> {
+    let mut tags = HashMap::new();
+    for (view, pids) in listeners.iter().zip(workers) {
+        for pid in pids {
+            tags.entry(*pid).or_insert_with(|| pool_tag(&view.id));
         }
-        first
-            .into_iter()
-            .map(|(pid, id)| (pid, pool_tag(id)))
-            .collect()
     }
+    tags
 }
 
 fn pool_tag(id: &ListenerId) -> PoolTag {
@@ -585,6 +612,7 @@ impl EventLoops {
 }
 
 /// Builds the pools from the membership and each worker's activity.
+/// `listeners` are those the membership was made from.
 pub fn pools(
     listeners: &[ListenerView],
     membership: &Membership,
@@ -594,44 +622,41 @@ pub fn pools(
     let mut budget = max_workers;
     let mut over = 0u64;
     let mut pools = Vec::new();
-    for view in listeners {
-        let dispatchers: Vec<DispatcherView> = membership
+    for (no, view) in listeners.iter().enumerate() {
+        let pids = membership.workers.get(no).map_or(&[][..], |w| w.as_slice());
+        let dispatcher_pids = membership
             .dispatchers
-            .get(&view.id)
-            .into_iter()
-            .flatten()
+            .get(no)
+            .map_or(&[][..], |d| d.as_slice());
+        if pids.is_empty() && dispatcher_pids.is_empty() {
+            continue;
+        }
+        let accepts = |pid: u32| view.by_process.get(&pid).map_or(0, |a| a.accepted);
+        let dispatchers = dispatcher_pids
+            .iter()
             .map(|pid| DispatcherView {
                 pid: *pid,
                 comm: membership.comm(*pid).to_owned(),
-                accepts: view.by_process.get(pid).map(|a| a.accepted).unwrap_or(0),
+                accepts: accepts(*pid),
             })
             .collect();
-        let pids = membership.workers.get(&view.id);
-        if pids.is_none() && dispatchers.is_empty() {
-            continue;
-        }
-        let mut workers = Vec::new();
-        for pid in pids.into_iter().flatten() {
+        let mut workers = Vec::with_capacity(pids.len().min(budget));
+        for pid in pids {
             if budget == 0 {
                 over += 1;
                 continue;
             }
             budget -= 1;
             let seen = activity.get(pid);
+            let held = |counts: &HashMap<(ListenerNo, u32), u64>| {
+                counts.get(&(no, *pid)).copied().unwrap_or(0)
+            };
             workers.push(WorkerView {
                 pid: *pid,
-                comm: membership.comms.get(pid).cloned().unwrap_or_default(),
-                accepts: view.by_process.get(pid).map(|a| a.accepted).unwrap_or(0),
-                active_connections: membership
-                    .active
-                    .get(&(view.id, *pid))
-                    .copied()
-                    .unwrap_or(0),
-                unread_connections: membership
-                    .unread_held
-                    .get(&(view.id, *pid))
-                    .copied()
-                    .unwrap_or(0),
+                comm: membership.comm(*pid).to_owned(),
+                accepts: accepts(*pid),
+                active_connections: held(&membership.active),
+                unread_connections: held(&membership.unread_held),
                 busy: seen.map(|a| a.busy),
                 busy_seconds: seen.map_or(0.0, |a| a.busy_seconds),
             });
@@ -640,7 +665,7 @@ pub fn pools(
             listener: view.id,
             workers,
             dispatchers,
-            unread: membership.unread.get(&view.id).copied().unwrap_or_default(),
+            unread: membership.unread.get(&no).copied().unwrap_or_default(),
         });
     }
     Pools {
@@ -653,7 +678,7 @@ pub fn pools(
 /// waits on for new work (its listeners, and `epolls`: epoll fds watching a
 /// listener, by process) and its pool.
 pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> HashMap<u32, Watched> {
-    let tags = membership.pool_tags();
+    let tags = &membership.pool_tags;
     let epoll_pools: HashSet<PoolTag> = epolls
         .iter()
         .filter(|(_, fds)| !fds.is_empty())
@@ -1072,22 +1097,29 @@ mod tests {
     #[test]
     fn roles_of_holders_and_fed_workers() {
         let m = |pairs: &[(u32, u32)]| pairs.iter().copied().collect::<BTreeMap<u32, u32>>();
+        let held = |pairs: &[(u32, u32)]| {
+            let to_process = |(pid, ppid): &(u32, u32)| Process {
+                pid: *pid,
+                ppid: *ppid,
+            };
+            pairs.iter().map(to_process).collect::<Vec<_>>()
+        };
         // A fork-per-connection server: 10 accepts, each child serves one.
         let none = BTreeSet::new();
-        let r = roles(&m(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), &none);
-        assert_eq!(r.workers, BTreeSet::from([21, 22]));
-        assert_eq!(r.dispatchers, BTreeSet::from([10]));
+        let r = roles(&held(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), &none);
+        assert_eq!(r.workers, [21, 22]);
+        assert_eq!(r.dispatchers, [10]);
         // A master's child that was handed a connection: still the master.
-        let r = roles(&m(&[(10, 1), (11, 10)]), &m(&[(21, 10)]), &none);
-        assert_eq!(r.workers, BTreeSet::from([11, 21]));
+        let r = roles(&held(&[(10, 1), (11, 10)]), &m(&[(21, 10)]), &none);
+        assert_eq!(r.workers, [11, 21]);
         assert!(r.dispatchers.is_empty());
         // A fed process that is nobody's child: the holder stays a worker.
-        let r = roles(&m(&[(10, 1)]), &m(&[(30, 2)]), &none);
-        assert_eq!(r.workers, BTreeSet::from([10, 30]));
+        let r = roles(&held(&[(10, 1)]), &m(&[(30, 2)]), &none);
+        assert_eq!(r.workers, [10, 30]);
         // Between connections, a dispatcher seen before stays one.
-        let r = roles(&m(&[(10, 1)]), &m(&[]), &BTreeSet::from([10]));
+        let r = roles(&held(&[(10, 1)]), &m(&[]), &BTreeSet::from([10]));
         assert!(r.workers.is_empty());
-        assert_eq!(r.dispatchers, BTreeSet::from([10]));
+        assert_eq!(r.dispatchers, [10]);
     }
 
     #[test]
