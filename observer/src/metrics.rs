@@ -10,7 +10,7 @@
 //! traffic since the daemon started ([`ListenerView::had_traffic`]) gets the
 //! rest (oldest wait, SYN queue, socket count, the wait histogram, per-worker
 //! and per-socket series). A quiet listener's would all be zero.
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 use observer_common::WAIT_BUCKET_BOUNDS_US;
@@ -46,6 +46,11 @@ impl Kind {
 
 /// A label value escaped for the text format (`\`, `"`, newline).
 fn escape_into(out: &mut String, value: &str) {
+    // Most values (addresses, ports, names) need no escape: one copy.
+    if !value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -67,13 +72,42 @@ impl Labels {
     }
 
     fn push(&mut self, name: &str, value: &str) {
+        self.start(name);
+        escape_into(&mut self.0, value);
+        self.0.push('"');
+    }
+
+    /// A label whose value is a number (needs no escape).
+    fn push_number(&mut self, name: &str, value: impl itoa::Integer) {
+        self.start(name);
+        self.0.push_str(itoa::Buffer::new().format(value));
+        self.0.push('"');
+    }
+
+    fn start(&mut self, name: &str) {
         if !self.0.is_empty() {
             self.0.push(',');
         }
         self.0.push_str(name);
         self.0.push_str("=\"");
-        escape_into(&mut self.0, value);
-        self.0.push('"');
+    }
+}
+
+/// A listener's address as the `addr` label writes it (as `IpAddr`'s
+/// `Display` does; IPv4, the common case, without the formatter).
+fn push_addr(labels: &mut Labels, id: &ListenerId) {
+    match id.ip() {
+        IpAddr::V4(v4) => {
+            labels.start("addr");
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    labels.0.push('.');
+                }
+                labels.0.push_str(itoa::Buffer::new().format(*octet));
+            }
+            labels.0.push('"');
+        }
+        ip => labels.push("addr", &ip.to_string()),
     }
 }
 
@@ -82,14 +116,14 @@ impl Labels {
 /// dashboards group by `addr, port, path, netns`: each kind leaves the
 /// other's labels empty, which Prometheus treats as absent.
 fn id_labels(id: &ListenerId, containers: &Containers) -> Labels {
-    let mut labels = Labels::default();
+    let mut labels = Labels(String::with_capacity(64));
     if id.is_unix() {
-        labels.push("netns", &id.netns.to_string());
+        labels.push_number("netns", id.netns);
         labels.push("path", &id.path.display());
     } else {
-        labels.push("addr", &id.ip().to_string());
-        labels.push("netns", &id.netns.to_string());
-        labels.push("port", &id.port.to_string());
+        push_addr(&mut labels, id);
+        labels.push_number("netns", id.netns);
+        labels.push_number("port", id.port);
     }
     if let Some(c) = containers.get(id) {
         labels.push("container_id", &c.container_id);
@@ -204,6 +238,12 @@ impl Family<'_> {
     fn sample(&mut self, labels: &Labels, value: f64) {
         self.header();
         self.line("", &labels.0, None, value);
+    }
+
+    /// One series, with one label more than `labels`.
+    fn sample_with(&mut self, labels: &Labels, extra: (&str, &str), value: f64) {
+        self.header();
+        self.line("", &labels.0, Some(extra), value);
     }
 
     /// A histogram in seconds from per-bucket microsecond counts.
@@ -591,7 +631,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     let sampled = |(pool, _): &(&PoolView, &Labels)| pool.workers.iter().any(|w| w.busy.is_some());
     for (pool, labels) in e.pools(false).filter(sampled) {
         for (state, n) in [("busy", pool.busy()), ("idle", pool.idle())] {
-            f.sample(&labels.clone().with("state", state), n as f64);
+            f.sample_with(labels, ("state", state), n as f64);
         }
     }
     per_worker(
@@ -789,7 +829,10 @@ pub fn exposition(
     c: &Collectors,
     extra: &[MetricFamily],
 ) -> Result<String> {
-    let mut text = Text::default();
+    // Sized as the last one was: a large text grows without copies.
+    let mut text = Text {
+        out: String::with_capacity(health.exposition_bytes + health.exposition_bytes / 8),
+    };
     let exported = Exported::new(snapshot);
     listener_families(&mut text, &exported, c);
     worker_families(&mut text, &exported, c);
@@ -1005,6 +1048,30 @@ mod tests {
             "observer_dispatcher_accepts_total{addr=\"127.0.0.1\",netns=\"4026531840\",port=\"8080\",comm=\"node\",pid=\"10\"} 12"
         ), "{text}");
         assert!(!text.contains("observer_worker_accepts_total{"), "{text}");
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        use observer_common::AF_INET6;
+        let v4 = |a: [u8; 4]| {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&a);
+            ListenerId::tcp(1, AF_INET, addr, 80)
+        };
+        let mut mapped = [0u8; 16];
+        mapped[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);
+        let ids = [
+            v4([0, 0, 0, 0]),
+            v4([127, 0, 0, 1]),
+            v4([255, 10, 100, 9]),
+            ListenerId::tcp(1, AF_INET6, [0; 16], 80),
+            ListenerId::tcp(1, AF_INET6, mapped, 80),
+        ];
+        for id in ids {
+            let labels = id_labels(&id, &Default::default());
+            let want = format!("addr=\"{}\",netns=\"1\",port=\"80\"", id.ip());
+            assert_eq!(labels.0, want);
+        }
     }
 
     #[test]

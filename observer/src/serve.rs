@@ -257,10 +257,13 @@ fn scrape(state: &State) -> Result<String> {
         &state.collectors,
         &state.process.collect(),
     );
-    pipeline
-        .health
+    let health = &mut pipeline.health;
+    health
         .stages
         .set("exposition", started.elapsed().as_secs_f64());
+    if let Ok(text) = &text {
+        health.exposition_bytes = text.len();
+    }
     text
 }
 
