@@ -30,8 +30,8 @@ use observer_common::{
 use crate::{
     connect::unix_queued_at_ns,
     kernel::{
-        SockHead, current_fd_sock, offsets, read, read_ptr, socket_place, sys_exit_ret,
-        tcp_queued_at_us, tracing, unix_listen_key,
+        SockHead, SockHeadBuf, current_fd_sock, offsets, read, read_ptr, socket_place,
+        sys_exit_ret, tcp_queued_at_us, tracing, unix_listen_key,
     },
     maps::{ACCEPTS, EVENTS, UNIX_QUEUED, count_health},
 };
@@ -95,18 +95,18 @@ pub fn accept_kretprobe(ctx: RetProbeContext) -> u32 {
 
 #[inline(always)]
 fn count_accept(sk: u64, off: &KernelOffsets) {
-    let mut head = SockHead::ZERO;
-    if !head.read_from(sk) {
+    let mut buf = SockHeadBuf::new();
+    let Some(head) = SockHead::read(&mut buf, sk) else {
         count_health(Health::AcceptReadError);
         return;
-    }
+    };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        count_unix_accept(sk, &head, off, tgid);
+        count_unix_accept(sk, head, off, tgid);
         return;
     }
     // Other families and non-TCP accepts are none of our business.
-    let Some(place) = socket_place(&head, off) else {
+    let Some(place) = socket_place(head, off) else {
         return;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
@@ -129,10 +129,10 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
     unsafe { add(&raw mut (*stats).accepted, 1) };
     // SAFETY: helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
-    let wait_us = queue_wait_us(sk, &head, off, now_ns / 1000);
+    let wait_us = queue_wait_us(sk, head, off, now_ns / 1000);
     if tracing() {
         let wait_ns = wait_us.map_or(u64::MAX, |us| us * 1000);
-        emit_event(&head, off, &key, now_ns, wait_ns);
+        emit_event(head, off, &key, now_ns, wait_ns);
     }
     match wait_us {
         Some(wait_us) => record_wait(stats, wait_us),

@@ -19,18 +19,14 @@ use observer_common::{
 use crate::{
     connect::unix_queued_at_ns,
     kernel::{
-        SockHead, offsets, read, read_ptr, read_unix_name, socket_place, tcp_oldest_wait_us,
-        tcp_unread_us, unix_listen_key, unix_queue,
+        SockHead, SockHeadBuf, accept_backlog, offsets, read, read_ptr, read_unix_name,
+        socket_place, tcp_oldest_wait_us, tcp_unread_us, unix_listen_key, unix_queue, zero_words,
     },
     maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
 };
 
-/// Byte offsets in `struct bpf_iter__task_file`: meta, task, fd, file.
-const ITER_TASK: usize = 8;
 /// Byte offset of `session_id` in `struct bpf_iter_meta` (after `seq`).
 const META_SESSION: usize = 8;
-const ITER_FD: usize = 16;
-const ITER_FILE: usize = 24;
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -42,22 +38,18 @@ const S_IFSOCK: u16 = 0o140000;
 pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     // SAFETY: ctx->meta is the first field, and meta->seq the first of bpf_iter_meta.
     let seq: *mut seq_file = unsafe { **(ctx as *const *const *mut seq_file) };
-    // Copy the fields out as plain numbers (probe reads) so later arithmetic
-    // on them is not pointer arithmetic to the verifier.
-    let field = |offset: usize| -> u64 {
-        // SAFETY: reading a field of our own context.
-        unsafe { bpf_probe_read_kernel((ctx as *const u8).add(offset) as *const u64) }.unwrap_or(0)
+    // Copy the context out as plain numbers, in one probe read, so later
+    // arithmetic on them is not pointer arithmetic to the verifier: meta,
+    // task, fd (a u32, then padding), file.
+    // SAFETY: reading our own context, 4 words long.
+    let Ok([meta, task, fd, file]) = (unsafe { bpf_probe_read_kernel(ctx as *const [u64; 4]) })
+    else {
+        return 0;
     };
-    let (task, file) = (field(ITER_TASK), field(ITER_FILE));
     if task == 0 || file == 0 {
         return 0;
     }
-    // SAFETY: ctx->meta is the first field; reading its session id.
-    let session = unsafe {
-        bpf_probe_read_kernel(((*(ctx as *const u64)) + META_SESSION as u64) as *const u64)
-    }
-    .unwrap_or(0);
-    let fd = field(ITER_FD) as u32;
+    let fd = fd as u32;
     let off = offsets();
     let Some(inode) = read_ptr(file, off.file_f_inode) else {
         return 0;
@@ -69,11 +61,13 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     else {
         return 0;
     };
-    let mut head = SockHead::ZERO;
-    if !head.read_from(sk) {
+    let mut buf = SockHeadBuf::new();
+    let Some(head) = SockHead::read(&mut buf, sk) else {
         return 0;
-    }
+    };
     let state: u8 = head.field(off.sk_state).unwrap_or(0);
+    // The walk's session id, in `bpf_iter_meta` (read for sockets only).
+    let session = read::<u64>(meta, META_SESSION as u32).unwrap_or(0);
     let Some(process) = visited(task, session, &off) else {
         return 0;
     };
@@ -83,18 +77,16 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     // SAFETY: our per-CPU slot, used only until this run's writes
     // (iterator runs do not nest on one CPU).
     let record = unsafe { &mut *record };
-    *record = HolderRecord {
-        tgid: process.tgid,
-        fd,
-        state,
-        inode: read(inode, off.inode_i_ino).unwrap_or(0),
-        ..HolderRecord::default()
-    };
+    zero_words(record);
+    record.tgid = process.tgid;
+    record.fd = fd;
+    record.state = state;
+    record.inode = read(inode, off.inode_i_ino).unwrap_or(0);
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        unix_holder(seq, &process, sk, &head, &off, record, session);
+        unix_holder(seq, &process, sk, head, &off, record, session);
         return 0;
     }
-    let Some(place) = socket_place(&head, &off) else {
+    let Some(place) = socket_place(head, &off) else {
         return 0;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
@@ -114,8 +106,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     record.addr = place.addr;
     fill_process(&process, record);
     if state == TCP_LISTEN {
-        record.queue_len = read(sk, off.sk_ack_backlog).unwrap_or(0);
-        record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
+        (record.queue_len, record.queue_max) = accept_backlog(sk, &off);
         record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
         record.drops = read(sk, off.sk_drops).unwrap_or(0);
         record.oldest_wait_us = tcp_oldest_wait_us(sk, &off);

@@ -1,8 +1,11 @@
 //! Reading kernel structs at offsets the daemon resolved from BTF.
+use core::{ffi::c_void, mem::MaybeUninit};
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        generated,
     },
     programs::TracePointContext,
 };
@@ -123,20 +126,71 @@ pub fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     read::<u64>(base, offset).filter(|p| *p != 0)
 }
 
+/// `N` bytes of kernel memory read in one helper call into a buffer that is
+/// not zeroed first: on BPF the compiler zeroes with a byte loop (5
+/// instructions a byte: about 480 for a socket's head, on every accept).
+pub struct KernelBytes<const N: usize>(MaybeUninit<[u8; N]>);
+
+impl<const N: usize> KernelBytes<N> {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        KernelBytes(MaybeUninit::uninit())
+    }
+
+    /// Reads `N` bytes at `base` into the buffer; them, or `None` if the
+    /// read faults.
+    #[inline(always)]
+    pub fn read(&mut self, base: u64) -> Option<&[u8; N]> {
+        if base == 0 {
+            return None;
+        }
+        // SAFETY: the helper checks the source address and writes all `N`
+        // bytes of our buffer (zeroes where the read faults).
+        let rc = unsafe {
+            generated::bpf_probe_read_kernel(
+                self.0.as_mut_ptr().cast::<c_void>(),
+                N as u32,
+                base as *const c_void,
+            )
+        };
+        // SAFETY: written in full by the helper just above.
+        (rc == 0).then(|| unsafe { self.0.assume_init_ref() })
+    }
+}
+
+/// Zeroes `value` with 8-byte stores (the compiler's zeroing is a byte loop
+/// on BPF, see [`KernelBytes`]): for records built in map memory.
+#[inline(always)]
+pub fn zero_words<T>(value: &mut T) {
+    const {
+        assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8);
+    }
+    let words = (value as *mut T).cast::<u64>();
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: within `value`, 8-byte aligned (checked above); volatile,
+        // so that the compiler keeps the stores and calls no memset.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
 /// The head of a `struct sock_common`, read in one helper call: family,
 /// state, ports and addresses are all in it (`SOCK_COMMON_HEAD` bytes; the
 /// daemon checks that against BTF before load).
+#[repr(transparent)]
 pub struct SockHead([u8; SOCK_COMMON_HEAD]);
 
-impl SockHead {
-    pub const ZERO: SockHead = SockHead([0; SOCK_COMMON_HEAD]);
+/// Where a [`SockHead`] is read into, on the caller's stack.
+pub type SockHeadBuf = KernelBytes<SOCK_COMMON_HEAD>;
 
-    /// Reads the head of `sk` into `self` in place (large values moved
-    /// through `Option`s overflow the 512-byte BPF stack); false if the
-    /// read faults.
+impl SockHead {
+    /// Reads the head of `sk` into `buf` (in place: a value this large
+    /// moved through an `Option` overflows the 512-byte BPF stack); `None`
+    /// if the read faults.
     #[inline(always)]
-    pub fn read_from(&mut self, sk: u64) -> bool {
-        read_into(sk, &mut self.0)
+    pub fn read(buf: &mut SockHeadBuf, sk: u64) -> Option<&SockHead> {
+        let bytes = buf.read(sk)?;
+        // SAFETY: `SockHead` is a transparent wrapper of this array type.
+        Some(unsafe { &*(bytes as *const [u8; SOCK_COMMON_HEAD]).cast::<SockHead>() })
     }
 
     /// The field of type `T` at `offset`; `None` past the head.
@@ -164,15 +218,17 @@ pub struct SocketPlace {
 #[inline(always)]
 pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace> {
     let family: u16 = head.field(off.sk_family)?;
-    let mut addr = [0u8; 16];
-    if family == observer_common::AF_INET {
-        let v4: [u8; 4] = head.field(off.sk_rcv_saddr)?;
-        addr[..4].copy_from_slice(&v4);
+    let addr: [u8; 16] = if family == observer_common::AF_INET {
+        let v4: u32 = head.field(off.sk_rcv_saddr)?;
+        // The four address bytes, then zeroes: built from words, as a
+        // zeroed byte array would cost a byte loop (see `KernelBytes`).
+        // SAFETY: same size; every bit pattern is a valid byte array.
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([v4 as u64, 0]) }
     } else if family == observer_common::AF_INET6 {
-        addr = head.field(off.sk_v6_rcv_saddr)?;
+        head.field(off.sk_v6_rcv_saddr)?
     } else {
         return None;
-    }
+    };
     let port: u16 = head.field(off.sk_num)?;
     let net: u64 = head.field(off.sk_net)?;
     let netns: u32 = read(net, off.net_ns_inum)?;
@@ -182,6 +238,21 @@ pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace>
         port,
         addr,
     })
+}
+
+/// A TCP listener's accept queue: its length and limit (`sk_ack_backlog`,
+/// `sk_max_ack_backlog`), in one read where the two are neighbours, as on
+/// every kernel we know (the offsets are constants to the verifier, which
+/// drops the other branch).
+#[inline(always)]
+pub fn accept_backlog(sk: u64, off: &KernelOffsets) -> (u32, u32) {
+    if off.sk_max_ack_backlog == off.sk_ack_backlog + 4 {
+        let [len, max] = read::<[u32; 2]>(sk, off.sk_ack_backlog).unwrap_or([0, 0]);
+        (len, max)
+    } else {
+        let len = read(sk, off.sk_ack_backlog).unwrap_or(0);
+        (len, read(sk, off.sk_max_ack_backlog).unwrap_or(0))
+    }
 }
 
 /// The stamp `tcp_sock.rcvq_space.time` (µs, the clock of

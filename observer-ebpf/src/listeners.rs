@@ -11,7 +11,10 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use observer_common::{ListenerRecord, TCP_LISTEN};
 
-use crate::kernel::{SockHead, offsets, read, read_ptr, socket_place, tcp_oldest_wait_us};
+use crate::kernel::{
+    SockHead, SockHeadBuf, accept_backlog, offsets, read, read_ptr, socket_place,
+    tcp_oldest_wait_us,
+};
 
 /// Byte offset of `sk_common` in `struct bpf_iter__tcp` (after `meta`).
 const ITER_TCP_SK_COMMON: usize = 8;
@@ -33,10 +36,10 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         _ => return 0,
     };
     let off = offsets();
-    let mut head = SockHead::ZERO;
-    if !head.read_from(sk) {
+    let mut buf = SockHeadBuf::new();
+    let Some(head) = SockHead::read(&mut buf, sk) else {
         return 0;
-    }
+    };
     if head.field::<u8>(off.sk_state) != Some(TCP_LISTEN) {
         // The walk visits the listening hash first: past it, every socket
         // is a connection. Returning 1 ends the read (-EAGAIN, which the
@@ -44,19 +47,20 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         // the host's connections and TIME_WAIT sockets, is not walked.
         return 1;
     }
-    let Some(place) = socket_place(&head, &off) else {
+    let Some(place) = socket_place(head, &off) else {
         return 0;
     };
     let inode = read_ptr(sk, off.sk_socket)
         .and_then(|socket| read::<u64>(socket, off.socket_alloc_vfs_inode + off.inode_i_ino))
         .unwrap_or(0);
+    let (queue_len, queue_max) = accept_backlog(sk, &off);
     let record = ListenerRecord {
         netns: place.netns,
         family: place.family,
         port: place.port,
         addr: place.addr,
-        queue_len: read(sk, off.sk_ack_backlog).unwrap_or(0),
-        queue_max: read(sk, off.sk_max_ack_backlog).unwrap_or(0),
+        queue_len,
+        queue_max,
         syn_queue_len: read(sk, off.icsk_accept_queue_qlen).unwrap_or(0),
         drops: read(sk, off.sk_drops).unwrap_or(0),
         inode,
