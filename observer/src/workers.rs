@@ -374,6 +374,13 @@ impl Membership {
     ) -> Membership {
         let views = &listeners.listeners;
         let index = &listeners.index;
+        // Each listening socket's listener, by inode: a holder record's
+        // listener in one lookup of a number.
+        let numbers: HashMap<u64, ListenerNo> = views
+            .iter()
+            .enumerate()
+            .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
+            .collect();
         let mut holders: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
         let mut servers: BTreeMap<ListenerNo, BTreeMap<u32, u32>> = BTreeMap::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
@@ -389,13 +396,12 @@ impl Membership {
             let h = &holding.record;
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
             if h.state == TCP_LISTEN {
-                let Some(socket) = ListenSocket::from_holding(holding) else {
-                    continue;
-                };
-                let no = listeners.position(&socket.id);
+                let no = numbers.get(&h.inode).copied();
                 // A listener left out by the cap still is one: a worker
                 // waiting on it waits for work.
-                if no.is_none() && !index.contains(&socket.id) {
+                let capped =
+                    || ListenSocket::from_holding(holding).is_some_and(|s| index.contains(&s.id));
+                if no.is_none() && !capped() {
                     continue;
                 }
                 listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
@@ -716,7 +722,7 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Hash
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Accepts;
+    use crate::aggregate::{Accepts, SocketView};
     use crate::sockets::{ListenerIndex, QueueHead};
     use observer_common::{AF_INET, HolderRecord, TCP_ESTABLISHED};
 
@@ -857,10 +863,17 @@ mod tests {
         Membership::from_holders(&listeners, &holdings, handoffs)
     }
 
+    /// A listener with one socket, inode 5 (as in [`membership_after`]).
     fn view(port: u16) -> ListenerView {
         ListenerView {
             id: id(port),
-            sockets: Vec::new(),
+            sockets: vec![SocketView {
+                inode: 5,
+                queue_len: 0,
+                queue_max: 128,
+                drops: 0,
+                oldest_wait: std::time::Duration::ZERO,
+            }],
             oldest_wait: std::time::Duration::ZERO,
             queue_len: 0,
             queue_max: 128,
@@ -1003,7 +1016,7 @@ mod tests {
             w[&12].epoll_pool,
             "12's pool has an epoll event loop (11's)"
         );
-        let other = membership(81, &[holder(30, 1, 81, TCP_LISTEN, 6)]);
+        let other = membership(81, &[holder(30, 1, 81, TCP_LISTEN, 5)]);
         assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
     }
 
