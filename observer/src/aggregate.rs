@@ -166,8 +166,6 @@ struct ListenerState {
     last_drops: u64,
     /// See [`ListenerView::had_traffic`].
     had_traffic: bool,
-    /// The collection that last saw it.
-    last_seen: u64,
 }
 
 /// What must survive between collections for one listening socket.
@@ -184,9 +182,9 @@ struct SocketState {
 #[derive(Debug)]
 pub struct Aggregator {
     seen_first_collection: bool,
-    /// Collections so far.
-    collections: u64,
-    listeners: HashMap<ListenerId, ListenerState>,
+    /// Every listener of the last collection, sorted by id (as the views
+    /// are: one merge walk per collection, no hashing of 136-byte ids).
+    listeners: Vec<(ListenerId, ListenerState)>,
     sockets: HashMap<u64, SocketState>,
     max_listeners: usize,
     /// See [`ListenerView::waits_known`].
@@ -197,8 +195,7 @@ impl Aggregator {
     pub fn new(max_listeners: usize, unix_waits_timed: bool) -> Self {
         Aggregator {
             seen_first_collection: false,
-            collections: 0,
-            listeners: HashMap::new(),
+            listeners: Vec::new(),
             sockets: HashMap::new(),
             max_listeners,
             unix_waits_timed,
@@ -218,7 +215,7 @@ impl Aggregator {
         self.seen_first_collection = true;
         let socket_views = self.socket_views(sockets, startup, now);
         let mut views = group_listeners(sockets, socket_views, self.unix_waits_timed);
-        let index = ListenerIndex::new(sockets);
+        let index = ListenerIndex::from_sorted(views.iter().map(|v| v.id).collect(), sockets);
 
         let mut forget = Vec::new();
         // Accepts of live processes, per view (same order), and of those
@@ -241,18 +238,21 @@ impl Aggregator {
             }
         }
 
-        self.collections += 1;
-        let this_collection = self.collections;
+        // The listeners' states, merged with the views (both sorted by id):
+        // a listener that closed has no view, and its state is dropped
+        // (its keys are gone with it, above).
+        let mut before = std::mem::take(&mut self.listeners).into_iter().peekable();
+        let mut states = Vec::with_capacity(views.len());
         for (view, live) in views.iter_mut().zip(&live) {
-            let state = self
-                .listeners
-                .entry(view.id)
-                .or_insert_with(|| ListenerState {
+            while before.next_if(|(id, _)| *id < view.id).is_some() {}
+            let mut state = match before.next_if(|(id, _)| *id == view.id) {
+                Some((_, state)) => state,
+                None => ListenerState {
                     depth_baseline: if startup { view.queue_len } else { 0 },
                     drops_baseline: if startup { view.drops_raw } else { 0 },
                     ..Default::default()
-                });
-            state.last_seen = this_collection;
+                },
+            };
             if let Some(exited) = exited.get(&view.id) {
                 state.retired.add_accepts(exited);
             }
@@ -272,11 +272,9 @@ impl Aggregator {
                 || view.queue_len > 0
                 || view.syn_queue_len > 0;
             view.had_traffic = state.had_traffic;
+            states.push((view.id, state));
         }
-        // Listeners that closed: forget their state (their keys are gone
-        // with them, above).
-        self.listeners
-            .retain(|_, state| state.last_seen == this_collection);
+        self.listeners = states;
 
         let listeners_over_cap = cap(&mut views, self.max_listeners);
         Collection {
@@ -291,8 +289,8 @@ impl Aggregator {
     /// nowhere else (its workers hold open connections): see
     /// [`Collection::mark_traffic`].
     pub fn mark_traffic(&mut self, id: &ListenerId) {
-        if let Some(state) = self.listeners.get_mut(id) {
-            state.had_traffic = true;
+        if let Ok(i) = self.listeners.binary_search_by(|(other, _)| other.cmp(id)) {
+            self.listeners[i].1.had_traffic = true;
         }
     }
 
@@ -347,14 +345,25 @@ fn position(views: &[ListenerView], id: &ListenerId) -> Option<usize> {
 
 /// Keeps at most `max` of `views` (sorted by id, and still so after),
 /// listeners with traffic before quiet ones; returns how many it left out.
+/// The views stay where they are: their order is chosen by index, and the
+/// ones left out are removed in one pass.
 fn cap(views: &mut Vec<ListenerView>, max: usize) -> u64 {
     let over = views.len().saturating_sub(max);
     if over == 0 {
         return 0;
     }
-    views.sort_by(|a, b| (!a.had_traffic, &a.id).cmp(&(!b.had_traffic, &b.id)));
-    views.truncate(max);
-    views.sort_by_key(|v| v.id);
+    // Those with traffic first, then by id (their index, views being sorted).
+    let mut order: Vec<usize> = (0..views.len()).collect();
+    order.select_nth_unstable_by_key(max, |i| (!views[*i].had_traffic, *i));
+    let mut kept = vec![false; views.len()];
+    for i in &order[..max] {
+        kept[*i] = true;
+    }
+    let mut i = 0;
+    views.retain(|_| {
+        i += 1;
+        kept[i - 1]
+    });
     over as u64
 }
 
@@ -504,6 +513,44 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(c.listeners[0].queued, 2);
+    }
+
+    #[test]
+    fn each_listener_keeps_its_own_state_as_others_close_and_open() {
+        let mut agg = Aggregator::new(100, true);
+        let lo = v4([127, 0, 0, 1]);
+        let at = |ports: &[(u16, u32)]| -> Vec<ListenSocket> {
+            ports
+                .iter()
+                .map(|(p, depth)| listener(lo, AF_INET, *p, *depth))
+                .collect()
+        };
+        // At start, 80 and 82 hold 4 and 6 (their baselines).
+        agg.collect(&at(&[(80, 4), (82, 6)]), &[], |_| true, Duration::ZERO);
+        // 81 opens between them with 2 queued (all new), 83 after them.
+        let c = agg.collect(
+            &at(&[(80, 5), (81, 2), (82, 6), (83, 1)]),
+            &[],
+            |_| true,
+            Duration::ZERO,
+        );
+        let queued: Vec<u64> = c.listeners.iter().map(|v| v.queued).collect();
+        assert_eq!(queued, [1, 2, 0, 1]);
+        // 81 closes, then comes back: a new listener, counted from 0.
+        agg.collect(
+            &at(&[(80, 5), (82, 7), (83, 1)]),
+            &[],
+            |_| true,
+            Duration::ZERO,
+        );
+        let c = agg.collect(
+            &at(&[(80, 5), (81, 1), (82, 7), (83, 1)]),
+            &[],
+            |_| true,
+            Duration::ZERO,
+        );
+        let queued: Vec<u64> = c.listeners.iter().map(|v| v.queued).collect();
+        assert_eq!(queued, [1, 1, 1, 1]);
     }
 
     #[test]

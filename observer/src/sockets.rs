@@ -286,14 +286,25 @@ pub fn listen_sockets(own_netns: &[ListenerRecord], holdings: &[Holding]) -> Vec
 /// records on it: its local address (TCP) or its listener's key (Unix).
 #[derive(Clone, Debug, Default)]
 pub struct ListenerIndex {
-    present: HashSet<ListenerId>,
+    /// Every listener, sorted (a collection builds it from its views, which
+    /// are: no hashing of 10,000 ids per scrape for a few lookups).
+    present: Vec<ListenerId>,
     unix: HashMap<(u32, UnixListenKey), ListenerId>,
 }
 
 impl ListenerIndex {
     pub fn new(sockets: &[ListenSocket]) -> ListenerIndex {
+        let mut ids: Vec<ListenerId> = sockets.iter().map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ListenerIndex::from_sorted(ids, sockets)
+    }
+
+    /// The index of `sockets`, whose listeners are `ids` (sorted, once each).
+    pub fn from_sorted(ids: Vec<ListenerId>, sockets: &[ListenSocket]) -> ListenerIndex {
+        debug_assert!(ids.windows(2).all(|w| w[0] < w[1]));
         ListenerIndex {
-            present: sockets.iter().map(|s| s.id).collect(),
+            present: ids,
             unix: sockets
                 .iter()
                 .filter_map(|s| Some(((s.id.netns, s.unix_key?), s.id)))
@@ -302,7 +313,7 @@ impl ListenerIndex {
     }
 
     pub fn contains(&self, id: &ListenerId) -> bool {
-        self.present.contains(id)
+        self.present.binary_search(id).is_ok()
     }
 
     /// The listener of a connection whose record says `netns`, `family`,
@@ -324,7 +335,7 @@ impl ListenerIndex {
     /// wildcard listener on that port (for IPv4 children of a dual-stack
     /// `[::]` listener, the child is an IPv6 socket with a v4-mapped address).
     fn tcp_listener_of(&self, child: ListenerId) -> Option<ListenerId> {
-        if self.present.contains(&child) {
+        if self.contains(&child) {
             return Some(child);
         }
         if child.family == AF_INET6 && is_v4_mapped(&child.addr) {
@@ -335,7 +346,7 @@ impl ListenerIndex {
                 addr: v4,
                 ..child
             };
-            if self.present.contains(&as_v4) {
+            if self.contains(&as_v4) {
                 return Some(as_v4);
             }
         }
@@ -343,7 +354,7 @@ impl ListenerIndex {
             addr: [0; 16],
             ..child
         };
-        self.present.contains(&wildcard).then_some(wildcard)
+        self.contains(&wildcard).then_some(wildcard)
     }
 
     /// The listener of a held connection.
