@@ -19,8 +19,8 @@ use observer_common::{
 use crate::{
     connect::unix_queued_at_ns,
     kernel::{
-        SockHead, SockHeadBuf, accept_backlog, offsets, read, read_ptr, read_unix_name,
-        socket_place, tcp_oldest_wait_us, tcp_unread_us, unix_listen_key, unix_queue, zero_words,
+        SockHead, SockHeadBuf, offsets, read, read_ptr, read_two, read_unix_name, socket_place,
+        tcp_listen_figures, tcp_unread_us, unix_listen_key, unix_queue, zero_words,
     },
     maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
 };
@@ -51,13 +51,17 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     }
     let fd = fd as u32;
     let off = offsets();
-    let Some(inode) = read_ptr(file, off.file_f_inode) else {
+    let (Some(inode), private_data) =
+        read_two::<u64, u64>(file, off.file_f_inode, off.file_private_data)
+    else {
         return 0;
     };
-    if read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
+    if inode == 0 || read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
         return 0;
     }
-    let Some(sk) = read_ptr(file, off.file_private_data).and_then(|s| read_ptr(s, off.socket_sk))
+    let Some(sk) = private_data
+        .filter(|s| *s != 0)
+        .and_then(|s| read_ptr(s, off.socket_sk))
     else {
         return 0;
     };
@@ -106,10 +110,12 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     record.addr = place.addr;
     fill_process(&process, record);
     if state == TCP_LISTEN {
-        (record.queue_len, record.queue_max) = accept_backlog(sk, &off);
-        record.syn_queue_len = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
-        record.drops = read(sk, off.sk_drops).unwrap_or(0);
-        record.oldest_wait_us = tcp_oldest_wait_us(sk, &off);
+        let figures = tcp_listen_figures(sk, &off);
+        record.queue_len = figures.queue_len;
+        record.queue_max = figures.queue_max;
+        record.syn_queue_len = figures.syn_queue_len;
+        record.drops = figures.drops;
+        record.oldest_wait_us = figures.oldest_wait_us;
         write(seq, record);
     } else {
         record.unread_us = tcp_unread_us(sk, &off);

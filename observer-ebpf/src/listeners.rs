@@ -12,8 +12,7 @@ use core::ffi::c_void;
 use observer_common::{ListenerRecord, TCP_LISTEN};
 
 use crate::kernel::{
-    SockHead, SockHeadBuf, accept_backlog, offsets, read, read_ptr, socket_place,
-    tcp_oldest_wait_us,
+    SockHead, SockHeadBuf, offsets, read, read_ptr, socket_place, tcp_listen_figures,
 };
 
 /// Byte offset of `sk_common` in `struct bpf_iter__tcp` (after `meta`).
@@ -53,18 +52,18 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
     let inode = read_ptr(sk, off.sk_socket)
         .and_then(|socket| read::<u64>(socket, off.socket_alloc_vfs_inode + off.inode_i_ino))
         .unwrap_or(0);
-    let (queue_len, queue_max) = accept_backlog(sk, &off);
+    let figures = tcp_listen_figures(sk, &off);
     let record = ListenerRecord {
         netns: place.netns,
         family: place.family,
         port: place.port,
         addr: place.addr,
-        queue_len,
-        queue_max,
-        syn_queue_len: read(sk, off.icsk_accept_queue_qlen).unwrap_or(0),
-        drops: read(sk, off.sk_drops).unwrap_or(0),
+        queue_len: figures.queue_len,
+        queue_max: figures.queue_max,
+        syn_queue_len: figures.syn_queue_len,
+        drops: figures.drops,
         inode,
-        oldest_wait_us: tcp_oldest_wait_us(sk, &off),
+        oldest_wait_us: figures.oldest_wait_us,
     };
     // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
     unsafe {
