@@ -19,7 +19,7 @@ use observer_common::{
 use crate::{
     connect::unix_queued_at_ns,
     kernel::{
-        SockHead, SockHeadBuf, offsets, read, read_ptr, read_two, read_unix_name, socket_place,
+        SockHead, SockHeadBuf, offsets, read, read_ptr, read_unix_name, socket_place,
         tcp_listen_figures, tcp_unread_us, unix_listen_key, unix_queue, zero_words,
     },
     maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
@@ -51,17 +51,13 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     }
     let fd = fd as u32;
     let off = offsets();
-    let (Some(inode), private_data) =
-        read_two::<u64, u64>(file, off.file_f_inode, off.file_private_data)
-    else {
+    let Some(inode) = read_ptr(file, off.file_f_inode) else {
         return 0;
     };
-    if inode == 0 || read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
+    if read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
         return 0;
     }
-    let Some(sk) = private_data
-        .filter(|s| *s != 0)
-        .and_then(|s| read_ptr(s, off.socket_sk))
+    let Some(sk) = read_ptr(file, off.file_private_data).and_then(|s| read_ptr(s, off.socket_sk))
     else {
         return 0;
     };

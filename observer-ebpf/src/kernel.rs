@@ -158,83 +158,6 @@ impl<const N: usize> KernelBytes<N> {
     }
 }
 
-/// Fields of one struct that lie close together, read in one helper call:
-/// the bytes from the first field's offset to the end of the last (at most
-/// `N`). Each helper call costs about 70 ns here, most of it for the call,
-/// not the bytes. The offsets come from BTF as load-time constants, so the
-/// verifier knows which of [`SpanBuf::read`]'s outcomes happens.
-pub struct SpanBuf<const N: usize>(KernelBytes<N>);
-
-/// The bytes a [`SpanBuf`] read: `len` of them from offset `start` of the
-/// struct.
-pub struct Span<'a, const N: usize> {
-    bytes: &'a KernelBytes<N>,
-    start: u32,
-    len: u32,
-}
-
-impl<const N: usize> SpanBuf<N> {
-    #[inline(always)]
-    pub const fn new() -> Self {
-        SpanBuf(KernelBytes::new())
-    }
-
-    /// Reads bytes `start..end` of the struct at `base`; `None` when they
-    /// are more than `N` (read the fields one by one instead) or the read
-    /// faults.
-    #[inline(always)]
-    pub fn read(&mut self, base: u64, start: u32, end: u32) -> Option<Span<'_, N>> {
-        let len = end.checked_sub(start)?;
-        if base == 0 || len as usize > N {
-            return None;
-        }
-        // SAFETY: the helper checks the source address and writes `len`
-        // (at most `N`) bytes of our buffer.
-        let rc = unsafe {
-            generated::bpf_probe_read_kernel(
-                self.0.0.as_mut_ptr().cast::<c_void>(),
-                len,
-                (base + start as u64) as *const c_void,
-            )
-        };
-        (rc == 0).then_some(Span {
-            bytes: &self.0,
-            start,
-            len,
-        })
-    }
-}
-
-impl<const N: usize> Span<'_, N> {
-    /// The field of type `T` at `offset` in the struct; `None` outside the
-    /// bytes read.
-    #[inline(always)]
-    pub fn field<T: Copy>(&self, offset: u32) -> Option<T> {
-        let at = offset.checked_sub(self.start)? as usize;
-        if at + core::mem::size_of::<T>() > self.len as usize {
-            return None;
-        }
-        // SAFETY: within the `len` bytes the helper wrote (checked above);
-        // unaligned read of plain data.
-        Some(unsafe {
-            core::ptr::read_unaligned(self.bytes.0.as_ptr().cast::<u8>().add(at) as *const T)
-        })
-    }
-}
-
-/// Two fields of the struct at `base`, at offsets `a` and `b`: in one read
-/// when they lie within 64 bytes, else in two.
-#[inline(always)]
-pub fn read_two<A: Copy, B: Copy>(base: u64, a: u32, b: u32) -> (Option<A>, Option<B>) {
-    let start = a.min(b);
-    let end = (a + core::mem::size_of::<A>() as u32).max(b + core::mem::size_of::<B>() as u32);
-    let mut buf = SpanBuf::<64>::new();
-    match buf.read(base, start, end) {
-        Some(span) => (span.field(a), span.field(b)),
-        None => (read(base, a), read(base, b)),
-    }
-}
-
 /// Zeroes `value` with 8-byte stores (the compiler's zeroing is a byte loop
 /// on BPF, see [`KernelBytes`]): for records built in map memory.
 #[inline(always)]
@@ -330,15 +253,44 @@ pub struct ListenFigures {
 
 #[inline(always)]
 pub fn tcp_listen_figures(sk: u64, off: &KernelOffsets) -> ListenFigures {
-    let (queue_len, queue_max) = read_two(sk, off.sk_ack_backlog, off.sk_max_ack_backlog);
-    let (syn_queue_len, head) =
-        read_two::<u32, u64>(sk, off.icsk_accept_queue_qlen, off.icsk_accept_queue_head);
+    let (queue_len, queue_max) = accept_backlog(sk, off);
+    let (syn_queue_len, head) = syn_queue_and_head(sk, off);
     ListenFigures {
-        queue_len: queue_len.unwrap_or(0),
-        queue_max: queue_max.unwrap_or(0),
-        syn_queue_len: syn_queue_len.unwrap_or(0),
+        queue_len,
+        queue_max,
+        syn_queue_len,
         drops: read(sk, off.sk_drops).unwrap_or(0),
         oldest_wait_us: head.map_or(0, |head| oldest_wait_us(head, off)),
+    }
+}
+
+/// `sk_ack_backlog` and `sk_max_ack_backlog`: in one read where they are
+/// neighbours, as on every kernel we know (the offsets are constants to
+/// the verifier, which drops the other branch).
+#[inline(always)]
+fn accept_backlog(sk: u64, off: &KernelOffsets) -> (u32, u32) {
+    if off.sk_max_ack_backlog == off.sk_ack_backlog + 4 {
+        let [len, max] = read::<[u32; 2]>(sk, off.sk_ack_backlog).unwrap_or([0, 0]);
+        (len, max)
+    } else {
+        let len = read(sk, off.sk_ack_backlog).unwrap_or(0);
+        (len, read(sk, off.sk_max_ack_backlog).unwrap_or(0))
+    }
+}
+
+/// `icsk_accept_queue.qlen` (the SYN queue) and `rskq_accept_head` (the
+/// accept queue's oldest request): in one read where the head is 8 bytes
+/// after the length (`qlen`, `young`, then the head), as on every kernel we
+/// know.
+#[inline(always)]
+fn syn_queue_and_head(sk: u64, off: &KernelOffsets) -> (u32, Option<u64>) {
+    if off.icsk_accept_queue_head == off.icsk_accept_queue_qlen + 8 {
+        let [qlen, head] = read::<[u64; 2]>(sk, off.icsk_accept_queue_qlen).unwrap_or([0, 0]);
+        // `qlen` is the low half of the first word (little-endian BPF).
+        (qlen as u32, Some(head).filter(|h| *h != 0))
+    } else {
+        let qlen = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
+        (qlen, read_ptr(sk, off.icsk_accept_queue_head))
     }
 }
 
