@@ -36,11 +36,14 @@ use crate::{
     sockets::{ListenSocket, ListenerId},
 };
 
+/// A process's name (`comm`), shared by every view that shows it.
+pub type Comm = std::sync::Arc<str>;
+
 /// One worker process of a pool.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerView {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// Connections it accepted from this listener since the daemon started.
     pub accepts: u64,
     /// Accepted connections of this listener it holds open now.
@@ -68,7 +71,7 @@ pub struct Unread {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatcherView {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// Connections it accepted from this listener since the daemon started.
     pub accepts: u64,
 }
@@ -127,7 +130,7 @@ pub struct Handoffs {
     dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
     /// Fed workers' names, from when they were seen: one between
     /// connections holds nothing that would name it.
-    comms: HashMap<u32, String>,
+    comms: HashMap<u32, Comm>,
 }
 
 impl Handoffs {
@@ -144,7 +147,7 @@ impl Handoffs {
     }
 
     /// Keeps the name of every fed worker, and names those seen before.
-    fn remember_comms(&mut self, comms: &mut HashMap<u32, String>) {
+    fn remember_comms(&mut self, comms: &mut HashMap<u32, Comm>) {
         for pid in self.fed.values().flat_map(|fed| fed.keys()) {
             match comms.get(pid) {
                 Some(comm) => {
@@ -341,7 +344,7 @@ pub struct Membership {
     /// Each worker's pool: the first listener it serves, in id order
     /// (workers that hold the same listeners share it).
     pool_tags: HashMap<u32, PoolTag>,
-    comms: HashMap<u32, String>,
+    comms: HashMap<u32, Comm>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerNo, u32), u64>,
     /// Of those, the unread ones.
@@ -349,7 +352,7 @@ pub struct Membership {
     /// Unread connections per listener, each socket once.
     unread: HashMap<ListenerNo, Unread>,
     /// Listening-socket fds per process.
-    listen_fds: HashMap<u32, BTreeSet<i32>>,
+    listen_fds: HashMap<u32, Vec<i32>>,
     /// Some fds of accepted connections per process (at most
     /// [`CONNECTION_FDS_KEPT`]).
     connection_fds: HashMap<u32, BTreeSet<i32>>,
@@ -358,9 +361,9 @@ pub struct Membership {
     socket_holders: Vec<(u64, u32)>,
 }
 
-fn comm_string(comm: &[u8; 16]) -> String {
+fn comm_string(comm: &[u8; 16]) -> Comm {
     let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    Comm::from(String::from_utf8_lossy(&comm[..end]))
 }
 
 impl Membership {
@@ -390,7 +393,7 @@ impl Membership {
         let mut unread: HashMap<ListenerNo, Unread> = HashMap::new();
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
-        let mut listen_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
+        let mut listen_fds: HashMap<u32, Vec<i32>> = HashMap::new();
         let mut socket_holders: Vec<(u64, u32)> = Vec::new();
         for holding in holdings {
             let h = &holding.record;
@@ -404,7 +407,7 @@ impl Membership {
                 if no.is_none() && !capped() {
                     continue;
                 }
-                listen_fds.entry(h.tgid).or_default().insert(h.fd as i32);
+                listen_fds.entry(h.tgid).or_default().push(h.fd as i32);
                 socket_holders.push((h.inode, h.tgid));
                 if let Some(no) = no {
                     holders[no].push(Process {
@@ -435,6 +438,12 @@ impl Membership {
                     u.oldest = u.oldest.max(Duration::from_micros(h.unread_us));
                 }
             }
+        }
+        // Sorted, once each (the walk gives a process's fds in order, and
+        // a listener's holders in pid order: these sorts find them sorted).
+        for fds in listen_fds.values_mut() {
+            fds.sort_unstable();
+            fds.dedup();
         }
         for holding in holders.iter_mut().filter(|h| h.len() > 1) {
             holding.sort_unstable();
@@ -473,7 +482,16 @@ impl Membership {
 
     /// A process's name, as the kernel holds it (`comm`).
     pub fn comm(&self, pid: u32) -> &str {
-        self.comms.get(&pid).map_or("", |c| c.as_str())
+        self.comms.get(&pid).map_or("", |c| c)
+    }
+
+    /// A process's name, shared (a pool of 1,000 workers names them without
+    /// 1,000 copies).
+    fn shared_comm(&self, pid: u32) -> Comm {
+        self.comms
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| Comm::from(""))
     }
 
     /// A process that holds listener `no` (a worker if any), to learn its
@@ -489,15 +507,7 @@ impl Membership {
         let workers: BTreeSet<u32> = self.workers.iter().flatten().copied().collect();
         workers
             .into_iter()
-            .map(|pid| {
-                (
-                    pid,
-                    self.listen_fds
-                        .get(&pid)
-                        .map(|f| f.iter().copied().collect())
-                        .unwrap_or_default(),
-                )
-            })
+            .map(|pid| (pid, self.listen_fds.get(&pid).cloned().unwrap_or_default()))
             .collect()
     }
 
@@ -642,7 +652,7 @@ pub fn pools(
             .iter()
             .map(|pid| DispatcherView {
                 pid: *pid,
-                comm: membership.comm(*pid).to_owned(),
+                comm: membership.shared_comm(*pid),
                 accepts: accepts(*pid),
             })
             .collect();
@@ -659,7 +669,7 @@ pub fn pools(
             };
             workers.push(WorkerView {
                 pid: *pid,
-                comm: membership.comm(*pid).to_owned(),
+                comm: membership.shared_comm(*pid),
                 accepts: accepts(*pid),
                 active_connections: held(&membership.active),
                 unread_connections: held(&membership.unread_held),
@@ -926,7 +936,7 @@ mod tests {
         let p = pools(&[view(80)], &gunicorn_pool(), &HashMap::new(), 100);
         let pids: Vec<u32> = p.pools[0].workers.iter().map(|w| w.pid).collect();
         assert_eq!(pids, vec![11, 12]);
-        assert_eq!(p.pools[0].workers[0].comm, "gunz");
+        assert_eq!(&*p.pools[0].workers[0].comm, "gunz");
     }
 
     #[test]
@@ -1074,7 +1084,7 @@ mod tests {
         let m = round_robin(&mut fed, &[]);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);
         assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![10]));
-        assert_eq!(p.pools[0].workers[0].comm, "gunz", "named as when seen");
+        assert_eq!(&*p.pools[0].workers[0].comm, "gunz", "named as when seen");
         fed.retain_alive(|pid| pid != 12);
         let m = round_robin(&mut fed, &[]);
         let p = pools(&[view(80)], &m, &HashMap::new(), 100);

@@ -181,7 +181,7 @@ pub fn explain(
             Some(Explained {
                 listen: v.id.local_address(),
                 netns: v.id.netns,
-                comm: pool.and_then(|p| p.workers.first().map(|w| w.comm.clone())),
+                comm: pool.and_then(|p| p.workers.first().map(|w| w.comm.to_string())),
                 verdict: verdict::judge(&window),
                 window,
             })
@@ -210,7 +210,7 @@ fn window_of(
                     let (accepts, busy_seconds) = worker_since(w, pool_before);
                     WorkerWindow {
                         pid: w.pid,
-                        comm: w.comm.clone(),
+                        comm: w.comm.to_string(),
                         accepts,
                         busy_seconds,
                         state: '?',

@@ -113,7 +113,7 @@ fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64)
             let (accepts, busy_s) = worker_since(w, before);
             WorkerRow {
                 pid: w.pid,
-                comm: w.comm.clone(),
+                comm: w.comm.to_string(),
                 busy: w.busy,
                 utilisation: (busy_s / seconds).clamp(0.0, 1.0),
                 accepts_per_second: accepts as f64 / seconds,
@@ -137,7 +137,7 @@ fn dispatcher_rows(
             let accepts = d.accepts - earlier.map(|e| e.accepts).unwrap_or(0);
             DispatcherRow {
                 pid: d.pid,
-                comm: d.comm.clone(),
+                comm: d.comm.to_string(),
                 accepts_per_second: accepts as f64 / seconds,
             }
         })
