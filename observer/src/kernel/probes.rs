@@ -647,7 +647,88 @@ pub fn ensure_object_sane() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::fdinfo_field;
+    use super::{OBJECT, fdinfo_field};
+    use aya_obj::generated::bpf_insn;
+
+    /// The stack a function's code uses, from its instructions: the lowest
+    /// address below the frame pointer (r10) that it loads, stores or hands
+    /// to a helper (through a register set to r10 plus a constant). A
+    /// straight scan, which LLVM's code for helper arguments (`r1 = r10;
+    /// r1 += -N` right before the call) allows.
+    fn stack_depth(code: &[bpf_insn]) -> i64 {
+        const FP: u8 = 10;
+        // Per register: its offset from r10, while it holds one.
+        let mut from_fp: [Option<i64>; 11] = [None; 11];
+        let mut depth = 0i64;
+        for insn in code {
+            let (op, dst, src) = (insn.code, insn.dst_reg() as usize, insn.src_reg());
+            let class = op & 0x07;
+            let base = match class {
+                0x01 => Some(src as usize), // LDX: dst = *(src + off)
+                0x02 | 0x03 => Some(dst),   // ST, STX: *(dst + off) = ...
+                _ => None,
+            };
+            if let Some(base) = base.filter(|b| *b < from_fp.len()) {
+                let at = if base == FP as usize {
+                    Some(0)
+                } else {
+                    from_fp[base]
+                };
+                if let Some(at) = at {
+                    depth = depth.max(-(at + insn.off as i64));
+                }
+            }
+            match op {
+                0xbf if src == FP => from_fp[dst] = Some(0), // r_dst = r10
+                0xbf => from_fp[dst] = from_fp.get(src as usize).copied().flatten(),
+                0x07 => from_fp[dst] = from_fp[dst].map(|at| at + insn.imm as i64), // += imm
+                0x85 => from_fp[..6].fill(None), // a call clobbers r0-r5
+                _ if (class == 0x04 || class == 0x07 || class == 0x01 || op == 0x18)
+                    && dst < from_fp.len() =>
+                {
+                    from_fp[dst] = None;
+                }
+                _ => {}
+            }
+            for reg in from_fp.iter().flatten() {
+                depth = depth.max(-reg);
+            }
+        }
+        depth
+    }
+
+    /// Linux 6.1's verifier refuses a program whose call chain's stack is
+    /// over 512 bytes, each frame rounded up to 32 (`check_max_stack_depth`):
+    /// it refused a holder walk of 488 bytes that calls LLVM's `memset`
+    /// (488 → 512, + 32 = 544), which 6.12 loads. CI boots 6.12 only, so the
+    /// rule is checked here, for every program, with its deepest callee.
+    #[test]
+    fn every_program_fits_the_stack_of_the_oldest_kernel_we_run_on() {
+        if OBJECT.is_empty() {
+            return; // built without the programs (AYA_BUILD_SKIP)
+        }
+        let object = aya_obj::Object::parse(OBJECT).expect("our own eBPF object parses");
+        let frame = |depth: i64| (depth.max(1) + 31) / 32 * 32;
+        let programs: Vec<(usize, u64)> =
+            object.programs.values().map(|p| p.function_key()).collect();
+        let deepest_callee = object
+            .functions
+            .iter()
+            .filter(|(key, _)| !programs.contains(key))
+            .map(|(_, f)| frame(stack_depth(&f.instructions)))
+            .max()
+            .unwrap_or(0);
+        for (name, program) in &object.programs {
+            let code = &object.functions[&program.function_key()].instructions;
+            let calls = code.iter().any(|i| i.code == 0x85 && i.src_reg() == 1);
+            let own = stack_depth(code);
+            let chain = frame(own) + if calls { deepest_callee } else { 0 };
+            assert!(
+                chain <= 512,
+                "{name}: {own} bytes of stack (+ {deepest_callee} for a call) is {chain} > 512: 6.1 refuses it"
+            );
+        }
+    }
 
     #[test]
     fn fdinfo_fields_are_read_by_name() {
