@@ -554,6 +554,46 @@ mod tests {
     }
 
     #[test]
+    fn views_come_sorted_by_listener_with_their_sockets_by_inode() {
+        let lo = v4([127, 0, 0, 1]);
+        let with_inode = |mut s: ListenSocket, inode: u64| {
+            s.inode = inode;
+            s
+        };
+        let unix = |path: &[u8], inode: u64| ListenSocket {
+            id: ListenerId::unix(1, UnixPath::new(path)),
+            unix_key: Some(inode),
+            ..with_inode(listener([0; 16], AF_UNIX, 0, 0), inode)
+        };
+        let sockets = [
+            with_inode(listener(lo, AF_INET, 90, 0), 9),
+            unix(b"/run/b.sock", 4),
+            with_inode(listener([0; 16], AF_INET6, 80, 0), 7),
+            with_inode(listener(lo, AF_INET, 80, 0), 12),
+            unix(b"/run/a.sock", 5),
+            with_inode(listener(lo, AF_INET, 80, 0), 3), // SO_REUSEPORT
+            unix(b"/run/b.sock", 2),                     // bound again
+        ];
+        let c = Aggregator::new(100, true).collect(&sockets, &[], |_| true, Duration::ZERO);
+        let got: Vec<(ListenerId, Vec<u64>)> = c
+            .listeners
+            .iter()
+            .map(|v| (v.id, v.sockets.iter().map(|s| s.inode).collect()))
+            .collect();
+        let mut want: Vec<(ListenerId, Vec<u64>)> = Vec::new();
+        let mut by_id: Vec<&ListenSocket> = sockets.iter().collect();
+        by_id.sort_by_key(|s| (s.id, s.inode));
+        for s in by_id {
+            match want.last_mut() {
+                Some((id, inodes)) if *id == s.id => inodes.push(s.inode),
+                _ => want.push((s.id, vec![s.inode])),
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 5);
+    }
+
+    #[test]
     fn listeners_created_after_start_count_their_whole_queue() {
         let mut agg = Aggregator::new(100, true);
         agg.collect(&[], &[], |_| true, Duration::ZERO);
