@@ -25,6 +25,17 @@ use crate::{
     maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
 };
 
+/// `struct bpf_iter__task_file`, its pointers as plain numbers.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TaskFileContext {
+    meta: u64,
+    task: u64,
+    fd: u32,
+    _pad: u32,
+    file: u64,
+}
+
 /// Byte offset of `session_id` in `struct bpf_iter_meta` (after `seq`).
 const META_SESSION: usize = 8;
 
@@ -39,17 +50,21 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     // SAFETY: ctx->meta is the first field, and meta->seq the first of bpf_iter_meta.
     let seq: *mut seq_file = unsafe { **(ctx as *const *const *mut seq_file) };
     // Copy the context out as plain numbers, in one probe read, so later
-    // arithmetic on them is not pointer arithmetic to the verifier: meta,
-    // task, fd (a u32, then padding), file.
-    // SAFETY: reading our own context, 4 words long.
-    let Ok([meta, task, fd, file]) = (unsafe { bpf_probe_read_kernel(ctx as *const [u64; 4]) })
+    // arithmetic on them is not pointer arithmetic to the verifier.
+    // SAFETY: reading our own context, `struct bpf_iter__task_file`.
+    let Ok(TaskFileContext {
+        meta,
+        task,
+        fd,
+        file,
+        ..
+    }) = (unsafe { bpf_probe_read_kernel(ctx as *const TaskFileContext) })
     else {
         return 0;
     };
     if task == 0 || file == 0 {
         return 0;
     }
-    let fd = fd as u32;
     let off = offsets();
     let Some(inode) = read_ptr(file, off.file_f_inode) else {
         return 0;

@@ -11,6 +11,11 @@ use aya_ebpf::{
 };
 use observer_common::{KernelOffsets, SOCK_COMMON_HEAD, UnixNameRecord};
 
+// The programs build byte arrays from words (an IPv4 address, the
+// iterator's context) in little-endian order: the only BPF target we build.
+#[cfg(not(target_endian = "little"))]
+compile_error!("observer's eBPF programs assume a little-endian target (bpfel)");
+
 /// Filled in by the daemon before load (`EbpfLoader::set_global`). It lives in
 /// `.rodata`, which the loader freezes, so the verifier sees constants.
 #[unsafe(no_mangle)]
@@ -260,7 +265,7 @@ pub fn tcp_listen_figures(sk: u64, off: &KernelOffsets) -> ListenFigures {
         queue_max,
         syn_queue_len,
         drops: read(sk, off.sk_drops).unwrap_or(0),
-        oldest_wait_us: head.map_or(0, |head| oldest_wait_us(head, off)),
+        oldest_wait_us: head.map_or(0, |request| oldest_wait_us(request, off)),
     }
 }
 
@@ -280,14 +285,23 @@ fn accept_backlog(sk: u64, off: &KernelOffsets) -> (u32, u32) {
 
 /// `icsk_accept_queue.qlen` (the SYN queue) and `rskq_accept_head` (the
 /// accept queue's oldest request): in one read where the head is 8 bytes
-/// after the length (`qlen`, `young`, then the head), as on every kernel we
-/// know.
+/// after the length (`qlen`, `young`, then the head: 6.18, whose
+/// `synflood_warned` is a byte), else two (6.1 and 6.12 have 12 bytes
+/// between them).
 #[inline(always)]
 fn syn_queue_and_head(sk: u64, off: &KernelOffsets) -> (u32, Option<u64>) {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct QueueHead {
+        qlen: u32,
+        young: u32,
+        head: u64,
+    }
     if off.icsk_accept_queue_head == off.icsk_accept_queue_qlen + 8 {
-        let [qlen, head] = read::<[u64; 2]>(sk, off.icsk_accept_queue_qlen).unwrap_or([0, 0]);
-        // `qlen` is the low half of the first word (little-endian BPF).
-        (qlen as u32, Some(head).filter(|h| *h != 0))
+        match read::<QueueHead>(sk, off.icsk_accept_queue_qlen) {
+            Some(q) => (q.qlen, Some(q.head).filter(|h| *h != 0)),
+            None => (0, None),
+        }
     } else {
         let qlen = read(sk, off.icsk_accept_queue_qlen).unwrap_or(0);
         (qlen, read_ptr(sk, off.icsk_accept_queue_head))
@@ -328,15 +342,14 @@ pub fn tcp_unread_us(sk: u64, off: &KernelOffsets) -> u64 {
     now_us.saturating_sub(queued_at).max(1)
 }
 
-/// How long the connection at the head of a TCP listener's accept queue
-/// (`icsk_accept_queue.rskq_accept_head`, the request sock `head`: the
-/// queue is FIFO, so the oldest) has waited, µs; 0 when the queue is empty
-/// or the head's stamp is not yet written (it entered the queue this
-/// instant).
+/// How long the connection of `request`, the head of a TCP listener's
+/// accept queue (`icsk_accept_queue.rskq_accept_head`: the queue is FIFO,
+/// so the oldest), has waited, µs; 0 when its stamp is not yet written (it
+/// entered the queue this instant).
 #[inline(always)]
-fn oldest_wait_us(head: u64, off: &KernelOffsets) -> u64 {
+fn oldest_wait_us(request: u64, off: &KernelOffsets) -> u64 {
     let Some(queued_at) =
-        read_ptr(head, off.request_sock_sk).and_then(|child| tcp_queued_at_us(child, off))
+        read_ptr(request, off.request_sock_sk).and_then(|child| tcp_queued_at_us(child, off))
     else {
         return 0;
     };

@@ -822,16 +822,18 @@ pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
 }
 
 /// The whole exposition of a snapshot, the daemon's health and `extra`
-/// families (the process collector's).
+/// families (the process collector's), in a text of at least
+/// `expected_bytes` (the last scrape's size: a large text then grows
+/// without copies).
 pub fn exposition(
     snapshot: &Snapshot,
     health: &DaemonHealth,
     c: &Collectors,
     extra: &[MetricFamily],
+    expected_bytes: usize,
 ) -> Result<String> {
-    // Sized as the last one was: a large text grows without copies.
     let mut text = Text {
-        out: String::with_capacity(health.exposition_bytes + health.exposition_bytes / 8),
+        out: String::with_capacity(expected_bytes + expected_bytes / 8),
     };
     let exported = Exported::new(snapshot);
     listener_families(&mut text, &exported, c);

@@ -50,8 +50,6 @@ pub struct DaemonHealth {
     /// Where the last collection spent its time, stage by stage (and the
     /// exposition of the scrape before it).
     pub stages: Stages,
-    /// Size of the last scrape's text, to size the next one's.
-    pub exposition_bytes: usize,
 }
 
 /// Seconds spent per stage of one collection, in the order they ran.

@@ -4,7 +4,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -73,6 +76,8 @@ struct State {
     pipeline: Mutex<Pipeline>,
     process: prometheus::process_collector::ProcessCollector,
     telemetry_path: String,
+    /// The last scrape's size, to size the next one's text.
+    exposition_bytes: AtomicUsize,
 }
 
 const LANDING: &str = "<html><head><title>observer</title></head><body><h1>observer</h1>\
@@ -113,6 +118,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         pipeline: Mutex::new(pipeline),
         process: prometheus::process_collector::ProcessCollector::for_self(),
         telemetry_path: opts.telemetry_path.clone(),
+        exposition_bytes: AtomicUsize::new(0),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -256,13 +262,14 @@ fn scrape(state: &State) -> Result<String> {
         &pipeline.health,
         &state.collectors,
         &state.process.collect(),
+        state.exposition_bytes.load(Ordering::Relaxed),
     );
-    let health = &mut pipeline.health;
-    health
+    pipeline
+        .health
         .stages
         .set("exposition", started.elapsed().as_secs_f64());
     if let Ok(text) = &text {
-        health.exposition_bytes = text.len();
+        state.exposition_bytes.store(text.len(), Ordering::Relaxed);
     }
     text
 }

@@ -23,15 +23,36 @@ use crate::kernel::probes::Holding;
 /// renders it as `ss` does.
 ///
 /// [`fmt`]: UnixPath::display
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy)]
 pub struct UnixPath {
     len: u8,
+    /// The name, then zeroes.
     bytes: [u8; UNIX_PATH_BYTES],
 }
 
-/// Hashes the name's bytes only, not the unused rest of the array: every
-/// listener id is hashed many times per collection (equal paths have equal
-/// raw bytes, so this agrees with `Eq`).
+/// Equality, order and hash read the name's bytes only, not the unused
+/// rest of the array (every listener id is compared and hashed many times
+/// per collection). Ordered by length, then bytes.
+impl PartialEq for UnixPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw() == other.raw()
+    }
+}
+
+impl Eq for UnixPath {}
+
+impl PartialOrd for UnixPath {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for UnixPath {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.len, self.raw()).cmp(&(other.len, other.raw()))
+    }
+}
+
 impl std::hash::Hash for UnixPath {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.raw().hash(state);
@@ -123,15 +144,14 @@ pub struct ListenerId {
     pub path: UnixPath,
 }
 
-/// Equal when every field is; the small ones first, and the path by its
-/// bytes in use (the rest of its array is always zero).
+/// Equal when every field is, the small ones compared first.
 impl PartialEq for ListenerId {
     fn eq(&self, other: &Self) -> bool {
         self.port == other.port
             && self.netns == other.netns
             && self.family == other.family
             && self.addr == other.addr
-            && self.path.raw() == other.path.raw()
+            && self.path == other.path
     }
 }
 
@@ -432,7 +452,17 @@ mod tests {
             ListenerId::unix(7, UnixPath::new(b"/run/b")),
             ListenerId::unix(7, UnixPath::new(b"\0abstract")),
         ];
-        let fields = |id: &ListenerId| (id.netns, id.family, id.addr, id.port, id.path);
+        let fields = |id: &ListenerId| {
+            let path = id.path.raw();
+            (
+                id.netns,
+                id.family,
+                id.addr,
+                id.port,
+                path.len(),
+                path.to_vec(),
+            )
+        };
         for a in &ids {
             for b in &ids {
                 assert_eq!(a.cmp(b), fields(a).cmp(&fields(b)), "{a:?} vs {b:?}");

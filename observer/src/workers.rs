@@ -171,8 +171,10 @@ impl Handoffs {
     /// listener's accepted connections and not the listener), and from
     /// them the roles of every listener's processes. A process that now
     /// holds the listener is no longer fed; a dispatcher that no longer
-    /// holds it is forgotten, and so is a listener that is gone.
-    /// `holders` and the result are by [`ListenerNo`] in `listeners`.
+    /// holds it is forgotten, and so is a listener that is gone or left out
+    /// by the cap (which is not a pool: as a filtered-out one, its
+    /// processes are not sampled). `holders` and the result are by
+    /// [`ListenerNo`] in `listeners`.
     fn learn(
         &mut self,
         listeners: &[ListenerView],
@@ -383,6 +385,7 @@ impl Membership {
             .iter()
             .enumerate()
             .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
+            .filter(|(inode, _)| *inode != 0) // iter/tcp's socket without a file
             .collect();
         let mut holders: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
         let mut servers: BTreeMap<ListenerNo, BTreeMap<u32, u32>> = BTreeMap::new();
@@ -400,11 +403,12 @@ impl Membership {
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
             if h.state == TCP_LISTEN {
                 let no = numbers.get(&h.inode).copied();
-                // A listener left out by the cap still is one: a worker
-                // waiting on it waits for work.
-                let capped =
+                // A listener left out by the cap is not a pool (its holders
+                // are not sampled), but a worker of a shown one waiting on
+                // it waits for work: its fd counts.
+                let indexed =
                     || ListenSocket::from_holding(holding).is_some_and(|s| index.contains(&s.id));
-                if no.is_none() && !capped() {
+                if no.is_none() && !indexed() {
                     continue;
                 }
                 listen_fds.entry(h.tgid).or_default().push(h.fd as i32);
@@ -635,6 +639,11 @@ pub fn pools(
     activity: &HashMap<u32, WorkerActivity>,
     max_workers: usize,
 ) -> Pools {
+    debug_assert_eq!(
+        listeners.len(),
+        membership.workers.len(),
+        "not its listeners"
+    );
     let mut budget = max_workers;
     let mut over = 0u64;
     let mut pools = Vec::new();
@@ -1143,6 +1152,75 @@ mod tests {
         let r = roles(&held(&[(10, 1)]), &m(&[]), &BTreeSet::from([10]));
         assert!(r.workers.is_empty());
         assert_eq!(r.dispatchers, [10]);
+    }
+
+    #[test]
+    fn each_listener_gets_its_own_holders_and_one_left_out_by_the_cap_none() {
+        // Listeners 80 (inode 5) and 81 (inode 6) are shown; 82 (inode 7)
+        // exists but was left out by the cap.
+        let socket = |port: u16, inode: u64| ListenSocket {
+            id: id(port),
+            inode,
+            queue_len: 0,
+            queue_max: 128,
+            syn_queue_len: 0,
+            drops: 0,
+            head: QueueHead::Waited { us: 0 },
+            unix_key: None,
+        };
+        let sockets = [socket(80, 5), socket(81, 6), socket(82, 7)];
+        let mut views = vec![view(80), view(81)];
+        views[1].sockets[0].inode = 6;
+        let listeners = Collection {
+            listeners: views.clone(),
+            index: ListenerIndex::new(&sockets),
+            ..Default::default()
+        };
+        let with_fd = |mut h: HolderRecord, fd: u32| {
+            h.fd = fd;
+            h
+        };
+        let holders = [
+            // gunicorn on 80: arbiter 10, workers 11 and 12; 11 also holds 82.
+            holder(10, 1, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_LISTEN, 5),
+            with_fd(holder(11, 10, 82, TCP_LISTEN, 7), 4),
+            holder(12, 10, 80, TCP_LISTEN, 5),
+            // A single process on 81.
+            holder(20, 1, 81, TCP_LISTEN, 6),
+            // One only on 82.
+            holder(30, 1, 82, TCP_LISTEN, 7),
+        ];
+        let holdings: Vec<Holding> = holders
+            .iter()
+            .map(|record| Holding {
+                record: *record,
+                unix_name: None,
+            })
+            .collect();
+        let m = Membership::from_holders(&listeners, &holdings, &mut Handoffs::default());
+        let p = pools(&views, &m, &HashMap::new(), 100);
+        let workers: Vec<(u16, Vec<u32>)> = p
+            .pools
+            .iter()
+            .map(|pool| {
+                (
+                    pool.listener.port,
+                    pool.workers.iter().map(|w| w.pid).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(workers, [(80, vec![11, 12]), (81, vec![20])]);
+        assert_eq!(m.a_holder(1), Some(20));
+        let fds = m.worker_listen_fds();
+        assert_eq!(fds[&11], [3, 4], "82's fd counts as a listener it waits on");
+        assert!(
+            !fds.contains_key(&30),
+            "82 is no pool: its holder is not sampled"
+        );
+        let tags = watched(&m, &HashMap::new());
+        assert_eq!(tags[&11].pool, tags[&12].pool);
+        assert_ne!(tags[&11].pool, tags[&20].pool);
     }
 
     #[test]

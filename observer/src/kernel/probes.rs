@@ -654,7 +654,8 @@ mod tests {
     /// address below the frame pointer (r10) that it loads, stores or hands
     /// to a helper (through a register set to r10 plus a constant). A
     /// straight scan, which LLVM's code for helper arguments (`r1 = r10;
-    /// r1 += -N` right before the call) allows.
+    /// r1 += -N` right before the call) allows; it does not follow `-=`,
+    /// nor stack pointers spilled and reloaded (LLVM emits neither here).
     fn stack_depth(code: &[bpf_insn]) -> i64 {
         const FP: u8 = 10;
         // Per register: its offset from r10, while it holds one.
@@ -701,7 +702,8 @@ mod tests {
     /// over 512 bytes, each frame rounded up to 32 (`check_max_stack_depth`):
     /// it refused a holder walk of 488 bytes that calls LLVM's `memset`
     /// (488 → 512, + 32 = 544), which 6.12 loads. CI boots 6.12 only, so the
-    /// rule is checked here, for every program, with its deepest callee.
+    /// rule is checked here, for every program, with its deepest callee (one
+    /// level: our callees are LLVM's `memset`/`memcpy`, which call nothing).
     #[test]
     fn every_program_fits_the_stack_of_the_oldest_kernel_we_run_on() {
         if OBJECT.is_empty() {
