@@ -519,37 +519,23 @@ mod tests {
     fn each_listener_keeps_its_own_state_as_others_close_and_open() {
         let mut agg = Aggregator::new(100, true);
         let lo = v4([127, 0, 0, 1]);
-        let at = |ports: &[(u16, u32)]| -> Vec<ListenSocket> {
-            ports
+        // A collection of these (port, depth) listeners: each one's queued.
+        let mut queued_after = |ports: &[(u16, u32)]| -> Vec<u64> {
+            let sockets: Vec<ListenSocket> = ports
                 .iter()
                 .map(|(p, depth)| listener(lo, AF_INET, *p, *depth))
-                .collect()
+                .collect();
+            let c = agg.collect(&sockets, &[], |_| true, Duration::ZERO);
+            c.listeners.iter().map(|v| v.queued).collect()
         };
         // At start, 80 and 82 hold 4 and 6 (their baselines).
-        agg.collect(&at(&[(80, 4), (82, 6)]), &[], |_| true, Duration::ZERO);
+        queued_after(&[(80, 4), (82, 6)]);
         // 81 opens between them with 2 queued (all new), 83 after them.
-        let c = agg.collect(
-            &at(&[(80, 5), (81, 2), (82, 6), (83, 1)]),
-            &[],
-            |_| true,
-            Duration::ZERO,
-        );
-        let queued: Vec<u64> = c.listeners.iter().map(|v| v.queued).collect();
+        let queued = queued_after(&[(80, 5), (81, 2), (82, 6), (83, 1)]);
         assert_eq!(queued, [1, 2, 0, 1]);
         // 81 closes, then comes back: a new listener, counted from 0.
-        agg.collect(
-            &at(&[(80, 5), (82, 7), (83, 1)]),
-            &[],
-            |_| true,
-            Duration::ZERO,
-        );
-        let c = agg.collect(
-            &at(&[(80, 5), (81, 1), (82, 7), (83, 1)]),
-            &[],
-            |_| true,
-            Duration::ZERO,
-        );
-        let queued: Vec<u64> = c.listeners.iter().map(|v| v.queued).collect();
+        queued_after(&[(80, 5), (82, 7), (83, 1)]);
+        let queued = queued_after(&[(80, 5), (81, 1), (82, 7), (83, 1)]);
         assert_eq!(queued, [1, 1, 1, 1]);
     }
 

@@ -857,29 +857,37 @@ mod tests {
         holders: &[HolderRecord],
         handoffs: &mut Handoffs,
     ) -> Membership {
-        let socket = ListenSocket {
+        let listeners = Collection {
+            listeners: vec![view(port)],
+            index: ListenerIndex::new(&[socket(port, 5)]),
+            ..Default::default()
+        };
+        Membership::from_holders(&listeners, &holdings(holders), handoffs)
+    }
+
+    /// A TCP listening socket on `port`.
+    fn socket(port: u16, inode: u64) -> ListenSocket {
+        ListenSocket {
             id: id(port),
-            inode: 5,
+            inode,
             queue_len: 0,
             queue_max: 128,
             syn_queue_len: 0,
             drops: 0,
             head: QueueHead::Waited { us: 0 },
             unix_key: None,
-        };
-        let listeners = Collection {
-            listeners: vec![view(port)],
-            index: ListenerIndex::new(&[socket]),
-            ..Default::default()
-        };
-        let holdings: Vec<Holding> = holders
+        }
+    }
+
+    /// Holder records as the holder walk gives them (TCP: no names).
+    fn holdings(records: &[HolderRecord]) -> Vec<Holding> {
+        records
             .iter()
             .map(|record| Holding {
                 record: *record,
                 unix_name: None,
             })
-            .collect();
-        Membership::from_holders(&listeners, &holdings, handoffs)
+            .collect()
     }
 
     /// A listener with one socket, inode 5 (as in [`membership_after`]).
@@ -1158,16 +1166,6 @@ mod tests {
     fn each_listener_gets_its_own_holders_and_one_left_out_by_the_cap_none() {
         // Listeners 80 (inode 5) and 81 (inode 6) are shown; 82 (inode 7)
         // exists but was left out by the cap.
-        let socket = |port: u16, inode: u64| ListenSocket {
-            id: id(port),
-            inode,
-            queue_len: 0,
-            queue_max: 128,
-            syn_queue_len: 0,
-            drops: 0,
-            head: QueueHead::Waited { us: 0 },
-            unix_key: None,
-        };
         let sockets = [socket(80, 5), socket(81, 6), socket(82, 7)];
         let mut views = vec![view(80), view(81)];
         views[1].sockets[0].inode = 6;
@@ -1191,14 +1189,7 @@ mod tests {
             // One only on 82.
             holder(30, 1, 82, TCP_LISTEN, 7),
         ];
-        let holdings: Vec<Holding> = holders
-            .iter()
-            .map(|record| Holding {
-                record: *record,
-                unix_name: None,
-            })
-            .collect();
-        let m = Membership::from_holders(&listeners, &holdings, &mut Handoffs::default());
+        let m = Membership::from_holders(&listeners, &holdings(&holders), &mut Handoffs::default());
         let p = pools(&views, &m, &HashMap::new(), 100);
         let workers: Vec<(u16, Vec<u32>)> = p
             .pools
