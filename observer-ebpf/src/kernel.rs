@@ -168,7 +168,7 @@ impl<const N: usize> KernelBytes<N> {
 #[inline(always)]
 pub fn zero_words<T>(value: &mut T) {
     const {
-        assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8);
+        assert!(core::mem::size_of::<T>().is_multiple_of(8) && core::mem::align_of::<T>() >= 8);
     }
     let words = (value as *mut T).cast::<u64>();
     for i in 0..core::mem::size_of::<T>() / 8 {
