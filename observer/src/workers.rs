@@ -388,7 +388,8 @@ impl Membership {
             .filter(|(inode, _)| *inode != 0) // iter/tcp's socket without a file
             .collect();
         let mut holders: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
-        let mut servers: BTreeMap<ListenerNo, BTreeMap<u32, u32>> = BTreeMap::new();
+        // Accepted connections held: (listener, pid, parent, inode).
+        let mut connections: Vec<(ListenerNo, u32, u32, u64)> = Vec::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerNo, u32), u64> = HashMap::new();
@@ -423,7 +424,7 @@ impl Membership {
                 .listener_of_held(h)
                 .and_then(|id| listeners.position(&id))
             {
-                servers.entry(no).or_default().insert(h.tgid, h.ppid);
+                connections.push((no, h.tgid, h.ppid, h.inode));
                 let fds = connection_fds.entry(h.tgid).or_default();
                 if fds.len() < CONNECTION_FDS_KEPT {
                     fds.insert(h.fd as i32);
@@ -441,6 +442,17 @@ impl Membership {
                     u.connections += 1;
                     u.oldest = u.oldest.max(Duration::from_micros(h.unread_us));
                 }
+            }
+        }
+        // Who serves each listener's connections. A process whose parent
+        // holds the very same connection was not handed it: it inherited
+        // it in a fork, as a CGI script forked by an Apache worker does
+        // until its exec closes it, and neither it nor its parent serve
+        // otherwise than before.
+        let mut servers: BTreeMap<ListenerNo, BTreeMap<u32, u32>> = BTreeMap::new();
+        for (no, tgid, ppid, inode) in connections {
+            if !seen_sockets.contains(&(ppid, inode)) {
+                servers.entry(no).or_default().insert(tgid, ppid);
             }
         }
         // Sorted, once each (the walk gives a process's fds in order, and
@@ -1092,6 +1104,27 @@ mod tests {
         );
         assert_eq!(w[&11].fds.listen, [-1; 4], "fed workers hold no listener");
         assert_eq!(m.event_loop_fds()[&11], vec![61], "found by its connection");
+    }
+
+    #[test]
+    fn a_child_that_inherited_its_parent_s_connection_makes_no_dispatcher() {
+        // Apache worker 11 serves connection 41 and forks a CGI (40): until
+        // its exec, the CGI holds 41 too, and may have closed the listener.
+        let mut fed = Handoffs::default();
+        let holders = [
+            holder(10, 1, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_LISTEN, 5),
+            holder(12, 10, 80, TCP_LISTEN, 5),
+            holder(11, 10, 80, TCP_ESTABLISHED, 41),
+            holder(40, 11, 80, TCP_ESTABLISHED, 41),
+        ];
+        let m = membership_after(80, &holders, &mut fed);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![]));
+        // And nothing was learnt: once the CGI is gone, 11 is a worker still.
+        let m = membership_after(80, &holders[..3], &mut fed);
+        let p = pools(&[view(80)], &m, &HashMap::new(), 100);
+        assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![]));
     }
 
     #[test]
