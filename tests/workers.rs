@@ -501,7 +501,17 @@ fn all_workers_busy_makes_the_queue_grow_and_waits_show_it_then_both_drain() {
         0.0,
         "queue drained"
     );
-    assert_eq!(pool_state(&m, server.port, "busy"), 0.0, "workers freed");
+    // A worker is back in accept() a moment after its client has read the
+    // response, not at that instant: a scrape right after the clients can
+    // still see one busy (CI did). Freed within 2 s, then.
+    let freed = (0..20).any(|_| {
+        let busy = pool_state(&daemon.scrape(), server.port, "busy");
+        if busy != 0.0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        busy == 0.0
+    });
+    assert!(freed, "workers freed within 2 s of the last response");
 }
 
 #[test]
