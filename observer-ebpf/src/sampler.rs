@@ -24,7 +24,7 @@ use observer_common::{
 };
 
 use crate::{
-    kernel::{offsets, read, read_into, read_ptr},
+    kernel::{KernelBytes, offsets, read, read_ptr},
     maps::WATCHED,
 };
 
@@ -75,14 +75,14 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
     };
     // SAFETY: a trusted task pointer from the iterator's context.
     let regs_addr = unsafe { bpf_task_pt_regs(task_ptr) } as u64;
-    let mut regs = [0u8; PT_REGS_BYTES];
-    if read_into(regs_addr, &mut regs) {
-        sample.syscall = reg(&regs, off.regs_orig_ax) as i64;
+    let mut buf = KernelBytes::<PT_REGS_BYTES>::new();
+    if let Some(regs) = buf.read(regs_addr) {
+        sample.syscall = reg(regs, off.regs_orig_ax) as i64;
         sample.args = [
-            reg(&regs, off.regs_di),
-            reg(&regs, off.regs_si),
-            reg(&regs, off.regs_dx),
-            reg(&regs, off.regs_r10),
+            reg(regs, off.regs_di),
+            reg(regs, off.regs_si),
+            reg(regs, off.regs_dx),
+            reg(regs, off.regs_r10),
         ];
     }
     // A running thread's registers are in flux and its wait does not matter.
