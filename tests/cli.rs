@@ -112,10 +112,11 @@ fn listeners_json_matches_ss_and_the_table_names_the_listener() {
     assert_eq!(rows[0]["queue_length"], recv_q);
     assert_eq!(rows[0]["queue_max"], send_q);
     assert_eq!((recv_q, send_q), (2, 8));
+    // Every duration flag takes units as well as bare seconds.
     let table = run(Command::new(observer_bin()).args([
         "listeners",
         "--interval",
-        "0.2",
+        "200ms",
         "--port",
         &port.to_string(),
     ]));
@@ -230,6 +231,20 @@ fn bad_durations_are_rejected_with_the_flag_named() {
         stderr.contains("--min-wait") && stderr.contains("unknown unit"),
         "{stderr}"
     );
+    for (view, flag, value) in [
+        ("explain", "--interval", "0s"),
+        ("top", "--interval", "61m"),
+        ("trace", "--duration", "soon"),
+    ] {
+        let out = run(Command::new(observer_bin()).args([view, flag, value]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{view} {flag} {value}: {stderr}"
+        );
+        assert!(stderr.contains(flag), "{view} {flag} {value}: {stderr}");
+    }
 }
 
 #[test]

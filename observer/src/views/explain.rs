@@ -18,17 +18,14 @@ use crate::{
     quantile::{wait_quantile, waits_between},
     sockets::ListenerId,
     verdict::{self, Kind, Verdict, Window, WorkerWindow},
-    views::{
-        listeners::positive_seconds,
-        rows::{ListenerFilter, listeners_by_id, pools_by_listener, worker_since},
-    },
+    views::rows::{ListenerFilter, listeners_by_id, pools_by_listener, worker_since},
     workers::PoolView,
 };
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExplainOptions {
-    /// How long to watch, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds)]
+    /// How long to watch, e.g. 10s, 1m, 500ms (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = super::duration::window_seconds)]
     pub interval: f64,
     /// One JSON document: each listener with its verdict and the window it rests on.
     #[arg(long)]

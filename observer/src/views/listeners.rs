@@ -16,8 +16,8 @@ use crate::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ListenersOptions {
-    /// How long to measure rates and waits over, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
+    /// How long to measure rates and waits over, e.g. 500ms, 5s, 1m (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = super::duration::window_seconds)]
     pub interval: f64,
     /// One JSON document (an array of listeners, with their workers).
     #[arg(long)]
@@ -26,18 +26,6 @@ pub struct ListenersOptions {
     pub filter: ListenerFilter,
     #[command(flatten)]
     pub kernel: KernelOptions,
-}
-
-/// Parses a positive number of seconds (at most an hour).
-pub fn positive_seconds(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if v > 0.0 && v <= 3600.0 {
-        Ok(v)
-    } else {
-        Err(format!("{s} must be > 0 and <= 3600 seconds"))
-    }
 }
 
 pub fn run(opts: ListenersOptions) -> Result<()> {

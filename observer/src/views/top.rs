@@ -29,8 +29,8 @@ const VERDICT_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TopOptions {
-    /// Seconds between refreshes.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = crate::views::listeners::positive_seconds)]
+    /// Time between refreshes, e.g. 500ms, 2s (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = super::duration::window_seconds)]
     pub interval: f64,
     /// Sort order at start: `wait` (p99 queue wait) or `queue` (depth).
     #[arg(long, value_enum, default_value = "wait")]

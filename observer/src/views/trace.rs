@@ -40,7 +40,7 @@ pub struct TraceOptions {
     #[arg(long, value_name = "INODE")]
     pub netns: Option<u32>,
     /// Only connections that waited at least this long in the queue, e.g. 10ms, 1.5s, 200us.
-    #[arg(long = "min-wait", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "min-wait", value_name = "DURATION", value_parser = super::duration::parse_duration)]
     pub min_wait: Option<Duration>,
     /// One JSON object per line.
     #[arg(long)]
@@ -48,35 +48,11 @@ pub struct TraceOptions {
     /// Stop after this many connections.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
-    /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = crate::views::listeners::positive_seconds)]
+    /// Stop after this long, e.g. 30s, 5m (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = super::duration::window_seconds)]
     pub duration: Option<f64>,
     #[command(flatten)]
     pub kernel: KernelOptions,
-}
-
-/// Parses "250ms", "1.5s", "200us"/"200µs", "2m" (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10ms or 1.5s"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" => value * 60.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {s:?}: use us, ms, s or m"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
 }
 
 /// One traced connection, as printed.
@@ -277,16 +253,6 @@ async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn kernel_timestamps_become_wall_clock() {
