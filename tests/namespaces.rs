@@ -81,6 +81,133 @@ fn per_listener_drops_equal_the_namespace_listen_drops_from_nstat() {
     );
 }
 
+/// Sets TCP_DEFER_ACCEPT (Apache's `AcceptFilter http data`, nginx
+/// `deferred`): the kernel discards each handshake's bare ACK into the
+/// listener's `sk_drops` and queues the connection when data arrives.
+fn defer_accept(listener: &TcpListener, seconds: i32) {
+    // SAFETY: setsockopt on a socket we own, with an int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(listener),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &seconds as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT");
+}
+
+/// The listener's `sk_drops` as `ss -m` shows it (`d<N>` in skmem).
+fn ss_sk_drops(ns: &Netns, port: u16) -> f64 {
+    let out = ns.exec(&["ss", "-Hltnm", &format!("sport = :{port}")]);
+    out.split(|c: char| c == ',' || c == ')' || c.is_whitespace())
+        .find_map(|field| field.strip_prefix('d')?.parse().ok())
+        .unwrap_or_else(|| panic!("no d<N> in ss -m: {out}"))
+}
+
+#[test]
+fn a_deferred_accept_listener_counts_no_drop_for_its_discarded_acks_and_each_real_one() {
+    let daemon = Daemon::start();
+    let ns = Netns::new();
+    let port = 8084;
+    let listener = listen_in(&ns, port, 1);
+    defer_accept(&listener, 5);
+    let inode = ns.inode();
+    let labels = [("port", "8084"), ("netns", inode.as_str())];
+    let counters = || {
+        (
+            ns.nstat("TcpExtListenDrops"),
+            ns.nstat("TcpExtTCPDeferAcceptDrop"),
+            ss_sk_drops(&ns, port),
+        )
+    };
+
+    // Served one at a time: nothing is lost, but each handshake's bare ACK
+    // is discarded (and counted in sk_drops).
+    let (drops_before, deferred_before, sk_drops_before) = counters();
+    let served = 30;
+    let server = {
+        let listener = listener.try_clone().expect("clone listener");
+        std::thread::spawn(move || {
+            for _ in 0..served {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut request = [0u8; 16];
+                let n = std::io::Read::read(&mut conn, &mut request).expect("read request");
+                std::io::Write::write_all(&mut conn, &request[..n]).expect("answer");
+            }
+        })
+    };
+    let answered = ns.enter(move || {
+        (0..served)
+            .filter(|_| {
+                let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                conn.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                std::io::Write::write_all(&mut conn, b"ping").expect("send");
+                let mut reply = [0u8; 4];
+                std::io::Read::read_exact(&mut conn, &mut reply).is_ok()
+            })
+            .count()
+    });
+    server.join().expect("server");
+    let (drops_after, deferred_after, sk_drops_after) = counters();
+    let observed = daemon
+        .scrape()
+        .get("observer_listen_drops_total", &labels)
+        .expect("drops series");
+    println!(
+        "served {answered}: observer drops {observed}, ListenDrops +{}, TCPDeferAcceptDrop +{}, sk_drops +{}",
+        drops_after - drops_before,
+        deferred_after - deferred_before,
+        sk_drops_after - sk_drops_before
+    );
+    assert_eq!(answered, served);
+    assert!(
+        deferred_after - deferred_before >= served as f64
+            && sk_drops_after - sk_drops_before >= served as f64,
+        "each handshake's bare ACK went into sk_drops"
+    );
+    assert_eq!(drops_after - drops_before, 0.0, "nothing was lost");
+    assert_eq!(observed, 0.0, "no drop counted for the discarded ACKs");
+
+    // Nobody accepts now: clients that send data fill the queue (backlog 1
+    // holds 2), and the rest are dropped, at their SYN or at their ACK.
+    let clients = start_connects(&ns, port, 20);
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(250));
+        for fd in &clients {
+            // SAFETY: send on a socket we own; errors (not yet connected) are expected.
+            unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    b"x".as_ptr() as *const libc::c_void,
+                    1,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+        }
+    }
+    drop(clients); // closing stops the retries, so the counts settle
+    std::thread::sleep(Duration::from_millis(300));
+    let (drops_end, _, sk_drops_end) = counters();
+    let observed_end = daemon
+        .scrape()
+        .get("observer_listen_drops_total", &labels)
+        .expect("drops series");
+    println!(
+        "flood: observer drops {observed_end}, ListenDrops +{}, sk_drops +{}",
+        drops_end - drops_after,
+        sk_drops_end - sk_drops_after
+    );
+    assert!(drops_end - drops_after >= 10.0, "the flood was dropped");
+    assert_eq!(
+        observed_end,
+        drops_end - drops_before,
+        "drops = ListenDrops"
+    );
+}
+
 #[test]
 fn syn_queue_length_equals_half_open_connections_in_ss() {
     let daemon = Daemon::start();

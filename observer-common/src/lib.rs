@@ -116,7 +116,9 @@ pub struct HolderRecord {
     /// `TCP_LISTEN`, `TCP_ESTABLISHED` or `TCP_CLOSE_WAIT` (Unix sockets
     /// use the same numbers).
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// For TCP listeners, as in [`ListenerRecord`]; 0 otherwise.
+    pub defer_accept: u8,
+    pub _pad: [u8; 2],
     pub addr: [u8; 16],
     pub inode: u64,
     pub comm: [u8; 16],
@@ -280,8 +282,10 @@ pub struct ListenerRecord {
     pub queue_max: u32,
     /// Half-open connections (`icsk_accept_queue.qlen`).
     pub syn_queue_len: u32,
-    /// Connections this listener dropped (`sk_drops`, incremented with
-    /// ListenDrops).
+    /// Connections this listener dropped: its `sk_drops` less the
+    /// segments counted in [`ListenDiscards`] (which are no lost
+    /// connection), read in that order so that the difference never goes
+    /// below zero.
     pub drops: u32,
     /// Inode of the socket (`socket:[N]` in /proc/PID/fd), 0 if orphaned.
     pub inode: u64,
@@ -289,7 +293,44 @@ pub struct ListenerRecord {
     /// oldest: the queue is FIFO) has waited, µs, from its queue-entry
     /// stamp; 0 when the queue is empty or the stamp is not yet written.
     pub oldest_wait_us: u64,
+    /// `TCP_DEFER_ACCEPT` in effect (`rskq_defer_accept`: SYN-ACK
+    /// retransmits a bare ACK is dropped for; 0 = off). Such a listener
+    /// discards each handshake's bare ACK into `sk_drops`.
+    pub defer_accept: u8,
+    pub _pad: [u8; 7],
 }
+
+/// Segments the kernel discarded on one listening TCP socket that lost no
+/// connection: bare ACKs under `TCP_DEFER_ACCEPT`, resets and stray
+/// segments for half-open connections, the second count of an accept-queue
+/// overflow. Each also went into the socket's `sk_drops`, beside the real
+/// drops (those that ListenDrops counts); the walks subtract these.
+/// Keyed by the listener's kernel address; `inode` tells a reused address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenDiscards {
+    pub segments: u64,
+    pub inode: u64,
+}
+
+/// Listening sockets whose discards are counted at once (LRU: a closed
+/// listener's entry ages out).
+pub const LISTEN_DISCARDS_CAPACITY: u32 = 16384;
+
+/// The code ranges `[start, end)` whose `kfree_skb` events on a listener
+/// are not preceded by an `sk_drops` increment (the listener's own receive
+/// path and the syncookie check), resolved from /proc/kallsyms, and the
+/// drop reason of a bad checksum (its number differs between kernels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DiscardSites {
+    pub uncounted: [[u64; 2]; DISCARD_SITES_UNCOUNTED],
+    pub csum_reason: u32,
+    pub _pad: u32,
+}
+
+/// Number of code ranges in [`DiscardSites`].
+pub const DISCARD_SITES_UNCOUNTED: usize = 4;
 
 /// Byte offsets of the kernel struct fields the programs read, resolved by the
 /// daemon from the running kernel's BTF and written into the programs'
@@ -352,6 +393,13 @@ pub struct KernelOffsets {
     pub tcp_bytes_received: u32,
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
+    /// `inet_connection_sock.icsk_accept_queue.rskq_defer_accept` (a u8).
+    pub rskq_defer_accept: u32,
+    /// `sk_buff.head` (a pointer) and `sk_buff.end` (an offset from it,
+    /// where `skb_shared_info` lies).
+    pub skb_head: u32,
+    pub skb_end: u32,
+    pub shinfo_gso_segs: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the
@@ -430,6 +478,8 @@ mod pod {
     unsafe impl aya::Pod for super::HolderRecord {}
     unsafe impl aya::Pod for super::UnixNameRecord {}
     unsafe impl aya::Pod for super::AcceptEvent {}
+    unsafe impl aya::Pod for super::ListenDiscards {}
+    unsafe impl aya::Pod for super::DiscardSites {}
 }
 
 /// Index of the histogram slot that a wait of `wait_us` microseconds falls in.
@@ -461,7 +511,9 @@ mod tests {
     #[test]
     fn shared_layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
-        assert_eq!(core::mem::size_of::<ListenerRecord>(), 56);
+        assert_eq!(core::mem::size_of::<ListenerRecord>(), 64);
+        assert_eq!(core::mem::size_of::<ListenDiscards>(), 16);
+        assert_eq!(core::mem::size_of::<DiscardSites>(), 72);
         assert_eq!(core::mem::size_of::<HolderRecord>(), 104);
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 136);

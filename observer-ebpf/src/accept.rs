@@ -21,7 +21,6 @@ use aya_ebpf::{
     macros::{fexit, kretprobe, tracepoint},
     programs::{FExitContext, RetProbeContext, TracePointContext},
 };
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use observer_common::{
     AF_UNIX, AcceptEvent, AcceptKey, AcceptStats, Health, IPPROTO_TCP, KernelOffsets, TCP_SYN_RECV,
     WAIT_BUCKETS, wait_bucket,
@@ -30,7 +29,7 @@ use observer_common::{
 use crate::{
     connect::unix_queued_at_ns,
     kernel::{
-        SockHead, SockHeadBuf, current_fd_sock, offsets, read, read_ptr, socket_place,
+        SockHead, SockHeadBuf, atomic_add, current_fd_sock, offsets, read, read_ptr, socket_place,
         sys_exit_ret, tcp_queued_at_us, tracing, unix_listen_key,
     },
     maps::{ACCEPTS, EVENTS, UNIX_QUEUED, count_health},
@@ -126,7 +125,7 @@ fn count_accept(sk: u64, off: &KernelOffsets) {
     };
     // SAFETY: `stats` points into a live map value (RCU keeps it alive for
     // this program run).
-    unsafe { add(&raw mut (*stats).accepted, 1) };
+    unsafe { atomic_add(&raw mut (*stats).accepted, 1) };
     // SAFETY: helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let wait_us = queue_wait_us(sk, head, off, now_ns / 1000);
@@ -179,7 +178,7 @@ fn count_unix_accept(sk: u64, head: &SockHead, off: &KernelOffsets, tgid: u32) {
     match stats_for(&key) {
         Some(stats) => {
             // SAFETY: `stats` points into a live map value.
-            unsafe { add(&raw mut (*stats).accepted, 1) };
+            unsafe { atomic_add(&raw mut (*stats).accepted, 1) };
             record_wait(stats, wait_ns / 1000);
         }
         None => count_health(Health::AcceptMapFull),
@@ -200,8 +199,8 @@ fn record_wait(stats: *mut AcceptStats, wait_us: u64) {
     // it alive for this program run); atomics because other CPUs add to it
     // too.
     unsafe {
-        add(&raw mut (*stats).wait_sum_ns, wait_us * 1000);
-        add(
+        atomic_add(&raw mut (*stats).wait_sum_ns, wait_us * 1000);
+        atomic_add(
             (&raw mut (*stats).wait_buckets).cast::<u64>().add(bucket),
             1,
         );
@@ -275,13 +274,4 @@ fn stats_for(key: &AcceptKey) -> Option<*mut AcceptStats> {
     // Another CPU may insert the same key first: NOEXIST fails, lookup wins.
     let _ = ACCEPTS.insert(key, AcceptStats::ZERO, BPF_NOEXIST as u64);
     ACCEPTS.get_ptr_mut(key)
-}
-
-/// # Safety
-/// `slot` must point to a live, 8-byte aligned u64 in a map value.
-#[inline(always)]
-unsafe fn add(slot: *mut u64, value: u64) {
-    // SAFETY: guaranteed by the caller. (core's AtomicU64 has no fetch_add on
-    // the bpf target; the intrinsic lowers to the BPF atomic add.)
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
 }

@@ -121,11 +121,12 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     record.addr = place.addr;
     fill_process(&process, record);
     if state == TCP_LISTEN {
-        let figures = tcp_listen_figures(sk, &off);
+        let figures = tcp_listen_figures(sk, record.inode, &off);
         record.queue_len = figures.queue_len;
         record.queue_max = figures.queue_max;
         record.syn_queue_len = figures.syn_queue_len;
         record.drops = figures.drops;
+        record.defer_accept = figures.defer_accept;
         record.oldest_wait_us = figures.oldest_wait_us;
         write(seq, record);
     } else {

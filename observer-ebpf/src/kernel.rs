@@ -1,5 +1,9 @@
 //! Reading kernel structs at offsets the daemon resolved from BTF.
-use core::{ffi::c_void, mem::MaybeUninit};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::MaybeUninit,
+};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -10,6 +14,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use observer_common::{KernelOffsets, SOCK_COMMON_HEAD, UnixNameRecord};
+
+use crate::maps::LISTEN_DISCARDS;
 
 // The programs build byte arrays from words (an IPv4 address, the
 // iterator's context) in little-endian order: the only BPF target we build.
@@ -72,6 +78,10 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_received: 0,
     tcp_rcv_nxt: 0,
     tcp_copied_seq: 0,
+    rskq_defer_accept: 0,
+    skb_head: 0,
+    skb_end: 0,
+    shinfo_gso_segs: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -105,6 +115,17 @@ pub fn sys_exit_ret(ctx: &TracePointContext) -> i64 {
     unsafe {
         core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(SYS_EXIT_RET_OFFSET) as *const i64)
     }
+}
+
+/// Adds `value` to the u64 at `slot` atomically (other CPUs add to it too).
+///
+/// # Safety
+/// `slot` must point to a live, 8-byte aligned u64 in a map value.
+#[inline(always)]
+pub unsafe fn atomic_add(slot: *mut u64, value: u64) {
+    // SAFETY: guaranteed by the caller. (core's AtomicU64 has no fetch_add on
+    // the bpf target; the intrinsic lowers to the BPF atomic add.)
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.
@@ -246,27 +267,56 @@ pub fn socket_place(head: &SockHead, off: &KernelOffsets) -> Option<SocketPlace>
 }
 
 /// A TCP listener's queue figures: what `ss -lt` shows (accept queue
-/// length and limit), the SYN queue, drops, and how long the oldest queued
-/// connection has waited. Fields that are neighbours come in one read.
+/// length and limit), the SYN queue, drops, `TCP_DEFER_ACCEPT`, and how
+/// long the oldest queued connection has waited. Fields that are
+/// neighbours come in one read.
 pub struct ListenFigures {
     pub queue_len: u32,
     pub queue_max: u32,
     pub syn_queue_len: u32,
     pub drops: u32,
+    pub defer_accept: u8,
     pub oldest_wait_us: u64,
 }
 
+/// `inode`: the listener's socket inode, which tells its entry in
+/// `LISTEN_DISCARDS` from one a closed socket at the same address left.
 #[inline(always)]
-pub fn tcp_listen_figures(sk: u64, off: &KernelOffsets) -> ListenFigures {
+pub fn tcp_listen_figures(sk: u64, inode: u64, off: &KernelOffsets) -> ListenFigures {
     let (queue_len, queue_max) = accept_backlog(sk, off);
     let (syn_queue_len, head) = syn_queue_and_head(sk, off);
     ListenFigures {
         queue_len,
         queue_max,
         syn_queue_len,
-        drops: read(sk, off.sk_drops).unwrap_or(0),
+        drops: listen_drops(sk, inode, off),
+        defer_accept: read(sk, off.rskq_defer_accept).unwrap_or(0),
         oldest_wait_us: head.map_or(0, |request| oldest_wait_us(request, off)),
     }
+}
+
+/// Connections the listener lost: `sk_drops` less the segments it
+/// discarded without losing one (see `discards.rs`). The discards are read
+/// first: each follows its own `sk_drops` increment, so the difference
+/// cannot go below zero.
+#[inline(always)]
+fn listen_drops(sk: u64, inode: u64, off: &KernelOffsets) -> u32 {
+    // SAFETY: a copy of the entry is taken at once; a racing update only
+    // makes it one event older.
+    let discarded = match LISTEN_DISCARDS.get_ptr(sk) {
+        Some(entry) => {
+            let entry = unsafe { core::ptr::read_volatile(entry) };
+            if entry.inode == inode {
+                entry.segments
+            } else {
+                0
+            }
+        }
+        None => 0,
+    };
+    read::<u32>(sk, off.sk_drops)
+        .unwrap_or(0)
+        .wrapping_sub(discarded as u32)
 }
 
 /// `sk_ack_backlog` and `sk_max_ack_backlog`: in one read where they are

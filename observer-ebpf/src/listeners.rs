@@ -52,7 +52,7 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
     let inode = read_ptr(sk, off.sk_socket)
         .and_then(|socket| read::<u64>(socket, off.socket_alloc_vfs_inode + off.inode_i_ino))
         .unwrap_or(0);
-    let figures = tcp_listen_figures(sk, &off);
+    let figures = tcp_listen_figures(sk, inode, &off);
     let record = ListenerRecord {
         netns: place.netns,
         family: place.family,
@@ -64,6 +64,8 @@ pub unsafe extern "C" fn listeners(ctx: *mut c_void) -> i32 {
         drops: figures.drops,
         inode,
         oldest_wait_us: figures.oldest_wait_us,
+        defer_accept: figures.defer_accept,
+        _pad: [0; 7],
     };
     // SAFETY: `seq` is the iterator's seq_file; the record lives on our stack.
     unsafe {

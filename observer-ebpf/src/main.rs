@@ -6,6 +6,9 @@
 //! - `connect`: on return from a Unix-domain connect(), stamps when the
 //!   connection entered its listener's queue (TCP children carry that
 //!   stamp in the kernel; Unix ones do not).
+//! - `discards`: on `kfree_skb` (fired only for dropped packets), counts the
+//!   segments a listening socket discarded without losing a connection, so
+//!   that its drops are real ones (see `TCP_DEFER_ACCEPT`).
 //! - `listeners`: a `iter/tcp` program the daemon runs at scrape time to read
 //!   the queue depth and limit of every listening socket in its own network
 //!   namespace (the kernel limits `iter/tcp` to one namespace).
@@ -23,6 +26,7 @@
 
 mod accept;
 mod connect;
+mod discards;
 mod holders;
 mod kernel;
 mod listeners;

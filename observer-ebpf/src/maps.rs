@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    HeldCursor, HolderRecord, LISTEN_PORT_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord,
-    VisitedProcess, WORKER_MAP_CAPACITY, WorkerFds,
+    HeldCursor, HolderRecord, LISTEN_DISCARDS_CAPACITY, LISTEN_PORT_MAP_CAPACITY, ListenDiscards,
+    UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, VisitedProcess, WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -40,6 +40,13 @@ pub static LISTEN_PORTS: HashMap<u64, u8> = HashMap::with_max_entries(LISTEN_POR
 #[map]
 pub static UNIX_QUEUED: LruHashMap<u64, u64> =
     LruHashMap::with_max_entries(UNIX_QUEUED_MAP_CAPACITY, 0);
+
+/// Segments each listening TCP socket discarded without losing a
+/// connection, by the socket's kernel address (see `discards.rs`). LRU: a
+/// closed listener's entry ages out.
+#[map]
+pub static LISTEN_DISCARDS: LruHashMap<u64, ListenDiscards> =
+    LruHashMap::with_max_entries(LISTEN_DISCARDS_CAPACITY, 0);
 
 /// Accepted connections for `observer trace` (written only in trace mode).
 #[map]

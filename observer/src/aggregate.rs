@@ -88,9 +88,9 @@ pub struct ListenerView {
     /// Connections that entered the accept queue since the daemon started.
     pub queued: u64,
     /// Connections the listener dropped since the daemon started (accept
-    /// queue full, or SYN queue overflow): the kernel's per-socket `sk_drops`,
-    /// which moves with ListenDrops. Always 0 for Unix listeners, whose
-    /// clients wait or get EAGAIN instead (see [`ListenerView::drops_known`]).
+    /// queue full, or SYN queue overflow): its sockets' `sk_drops` less the
+    /// segments they discarded without losing a connection, which moves
+    /// with ListenDrops. Meaningless where not [`ListenerView::drops_known`].
     pub drops: u64,
     /// `sk_drops` as read now (since the sockets were created).
     pub drops_raw: u64,
@@ -101,6 +101,12 @@ pub struct ListenerView {
     /// always (the kernel stamps the child); Unix where a program stamps
     /// connects (`Probes::unix_waits_timed`).
     pub waits_known: bool,
+    /// Whether `drops` counts this listener's lost connections: TCP, where
+    /// none of its sockets defers accept or where observer counts their
+    /// discarded bare ACKs (`Probes::listen_discards_counted`); never for
+    /// Unix listeners (a full Unix queue makes clients wait in connect() or
+    /// fail with EAGAIN, counted nowhere).
+    pub drops_known: bool,
     /// Whether the listener has had traffic since the daemon started (or
     /// since it appeared): a connection queued, accepted or dropped, or one
     /// waiting now, in either queue. Stays true while the listener lives.
@@ -110,11 +116,9 @@ pub struct ListenerView {
 }
 
 impl ListenerView {
-    /// Whether the kernel counts this listener's drops: TCP yes; Unix no (a
-    /// full Unix queue makes clients wait in connect() or fail with EAGAIN,
-    /// counted nowhere).
+    /// See [`ListenerView::drops_known`] (the field).
     pub fn drops_known(&self) -> bool {
-        !self.id.is_unix()
+        self.drops_known
     }
 }
 
@@ -189,16 +193,23 @@ pub struct Aggregator {
     max_listeners: usize,
     /// See [`ListenerView::waits_known`].
     unix_waits_timed: bool,
+    /// See [`ListenerView::drops_known`].
+    listen_discards_counted: bool,
 }
 
 impl Aggregator {
-    pub fn new(max_listeners: usize, unix_waits_timed: bool) -> Self {
+    pub fn new(
+        max_listeners: usize,
+        unix_waits_timed: bool,
+        listen_discards_counted: bool,
+    ) -> Self {
         Aggregator {
             seen_first_collection: false,
             listeners: Vec::new(),
             sockets: HashMap::new(),
             max_listeners,
             unix_waits_timed,
+            listen_discards_counted,
         }
     }
 
@@ -214,7 +225,12 @@ impl Aggregator {
         let startup = !self.seen_first_collection;
         self.seen_first_collection = true;
         let socket_views = self.socket_views(sockets, startup, now);
-        let mut views = group_listeners(sockets, socket_views, self.unix_waits_timed);
+        let mut views = group_listeners(
+            sockets,
+            socket_views,
+            self.unix_waits_timed,
+            self.listen_discards_counted,
+        );
         let index = ListenerIndex::from_sorted(views.iter().map(|v| v.id).collect(), sockets);
 
         let mut forget = Vec::new();
@@ -373,6 +389,7 @@ fn group_listeners(
     sockets: &[ListenSocket],
     socket_views: Vec<SocketView>,
     unix_waits_timed: bool,
+    listen_discards_counted: bool,
 ) -> Vec<ListenerView> {
     let mut order: Vec<(&ListenSocket, SocketView)> = sockets.iter().zip(socket_views).collect();
     order.sort_unstable_by(|(a, _), (b, _)| (&a.id, a.inode).cmp(&(&b.id, b.inode)));
@@ -394,6 +411,7 @@ fn group_listeners(
                     accepts: Accepts::default(),
                     by_process: BTreeMap::new(),
                     waits_known: !s.id.is_unix() || unix_waits_timed,
+                    drops_known: !s.id.is_unix(),
                     had_traffic: false,
                 });
                 let last = views.len() - 1;
@@ -404,6 +422,7 @@ fn group_listeners(
         view.queue_max += s.queue_max as u64;
         view.syn_queue_len += s.syn_queue_len as u64;
         view.drops_raw += s.drops as u64;
+        view.drops_known &= !s.defer_accept || listen_discards_counted;
         view.oldest_wait = view.oldest_wait.max(socket.oldest_wait);
         view.sockets.push(socket);
     }
@@ -430,6 +449,7 @@ mod tests {
             queue_max: 128,
             syn_queue_len: 0,
             drops: 0,
+            defer_accept: false,
             head: QueueHead::Waited { us: 0 },
             unix_key: None,
         }
@@ -456,7 +476,7 @@ mod tests {
 
     #[test]
     fn children_of_a_wildcard_listener_count_for_it() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let records = [listener([0; 16], AF_INET, 80, 0)];
         let accepts = [(key(v4([127, 0, 0, 1]), AF_INET, 80, 7), stats(3, 1_000_000))];
         let c = agg.collect(&records, &accepts, |_| true, Duration::ZERO);
@@ -468,7 +488,7 @@ mod tests {
 
     #[test]
     fn ipv4_children_of_a_dual_stack_listener_count_for_it() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let mut mapped = [0u8; 16];
         mapped[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
         let records = [listener([0; 16], AF_INET6, 8080, 0)];
@@ -479,7 +499,7 @@ mod tests {
 
     #[test]
     fn over_the_cap_listeners_with_traffic_are_kept_before_quiet_ones() {
-        let mut agg = Aggregator::new(2, true);
+        let mut agg = Aggregator::new(2, true, true);
         let lo = v4([127, 0, 0, 1]);
         let records = [
             listener(lo, AF_INET, 80, 0),
@@ -495,7 +515,7 @@ mod tests {
 
     #[test]
     fn queued_counts_from_the_depth_seen_at_start() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         // At start 4 connections already wait; they are not "queued since start".
         let c = agg.collect(
             &[listener(v4([127, 0, 0, 1]), AF_INET, 80, 4)],
@@ -517,7 +537,7 @@ mod tests {
 
     #[test]
     fn each_listener_keeps_its_own_state_as_others_close_and_open() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let lo = v4([127, 0, 0, 1]);
         // A collection of these (port, depth) listeners: each one's queued.
         let mut queued_after = |ports: &[(u16, u32)]| -> Vec<u64> {
@@ -560,7 +580,7 @@ mod tests {
             with_inode(listener(lo, AF_INET, 80, 0), 3), // SO_REUSEPORT
             unix(b"/run/b.sock", 2),                     // bound again
         ];
-        let c = Aggregator::new(100, true).collect(&sockets, &[], |_| true, Duration::ZERO);
+        let c = Aggregator::new(100, true, true).collect(&sockets, &[], |_| true, Duration::ZERO);
         let got: Vec<(ListenerId, Vec<u64>)> = c
             .listeners
             .iter()
@@ -581,7 +601,7 @@ mod tests {
 
     #[test]
     fn listeners_created_after_start_count_their_whole_queue() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         agg.collect(&[], &[], |_| true, Duration::ZERO);
         let c = agg.collect(
             &[listener(v4([127, 0, 0, 1]), AF_INET, 81, 5)],
@@ -594,7 +614,7 @@ mod tests {
 
     #[test]
     fn queued_never_goes_backwards() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         agg.collect(&[], &[], |_| true, Duration::ZERO);
         let l = |d| [listener(v4([127, 0, 0, 1]), AF_INET, 80, d)];
         assert_eq!(
@@ -610,7 +630,7 @@ mod tests {
 
     #[test]
     fn counts_of_exited_processes_are_kept_and_their_keys_forgotten() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let records = [listener([0; 16], AF_INET, 80, 0)];
         let dead = key(v4([127, 0, 0, 1]), AF_INET, 80, 100);
         let alive = key(v4([127, 0, 0, 1]), AF_INET, 80, 200);
@@ -635,7 +655,7 @@ mod tests {
 
     #[test]
     fn a_closed_listener_disappears_and_its_keys_are_forgotten() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let k = key(v4([127, 0, 0, 1]), AF_INET, 80, 1);
         agg.collect(
             &[listener([0; 16], AF_INET, 80, 0)],
@@ -650,7 +670,7 @@ mod tests {
 
     #[test]
     fn drops_count_from_daemon_start() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let l = |drops| ListenSocket {
             drops,
             ..listener([0; 16], AF_INET, 80, 0)
@@ -671,7 +691,7 @@ mod tests {
 
     #[test]
     fn reuseport_siblings_are_summed_and_kept_one_by_one() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let l = listener([0; 16], AF_INET, 80, 2);
         let full = ListenSocket {
             inode: 99,
@@ -697,7 +717,7 @@ mod tests {
 
     #[test]
     fn the_oldest_wait_is_the_longest_queue_head_of_the_listener() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let a = ListenSocket {
             head: QueueHead::Waited { us: 1_500_000 },
             ..listener([0; 16], AF_INET, 80, 1)
@@ -713,7 +733,7 @@ mod tests {
 
     #[test]
     fn a_unix_queue_head_is_timed_from_its_first_sighting() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let unix = |head| ListenSocket {
             id: ListenerId::unix(1, UnixPath::new(b"/run/app.sock")),
             inode: 5,
@@ -721,6 +741,7 @@ mod tests {
             queue_max: 128,
             syn_queue_len: 0,
             drops: 0,
+            defer_accept: false,
             head: QueueHead::Unix { head },
             unix_key: Some(0xffff_0000),
         };
@@ -744,7 +765,7 @@ mod tests {
 
     #[test]
     fn unix_accepts_count_for_the_listener_that_owns_their_key() {
-        let mut agg = Aggregator::new(100, true);
+        let mut agg = Aggregator::new(100, true, true);
         let key_value: u64 = 0xffff_8881_2345_6780;
         let socket = ListenSocket {
             id: ListenerId::unix(1, UnixPath::new(b"\0uwsgi")),
@@ -753,6 +774,7 @@ mod tests {
             queue_max: 100,
             syn_queue_len: 0,
             drops: 0,
+            defer_accept: false,
             head: QueueHead::Unix { head: 0 },
             unix_key: Some(key_value),
         };
@@ -767,7 +789,7 @@ mod tests {
 
     #[test]
     fn listeners_beyond_the_cap_are_counted_not_exported() {
-        let mut agg = Aggregator::new(2, true);
+        let mut agg = Aggregator::new(2, true, true);
         let records: Vec<_> = (1..=5).map(|p| listener([0; 16], AF_INET, p, 0)).collect();
         let c = agg.collect(&records, &[], |_| true, Duration::ZERO);
         assert_eq!((c.listeners.len(), c.listeners_over_cap), (2, 3));

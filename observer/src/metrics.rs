@@ -530,7 +530,7 @@ pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
             "Half-open connections (SYN received, handshake not complete) of the listening socket now (TCP).",
             Gauge,
         ),
-        |v| v.drops_known().then_some(v.syn_queue_len as f64),
+        |v| (!v.id.is_unix()).then_some(v.syn_queue_len as f64),
     );
     per_listener(
         text,
@@ -538,7 +538,7 @@ pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
         Every,
         (
             "observer_listen_drops_total",
-            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops; TCP).",
+            "Connections the listener dropped since observer started: accept queue full or SYN queue overflow (per-socket ListenDrops; TCP; absent where they cannot be told from TCP_DEFER_ACCEPT's discarded ACKs).",
             Counter,
         ),
         |v| v.drops_known().then_some(v.drops as f64),
@@ -962,6 +962,7 @@ mod tests {
                 accepts: Accepts { accepted: 3, waits },
                 by_process: Default::default(),
                 waits_known: true,
+                drops_known: true,
                 had_traffic: true,
             }],
             ..Default::default()

@@ -200,7 +200,11 @@ impl Pipeline {
                 .collect(),
             ..Default::default()
         };
-        let aggregator = Aggregator::new(max_listeners, probes.unix_waits_timed);
+        let aggregator = Aggregator::new(
+            max_listeners,
+            probes.unix_waits_timed,
+            probes.listen_discards.is_ok(),
+        );
         let mut pipeline = Pipeline {
             probes,
             aggregator,
@@ -466,9 +470,9 @@ pub fn load_probes(kernel: &KernelOptions, trace: bool) -> Result<Probes> {
     if host::ensure_tracefs()? {
         log::info!("mounted tracefs at /sys/kernel/tracing");
     }
-    let offsets = offsets::from_kernel(&kernel.btf)?;
-    log::debug!("kernel struct offsets: {offsets:?}");
-    Probes::load(&offsets, &kernel.btf, kernel.accept_source, trace)
+    let layout = offsets::from_kernel(&kernel.btf)?;
+    log::debug!("kernel layout: {layout:?}");
+    Probes::load(&layout, &kernel.btf, kernel.accept_source, trace)
 }
 
 /// A listener's `LISTEN_PORTS` key: what its accepted connections carry.

@@ -253,7 +253,11 @@ pub struct ListenSocket {
     pub queue_len: u32,
     pub queue_max: u32,
     pub syn_queue_len: u32,
+    /// Connections it lost (see `ListenerRecord::drops`).
     pub drops: u32,
+    /// TCP_DEFER_ACCEPT is on: its `sk_drops` holds a bare ACK per
+    /// handshake besides real drops.
+    pub defer_accept: bool,
     pub head: QueueHead,
     /// Unix: what its accepted connections carry to name it.
     pub unix_key: Option<UnixListenKey>,
@@ -269,6 +273,7 @@ impl ListenSocket {
             queue_max: r.queue_max,
             syn_queue_len: r.syn_queue_len,
             drops: r.drops,
+            defer_accept: r.defer_accept != 0,
             head: QueueHead::Waited {
                 us: r.oldest_wait_us,
             },
@@ -291,6 +296,7 @@ impl ListenSocket {
                 queue_max: r.queue_max,
                 syn_queue_len: 0,
                 drops: 0,
+                defer_accept: false,
                 head: match r.oldest_wait_us {
                     0 => QueueHead::Unix { head: r.queue_head },
                     us => QueueHead::Waited { us },
@@ -305,6 +311,7 @@ impl ListenSocket {
             queue_max: r.queue_max,
             syn_queue_len: r.syn_queue_len,
             drops: r.drops,
+            defer_accept: r.defer_accept != 0,
             head: QueueHead::Waited {
                 us: r.oldest_wait_us,
             },
@@ -521,6 +528,7 @@ mod tests {
             queue_max: 128,
             syn_queue_len: 0,
             drops: 0,
+            defer_accept: false,
             head: QueueHead::Unix { head: 0 },
             unix_key: Some(key),
         }

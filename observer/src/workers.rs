@@ -886,6 +886,7 @@ mod tests {
             queue_max: 128,
             syn_queue_len: 0,
             drops: 0,
+            defer_accept: false,
             head: QueueHead::Waited { us: 0 },
             unix_key: None,
         }
@@ -923,6 +924,7 @@ mod tests {
             accepts: Accepts::default(),
             by_process: BTreeMap::new(),
             waits_known: true,
+            drops_known: true,
             had_traffic: true,
         }
     }
@@ -942,7 +944,8 @@ mod tests {
             family: AF_INET,
             port,
             state,
-            _pad: [0; 3],
+            defer_accept: 0,
+            _pad: [0; 2],
             addr,
             inode,
             comm,

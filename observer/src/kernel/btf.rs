@@ -35,7 +35,15 @@ struct Type {
 pub struct Btf {
     types: Vec<Type>,
     structs_by_name: HashMap<String, u32>,
+    /// Enumerators the programs need the values of (their numbers change
+    /// between kernels), by name: those starting with [`ENUMERATOR_PREFIXES`].
+    enumerators: HashMap<String, i64>,
 }
+
+/// The enumerators kept: the drop reasons of `kfree_skb`.
+const ENUMERATOR_PREFIXES: &[&str] = &["SKB_DROP_REASON_"];
+const KIND_ENUM: u32 = 6;
+const KIND_ENUM64: u32 = 19;
 
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -121,6 +129,7 @@ impl Btf {
             members: vec![],
         }];
         let mut structs_by_name = HashMap::new();
+        let mut enumerators = HashMap::new();
         let mut r = Reader {
             bytes: type_bytes,
             pos: 0,
@@ -153,6 +162,19 @@ impl Btf {
                 if !name.is_empty() {
                     structs_by_name.entry(name).or_insert(types.len() as u32);
                 }
+            } else if kind == KIND_ENUM || kind == KIND_ENUM64 {
+                for _ in 0..vlen {
+                    let name = string_at(strings, r.u32()?)?;
+                    let low = r.u32()?;
+                    let value = if kind == KIND_ENUM64 {
+                        ((r.u32()? as u64) << 32 | low as u64) as i64
+                    } else {
+                        low as i32 as i64
+                    };
+                    if ENUMERATOR_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                        enumerators.insert(name, value);
+                    }
+                }
             } else {
                 r.skip(extra_len(kind, vlen)?);
             }
@@ -165,6 +187,7 @@ impl Btf {
         Ok(Btf {
             types,
             structs_by_name,
+            enumerators,
         })
     }
 
@@ -197,6 +220,11 @@ impl Btf {
                 let (bits, type_id) = self.find_member(inner, name)?;
                 Some((anon.bit_offset + bits, type_id))
             })
+    }
+
+    /// The value of enumerator `name` (one of [`ENUMERATOR_PREFIXES`]'s).
+    pub fn enumerator(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
     }
 
     /// Byte offset of `path` (e.g. `["rcvq_space", "time"]`) inside `struct name`.
@@ -248,7 +276,9 @@ mod tests {
                 type_section.extend_from_slice(&v.to_le_bytes());
             }
             for (m_name, m_type, m_bits) in members.iter() {
-                for v in [add(m_name), *m_type, *m_bits] {
+                // An enumerator is (name, value); a member (name, type, offset).
+                let words = if *kind == KIND_ENUM { 2 } else { 3 };
+                for v in [add(m_name), *m_type, *m_bits].into_iter().take(words) {
                     type_section.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -289,6 +319,28 @@ mod tests {
             ),
         ]);
         Btf::parse(&bytes).expect("sample BTF parses")
+    }
+
+    #[test]
+    fn drop_reasons_are_read_by_name_and_other_enumerators_skipped() {
+        let bytes = btf_bytes(&[
+            (
+                "skb_drop_reason",
+                KIND_ENUM,
+                4,
+                &[
+                    ("SKB_NOT_DROPPED_YET", 0, 0),
+                    ("SKB_DROP_REASON_NOT_SPECIFIED", 2, 0),
+                    ("SKB_DROP_REASON_TCP_CSUM", 10, 0),
+                ],
+            ),
+            ("other", KIND_ENUM, 4, &[("OTHER_VALUE", 7, 0)]),
+            ("int", 1, 4, &[]),
+        ]);
+        let btf = Btf::parse(&bytes).expect("parses");
+        assert_eq!(btf.enumerator("SKB_DROP_REASON_TCP_CSUM"), Some(10));
+        assert_eq!(btf.enumerator("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
+        assert_eq!(btf.enumerator("OTHER_VALUE"), None);
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         tcp_bytes_received: at("tcp_sock", &["bytes_received"])?,
         tcp_rcv_nxt: at("tcp_sock", &["rcv_nxt"])?,
         tcp_copied_seq: at("tcp_sock", &["copied_seq"])?,
+        rskq_defer_accept: at(
+            "inet_connection_sock",
+            &["icsk_accept_queue", "rskq_defer_accept"],
+        )?,
+        skb_head: at("sk_buff", &["head"])?,
+        skb_end: at("sk_buff", &["end"])?,
+        shinfo_gso_segs: at("skb_shared_info", &["gso_segs"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)
@@ -113,9 +120,24 @@ fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
     Ok(())
 }
 
+/// What the programs need to know of the running kernel, from its BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelLayout {
+    pub offsets: KernelOffsets,
+    /// `SKB_DROP_REASON_TCP_CSUM`, where the kernel names drop reasons
+    /// (5.17+; its number changes between kernels).
+    pub csum_drop_reason: Option<u32>,
+}
+
 /// Reads BTF from `path` and resolves the offsets, with a message that says
 /// what this kernel is missing.
-pub fn from_kernel(path: &std::path::Path) -> Result<KernelOffsets> {
+pub fn from_kernel(path: &std::path::Path) -> Result<KernelLayout> {
     let btf = Btf::from_file(path)?;
-    resolve(&btf).context("this kernel lacks a struct field observer reads")
+    let offsets = resolve(&btf).context("this kernel lacks a struct field observer reads")?;
+    Ok(KernelLayout {
+        offsets,
+        csum_drop_reason: btf
+            .enumerator("SKB_DROP_REASON_TCP_CSUM")
+            .and_then(|v| u32::try_from(v).ok()),
+    })
 }

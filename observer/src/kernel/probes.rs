@@ -10,12 +10,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap, PerCpuArray},
-    programs::{FExit, Iter, KProbe, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FExit, Iter, KProbe, ProgramError, TracePoint},
 };
 use observer_common::{
-    AF_UNIX, AcceptKey, AcceptStats, HEALTH_SLOTS, Health, HolderRecord, KernelOffsets,
-    ListenerRecord, TCP_LISTEN, UnixNameRecord, WorkerFds,
+    AF_UNIX, AcceptKey, AcceptStats, DISCARD_SITES_UNCOUNTED, DiscardSites, HEALTH_SLOTS, Health,
+    HolderRecord, ListenerRecord, TCP_LISTEN, UnixNameRecord, WorkerFds,
 };
+
+use super::{offsets::KernelLayout, procfs};
 
 /// The compiled programs, built by build.rs from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -114,6 +116,11 @@ pub struct Probes {
     /// Whether a program stamps Unix-domain connects, which timing their
     /// queue wait needs (see [`attach_unix_connect`]).
     pub unix_waits_timed: bool,
+    /// Whether the segments listeners discard without losing a connection
+    /// are counted (`listen_discards` on `kfree_skb`), so that their drops
+    /// are real ones; `Err` says why not (then the drops of a listener with
+    /// TCP_DEFER_ACCEPT are not exported).
+    pub listen_discards: Result<(), String>,
     /// Non-fatal load/attach failures, exported as metrics.
     pub attach_errors: Vec<AttachError>,
     /// The kprobe source's kretprobe (detached and removed on drop).
@@ -147,7 +154,7 @@ impl Probes {
     /// With `trace`, accepted connections are also streamed to the `EVENTS`
     /// ring buffer (see [`Probes::take_events`]).
     pub fn load(
-        offsets: &KernelOffsets,
+        layout: &KernelLayout,
         btf_path: &Path,
         requested: AcceptSource,
         trace: bool,
@@ -155,10 +162,16 @@ impl Probes {
         let trace_flag = trace as u8;
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .with_context(|| format!("reading kernel BTF from {}", btf_path.display()))?;
+        let sites = discard_sites(layout);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
-            .override_global("OFFSETS", offsets, true)
+            .override_global("OFFSETS", &layout.offsets, true)
             .override_global("TRACE", &trace_flag, true)
+            .override_global(
+                "DISCARD_SITES",
+                sites.as_ref().unwrap_or(&DiscardSites::default()),
+                true,
+            )
             .load(OBJECT)
             .map_err(|e| match e {
                 aya::EbpfError::MapError(m) => anyhow!("creating eBPF maps failed: {m}"),
@@ -179,6 +192,11 @@ impl Probes {
                 false
             }
         };
+        let listen_discards = sites.and_then(|_| {
+            attach_listen_discards(&mut ebpf, &btf).map_err(|e| {
+                format!("{e:#} (counting them needs kfree_skb's rx_sk argument: Linux 6.11+)")
+            })
+        });
         let listeners = load_iterator(&mut ebpf, &btf, "listeners", "tcp")?;
         let holders = load_iterator(&mut ebpf, &btf, "holders", "task_file")?;
         let threads = load_iterator(&mut ebpf, &btf, "threads", "task").map_err(|e| {
@@ -194,6 +212,7 @@ impl Probes {
             threads,
             accept_source,
             unix_waits_timed,
+            listen_discards,
             attach_errors,
             kretprobe,
             listen_ports: HashMirror::default(),
@@ -467,6 +486,52 @@ fn attach_one_source(
 /// The fexit source's companion: Unix-domain accepts do not pass
 /// `inet_csk_accept`, but `unix_accept`.
 const UNIX_FEXIT_PROGRAM: &str = "accept_unix_fexit";
+
+/// The kernel functions whose `kfree_skb` events on a listener follow no
+/// `sk_drops` increment: its own receive path and the syncookie check (see
+/// observer-ebpf's `discards.rs`).
+const UNCOUNTED_DISCARD_FUNCTIONS: [&str; DISCARD_SITES_UNCOUNTED] = [
+    "tcp_v4_do_rcv",
+    "tcp_v6_do_rcv",
+    "cookie_v4_check",
+    "cookie_v6_check",
+];
+
+/// Where `listen_discards` looks, for this kernel: `Err` says what it lacks.
+/// The IPv6 functions may be missing (IPv6 off, or a module not loaded):
+/// no IPv6 segment then reaches a listener.
+fn discard_sites(layout: &KernelLayout) -> Result<DiscardSites, String> {
+    let csum_reason = layout
+        .csum_drop_reason
+        .ok_or("this kernel names no drop reasons (Linux 5.17+)")?;
+    let ranges = procfs::kernel_function_ranges(&UNCOUNTED_DISCARD_FUNCTIONS)?;
+    let mut uncounted = [[0; 2]; DISCARD_SITES_UNCOUNTED];
+    for (i, (range, name)) in ranges.iter().zip(UNCOUNTED_DISCARD_FUNCTIONS).enumerate() {
+        match range {
+            Some(range) => uncounted[i] = *range,
+            None if name.contains("v6") => {}
+            None => return Err(format!("{name} is not in /proc/kallsyms")),
+        }
+    }
+    Ok(DiscardSites {
+        uncounted,
+        csum_reason,
+        _pad: 0,
+    })
+}
+
+/// `listen_discards` on `tp_btf/kfree_skb`.
+fn attach_listen_discards(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    const NAME: &str = "listen_discards";
+    let program: &mut BtfTracePoint = program(ebpf, NAME)?;
+    program
+        .load("kfree_skb", btf)
+        .map_err(|e| describe(NAME, e))?;
+    program
+        .attach()
+        .map_err(|e| anyhow!("attaching {NAME} to kfree_skb: {e}"))?;
+    Ok(())
+}
 
 fn attach_unix_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let fexit: &mut FExit = program(ebpf, UNIX_FEXIT_PROGRAM)?;

@@ -126,6 +126,51 @@ pub fn somaxconn() -> Option<u64> {
         .ok()
 }
 
+/// The code ranges `[start, end)` of kernel functions `names`, from
+/// /proc/kallsyms (`None` for one this kernel lacks); `Err` where the file
+/// hides addresses (`kernel.kptr_restrict`, or not root).
+pub fn kernel_function_ranges(names: &[&str]) -> Result<Vec<Option<[u64; 2]>>, String> {
+    let text = std::fs::read_to_string("/proc/kallsyms")
+        .map_err(|e| format!("/proc/kallsyms is not readable: {e}"))?;
+    function_ranges(&text, names)
+}
+
+/// [`kernel_function_ranges`] on the file's text: a function ends where
+/// the next text symbol starts.
+pub fn function_ranges(kallsyms: &str, names: &[&str]) -> Result<Vec<Option<[u64; 2]>>, String> {
+    let mut starts = Vec::with_capacity(200_000);
+    let mut found = vec![None; names.len()];
+    for line in kallsyms.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
+        starts.push(addr);
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            found[i].get_or_insert(addr);
+        }
+    }
+    if starts.iter().all(|a| *a == 0) {
+        return Err("/proc/kallsyms shows no addresses (kernel.kptr_restrict, or not root)".into());
+    }
+    starts.sort_unstable();
+    Ok(found
+        .into_iter()
+        .map(|start| {
+            let start = start?;
+            let next = starts.partition_point(|a| *a <= start);
+            Some([start, *starts.get(next)?])
+        })
+        .collect())
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -140,6 +185,34 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_function_ends_where_the_next_text_symbol_starts() {
+        let kallsyms = "\
+ffffffff81a00000 T tcp_v4_do_rcv
+ffffffff81a00400 d some_data
+ffffffff81a00300 t tcp_v4_fill_cb
+ffffffff81a00500 T cookie_v4_check
+ffffffffc0001000 t cookie_v6_check\t[ipv6]
+";
+        let ranges = function_ranges(
+            kallsyms,
+            &[
+                "tcp_v4_do_rcv",
+                "cookie_v4_check",
+                "cookie_v6_check",
+                "absent",
+            ],
+        )
+        .expect("addresses shown");
+        assert_eq!(ranges[0], Some([0xffffffff81a00000, 0xffffffff81a00300]));
+        assert_eq!(ranges[1], Some([0xffffffff81a00500, 0xffffffffc0001000]));
+        // The last text symbol has no end: not a range.
+        assert_eq!(ranges[2], None);
+        assert_eq!(ranges[3], None);
+        let hidden = "0000000000000000 T tcp_v4_do_rcv\n0000000000000000 T cookie_v4_check\n";
+        assert!(function_ranges(hidden, &["tcp_v4_do_rcv"]).is_err());
+    }
 
     #[test]
     fn proc_locks_lines_give_holders_and_waiters() {

@@ -2,12 +2,11 @@
 //! what its absence costs, and an exit status that says whether `serve` can
 //! run. The programs are loaded (and unloaded) for real: nothing is assumed.
 use anyhow::Result;
-use observer_common::KernelOffsets;
 
 use crate::{
     kernel::{
         host::{self, Lockdown},
-        offsets,
+        offsets::{self, KernelLayout},
         probes::{AcceptSource, Probes, UNIX_WAITS_UNTIMED},
     },
     pipeline::KernelOptions,
@@ -38,11 +37,11 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
         required: false,
         result: Ok(kernel_release()),
     }];
-    let offsets = offsets::from_kernel(&opts.kernel.btf);
+    let layout = offsets::from_kernel(&opts.kernel.btf);
     checks.push(Check {
         name: "BTF",
         required: true,
-        result: match &offsets {
+        result: match &layout {
             Ok(_) => Ok(format!(
                 "{}: every struct field observer reads is there",
                 opts.kernel.btf.display()
@@ -108,8 +107,8 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
         .iter()
         .any(|c| c.name == "privileges" && c.result.is_ok())
         && !seccomp_blocks_bpf;
-    if let (Ok(offsets), true) = (&offsets, privileged) {
-        checks.extend(program_checks(offsets, opts));
+    if let (Ok(layout), true) = (&layout, privileged) {
+        checks.extend(program_checks(layout, opts));
     }
     checks
 }
@@ -119,7 +118,7 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
 /// source `serve` would use (the first that loads, or the forced one). Each
 /// load includes the trace ring buffer's code, a superset of what `serve`
 /// loads.
-fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
+fn program_checks(layout: &KernelLayout, opts: &DoctorOptions) -> Vec<Check> {
     let sources = [
         (
             AcceptSource::Fexit,
@@ -136,8 +135,9 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
     let mut serve_would_load = None;
     let mut sampler = None;
     let mut unix = None;
+    let mut drops = None;
     for (source, fallback) in sources {
-        let loaded = Probes::load(offsets, &opts.kernel.btf, source, true);
+        let loaded = Probes::load(layout, &opts.kernel.btf, source, true);
         let used_by_serve = match requested {
             AcceptSource::Auto => serve_would_load.is_none() && loaded.is_ok(),
             forced => forced == source,
@@ -146,6 +146,7 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
             serve_would_load = Some(programs_summary(&loaded));
             sampler = loaded.as_ref().ok().map(sampler_check);
             unix = loaded.as_ref().ok().map(unix_check);
+            drops = loaded.as_ref().ok().map(drops_check);
         }
         checks.push(Check {
             name: source.name(),
@@ -176,7 +177,33 @@ fn program_checks(offsets: &KernelOffsets, opts: &DoctorOptions) -> Vec<Check> {
         required: false,
         result,
     }));
+    checks.extend(drops.map(|result| Check {
+        name: "drops",
+        required: false,
+        result,
+    }));
     checks
+}
+
+/// Whether TCP listeners' drops are real ones on this kernel: `sk_drops`
+/// also counts segments discarded without a connection lost (one bare ACK
+/// per handshake under TCP_DEFER_ACCEPT: Apache's default, nginx
+/// `deferred`).
+fn drops_check(probes: &Probes) -> Result<String, String> {
+    match &probes.listen_discards {
+        Ok(()) => Ok(
+            "TCP listen drops are real drops (= ListenDrops): segments a listener \
+                      discards without losing a connection (TCP_DEFER_ACCEPT's bare ACKs, \
+                      resets of half-open connections) are counted on kfree_skb and left out"
+                .into(),
+        ),
+        Err(why) => Err(format!(
+            "the segments listeners discard cannot be told from real drops: {why}; drops \
+             are not exported for listeners with TCP_DEFER_ACCEPT (Apache's default \
+             AcceptFilter, nginx `deferred`), and may count a handshake's overflowed ACK \
+             twice for the others"
+        )),
+    }
 }
 
 /// What observer can tell about Unix-domain listeners with this accept
