@@ -69,6 +69,54 @@ impl Server {
         server
     }
 
+    /// Apache httpd with Debian's default MPM (event) and Apache's default
+    /// `AcceptFilter http data` (TCP_DEFER_ACCEPT: each handshake's bare ACK
+    /// is discarded into the listener's `sk_drops`): 2 children × 2 worker
+    /// threads, every URL a CGI that sleeps for its query string's seconds.
+    fn apache_event() -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("observer-explain-{port}"));
+        let d = dir.display();
+        let modules = "/usr/lib/apache2/modules";
+        let conf = format!(
+            "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
+             DefaultRuntimeDir {d}\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule alias_module {modules}/mod_alias.so\n\
+             LoadModule cgid_module {modules}/mod_cgid.so\n\
+             User www-data\nGroup www-data\nListen 127.0.0.1:{port}\n\
+             StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
+             MinSpareThreads 1\nMaxSpareThreads 4\nScriptSock {d}/cgisock\n\
+             ScriptAlias / {d}/sleep.cgi/\n"
+        );
+        let cgi = "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
+        std::fs::create_dir_all(&dir).expect("apache dir");
+        std::fs::write(dir.join("httpd.conf"), conf).expect("httpd.conf");
+        std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
+        // The CGI must be executable by www-data.
+        let chmod = Command::new("chmod")
+            .args(["755", &d.to_string(), &format!("{d}/sleep.cgi")])
+            .status()
+            .expect("chmod");
+        assert!(chmod.success());
+        let child = Command::new("apache2")
+            .args(["-f", &format!("{d}/httpd.conf"), "-DFOREGROUND"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start apache2 (cargo xtask setup installs it)");
+        let server = Server { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ss_listen_queues(port).is_empty() || server.workers().len() < 2 {
+            assert!(Instant::now() < deadline, "apache did not start on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -371,6 +419,23 @@ fn a_lightly_loaded_pool_is_healthy() {
     println!("healthy:\n{}", evidence(e));
     assert_eq!(kind(e), "healthy", "{e:#}");
     assert!(e["window"]["accepts"].as_u64().unwrap_or(0) >= 20, "{e:#}");
+}
+
+/// Apache as Debian ships it (event MPM, `AcceptFilter http data`) under a
+/// light load is healthy: the bare ACK its TCP_DEFER_ACCEPT listener
+/// discards for every connection is no drop, so not "overflowing".
+#[test]
+fn a_lightly_loaded_apache_with_its_default_accept_filter_is_healthy_not_overflowing() {
+    let server = Server::apache_event();
+    let _load = Load::start(server.port, 1, 0.05);
+    std::thread::sleep(Duration::from_secs(1));
+    let port = server.port.to_string();
+    let (listeners, _, _) = explain(&["--interval", "3s", "--port", &port]);
+    let e = the_one(&listeners);
+    println!("apache, light load:\n{}", evidence(e));
+    assert_eq!(kind(e), "healthy", "{e:#}");
+    assert!(e["window"]["accepts"].as_u64().unwrap_or(0) >= 10, "{e:#}");
+    assert_eq!(e["window"]["drops"].as_u64(), Some(0), "{e:#}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Daemon, free_port, http_get, run, ss_listen_queues};
+use support::{Daemon, Netns, free_port, http_get, run, ss_listen_queues};
 
 struct Nginx {
     child: Child,
@@ -44,6 +44,17 @@ fn start_nginx(workers: u32) -> Nginx {
 
 /// nginx with `events_extra` in its events block.
 fn start_nginx_with(workers: u32, events_extra: &str) -> Nginx {
+    start_nginx_in(None, workers, events_extra, "")
+}
+
+/// nginx, in network namespace `ns` if given, with `events_extra` in its
+/// events block and `listen_extra` after its listen address (`deferred`).
+fn start_nginx_in(
+    ns: Option<&Netns>,
+    workers: u32,
+    events_extra: &str,
+    listen_extra: &str,
+) -> Nginx {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("observer-nginx-{port}"));
     std::fs::create_dir_all(&dir).expect("nginx dir");
@@ -52,12 +63,20 @@ fn start_nginx_with(workers: u32, events_extra: &str) -> Nginx {
          error_log {d}/error.log;\nevents {{ worker_connections 1024; {events_extra} }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
-         server {{\n  listen 127.0.0.1:{port};\n  location = /status {{ stub_status; }}\n\
+         server {{\n  listen 127.0.0.1:{port} {listen_extra};\n  location = /status {{ stub_status; }}\n\
          location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-    let child = Command::new("nginx")
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, "nginx"]);
+            c
+        }
+        None => Command::new("nginx"),
+    };
+    let child = command
         .args([
             "-p",
             &dir.display().to_string(),
@@ -68,8 +87,15 @@ fn start_nginx_with(workers: u32, events_extra: &str) -> Nginx {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start nginx (cargo xtask setup installs nginx-light)");
+    let listening = || match ns {
+        Some(ns) => !ns
+            .exec(&["ss", "-Hltn", &format!("sport = :{port}")])
+            .trim()
+            .is_empty(),
+        None => !ss_listen_queues(port).is_empty(),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ss_listen_queues(port).is_empty() {
+    while !listening() {
         assert!(Instant::now() < deadline, "nginx did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -177,4 +203,59 @@ fn nginx_accept_mutex_workers_without_the_listener_are_idle() {
         "nginx was serving something besides its status page"
     );
     assert_eq!((busy, idle), (Some(0.0), Some(2.0)), "observer's busy/idle");
+}
+
+/// nginx `listen … deferred` (TCP_DEFER_ACCEPT) in a test namespace under
+/// wrk: every handshake's bare ACK is discarded into the listener's
+/// `sk_drops`, yet nothing is lost, so the drops observer exports equal the
+/// namespace's ListenDrops (0), and the accepts nginx's own.
+#[test]
+fn nginx_deferred_listener_drops_equal_listen_drops_not_its_discarded_acks() {
+    let daemon = Daemon::start();
+    let ns = Netns::new();
+    let nginx = start_nginx_in(Some(&ns), 2, "", "deferred");
+    let port = nginx.port.to_string();
+    let url = format!("http://127.0.0.1:{port}/");
+    let (drops_before, deferred_before) = (
+        ns.nstat("TcpExtListenDrops"),
+        ns.nstat("TcpExtTCPDeferAcceptDrop"),
+    );
+    ns.exec(&[
+        "wrk",
+        "-t2",
+        "-c16",
+        "-d2s",
+        "-H",
+        "Connection: close",
+        &url,
+    ]);
+    let status = ns.exec(&["curl", "-s", &format!("{url}status")]);
+    let accepts: f64 = status
+        .lines()
+        .nth(2)
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("stub_status: {status}"));
+    let (drops, deferred) = (
+        ns.nstat("TcpExtListenDrops") - drops_before,
+        ns.nstat("TcpExtTCPDeferAcceptDrop") - deferred_before,
+    );
+    let m = daemon.scrape();
+    let inode = ns.inode();
+    let labels = [("port", port.as_str()), ("netns", inode.as_str())];
+    let observed = |name: &str| {
+        m.get(name, &labels)
+            .unwrap_or_else(|| panic!("{name} missing:\n{}", m.text))
+    };
+    println!(
+        "nginx accepts {accepts}: observer accepted {}, drops {}; ListenDrops +{drops}, TCPDeferAcceptDrop +{deferred}",
+        observed("observer_connections_accepted_total"),
+        observed("observer_listen_drops_total")
+    );
+    assert!(accepts > 200.0, "wrk made too few connections: {accepts}");
+    assert!(
+        deferred >= accepts - 1.0,
+        "every handshake's bare ACK was discarded"
+    );
+    assert_eq!(observed("observer_listen_drops_total"), drops);
+    assert_eq!(observed("observer_connections_accepted_total"), accepts);
 }
