@@ -180,9 +180,13 @@ fn lock_wait(s: &ThreadSample) -> Option<(Lock, Option<u32>)> {
                 cmd,
                 FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_LOCK_PI | FUTEX_LOCK_PI2
             );
-            (shared && waits && s.user_read_failed == 0).then(|| {
+            // The lock is its address (a register); only its owner comes
+            // from user memory, so a word that could not be read still
+            // names a known accept lock, just proves no new one.
+            (shared && waits).then(|| {
                 let owner = s.futex_word & FUTEX_TID_MASK;
-                (Lock::Futex { uaddr: a0 }, (owner != 0).then_some(owner))
+                let owner = (s.user_read_failed == 0 && owner != 0).then_some(owner);
+                (Lock::Futex { uaddr: a0 }, owner)
             })
         }
         SYS_FLOCK if a1 & LOCK_NB == 0 => Some((Lock::File { fd: a0 as u32 }, None)),
@@ -533,6 +537,31 @@ mod tests {
         later[0] = running(21, 21);
         let s = busy_by_pid(&process_states(&later, &w, &mut locks, &mut NoFiles));
         assert_eq!(s, vec![(21, true), (22, false), (23, false)]);
+    }
+
+    #[test]
+    fn a_known_accept_lock_is_known_when_its_word_cannot_be_read() {
+        let w = watched(&[21, 22, 23], &[3, 4], &[9]);
+        let mut locks = AcceptLocks::default();
+        let unread = |mut samples: Vec<ThreadSample>| {
+            for s in &mut samples[1..] {
+                s.futex_word = 0;
+                s.user_read_failed = 1;
+            }
+            samples
+        };
+        // Unknown yet: a waiter whose word is unread proves nothing.
+        let first = process_states(&unread(apache_idle()), &w, &mut locks, &mut NoFiles);
+        assert_eq!(
+            busy_by_pid(&first),
+            vec![(21, false), (22, true), (23, true)]
+        );
+        process_states(&apache_idle(), &w, &mut locks, &mut NoFiles);
+        let later = process_states(&unread(apache_idle()), &w, &mut locks, &mut NoFiles);
+        assert_eq!(
+            busy_by_pid(&later),
+            vec![(21, false), (22, false), (23, false)]
+        );
     }
 
     #[test]
