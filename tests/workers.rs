@@ -755,6 +755,135 @@ fn apache_prefork_fcntl_and_flock_mutex_waiters_are_idle_as_mod_status_says() {
     apache_pool_tracks_mod_status("flock");
 }
 
+/// Apache httpd with its event MPM (Debian's default) and Apache's default
+/// `AcceptFilter http data`: 2 children × 2 worker threads, a CGI at
+/// /sleep, mod_status on a second port. A child's listener thread takes
+/// the listeners out of its pollset while both its worker threads serve.
+fn apache_event() -> (Server, u16) {
+    let (port, status_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("observer-apache-{port}"));
+    let d = dir.display();
+    let modules = "/usr/lib/apache2/modules";
+    let conf = format!(
+        "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
+         DefaultRuntimeDir {d}\n\
+         LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+         LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+         LoadModule status_module {modules}/mod_status.so\n\
+         LoadModule alias_module {modules}/mod_alias.so\n\
+         LoadModule cgid_module {modules}/mod_cgid.so\n\
+         User www-data\nGroup www-data\n\
+         Listen 127.0.0.1:{port}\nListen 127.0.0.1:{status_port}\n\
+         StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
+         MinSpareThreads 1\nMaxSpareThreads 4\nScriptSock {d}/cgisock\nExtendedStatus On\n\
+         ScriptAlias /sleep {d}/sleep.cgi\n\
+         <Location /server-status>\n  SetHandler server-status\n  Require all granted\n</Location>\n"
+    );
+    let cgi =
+        "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
+    let conf_path = format!("{d}/httpd.conf");
+    std::fs::create_dir_all(&dir).expect("apache dir");
+    std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
+    run(Command::new("chmod").args(["755", &format!("{d}"), &format!("{d}/sleep.cgi")]));
+    let server = Server::start(
+        "apache",
+        port,
+        &[("httpd.conf", &conf)],
+        &["apache2", "-f", &conf_path, "-DFOREGROUND"],
+    );
+    (server, status_port)
+}
+
+/// mod_status's per-child table (event MPM): the children that say
+/// "accepting: no", every worker thread taken.
+fn apache_children_not_accepting(status_port: u16) -> f64 {
+    let Some(page) = http_get(status_port, "/server-status") else {
+        return -1.0;
+    };
+    // <tr><td>slot</td><td>pid</td><td>stopping</td><td>total</td><td>accepting</td>…
+    page.lines()
+        .filter(|l| l.starts_with("<tr><td>") && !l.starts_with("<tr><td>Sum"))
+        .filter_map(|l| l.split("</td><td>").nth(4))
+        .filter(|accepting| *accepting == "no")
+        .count() as f64
+}
+
+/// Apache's event MPM counts a child busy when every worker thread serves
+/// (it then stops accepting); observer agrees, sample by sample, with a
+/// daemon started at rest and with one started under saturation: both read
+/// the kernel's present state (whether each child's pollset watches the
+/// listener now), not what they saw before.
+#[test]
+fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts() {
+    let at_rest = Daemon::start();
+    let (server, status_port) = apache_event();
+    wait_for_idle_pool(&at_rest, server.port, 2.0);
+    assert_eq!(apache_children_not_accepting(status_port), 0.0);
+
+    // One client: one thread of one child serves; both children accept.
+    let light = load_at(server.port, "/sleep", 1, 8, 0.4);
+    std::thread::sleep(Duration::from_millis(600));
+    let samples = sample(
+        6,
+        Duration::from_millis(200),
+        || pool_state(&at_rest.scrape(), server.port, "busy"),
+        || apache_children_not_accepting(status_port),
+    );
+    finish(light);
+    assert_tracks(
+        &samples,
+        "Apache event, 1 client: busy children vs not accepting",
+    );
+    assert_eq!(
+        median(observed(&samples)),
+        0.0,
+        "a free thread in each child"
+    );
+
+    // Eight clients on four threads: both children stop accepting.
+    let heavy = load_at(server.port, "/sleep", 8, 12, 0.4);
+    std::thread::sleep(Duration::from_millis(800));
+    let under_load = Daemon::start();
+    std::thread::sleep(Duration::from_millis(300));
+    let both: Vec<(Sample, f64)> = (0..8)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(250));
+            let truth_before = apache_children_not_accepting(status_port);
+            let first = pool_state(&at_rest.scrape(), server.port, "busy");
+            let second = pool_state(&under_load.scrape(), server.port, "busy");
+            let sample = Sample {
+                observer: first,
+                truth_before,
+                truth_after: apache_children_not_accepting(status_port),
+            };
+            (sample, second)
+        })
+        .collect();
+    let (done, _) = finish_timed(heavy);
+    let (first, second): (Vec<Sample>, Vec<f64>) = both.into_iter().unzip();
+    println!("daemon started under load: {second:?}");
+    assert_tracks(
+        &first,
+        "Apache event, 8 clients: busy children vs not accepting",
+    );
+    let disagree = first
+        .iter()
+        .zip(&second)
+        .filter(|(a, b)| a.observer != **b)
+        .count();
+    assert!(
+        disagree <= 1,
+        "the two daemons disagree in {disagree} of 8 samples"
+    );
+    assert_eq!(
+        median(observed(&first)),
+        2.0,
+        "saturated: both children busy"
+    );
+    assert_eq!(median(second), 2.0, "saturated, seen by the late daemon");
+    assert_eq!(done, 8 * 12, "every request was served");
+}
+
 /// raindrops' view of a listener: connections being served ("active").
 fn raindrops_active(port: u16) -> f64 {
     let script = format!(

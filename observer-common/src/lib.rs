@@ -173,6 +173,9 @@ pub const SYS_SELECT: i64 = 23;
 pub const SYS_FUTEX: i64 = 202;
 pub const SYS_PSELECT6: i64 = 270;
 pub const SYS_PPOLL: i64 = 271;
+pub const SYS_EPOLL_WAIT: i64 = 232;
+pub const SYS_EPOLL_PWAIT: i64 = 281;
+pub const SYS_EPOLL_PWAIT2: i64 = 441;
 
 /// One thread of a watched worker process, as the sleepable `iter/task`
 /// sampler writes it: whether it runs, which syscall it is blocked in with
@@ -185,7 +188,12 @@ pub struct ThreadSample {
     pub tid: u32,
     /// `task_struct.__state`: 0 while runnable or running.
     pub state: u32,
-    pub _pad: u32,
+    /// epoll_wait: whether the epoll instance `args[0]` watches one of the
+    /// process's listeners right now ([`EPOLL_WATCHES_LISTENER`]), none of
+    /// them ([`EPOLL_WATCHES_NO_LISTENER`]: Apache's event MPM takes its
+    /// listeners out while no worker thread is free), or was not looked at
+    /// ([`EPOLL_UNCHECKED`]: no listener fd known, or a read failed).
+    pub epoll_listeners: u32,
     /// The process's start (`group_leader->start_time`, ns since boot):
     /// with `tgid`, names the process across pid reuse.
     pub start_ns: u64,
@@ -202,6 +210,11 @@ pub struct ThreadSample {
     /// 1 when the user memory above could not be read.
     pub user_read_failed: u32,
 }
+
+/// Values of [`ThreadSample::epoll_listeners`].
+pub const EPOLL_UNCHECKED: u32 = 0;
+pub const EPOLL_WATCHES_LISTENER: u32 = 1;
+pub const EPOLL_WATCHES_NO_LISTENER: u32 = 2;
 
 /// Size of the `EVENTS` ring buffer (trace mode only).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
@@ -400,6 +413,14 @@ pub struct KernelOffsets {
     pub skb_head: u32,
     pub skb_end: u32,
     pub shinfo_gso_segs: u32,
+    /// `eventpoll.rbr` (its tree of watched files), `epitem.rbn` (its node
+    /// in that tree), `epitem.ffd` (the file and fd it watches, the tree's
+    /// key), and `rb_node.rb_right`/`rb_left`.
+    pub eventpoll_rbr: u32,
+    pub epitem_rbn: u32,
+    pub epitem_ffd: u32,
+    pub rb_right: u32,
+    pub rb_left: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the

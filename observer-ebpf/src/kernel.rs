@@ -82,6 +82,11 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skb_head: 0,
     skb_end: 0,
     shinfo_gso_segs: 0,
+    eventpoll_rbr: 0,
+    epitem_rbn: 0,
+    epitem_ffd: 0,
+    rb_right: 0,
+    rb_left: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -446,7 +451,7 @@ pub fn current_fd_sock(fd: u64, off: &KernelOffsets) -> Option<u64> {
 /// from the first of them (the daemon checks, from BTF, that `fd` lies
 /// 8 bytes after `max_fds`).
 #[inline(always)]
-fn fdtable_head(fdt: u64, off: &KernelOffsets) -> Option<(u32, u64)> {
+pub fn fdtable_head(fdt: u64, off: &KernelOffsets) -> Option<(u32, u64)> {
     let head: [u64; 2] = read(fdt, off.fdtable_max_fds)?;
     let fd_array = head[1];
     (fd_array != 0).then_some((head[0] as u32, fd_array))

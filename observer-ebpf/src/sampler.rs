@@ -19,14 +19,19 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use observer_common::{
-    POLLED_FDS, PT_REGS_BYTES, SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT,
-    ThreadSample, WorkerFds,
+    EPOLL_UNCHECKED, EPOLL_WATCHES_LISTENER, EPOLL_WATCHES_NO_LISTENER, KernelOffsets, POLLED_FDS,
+    PT_REGS_BYTES, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2, SYS_EPOLL_WAIT, SYS_FUTEX, SYS_POLL,
+    SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
 };
 
 use crate::{
-    kernel::{KernelBytes, offsets, read, read_ptr},
+    kernel::{KernelBytes, fdtable_head, offsets, read, read_ptr},
     maps::WATCHED,
 };
+
+/// The deepest an epoll instance's tree of watched files is searched: a
+/// red-black tree of 2^16 files is at most 32 deep.
+const EPOLL_TREE_DEPTH: usize = 32;
 
 /// Byte offset of `task` in `struct bpf_iter__task` (after `meta`).
 const ITER_TASK: usize = 8;
@@ -87,7 +92,7 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
     }
     // A running thread's registers are in flux and its wait does not matter.
     if sample.state != 0 {
-        read_wait_details(&mut sample, &fds, task_ptr);
+        read_wait_details(&mut sample, &fds, task_ptr, task);
     }
     // SAFETY: `seq` is the iterator's seq_file; the sample lives on our stack.
     unsafe {
@@ -128,11 +133,21 @@ fn read_user<T: Copy + Default>(task: *mut task_struct, addr: u64) -> Option<T> 
     (rc == 0).then_some(value)
 }
 
-/// What a blocked select/poll waits on, and a futex's word.
+/// What a blocked select/poll waits on, a futex's word, and whether an
+/// epoll instance watches a listener now.
 #[inline(always)]
-fn read_wait_details(sample: &mut ThreadSample, fds: &WorkerFds, task: *mut task_struct) {
+fn read_wait_details(
+    sample: &mut ThreadSample,
+    fds: &WorkerFds,
+    task: *mut task_struct,
+    task_addr: u64,
+) {
     let [a0, a1, _, _] = sample.args;
     let ok = match sample.syscall {
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
+            sample.epoll_listeners = epoll_listeners(task_addr, fds, a0);
+            true
+        }
         SYS_SELECT | SYS_PSELECT6 => select_hits(sample, fds, task, a0, a1),
         SYS_POLL | SYS_PPOLL => poll_fds(sample, task, a0, a1),
         SYS_FUTEX => match read_user::<u32>(task, a0) {
@@ -189,4 +204,76 @@ fn poll_fds(sample: &mut ThreadSample, task: *mut task_struct, pollfds: u64, nfd
         i += 1;
     }
     true
+}
+
+/// Whether the epoll instance at `epfd` in the task's fd table watches one
+/// of the process's listeners now: a search of its tree of watched files
+/// (keyed by file and fd, as `ep_find` searches it) for each listener.
+/// Kernel reads only: the task's own table, not its memory.
+#[inline(always)]
+fn epoll_listeners(task: u64, fds: &WorkerFds, epfd: u64) -> u32 {
+    let off = offsets();
+    let Some((max_fds, fd_array)) = read_ptr(task, off.task_files)
+        .and_then(|files| read_ptr(files, off.files_fdt))
+        .and_then(|fdt| fdtable_head(fdt, &off))
+    else {
+        return EPOLL_UNCHECKED;
+    };
+    let file_at = |fd: u64| {
+        if fd < max_fds as u64 {
+            read_ptr(fd_array + fd * 8, 0)
+        } else {
+            None
+        }
+    };
+    let Some(root) = file_at(epfd)
+        .and_then(|file| read_ptr(file, off.file_private_data))
+        .and_then(|ep| read::<u64>(ep, off.eventpoll_rbr))
+    else {
+        return EPOLL_UNCHECKED;
+    };
+    let mut checked = false;
+    for fd in fds.listen {
+        if fd < 0 {
+            continue;
+        }
+        let Some(file) = file_at(fd as u64) else {
+            continue;
+        };
+        checked = true;
+        if tree_holds(root, file, fd, &off) {
+            return EPOLL_WATCHES_LISTENER;
+        }
+    }
+    if checked {
+        EPOLL_WATCHES_NO_LISTENER
+    } else {
+        EPOLL_UNCHECKED
+    }
+}
+
+/// Whether the epoll tree under `node` has an item for (`file`, `fd`).
+#[inline(always)]
+fn tree_holds(mut node: u64, file: u64, fd: i32, off: &KernelOffsets) -> bool {
+    for _ in 0..EPOLL_TREE_DEPTH {
+        if node == 0 {
+            return false;
+        }
+        let item = node - off.epitem_rbn as u64;
+        // epoll_filefd: the file pointer, then the fd (an int).
+        let Some([item_file, item_fd]) = read::<[u64; 2]>(item, off.epitem_ffd) else {
+            return false;
+        };
+        let order = if file != item_file {
+            (file > item_file) as i32 * 2 - 1
+        } else {
+            fd.wrapping_sub(item_fd as u32 as i32)
+        };
+        if order == 0 {
+            return true;
+        }
+        let child = if order < 0 { off.rb_left } else { off.rb_right };
+        node = read::<u64>(node, child).unwrap_or(0);
+    }
+    false
 }

@@ -7,13 +7,18 @@
 //! - blocked in `accept`/`accept4` on one of its listeners;
 //! - in `select`/`pselect6`/`poll`/`ppoll` with one of its listeners in the set;
 //! - in `epoll_wait`/`epoll_pwait`/`epoll_pwait2` on an epoll instance that
-//!   watches one of its listeners (its event loop); or, for a worker whose
-//!   own such epoll was never seen, on any epoll instance, when its pool's
-//!   event loops are epoll (nginx with `accept_mutex on` keeps the listener
-//!   out of the sets of the workers that do not hold the mutex: they wait in
-//!   their event loop all the same). A worker whose listener epoll is known
-//!   and waits on another one is busy (Apache's mod_cgi waits on the CGI's
-//!   pipes in an epoll of its own);
+//!   watches one of its listeners now (its event loop: the sampler searches
+//!   the instance's tree of watched files). An instance whose listeners were
+//!   taken out of it is no wait for work in a process with other threads:
+//!   Apache's event MPM takes them out while every worker thread serves. A
+//!   single-threaded event loop waits for work in an epoll instance known
+//!   to have watched its listeners; or, for a worker whose own such epoll
+//!   was never seen, on any epoll instance, when its pool's event loops are
+//!   epoll (nginx with `accept_mutex on` keeps the listener out of the sets
+//!   of the workers that do not hold the mutex: they wait in their event
+//!   loop all the same). A worker whose listener epoll is known and waits
+//!   on another one is busy (Apache's mod_cgi waits on the CGI's pipes in
+//!   an epoll of its own);
 //! - in `io_uring_enter` waiting for completions (an io_uring event loop);
 //! - waiting for the pool's **accept lock**: a process-shared lock (futex,
 //!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
@@ -29,15 +34,14 @@ use std::collections::BTreeMap;
 use foldhash::{HashMap, HashSet};
 
 use observer_common::{
-    SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
+    EPOLL_WATCHES_LISTENER, EPOLL_WATCHES_NO_LISTENER, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2,
+    SYS_EPOLL_WAIT, SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample,
+    WorkerFds,
 };
 
 // x86_64 syscall numbers (the sampler reads x86_64 registers).
 const SYS_ACCEPT: i64 = 43;
 const SYS_ACCEPT4: i64 = 288;
-const SYS_EPOLL_WAIT: i64 = 232;
-const SYS_EPOLL_PWAIT: i64 = 281;
-const SYS_EPOLL_PWAIT2: i64 = 441;
 const SYS_IO_URING_ENTER: i64 = 426;
 const SYS_FCNTL: i64 = 72;
 const SYS_FLOCK: i64 = 73;
@@ -137,8 +141,9 @@ fn contains(fds: &[i32], fd: u64) -> bool {
     fd <= i32::MAX as u64 && fds.contains(&(fd as i32))
 }
 
-/// The rule for one thread.
-fn doing(s: &ThreadSample, w: &Watched) -> Doing {
+/// The rule for one thread; `multithreaded`: its process has more than
+/// one thread in this pass.
+fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
     if s.state == 0 {
         return Doing::Other; // on a CPU, or about to be
     }
@@ -153,10 +158,19 @@ fn doing(s: &ThreadSample, w: &Watched) -> Doing {
             };
             polled.iter().any(|fd| *fd >= 0 && listen.contains(fd))
         }
-        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
-            let own_epoll_unknown = w.fds.epoll.iter().all(|fd| *fd < 0);
-            contains(&w.fds.epoll, a0) || (w.epoll_pool && own_epoll_unknown)
-        }
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => match s.epoll_listeners {
+            EPOLL_WATCHES_LISTENER => true,
+            // Its listeners taken out of the set, by a process with
+            // threads that serve: Apache's event MPM does so while every
+            // worker thread is taken (mod_status: "accepting: no").
+            EPOLL_WATCHES_NO_LISTENER if multithreaded => false,
+            // A single-threaded event loop that takes turns at the
+            // listener (nginx's accept_mutex) waits in it all the same.
+            _ => {
+                let own_epoll_unknown = w.fds.epoll.iter().all(|fd| *fd < 0);
+                contains(&w.fds.epoll, a0) || (w.epoll_pool && own_epoll_unknown)
+            }
+        },
         SYS_IO_URING_ENTER => a3 & IORING_ENTER_GETEVENTS != 0,
         _ => false,
     };
@@ -244,11 +258,16 @@ pub fn process_states(
     locks: &mut AcceptLocks,
     files: &mut impl FileLocks,
 ) -> BTreeMap<ProcessKey, bool> {
+    let mut threads_per_process: HashMap<u32, usize> = HashMap::default();
+    for s in samples {
+        *threads_per_process.entry(s.tgid).or_default() += 1;
+    }
     let threads: Vec<(&ThreadSample, Watched, Doing)> = samples
         .iter()
         .filter_map(|s| {
             let w = watched.get(&s.tgid)?;
-            Some((s, *w, doing(s, w)))
+            let multithreaded = threads_per_process.get(&s.tgid).is_some_and(|n| *n > 1);
+            Some((s, *w, doing(s, w, multithreaded)))
         })
         .collect();
     // Threads that wait for work, by thread id, and processes with one.
@@ -537,6 +556,44 @@ mod tests {
         later[0] = running(21, 21);
         let s = busy_by_pid(&process_states(&later, &w, &mut locks, &mut NoFiles));
         assert_eq!(s, vec![(21, true), (22, false), (23, false)]);
+    }
+
+    /// Apache's event MPM, 2 children of a listener thread in epoll_wait on
+    /// its pollset (fd 9) and 2 worker threads: child 31's workers both
+    /// serve (one reads a request, one runs), so its listener thread took
+    /// the listeners out of the pollset; child 32 has a worker thread parked
+    /// on the pool's condition variable (a private futex) and its pollset
+    /// watches the listener.
+    #[test]
+    fn an_apache_event_child_whose_pollset_lost_its_listeners_is_busy() {
+        let w = watched(&[31, 32], &[3], &[9]);
+        let listener_thread = |pid, watches| {
+            let mut s = blocked(pid, pid, SYS_EPOLL_WAIT, [9, 0x7000, 2, 100]);
+            s.epoll_listeners = watches;
+            s
+        };
+        let samples = [
+            listener_thread(31, EPOLL_WATCHES_NO_LISTENER),
+            blocked(31, 311, 0, [12, 0x7100, 8000, 0]), // read() on its client
+            running(31, 312),
+            listener_thread(32, EPOLL_WATCHES_LISTENER),
+            blocked(32, 321, SYS_FUTEX, [0x5000, FUTEX_WAIT_BITSET | 128, 0, 0]),
+            running(32, 322),
+        ];
+        assert_eq!(states(&samples, &w), vec![(31, true), (32, false)]);
+    }
+
+    /// nginx `accept_mutex on`: a worker without the mutex has the listener
+    /// out of its epoll set, and is idle all the same (one thread: its event
+    /// loop is what serves).
+    #[test]
+    fn a_single_threaded_event_loop_without_its_listener_in_the_set_is_idle() {
+        let w = watched(&[41, 42], &[6], &[8]);
+        let mut holder = blocked(41, 41, SYS_EPOLL_WAIT, [8, 0x7000, 512, 500]);
+        holder.epoll_listeners = EPOLL_WATCHES_LISTENER;
+        let mut other = blocked(42, 42, SYS_EPOLL_WAIT, [8, 0x7000, 512, 500]);
+        other.epoll_listeners = EPOLL_WATCHES_NO_LISTENER;
+        assert_eq!(states(&[holder, other], &w), vec![(41, false), (42, false)]);
     }
 
     #[test]

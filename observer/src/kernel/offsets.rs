@@ -74,6 +74,11 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         skb_head: at("sk_buff", &["head"])?,
         skb_end: at("sk_buff", &["end"])?,
         shinfo_gso_segs: at("skb_shared_info", &["gso_segs"])?,
+        eventpoll_rbr: at("eventpoll", &["rbr"])?,
+        epitem_rbn: at("epitem", &["rbn"])?,
+        epitem_ffd: at("epitem", &["ffd"])?,
+        rb_right: at("rb_node", &["rb_right"])?,
+        rb_left: at("rb_node", &["rb_left"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)
@@ -101,6 +106,10 @@ fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
             "sock_common.{name} lies at byte {offset}, past the {SOCK_COMMON_HEAD} bytes observer reads at once"
         );
     }
+    ensure!(
+        o.epitem_ffd % 8 == 0,
+        "epitem.ffd is not 8-byte aligned (observer reads its file and fd at once)"
+    );
     ensure!(
         o.fdtable_fd == o.fdtable_max_fds + 8,
         "fdtable.fd is not 8 bytes after fdtable.max_fds (observer reads both at once)"
