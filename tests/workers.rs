@@ -543,6 +543,107 @@ fn gunicorn_gthread_active_connections_track_the_semaphore() {
     );
 }
 
+/// `clients` keep-alive clients (HTTP/1.1, one connection each): each
+/// makes `requests` requests for a response delayed by `sleep_s`, pausing
+/// `pause_s` between them with its connection open. Returns the requests
+/// answered.
+fn keep_alive_load(
+    port: u16,
+    clients: usize,
+    requests: usize,
+    sleep_s: f64,
+    pause_s: f64,
+) -> Vec<JoinHandle<usize>> {
+    (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return 0;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut answered = 0;
+                for _ in 0..requests {
+                    let request = format!("GET /?{sleep_s} HTTP/1.1\r\nHost: test\r\n\r\n");
+                    if s.write_all(request.as_bytes()).is_err() {
+                        break;
+                    }
+                    // A chunked reply (the app sets no length) ends with an
+                    // empty chunk.
+                    let mut reply = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !reply.ends_with(b"0\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(n) if n > 0 => reply.extend_from_slice(&buf[..n]),
+                            _ => return answered,
+                        }
+                    }
+                    answered += 1;
+                    std::thread::sleep(Duration::from_secs_f64(pause_s));
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+/// Keep-alive clients that pause between requests: the threaded workers
+/// hold all 4 connections open the whole time, but serve only the requests
+/// in flight. The requests in service (read from each connection's own TCP
+/// counters) track the pre/post_request semaphore, where the open
+/// connections stay at 4.
+#[test]
+fn requests_in_service_track_the_semaphore_while_keep_alive_connections_stay_open() {
+    let daemon = Daemon::start();
+    let server = gunicorn(&[
+        "-k",
+        "gthread",
+        "-w",
+        "2",
+        "--threads",
+        "3",
+        "--keep-alive",
+        "10",
+    ]);
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    let clients = keep_alive_load(server.port, 4, 8, 0.3, 0.3);
+    std::thread::sleep(Duration::from_millis(500));
+    let open = std::cell::RefCell::new(Vec::new());
+    let samples = sample(
+        12,
+        Duration::from_millis(150),
+        || {
+            let m = daemon.scrape();
+            open.borrow_mut().push(sum_per_worker(
+                &m,
+                "observer_worker_active_connections",
+                server.port,
+            ));
+            let per_worker = sum_per_worker(&m, "observer_worker_requests_in_service", server.port);
+            let pool = m.listener("observer_requests_in_service", server.port);
+            assert_eq!(pool, per_worker, "the pool's figure is its workers' sum");
+            per_worker
+        },
+        || server.semaphore() as f64,
+    );
+    let answered: usize = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    let open = open.into_inner();
+    println!("open connections: {open:?}");
+    assert_tracks(
+        &samples,
+        "gthread keep-alive: requests in service vs semaphore",
+    );
+    assert_eq!(answered, 4 * 8, "every request was answered");
+    assert!(
+        open.iter().all(|n| *n == 4.0),
+        "the 4 keep-alive connections stayed open: {open:?}"
+    );
+    let in_service = observed(&samples);
+    assert!(
+        in_service.iter().any(|n| *n < 4.0) && in_service.iter().any(|n| *n > 0.0),
+        "requests come and go while the connections stay: {in_service:?}"
+    );
+}
+
 #[test]
 fn gunicorn_worker_restarts_leave_no_stale_pids_and_counts_stay_exact() {
     let daemon = Daemon::start();

@@ -118,7 +118,13 @@ pub struct HolderRecord {
     pub state: u8,
     /// For TCP listeners, as in [`ListenerRecord`]; 0 otherwise.
     pub defer_accept: u8,
-    pub _pad: [u8; 2],
+    /// Accepted TCP connections: 1 when they hold a request in service:
+    /// the client has sent bytes, the server has read all of them, and has
+    /// sent nothing since the last ones arrived (`bytes_sent` 0, or
+    /// `icsk_ack.lrcvtime` after `lsndtime`). A response written in pieces
+    /// counts as answered from its first one.
+    pub in_service: u8,
+    pub _pad: u8,
     pub addr: [u8; 16],
     pub inode: u64,
     pub comm: [u8; 16],
@@ -421,6 +427,11 @@ pub struct KernelOffsets {
     pub epitem_ffd: u32,
     pub rb_right: u32,
     pub rb_left: u32,
+    /// `tcp_sock.bytes_sent` (u64), `tcp_sock.lsndtime` and
+    /// `inet_connection_sock.icsk_ack.lrcvtime` (u32 jiffies).
+    pub tcp_bytes_sent: u32,
+    pub tcp_lsndtime: u32,
+    pub icsk_ack_lrcvtime: u32,
 }
 
 /// Bytes of `struct sock_common` read at once: every field of it the

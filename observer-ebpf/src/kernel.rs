@@ -87,6 +87,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     epitem_ffd: 0,
     rb_right: 0,
     rb_left: 0,
+    tcp_bytes_sent: 0,
+    tcp_lsndtime: 0,
+    icsk_ack_lrcvtime: 0,
 };
 
 /// 1 in the copy of the programs that `observer trace` loads: accepted
@@ -395,6 +398,34 @@ pub fn tcp_unread_us(sk: u64, off: &KernelOffsets) -> u64 {
     // SAFETY: helper without arguments.
     let now_us = unsafe { bpf_ktime_get_ns() } / 1000;
     now_us.saturating_sub(queued_at).max(1)
+}
+
+/// Whether an accepted connection holds a request in service: bytes
+/// received and all read by the server, and nothing sent since the last
+/// ones arrived (see `HolderRecord::in_service`).
+#[inline(always)]
+pub fn tcp_in_service(sk: u64, off: &KernelOffsets) -> bool {
+    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+    let (Some(rcv_nxt), Some(copied_seq)) = (
+        read::<u32>(sk, off.tcp_rcv_nxt),
+        read::<u32>(sk, off.tcp_copied_seq),
+    ) else {
+        return false;
+    };
+    if received == 0 || rcv_nxt != copied_seq {
+        return false;
+    }
+    if read::<u64>(sk, off.tcp_bytes_sent).unwrap_or(1) == 0 {
+        return true;
+    }
+    let (Some(received_at), Some(sent_at)) = (
+        read::<u32>(sk, off.icsk_ack_lrcvtime),
+        read::<u32>(sk, off.tcp_lsndtime),
+    ) else {
+        return false;
+    };
+    // Jiffies: later if ahead by less than half the counter's range.
+    (received_at.wrapping_sub(sent_at) as i32) > 0
 }
 
 /// How long the connection of `request`, the head of a TCP listener's

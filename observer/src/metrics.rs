@@ -684,6 +684,30 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
         ),
         |w| Some(w.unread_connections as f64),
     );
+    per_worker(
+        text,
+        e,
+        (
+            "observer_worker_requests_in_service",
+            "Of the worker's open connections, those holding a request in service: every byte the client sent has been read, and nothing answered since (TCP; from each connection's own counters, no hook). For a threaded worker, the threads serving requests.",
+            Gauge,
+        ),
+        |w| w.requests_in_service.map(|n| n as f64),
+    );
+    per_pool(
+        text,
+        e,
+        (
+            "observer_requests_in_service",
+            "Requests the listener's workers are serving now: the sum of observer_worker_requests_in_service (TCP).",
+        ),
+        |pool| {
+            pool.workers
+                .iter()
+                .filter_map(|w| w.requests_in_service)
+                .sum::<u64>() as f64
+        },
+    );
     per_pool(
         text,
         e,
@@ -864,6 +888,7 @@ mod tests {
                 accepts: 0,
                 active_connections: 0,
                 unread_connections: 0,
+                requests_in_service: Some(0),
                 busy: Some(false),
                 busy_seconds: 0.0,
             }],
@@ -1010,6 +1035,7 @@ mod tests {
             accepts: 3,
             active_connections: 1,
             unread_connections: 0,
+            requests_in_service: Some(0),
             busy: None, // the thread sampler could not run on this kernel
             busy_seconds: 0.0,
         };

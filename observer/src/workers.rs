@@ -50,6 +50,10 @@ pub struct WorkerView {
     pub active_connections: u64,
     /// Of those, the ones whose client's bytes it has not started to read.
     pub unread_connections: u64,
+    /// Of those, the ones holding a request in service: read in full and
+    /// not yet answered (see `HolderRecord::in_service`); `None` for a
+    /// Unix listener, whose connections keep no such counters.
+    pub requests_in_service: Option<u64>,
     /// `None` until the thread sampler has seen it (or where it cannot run).
     pub busy: Option<bool>,
     /// Busy time the sampler integrated since it first saw the worker.
@@ -351,6 +355,8 @@ pub struct Membership {
     active: HashMap<(ListenerNo, u32), u64>,
     /// Of those, the unread ones.
     unread_held: HashMap<(ListenerNo, u32), u64>,
+    /// Of those, the ones holding a request in service.
+    in_service_held: HashMap<(ListenerNo, u32), u64>,
     /// Unread connections per listener, each socket once.
     unread: HashMap<ListenerNo, Unread>,
     /// Listening-socket fds per process.
@@ -394,6 +400,7 @@ impl Membership {
         let mut comms = HashMap::new();
         let mut active: HashMap<(ListenerNo, u32), u64> = HashMap::new();
         let mut unread_held: HashMap<(ListenerNo, u32), u64> = HashMap::new();
+        let mut in_service_held: HashMap<(ListenerNo, u32), u64> = HashMap::new();
         let mut unread: HashMap<ListenerNo, Unread> = HashMap::new();
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
@@ -434,6 +441,9 @@ impl Membership {
                     *active.entry((no, h.tgid)).or_default() += 1;
                     if h.unread_us > 0 {
                         *unread_held.entry((no, h.tgid)).or_default() += 1;
+                    }
+                    if h.in_service != 0 {
+                        *in_service_held.entry((no, h.tgid)).or_default() += 1;
                     }
                 }
                 // And once per listener (a passed fd can sit in two processes).
@@ -480,6 +490,7 @@ impl Membership {
             comms,
             active,
             unread_held,
+            in_service_held,
             unread,
             listen_fds,
             connection_fds,
@@ -694,6 +705,8 @@ pub fn pools(
                 accepts: accepts(*pid),
                 active_connections: held(&membership.active),
                 unread_connections: held(&membership.unread_held),
+                requests_in_service: (!view.id.is_unix())
+                    .then(|| held(&membership.in_service_held)),
                 busy: seen.map(|a| a.busy),
                 busy_seconds: seen.map_or(0.0, |a| a.busy_seconds),
             });
@@ -945,7 +958,8 @@ mod tests {
             port,
             state,
             defer_accept: 0,
-            _pad: [0; 2],
+            in_service: 0,
+            _pad: 0,
             addr,
             inode,
             comm,

@@ -79,6 +79,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         epitem_ffd: at("epitem", &["ffd"])?,
         rb_right: at("rb_node", &["rb_right"])?,
         rb_left: at("rb_node", &["rb_left"])?,
+        tcp_bytes_sent: at("tcp_sock", &["bytes_sent"])?,
+        tcp_lsndtime: at("tcp_sock", &["lsndtime"])?,
+        icsk_ack_lrcvtime: at("inet_connection_sock", &["icsk_ack", "lrcvtime"])?,
     };
     check_wide_reads(&offsets)?;
     Ok(offsets)

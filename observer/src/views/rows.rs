@@ -23,6 +23,9 @@ pub struct WorkerRow {
     pub active_connections: u64,
     /// Of those, the ones whose request it has not started to read.
     pub unread_connections: u64,
+    /// Of those, the ones whose request it serves now (read, not yet
+    /// answered; `None` for Unix listeners).
+    pub requests_in_service: Option<u64>,
 }
 
 /// A process that accepts the listener's connections and hands them to its
@@ -119,6 +122,7 @@ fn worker_rows(pool: Option<&PoolView>, before: Option<&PoolView>, seconds: f64)
                 accepts_per_second: accepts as f64 / seconds,
                 active_connections: w.active_connections,
                 unread_connections: w.unread_connections,
+                requests_in_service: w.requests_in_service,
             }
         })
         .collect()
