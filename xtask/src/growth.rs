@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::bench::{ObserverDaemon, http_get, median, rss_mib, sampler_cost};
+use crate::daemon::{ObserverDaemon, http_get, median, rss_mib, sampler_cost};
 
 /// One row of the table.
 #[derive(Clone, Copy, Debug)]
