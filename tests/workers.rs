@@ -909,6 +909,46 @@ fn apache_children_not_accepting(status_port: u16) -> f64 {
         .count() as f64
 }
 
+/// 8 samples, 250 ms apart, of a pool's busy workers as two daemons see it
+/// (the first's bracketed by the truth); the second's alone.
+fn sample_two_daemons(
+    [first, second]: [&Daemon; 2],
+    port: u16,
+    truth: impl Fn() -> f64,
+) -> (Vec<Sample>, Vec<f64>) {
+    let both: Vec<(Sample, f64)> = (0..8)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(250));
+            let truth_before = truth();
+            let seen_first = pool_state(&first.scrape(), port, "busy");
+            let seen_second = pool_state(&second.scrape(), port, "busy");
+            let sample = Sample {
+                observer: seen_first,
+                truth_before,
+                truth_after: truth(),
+            };
+            (sample, seen_second)
+        })
+        .collect();
+    let (first, second): (Vec<Sample>, Vec<f64>) = both.into_iter().unzip();
+    println!("daemon started under load: {second:?}");
+    (first, second)
+}
+
+/// Two daemons' samples agree, but for at most one (scraped a moment apart).
+fn assert_agree(first: &[Sample], second: &[f64]) {
+    let disagree = first
+        .iter()
+        .zip(second)
+        .filter(|(a, b)| a.observer != **b)
+        .count();
+    assert!(
+        disagree <= 1,
+        "the two daemons disagree in {disagree} of {} samples",
+        second.len()
+    );
+}
+
 /// Apache's event MPM counts a child busy when every worker thread serves
 /// (it then stops accepting); observer agrees, sample by sample, with a
 /// daemon started at rest and with one started under saturation: both read
@@ -946,36 +986,15 @@ fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts(
     std::thread::sleep(Duration::from_millis(800));
     let under_load = Daemon::start();
     std::thread::sleep(Duration::from_millis(300));
-    let both: Vec<(Sample, f64)> = (0..8)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(250));
-            let truth_before = apache_children_not_accepting(status_port);
-            let first = pool_state(&at_rest.scrape(), server.port, "busy");
-            let second = pool_state(&under_load.scrape(), server.port, "busy");
-            let sample = Sample {
-                observer: first,
-                truth_before,
-                truth_after: apache_children_not_accepting(status_port),
-            };
-            (sample, second)
-        })
-        .collect();
+    let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, || {
+        apache_children_not_accepting(status_port)
+    });
     let (done, _) = finish_timed(heavy);
-    let (first, second): (Vec<Sample>, Vec<f64>) = both.into_iter().unzip();
-    println!("daemon started under load: {second:?}");
     assert_tracks(
         &first,
         "Apache event, 8 clients: busy children vs not accepting",
     );
-    let disagree = first
-        .iter()
-        .zip(&second)
-        .filter(|(a, b)| a.observer != **b)
-        .count();
-    assert!(
-        disagree <= 1,
-        "the two daemons disagree in {disagree} of 8 samples"
-    );
+    assert_agree(&first, &second);
     assert_eq!(
         median(observed(&first)),
         2.0,
@@ -983,6 +1002,30 @@ fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts(
     );
     assert_eq!(median(second), 2.0, "saturated, seen by the late daemon");
     assert_eq!(done, 8 * 12, "every request was served");
+}
+
+/// Apache prefork's accept mutex, 2 clients on 4 children: a daemon
+/// started under load reads the same busy children as one started at
+/// rest, sample by sample. A child waiting on the mutex is known idle in
+/// the pass where a fellow child holds it while it waits on the listeners.
+#[test]
+fn apache_prefork_accept_mutex_pool_reads_the_same_whenever_the_daemon_starts() {
+    let at_rest = Daemon::start();
+    let (server, status_port) = apache_prefork("pthread");
+    wait_for_idle_pool(&at_rest, server.port, 4.0);
+    let load = load_at(server.port, "/sleep", 2, 14, 0.4);
+    std::thread::sleep(Duration::from_millis(600));
+    let under_load = Daemon::start();
+    std::thread::sleep(Duration::from_millis(300));
+    let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, || {
+        apache_busy(status_port)
+    });
+    let done = finish(load);
+    assert_tracks(&first, "Apache prefork, 2 clients: busy vs mod_status");
+    assert_agree(&first, &second);
+    assert_eq!(median(observed(&first)), 2.0);
+    assert_eq!(median(second), 2.0);
+    assert_eq!(done, 2 * 14, "every request was served");
 }
 
 /// raindrops' view of a listener: connections being served ("active").
