@@ -110,7 +110,7 @@ fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
         );
     }
     ensure!(
-        o.epitem_ffd % 8 == 0,
+        o.epitem_ffd.is_multiple_of(8),
         "epitem.ffd is not 8-byte aligned (observer reads its file and fd at once)"
     );
     ensure!(
