@@ -76,32 +76,15 @@ impl Server {
     fn apache_event() -> Server {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("observer-explain-{port}"));
-        let d = dir.display();
-        let modules = "/usr/lib/apache2/modules";
-        let conf = format!(
-            "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
-             DefaultRuntimeDir {d}\n\
-             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
-             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
-             LoadModule alias_module {modules}/mod_alias.so\n\
-             LoadModule cgid_module {modules}/mod_cgid.so\n\
-             User www-data\nGroup www-data\nListen 127.0.0.1:{port}\n\
-             StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
-             MinSpareThreads 1\nMaxSpareThreads 4\nScriptSock {d}/cgisock\n\
-             ScriptAlias / {d}/sleep.cgi/\n"
+        let conf = support::apache_setup(
+            &dir,
+            "event",
+            "StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
+             MinSpareThreads 1\nMaxSpareThreads 4",
+            &[port],
         );
-        let cgi = "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
-        std::fs::create_dir_all(&dir).expect("apache dir");
-        std::fs::write(dir.join("httpd.conf"), conf).expect("httpd.conf");
-        std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
-        // The CGI must be executable by www-data.
-        let chmod = Command::new("chmod")
-            .args(["755", &d.to_string(), &format!("{d}/sleep.cgi")])
-            .status()
-            .expect("chmod");
-        assert!(chmod.success());
         let child = Command::new("apache2")
-            .args(["-f", &format!("{d}/httpd.conf"), "-DFOREGROUND"])
+            .args(["-f", &conf, "-DFOREGROUND"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -777,37 +777,26 @@ fn uwsgi_thunder_lock_waiters_are_idle_as_its_stats_server_says() {
 /// serialize accept with the accept mutex `mutex`), a CGI that sleeps, and
 /// mod_status on the second port.
 fn apache_prefork(mutex: &str) -> (Server, u16) {
+    apache(
+        "prefork",
+        &format!(
+            "StartServers 4\nMinSpareServers 4\nMaxSpareServers 4\nServerLimit 4\n\
+             MaxRequestWorkers 4\nMutex {mutex} default"
+        ),
+    )
+}
+
+/// Apache with `mpm` and `mpm_lines` (see `support::apache_setup`) on a
+/// free port, with mod_status on a second one (returned).
+fn apache(mpm: &str, mpm_lines: &str) -> (Server, u16) {
     let (port, status_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("observer-apache-{port}"));
-    let d = dir.display();
-    let modules = "/usr/lib/apache2/modules";
-    let conf = format!(
-        "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
-         DefaultRuntimeDir {d}\n\
-         LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so\n\
-         LoadModule authz_core_module {modules}/mod_authz_core.so\n\
-         LoadModule status_module {modules}/mod_status.so\n\
-         LoadModule alias_module {modules}/mod_alias.so\n\
-         LoadModule cgi_module {modules}/mod_cgi.so\n\
-         User www-data\nGroup www-data\n\
-         Listen 127.0.0.1:{port}\nListen 127.0.0.1:{status_port}\n\
-         StartServers 4\nMinSpareServers 4\nMaxSpareServers 4\nServerLimit 4\nMaxRequestWorkers 4\n\
-         Mutex {mutex} default\nExtendedStatus On\n\
-         ScriptAlias /sleep {d}/sleep.cgi\n\
-         <Location /server-status>\n  SetHandler server-status\n  Require all granted\n</Location>\n"
-    );
-    let cgi =
-        "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
-    let conf_path = format!("{d}/httpd.conf");
-    // The CGI must be executable by www-data before Apache starts.
-    std::fs::create_dir_all(&dir).expect("apache dir");
-    std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
-    run(Command::new("chmod").args(["755", &format!("{d}"), &format!("{d}/sleep.cgi")]));
+    let conf = support::apache_setup(&dir, mpm, mpm_lines, &[port, status_port]);
     let server = Server::start(
         "apache",
         port,
-        &[("httpd.conf", &conf)],
-        &["apache2", "-f", &conf_path, "-DFOREGROUND"],
+        &[],
+        &["apache2", "-f", &conf, "-DFOREGROUND"],
     );
     (server, status_port)
 }
@@ -861,38 +850,11 @@ fn apache_prefork_fcntl_and_flock_mutex_waiters_are_idle_as_mod_status_says() {
 /// /sleep, mod_status on a second port. A child's listener thread takes
 /// the listeners out of its pollset while both its worker threads serve.
 fn apache_event() -> (Server, u16) {
-    let (port, status_port) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("observer-apache-{port}"));
-    let d = dir.display();
-    let modules = "/usr/lib/apache2/modules";
-    let conf = format!(
-        "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
-         DefaultRuntimeDir {d}\n\
-         LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
-         LoadModule authz_core_module {modules}/mod_authz_core.so\n\
-         LoadModule status_module {modules}/mod_status.so\n\
-         LoadModule alias_module {modules}/mod_alias.so\n\
-         LoadModule cgid_module {modules}/mod_cgid.so\n\
-         User www-data\nGroup www-data\n\
-         Listen 127.0.0.1:{port}\nListen 127.0.0.1:{status_port}\n\
-         StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
-         MinSpareThreads 1\nMaxSpareThreads 4\nScriptSock {d}/cgisock\nExtendedStatus On\n\
-         ScriptAlias /sleep {d}/sleep.cgi\n\
-         <Location /server-status>\n  SetHandler server-status\n  Require all granted\n</Location>\n"
-    );
-    let cgi =
-        "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
-    let conf_path = format!("{d}/httpd.conf");
-    std::fs::create_dir_all(&dir).expect("apache dir");
-    std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
-    run(Command::new("chmod").args(["755", &format!("{d}"), &format!("{d}/sleep.cgi")]));
-    let server = Server::start(
-        "apache",
-        port,
-        &[("httpd.conf", &conf)],
-        &["apache2", "-f", &conf_path, "-DFOREGROUND"],
-    );
-    (server, status_port)
+    apache(
+        "event",
+        "StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
+         MinSpareThreads 1\nMaxSpareThreads 4",
+    )
 }
 
 /// mod_status's per-child table (event MPM): the children that say

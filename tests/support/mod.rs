@@ -573,3 +573,45 @@ pub fn until<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// An Apache httpd set up in `dir` for a test: its MPM `mpm` (`prefork`,
+/// `event`, `worker`) with `mpm_lines` (pool size, mutex), listening on
+/// loopback `ports` (the first serves, any other too), every path but
+/// mod_status's a CGI that sleeps for its query string's seconds, and
+/// mod_status at /server-status. Apache's own defaults stay, its
+/// `AcceptFilter http data` (TCP_DEFER_ACCEPT) included. Writes the
+/// configuration and the CGI (executable by `www-data`); returns the
+/// configuration's path.
+pub fn apache_setup(dir: &std::path::Path, mpm: &str, mpm_lines: &str, ports: &[u16]) -> String {
+    let d = dir.display();
+    let modules = "/usr/lib/apache2/modules";
+    // A threaded MPM runs CGIs through the cgid daemon.
+    let cgi_module = if mpm == "prefork" {
+        format!("LoadModule cgi_module {modules}/mod_cgi.so\n")
+    } else {
+        format!("LoadModule cgid_module {modules}/mod_cgid.so\nScriptSock {d}/cgisock\n")
+    };
+    let listens: String = ports
+        .iter()
+        .map(|port| format!("Listen 127.0.0.1:{port}\n"))
+        .collect();
+    let conf = format!(
+        "ServerRoot {d}\nServerName 127.0.0.1\nPidFile {d}/httpd.pid\nErrorLog {d}/error.log\n\
+         DefaultRuntimeDir {d}\n\
+         LoadModule mpm_{mpm}_module {modules}/mod_mpm_{mpm}.so\n\
+         LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+         LoadModule status_module {modules}/mod_status.so\n\
+         LoadModule alias_module {modules}/mod_alias.so\n\
+         {cgi_module}User www-data\nGroup www-data\n{listens}{mpm_lines}\nExtendedStatus On\n\
+         ScriptAliasMatch ^/(?!server-status) {d}/sleep.cgi\n\
+         <Location /server-status>\n  SetHandler server-status\n  Require all granted\n</Location>\n"
+    );
+    let cgi =
+        "#!/bin/sh\nsleep \"$QUERY_STRING\"\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n";
+    std::fs::create_dir_all(dir).expect("apache dir");
+    std::fs::write(dir.join("sleep.cgi"), cgi).expect("cgi");
+    let conf_path = dir.join("httpd.conf");
+    std::fs::write(&conf_path, conf).expect("httpd.conf");
+    run_ok(Command::new("chmod").args(["755", &d.to_string(), &format!("{d}/sleep.cgi")]));
+    conf_path.display().to_string()
+}
