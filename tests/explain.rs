@@ -40,33 +40,16 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("observer-explain-{port}"));
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("app.py"), WSGI_APP).expect("app.py");
-        let child = Command::new("gunicorn")
-            .args([
-                "-w",
-                &workers.to_string(),
-                "-b",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--backlog", "64", "app:app"])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start gunicorn (cargo xtask setup installs it)");
-        let server = Server { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ss_listen_queues(port).is_empty()
-            || children_of(server.pid()).len() < workers as usize
-        {
-            assert!(
-                Instant::now() < deadline,
-                "gunicorn did not start on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+        let mut cmd = Command::new("gunicorn");
+        cmd.args([
+            "-w",
+            &workers.to_string(),
+            "-b",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--backlog", "64", "app:app"])
+        .current_dir(&dir);
+        Self::spawn("gunicorn", cmd, port, dir, workers as usize)
     }
 
     /// Apache httpd with Debian's default MPM (event) and Apache's default
@@ -83,18 +66,25 @@ impl Server {
              MinSpareThreads 1\nMaxSpareThreads 4",
             &[port],
         );
-        let child = Command::new("apache2")
-            .args(["-f", &conf, "-DFOREGROUND"])
+        let mut cmd = Command::new("apache2");
+        cmd.args(["-f", &conf, "-DFOREGROUND"]);
+        Self::spawn("apache2", cmd, port, dir, 2)
+    }
+
+    /// Starts `cmd` as its own process group and waits until it listens on
+    /// `port` with at least `workers` children.
+    fn spawn(name: &str, mut cmd: Command, port: u16, dir: PathBuf, workers: usize) -> Server {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
-            .expect("start apache2 (cargo xtask setup installs it)");
+            .unwrap_or_else(|e| panic!("start {name} (cargo xtask setup installs it): {e}"));
         let server = Server { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ss_listen_queues(port).is_empty() || server.workers().len() < 2 {
-            assert!(Instant::now() < deadline, "apache did not start on {port}");
+        while ss_listen_queues(port).is_empty() || server.workers().len() < workers {
+            assert!(Instant::now() < deadline, "{name} did not start on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
         server
