@@ -177,3 +177,84 @@ fn collectors_turned_off_leave_their_families_out_and_the_rest_exact() {
     );
     drop((clients, waiting));
 }
+
+/// `run_cnt` of the loaded program named `name`, as `bpftool` reads the
+/// kernel's counter (the daemon's programs are the only ones named so).
+fn bpftool_run_count(name: &str) -> f64 {
+    let out = support::run(std::process::Command::new("bpftool").args(["-j", "prog", "show"]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == name)
+        .filter_map(|p| p["run_cnt"].as_u64())
+        .sum::<u64>() as f64
+}
+
+/// The program that counts accepts for the source in use.
+fn accept_program(m: &Metrics) -> &'static str {
+    let source = ["fexit", "kprobe", "tracepoint"]
+        .into_iter()
+        .find(|s| {
+            m.get("observer_build_info", &[("accept_source", s)])
+                .is_some()
+        })
+        .unwrap_or_else(|| panic!("no accept source in observer_build_info:\n{}", m.text));
+    match source {
+        "fexit" => "accept_fexit",
+        "kprobe" => "accept_kretprobe",
+        _ => "accept_exit",
+    }
+}
+
+/// observer's own cost, live: without `--collector.program-stats` (and
+/// with the kernel's BPF statistics off) there are no per-program series;
+/// with it, each program's runs and run time, which for the accept program
+/// lie between what `bpftool` reads of the same kernel counter just before
+/// and just after the scrape, and cover the test's 5 accepts.
+#[test]
+fn program_stats_are_the_kernels_own_counters_when_asked_for() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let plain = Daemon::start();
+    let m = plain.scrape();
+    let stats_were_on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .is_ok_and(|v| v.trim() == "1");
+    if !stats_were_on {
+        assert!(
+            m.get("observer_program_runs_total", &[]).is_none(),
+            "program series without the flag:\n{}",
+            m.text
+        );
+    }
+    drop(plain);
+
+    let daemon = Daemon::start_with(&["--collector.program-stats"]);
+    let _clients: Vec<TcpStream> = (0..5).map(|_| one_accepted(&listener)).collect();
+    let program = accept_program(&daemon.scrape());
+    let before = bpftool_run_count(program);
+    let m = daemon.scrape();
+    let after = bpftool_run_count(program);
+    let runs = m
+        .get("observer_program_runs_total", &[("program", program)])
+        .unwrap_or_else(|| panic!("no runs for {program}:\n{}", m.text));
+    let seconds = m
+        .get(
+            "observer_program_run_seconds_total",
+            &[("program", program)],
+        )
+        .expect("run seconds");
+    println!("{program}: bpftool {before}..{after}, observer {runs} runs in {seconds} s");
+    assert!(runs >= 5.0, "at least the test's accepts: {runs}");
+    assert!(
+        before <= runs && runs <= after,
+        "{before} <= {runs} <= {after}"
+    );
+    assert!(seconds > 0.0);
+    let holders = m
+        .get("observer_program_runs_total", &[("program", "holders")])
+        .expect("the holder walk's program");
+    assert!(
+        holders >= 1.0,
+        "the holder walk ran at each scrape: {holders}"
+    );
+}

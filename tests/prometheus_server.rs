@@ -135,7 +135,8 @@ fn verdicts(prom: u16, port: u16) -> Vec<String> {
 
 #[test]
 fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_returns_data() {
-    let daemon = Daemon::start();
+    // Program stats on: the dashboard's cost panel charts them.
+    let daemon = Daemon::start_with(&["--collector.program-stats"]);
     let dir = std::env::temp_dir().join(format!("observer-prom-app-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("app.py"), "import time\ndef app(e, start_response):\n    time.sleep(0.5)\n    start_response('200 OK', [])\n    return [b'ok']\n").expect("app");

@@ -42,6 +42,21 @@ pub struct CollectorOptions {
     /// own, observer_listen_socket_*.
     #[arg(long = "no-collector.sockets", overrides_with = "sockets")]
     no_sockets: bool,
+    /// Export what observer's own eBPF programs cost:
+    /// observer_program_runs_total and observer_program_run_seconds_total,
+    /// from the kernel's per-program counters. Off by default: it turns the
+    /// kernel's BPF run-time statistics on while the daemon runs
+    /// (BPF_ENABLE_STATS), which adds two clock reads to every run of every
+    /// BPF program on the host. Where they are on already
+    /// (kernel.bpf_stats_enabled=1) the series are exported without it.
+    #[arg(long = "collector.program-stats", overrides_with = "no_program_stats")]
+    program_stats: bool,
+    #[arg(
+        long = "no-collector.program-stats",
+        overrides_with = "program_stats",
+        hide = true
+    )]
+    no_program_stats: bool,
     /// Keep only listeners matching one of these selectors (comma-separated
     /// or repeated): port:8000, port:8000-8099, addr:127.0.0.1,
     /// path:/run/php/*.sock (a glob over the path as ss -lx prints it;
@@ -75,6 +90,7 @@ impl CollectorOptions {
             workers: !self.no_workers,
             wait_histogram: !self.no_wait_histogram,
             sockets: !self.no_sockets,
+            program_stats: self.program_stats,
             filter: ListenerFilter {
                 include: self.include.clone(),
                 exclude: self.exclude.clone(),
@@ -89,6 +105,9 @@ pub struct Collectors {
     pub workers: bool,
     pub wait_histogram: bool,
     pub sockets: bool,
+    /// Turn the kernel's BPF run-time statistics on (see
+    /// `--collector.program-stats`).
+    pub program_stats: bool,
     pub filter: ListenerFilter,
 }
 

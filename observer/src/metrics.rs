@@ -778,6 +778,30 @@ pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
     for (program, _) in &d.program_errors {
         f.sample(&Labels::default().with("program", program), 1.0);
     }
+    if let Some(costs) = &d.program_costs {
+        let mut f = text.family(
+            "observer_program_runs_total",
+            "Runs of each of observer's eBPF programs since it was loaded, as the kernel counts them (while BPF run-time statistics are on: --collector.program-stats or kernel.bpf_stats_enabled=1).",
+            Counter,
+        );
+        for c in costs {
+            f.sample(
+                &Labels::default().with("program", &c.program),
+                c.runs as f64,
+            );
+        }
+        let mut f = text.family(
+            "observer_program_run_seconds_total",
+            "Time spent running each of observer's eBPF programs since it was loaded, as the kernel counts it (the same condition).",
+            Counter,
+        );
+        for c in costs {
+            f.sample(
+                &Labels::default().with("program", &c.program),
+                c.run_seconds,
+            );
+        }
+    }
     let mut f = text.family(
         "observer_kernel_events_lost_total",
         "Kernel events the eBPF programs could not count, by reason (e.g. a full map).",

@@ -45,6 +45,9 @@ pub struct DaemonHealth {
     pub kernel_events_lost: Vec<(&'static str, u64)>,
     /// The thread sampler's own cost; `None` where it cannot run.
     pub sampler: Option<SamplerCost>,
+    /// What each of observer's programs cost; `None` while the kernel's
+    /// BPF run-time statistics are off (see `--collector.program-stats`).
+    pub program_costs: Option<Vec<probes::ProgramCost>>,
     pub collect_errors: u64,
     pub last_collect_seconds: f64,
     /// Where the last collection spent its time, stage by stage (and the
@@ -161,6 +164,9 @@ pub struct Pipeline {
     /// `None` where this kernel cannot run the thread sampler.
     sampler: Option<Arc<Mutex<ThreadSampler>>>,
     tcp_walk: TcpWalk,
+    /// Held while `--collector.program-stats` keeps the kernel's BPF
+    /// run-time statistics on.
+    run_time_stats: Option<std::os::fd::OwnedFd>,
     pub health: DaemonHealth,
 }
 
@@ -190,14 +196,25 @@ impl Pipeline {
                 None
             }
         };
+        let mut program_errors: Vec<(String, String)> = probes
+            .attach_errors
+            .iter()
+            .map(|e| (e.program.to_owned(), e.message.clone()))
+            .collect();
+        let run_time_stats = if collectors.program_stats {
+            probes::enable_run_time_stats()
+                .inspect_err(|e| {
+                    log::warn!("{e:#}");
+                    program_errors.push(("program-stats".into(), format!("{e:#}")));
+                })
+                .ok()
+        } else {
+            None
+        };
         let health = DaemonHealth {
             accept_source: probes.accept_source.name().to_owned(),
             lockdown: host::lockdown().label(),
-            program_errors: probes
-                .attach_errors
-                .iter()
-                .map(|e| (e.program.to_owned(), e.message.clone()))
-                .collect(),
+            program_errors,
             ..Default::default()
         };
         let aggregator = Aggregator::new(
@@ -216,6 +233,7 @@ impl Pipeline {
             started: Instant::now(),
             sampler,
             tcp_walk: TcpWalk::default(),
+            run_time_stats,
             health,
         };
         pipeline.collect().context("first collection")?;
@@ -290,6 +308,8 @@ impl Pipeline {
             listeners.mark_traffic(id);
         }
         self.health.kernel_events_lost = view.kernel_events_lost;
+        let stats_on = self.run_time_stats.is_some() || procfs::bpf_stats_enabled();
+        self.health.program_costs = stats_on.then(|| self.probes.program_costs());
         let containers = st.time("containers", || {
             self.containers.retain(procfs::process_is_alive);
             listeners

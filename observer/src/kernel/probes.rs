@@ -96,6 +96,22 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
     (out, started.elapsed().as_secs_f64())
 }
 
+/// What one of observer's programs cost, since it was loaded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs: u64,
+    pub run_seconds: f64,
+}
+
+/// Turns the kernel's BPF run-time statistics on for as long as the
+/// returned fd is held.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+        anyhow!("turning BPF run-time statistics on (BPF_ENABLE_STATS, Linux 5.8+): {e}")
+    })
+}
+
 /// A program that could not be attached but was not essential.
 #[derive(Clone, Debug)]
 pub struct AttachError {
@@ -339,6 +355,23 @@ impl Probes {
             .and_then(|text| fdinfo_field(&text, "recursion_misses"))
             .unwrap_or(0);
         recursion_misses + kretprobe_missed
+    }
+
+    /// Each loaded program's runs and run time, as the kernel counts them
+    /// while BPF statistics are on (`kernel.bpf_stats_enabled`, or a
+    /// `BPF_ENABLE_STATS` fd held; both counters stay 0 otherwise).
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramCost {
+                    program: name.to_owned(),
+                    runs: info.run_count(),
+                    run_seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect()
     }
 
     /// Totals of the programs' health counters, indexed by [`Health`].

@@ -171,6 +171,12 @@ pub fn function_ranges(kallsyms: &str, names: &[&str]) -> Result<Vec<Option<[u64
         .collect())
 }
 
+/// Whether `kernel.bpf_stats_enabled` is on: the kernel then counts every
+/// BPF program's runs and run time.
+pub fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
