@@ -106,6 +106,15 @@ fn ss_sk_drops(ns: &Netns, port: u16) -> f64 {
         .unwrap_or_else(|| panic!("no d<N> in ss -m: {out}"))
 }
 
+/// Whether `observer doctor` says a listener's discarded segments are
+/// counted (its `drops` line is ok).
+fn discards_counted() -> bool {
+    let out = support::run(Command::new(support::observer_bin()).arg("doctor"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("ok   drops"))
+}
+
 #[test]
 fn a_deferred_accept_listener_counts_no_drop_for_its_discarded_acks_and_each_real_one() {
     let daemon = Daemon::start();
@@ -152,10 +161,16 @@ fn a_deferred_accept_listener_counts_no_drop_for_its_discarded_acks_and_each_rea
     });
     server.join().expect("server");
     let (drops_after, deferred_after, sk_drops_after) = counters();
-    let observed = daemon
-        .scrape()
-        .get("observer_listen_drops_total", &labels)
-        .expect("drops series");
+    let Some(observed) = daemon.scrape().get("observer_listen_drops_total", &labels) else {
+        // Where the kernel cannot tell them apart (kfree_skb without
+        // rx_sk, before 6.11), nothing is exported rather than a false
+        // drop per connection: doctor says so.
+        assert!(
+            !discards_counted(),
+            "doctor says drops are counted, yet no series"
+        );
+        return;
+    };
     println!(
         "served {answered}: observer drops {observed}, ListenDrops +{}, TCPDeferAcceptDrop +{}, sk_drops +{}",
         drops_after - drops_before,

@@ -845,16 +845,32 @@ fn apache_prefork_fcntl_and_flock_mutex_waiters_are_idle_as_mod_status_says() {
     apache_pool_tracks_mod_status("flock");
 }
 
-/// Apache httpd with its event MPM (Debian's default) and Apache's default
-/// `AcceptFilter http data`: 2 children × 2 worker threads, a CGI at
-/// /sleep, mod_status on a second port. A child's listener thread takes
-/// the listeners out of its pollset while both its worker threads serve.
-fn apache_event() -> (Server, u16) {
+/// Apache httpd with a threaded MPM (`event`, Debian's default, or
+/// `worker`) and Apache's default `AcceptFilter http data`: 2 children × 2
+/// worker threads, a CGI at /sleep, mod_status on a second port.
+fn apache_threaded(mpm: &str) -> (Server, u16) {
     apache(
-        "event",
-        "StartServers 2\nServerLimit 2\nThreadsPerChild 2\nMaxRequestWorkers 4\n\
+        mpm,
+        "StartServers 2\nServerLimit 2\nThreadsPerChild 2\nThreadLimit 2\nMaxRequestWorkers 4\n\
          MinSpareThreads 1\nMaxSpareThreads 4",
     )
+}
+
+/// mod_status' scoreboard (`?auto`): the children (a slot of `ThreadLimit`
+/// characters each) none of whose threads waits for a connection ('_');
+/// a slot of '.' only has no child.
+fn apache_children_without_a_waiting_thread(status_port: u16) -> f64 {
+    let Some(page) = http_get(status_port, "/server-status?auto") else {
+        return -1.0;
+    };
+    let Some(board) = page.lines().find_map(|l| l.strip_prefix("Scoreboard: ")) else {
+        return -1.0;
+    };
+    board
+        .as_bytes()
+        .chunks(2)
+        .filter(|child| !child.contains(&b'_') && child.iter().any(|c| *c != b'.'))
+        .count() as f64
 }
 
 /// mod_status's per-child table (event MPM): the children that say
@@ -918,44 +934,60 @@ fn assert_agree(first: &[Sample], second: &[f64]) {
 /// listener now), not what they saw before.
 #[test]
 fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts() {
-    let at_rest = Daemon::start();
-    let (server, status_port) = apache_event();
-    wait_for_idle_pool(&at_rest, server.port, 2.0);
-    assert_eq!(apache_children_not_accepting(status_port), 0.0);
+    let (server, status_port) = apache_threaded("event");
+    threaded_children_busy_whenever_the_daemon_starts(&server, "Apache event", || {
+        apache_children_not_accepting(status_port)
+    });
+}
 
-    // One client: one thread of one child serves; both children accept.
+/// Apache's worker MPM: a child's listener thread waits for an idle worker
+/// thread before it polls the listeners, so a child whose threads all serve
+/// waits elsewhere. Truth: mod_status' scoreboard, a child busy when none
+/// of its thread slots is waiting ('_').
+#[test]
+fn apache_worker_children_are_busy_when_every_thread_serves_whenever_the_daemon_starts() {
+    let (server, status_port) = apache_threaded("worker");
+    threaded_children_busy_whenever_the_daemon_starts(&server, "Apache worker", || {
+        apache_children_without_a_waiting_thread(status_port)
+    });
+}
+
+/// 2 threaded children × 2 worker threads under 1 client (a free thread in
+/// each child: 0 busy, or 1 while the status request itself fills one),
+/// then 8 (both busy), read by a daemon started at rest and by one started
+/// under the saturation, against `busy_children`.
+fn threaded_children_busy_whenever_the_daemon_starts(
+    server: &Server,
+    what: &str,
+    busy_children: impl Fn() -> f64,
+) {
+    let at_rest = Daemon::start();
+    wait_for_idle_pool(&at_rest, server.port, 2.0);
+    assert_eq!(busy_children(), 0.0, "{what} at rest");
+
     let light = load_at(server.port, "/sleep", 1, 8, 0.4);
     std::thread::sleep(Duration::from_millis(600));
     let samples = sample(
         6,
         Duration::from_millis(200),
         || pool_state(&at_rest.scrape(), server.port, "busy"),
-        || apache_children_not_accepting(status_port),
+        &busy_children,
     );
     finish(light);
-    assert_tracks(
-        &samples,
-        "Apache event, 1 client: busy children vs not accepting",
-    );
+    assert_tracks(&samples, &format!("{what}, 1 client: busy children"));
     assert_eq!(
         median(observed(&samples)),
         0.0,
         "a free thread in each child"
     );
 
-    // Eight clients on four threads: both children stop accepting.
     let heavy = load_at(server.port, "/sleep", 8, 12, 0.4);
     std::thread::sleep(Duration::from_millis(800));
     let under_load = Daemon::start();
     std::thread::sleep(Duration::from_millis(300));
-    let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, || {
-        apache_children_not_accepting(status_port)
-    });
+    let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, &busy_children);
     let (done, _) = finish_timed(heavy);
-    assert_tracks(
-        &first,
-        "Apache event, 8 clients: busy children vs not accepting",
-    );
+    assert_tracks(&first, &format!("{what}, 8 clients: busy children"));
     assert_agree(&first, &second);
     assert_eq!(
         median(observed(&first)),
