@@ -82,7 +82,7 @@ fn the_unit_passes_systemd_analyze_verify() {
 #[test]
 fn with_exactly_the_units_capabilities_an_unprivileged_daemon_reports_a_real_pool() {
     let caps = unit_capabilities();
-    assert_eq!(caps.len(), 4, "{caps:?}");
+    assert_eq!(caps.len(), 5, "{caps:?}");
     let dir = std::env::temp_dir().join(format!("observer-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("app.py"), APP).expect("app");
@@ -145,10 +145,14 @@ fn with_exactly_the_units_capabilities_an_unprivileged_daemon_reports_a_real_poo
     assert_eq!(pool(&busy, "busy"), Some(1.0), "{}", busy.text);
 }
 
+/// The unit's one optional capability: without it the daemon runs, and
+/// only the drops of TCP_DEFER_ACCEPT listeners go unexported.
+const OPTIONAL: &str = "CAP_SYSLOG";
+
 #[test]
-fn with_any_one_capability_fewer_the_daemon_names_it_and_refuses() {
+fn with_any_one_required_capability_fewer_the_daemon_names_it_and_refuses() {
     let caps = unit_capabilities();
-    for dropped in &caps {
+    for dropped in caps.iter().filter(|c| *c != OPTIONAL) {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
         let out = run(Command::new("setpriv")
             .args(as_nobody_with(&fewer))
@@ -163,6 +167,45 @@ fn with_any_one_capability_fewer_the_daemon_names_it_and_refuses() {
             "without {dropped}: {stderr}"
         );
     }
+}
+
+/// `observer doctor` as the unit's user, with `caps`.
+fn doctor_as_nobody_with(caps: &[String]) -> (Option<i32>, String) {
+    let out = run(Command::new("setpriv")
+        .args(as_nobody_with(caps))
+        .arg(observer_bin())
+        .arg("doctor"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn without_the_optional_capability_doctor_says_what_it_costs_and_serve_can_run() {
+    let caps = unit_capabilities();
+    assert!(caps.iter().any(|c| c == OPTIONAL), "{caps:?}");
+    let (code, all) = doctor_as_nobody_with(&caps);
+    assert_eq!(code, Some(0), "{all}");
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line:\n{text}"))
+            .to_owned()
+    };
+    assert!(line(&all, "privileges").contains(OPTIONAL), "{all}");
+    let fewer: Vec<String> = caps.iter().filter(|c| *c != OPTIONAL).cloned().collect();
+    let (code, without) = doctor_as_nobody_with(&fewer);
+    assert_eq!(code, Some(0), "serve can still run:\n{without}");
+    assert!(
+        line(&without, "privileges").contains(&format!("without {OPTIONAL}")),
+        "{without}"
+    );
+    let drops = line(&without, "drops");
+    assert!(
+        drops.starts_with("warn") && drops.contains(OPTIONAL),
+        "{without}"
+    );
 }
 
 #[test]

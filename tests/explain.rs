@@ -408,7 +408,14 @@ fn a_lightly_loaded_apache_with_its_default_accept_filter_is_healthy_not_overflo
     println!("apache, light load:\n{}", evidence(e));
     assert_eq!(kind(e), "healthy", "{e:#}");
     assert!(e["window"]["accepts"].as_u64().unwrap_or(0) >= 10, "{e:#}");
-    assert_eq!(e["window"]["drops"].as_u64(), Some(0), "{e:#}");
+    if support::doctor_says_drops_counted() {
+        assert_eq!(e["window"]["drops"].as_u64(), Some(0), "{e:#}");
+    } else {
+        assert!(
+            e["window"]["drops"].is_null(),
+            "no drops, not false ones: {e:#}"
+        );
+    }
 }
 
 #[test]

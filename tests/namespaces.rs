@@ -106,15 +106,6 @@ fn ss_sk_drops(ns: &Netns, port: u16) -> f64 {
         .unwrap_or_else(|| panic!("no d<N> in ss -m: {out}"))
 }
 
-/// Whether `observer doctor` says a listener's discarded segments are
-/// counted (its `drops` line is ok).
-fn discards_counted() -> bool {
-    let out = support::run(Command::new(support::observer_bin()).arg("doctor"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("ok   drops"))
-}
-
 #[test]
 fn a_deferred_accept_listener_counts_no_drop_for_its_discarded_acks_and_each_real_one() {
     let daemon = Daemon::start();
@@ -166,7 +157,7 @@ fn a_deferred_accept_listener_counts_no_drop_for_its_discarded_acks_and_each_rea
         // rx_sk, before 6.11), nothing is exported rather than a false
         // drop per connection: doctor says so.
         assert!(
-            !discards_counted(),
+            !support::doctor_says_drops_counted(),
             "doctor says drops are counted, yet no series"
         );
         return;

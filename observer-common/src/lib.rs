@@ -303,8 +303,8 @@ pub struct ListenerRecord {
     pub syn_queue_len: u32,
     /// Connections this listener dropped: its `sk_drops` less the
     /// segments counted in [`ListenDiscards`] (which are no lost
-    /// connection), read in that order so that the difference never goes
-    /// below zero.
+    /// connection), read in that order (each discard follows its own
+    /// `sk_drops` increment) and subtracted without going below zero.
     pub drops: u32,
     /// Inode of the socket (`socket:[N]` in /proc/PID/fd), 0 if orphaned.
     pub inode: u64,
@@ -349,7 +349,7 @@ pub struct DiscardSites {
 }
 
 /// Number of code ranges in [`DiscardSites`].
-pub const DISCARD_SITES_UNCOUNTED: usize = 4;
+pub const DISCARD_SITES_UNCOUNTED: usize = 8;
 
 /// Byte offsets of the kernel struct fields the programs read, resolved by the
 /// daemon from the running kernel's BTF and written into the programs'
@@ -545,7 +545,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AcceptKey>(), 32);
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 64);
         assert_eq!(core::mem::size_of::<ListenDiscards>(), 16);
-        assert_eq!(core::mem::size_of::<DiscardSites>(), 72);
+        assert_eq!(core::mem::size_of::<DiscardSites>(), 136);
         assert_eq!(core::mem::size_of::<HolderRecord>(), 104);
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 136);

@@ -17,6 +17,7 @@
 //! it returns at once unless the packet was received on a listening socket.
 use core::ffi::c_void;
 
+use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
 use observer_common::{DiscardSites, ListenDiscards, TCP_LISTEN};
 
 use crate::{
@@ -68,6 +69,8 @@ pub unsafe extern "C" fn listen_discards(ctx: *mut c_void) -> i32 {
         }
         i += 1;
     }
+    // Copied out as plain numbers: arithmetic on the typed arguments would
+    // be pointer arithmetic to the verifier.
     count(sk, segments(arg(ARG_SKB)));
     0
 }
@@ -75,6 +78,9 @@ pub unsafe extern "C" fn listen_discards(ctx: *mut c_void) -> i32 {
 /// What `sk_drops` went up by for this packet: its GSO segments, at least 1.
 #[inline(always)]
 fn segments(skb: u64) -> u64 {
+    if skb == 0 {
+        return 1;
+    }
     let off = offsets();
     let head = read_ptr(skb, off.skb_head).unwrap_or(0);
     let end = read::<u32>(skb, off.skb_end).unwrap_or(0) as u64;
@@ -92,16 +98,26 @@ fn count(sk: u64, segments: u64) {
     let inode = read_ptr(sk, off.sk_socket)
         .and_then(|socket| read::<u64>(socket, off.socket_alloc_vfs_inode + off.inode_i_ino))
         .unwrap_or(0);
-    if let Some(entry) = LISTEN_DISCARDS.get_ptr_mut(sk) {
-        // SAFETY: a live map value (the map is RCU-protected for this run).
-        if unsafe { (*entry).inode } == inode {
-            // SAFETY: as above; other CPUs add to it at the same time.
-            unsafe { atomic_add(&raw mut (*entry).segments, segments) };
-            return;
+    let fresh = ListenDiscards { segments: 0, inode };
+    let entry = match LISTEN_DISCARDS.get_ptr_mut(sk) {
+        // SAFETY: a live map value (RCU keeps it for this run).
+        Some(entry) if unsafe { (*entry).inode } == inode => entry,
+        found => {
+            // New: another CPU inserting first makes NOEXIST fail, and both
+            // add to its entry below. An address a closed listener left:
+            // start over from zero.
+            let flags = if found.is_some() {
+                BPF_EXIST
+            } else {
+                BPF_NOEXIST
+            };
+            let _ = LISTEN_DISCARDS.insert(sk, fresh, flags as u64);
+            match LISTEN_DISCARDS.get_ptr_mut(sk) {
+                Some(entry) => entry,
+                None => return,
+            }
         }
-    }
-    // New, or an address a closed listener left: start over. Another CPU
-    // inserting at the same time loses one count to this one, at worst.
-    let fresh = ListenDiscards { segments, inode };
-    let _ = LISTEN_DISCARDS.insert(sk, fresh, 0);
+    };
+    // SAFETY: a live map value; other CPUs add to it at the same time.
+    unsafe { atomic_add(&raw mut (*entry).segments, segments) };
 }

@@ -309,10 +309,10 @@ pub fn tcp_listen_figures(sk: u64, inode: u64, off: &KernelOffsets) -> ListenFig
 /// cannot go below zero.
 #[inline(always)]
 fn listen_drops(sk: u64, inode: u64, off: &KernelOffsets) -> u32 {
-    // SAFETY: a copy of the entry is taken at once; a racing update only
-    // makes it one event older.
     let discarded = match LISTEN_DISCARDS.get_ptr(sk) {
         Some(entry) => {
+            // SAFETY: a live map value (RCU keeps it for this run), copied
+            // at once; a racing update only makes the copy one event older.
             let entry = unsafe { core::ptr::read_volatile(entry) };
             if entry.inode == inode {
                 entry.segments
@@ -322,9 +322,12 @@ fn listen_drops(sk: u64, inode: u64, off: &KernelOffsets) -> u32 {
         }
         None => 0,
     };
+    // Saturating: a discard that reached no `sk_drops` (a freeing site this
+    // kernel has that the daemon did not resolve) must not wrap into 4
+    // billion drops; it shows as fewer drops instead.
     read::<u32>(sk, off.sk_drops)
         .unwrap_or(0)
-        .wrapping_sub(discarded as u32)
+        .saturating_sub(discarded as u32)
 }
 
 /// `sk_ack_backlog` and `sk_max_ack_backlog`: in one read where they are

@@ -240,9 +240,11 @@ fn epoll_listeners(task: u64, fds: &WorkerFds, epfd: u64) -> u32 {
         let Some(file) = file_at(fd as u64) else {
             continue;
         };
-        checked = true;
-        if tree_holds(root, file, fd, &off) {
-            return EPOLL_WATCHES_LISTENER;
+        match tree_holds(root, file, fd, &off) {
+            Some(true) => return EPOLL_WATCHES_LISTENER,
+            Some(false) => checked = true,
+            // A read failed, or the tree is deeper than searched: unknown.
+            None => return EPOLL_UNCHECKED,
         }
     }
     if checked {
@@ -252,28 +254,27 @@ fn epoll_listeners(task: u64, fds: &WorkerFds, epfd: u64) -> u32 {
     }
 }
 
-/// Whether the epoll tree under `node` has an item for (`file`, `fd`).
+/// Whether the epoll tree under `node` has an item for (`file`, `fd`);
+/// `None` when a read fails or the search runs past its depth.
 #[inline(always)]
-fn tree_holds(mut node: u64, file: u64, fd: i32, off: &KernelOffsets) -> bool {
+fn tree_holds(mut node: u64, file: u64, fd: i32, off: &KernelOffsets) -> Option<bool> {
     for _ in 0..EPOLL_TREE_DEPTH {
         if node == 0 {
-            return false;
+            return Some(false);
         }
         let item = node - off.epitem_rbn as u64;
         // epoll_filefd: the file pointer, then the fd (an int).
-        let Some([item_file, item_fd]) = read::<[u64; 2]>(item, off.epitem_ffd) else {
-            return false;
-        };
+        let [item_file, item_fd] = read::<[u64; 2]>(item, off.epitem_ffd)?;
         let order = if file != item_file {
             (file > item_file) as i32 * 2 - 1
         } else {
             fd.wrapping_sub(item_fd as u32 as i32)
         };
         if order == 0 {
-            return true;
+            return Some(true);
         }
         let child = if order < 0 { off.rb_left } else { off.rb_right };
-        node = read::<u64>(node, child).unwrap_or(0);
+        node = read::<u64>(node, child)?;
     }
-    false
+    None
 }

@@ -103,7 +103,7 @@ pub struct ListenerView {
     pub waits_known: bool,
     /// Whether `drops` counts this listener's lost connections: TCP, where
     /// none of its sockets defers accept or where observer counts their
-    /// discarded bare ACKs (`Probes::listen_discards_counted`); never for
+    /// discarded bare ACKs (`Probes::listen_discards` is `Ok`); never for
     /// Unix listeners (a full Unix queue makes clients wait in connect() or
     /// fail with EAGAIN, counted nowhere).
     pub drops_known: bool,

@@ -574,6 +574,16 @@ pub fn until<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// Whether `observer doctor` says a listener's discarded segments are
+/// counted (its `drops` line is ok: Linux 6.11+ with CAP_SYSLOG), so that a
+/// TCP_DEFER_ACCEPT listener has a drops series.
+pub fn doctor_says_drops_counted() -> bool {
+    let out = run(Command::new(observer_bin()).arg("doctor"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("ok   drops"))
+}
+
 /// An Apache httpd set up in `dir` for a test: its MPM `mpm` (`prefork`,
 /// `event`, `worker`) with `mpm_lines` (pool size, mutex), listening on
 /// loopback `ports` (the first serves, any other too), every path but

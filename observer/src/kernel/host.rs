@@ -9,6 +9,7 @@ const CAP_DAC_OVERRIDE: u32 = 1;
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -50,6 +51,25 @@ const REQUIREMENTS: &[(&str, &[u32], &str)] = &[
         "to read tracefs and other users' /proc entries",
     ),
 ];
+
+/// What the daemon uses where it has it, and does without otherwise (with
+/// a `doctor` line saying what that costs).
+const OPTIONAL: &[(&str, &[u32], &str)] = &[(
+    "CAP_SYSLOG",
+    &[CAP_SYSLOG],
+    "to read kernel addresses in /proc/kallsyms: telling the bare ACKs a TCP_DEFER_ACCEPT \
+     listener discards from real drops",
+)];
+
+/// The optional capabilities (with their purpose) that this process lacks.
+pub fn missing_optional_capabilities() -> Result<Vec<(&'static str, &'static str)>> {
+    let caps = effective_capabilities()?;
+    Ok(OPTIONAL
+        .iter()
+        .filter(|(_, any_of, _)| !any_of.iter().any(|cap| caps & (1 << cap) != 0))
+        .map(|(name, _, why)| (*name, *why))
+        .collect())
+}
 
 /// The capabilities (with their purpose) that this process lacks.
 pub fn missing_capabilities() -> Result<Vec<(&'static str, &'static str)>> {

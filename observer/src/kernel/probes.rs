@@ -522,17 +522,23 @@ const UNIX_FEXIT_PROGRAM: &str = "accept_unix_fexit";
 
 /// The kernel functions whose `kfree_skb` events on a listener follow no
 /// `sk_drops` increment: its own receive path and the syncookie check (see
-/// observer-ebpf's `discards.rs`).
+/// observer-ebpf's `discards.rs`), and the parts of them a compiler may
+/// have split off (`.cold`).
 const UNCOUNTED_DISCARD_FUNCTIONS: [&str; DISCARD_SITES_UNCOUNTED] = [
     "tcp_v4_do_rcv",
     "tcp_v6_do_rcv",
     "cookie_v4_check",
     "cookie_v6_check",
+    "tcp_v4_do_rcv.cold",
+    "tcp_v6_do_rcv.cold",
+    "cookie_v4_check.cold",
+    "cookie_v6_check.cold",
 ];
 
 /// Where `listen_discards` looks, for this kernel: `Err` says what it lacks.
 /// The IPv6 functions may be missing (IPv6 off, or a module not loaded):
-/// no IPv6 segment then reaches a listener.
+/// no IPv6 segment then reaches a listener; and a `.cold` part exists only
+/// where the compiler split one off.
 fn discard_sites(layout: &KernelLayout) -> Result<DiscardSites, String> {
     let csum_reason = layout
         .csum_drop_reason
@@ -542,7 +548,7 @@ fn discard_sites(layout: &KernelLayout) -> Result<DiscardSites, String> {
     for (i, (range, name)) in ranges.iter().zip(UNCOUNTED_DISCARD_FUNCTIONS).enumerate() {
         match range {
             Some(range) => uncounted[i] = *range,
-            None if name.contains("v6") => {}
+            None if name.contains("v6") || name.ends_with(".cold") => {}
             None => return Err(format!("{name} is not in /proc/kallsyms")),
         }
     }

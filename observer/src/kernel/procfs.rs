@@ -158,7 +158,11 @@ pub fn function_ranges(kallsyms: &str, names: &[&str]) -> Result<Vec<Option<[u64
         }
     }
     if starts.iter().all(|a| *a == 0) {
-        return Err("/proc/kallsyms shows no addresses (kernel.kptr_restrict, or not root)".into());
+        return Err(
+            "/proc/kallsyms shows no kernel addresses to this process (it needs CAP_SYSLOG, \
+             and kernel.kptr_restrict below 2)"
+                .into(),
+        );
     }
     starts.sort_unstable();
     Ok(found

@@ -69,9 +69,17 @@ fn checks(opts: &DoctorOptions) -> Vec<Check> {
         name: "privileges",
         required: true,
         result: match host::missing_capabilities() {
-            Ok(missing) if missing.is_empty() => {
-                Ok("CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH".into())
-            }
+            Ok(missing) if missing.is_empty() => Ok(format!(
+                "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH{}",
+                match host::missing_optional_capabilities() {
+                    Ok(optional) if optional.is_empty() => ", CAP_SYSLOG".into(),
+                    Ok(optional) => optional
+                        .iter()
+                        .map(|(cap, why)| format!("; without {cap} ({why})"))
+                        .collect::<String>(),
+                    Err(_) => String::new(),
+                }
+            )),
             Ok(missing) => Err(missing
                 .iter()
                 .map(|(cap, why)| format!("missing {cap} ({why})"))
@@ -200,8 +208,9 @@ fn drops_check(probes: &Probes) -> Result<String, String> {
         Err(why) => Err(format!(
             "the segments listeners discard cannot be told from real drops: {why}; drops \
              are not exported for listeners with TCP_DEFER_ACCEPT (Apache's default \
-             AcceptFilter, nginx `deferred`), and may count a handshake's overflowed ACK \
-             twice for the others"
+             AcceptFilter, nginx `deferred`); for the others they are the sockets' sk_drops, \
+             which also count resets of half-open connections and an overflowed \
+             handshake ACK twice"
         )),
     }
 }

@@ -64,7 +64,8 @@ pub struct ListenerRow {
     pub workers_busy: usize,
     pub workers: usize,
     /// Connections dropped during the interval (`None` for Unix
-    /// listeners: the kernel counts no drops there).
+    /// listeners, whose drops the kernel does not count, and for TCP
+    /// listeners whose drops cannot be told from their discarded ACKs).
     pub drops: Option<u64>,
     pub container_id: Option<String>,
     pub pod: Option<String>,
