@@ -972,10 +972,13 @@ fn threaded_children_busy_whenever_the_daemon_starts(
     );
     finish(light);
     assert_tracks(&samples, &format!("{what}, 1 client: busy children"));
-    assert_eq!(
-        median(observed(&samples)),
-        0.0,
-        "a free thread in each child"
+    // One request, plus the truth's own status request (or its thread
+    // still finishing): 3 threads at most, so one of the 2 children at
+    // most is full; which one is, the truth itself decides.
+    assert!(
+        observed(&samples).iter().all(|busy| *busy <= 1.0),
+        "one client fills one child at most: {:?}",
+        observed(&samples)
     );
 
     let heavy = load_at(server.port, "/sleep", 8, 12, 0.4);
