@@ -20,7 +20,8 @@ use crate::{
     connect::unix_queued_at_ns,
     kernel::{
         SockHead, SockHeadBuf, offsets, read, read_ptr, read_unix_name, socket_place,
-        tcp_in_service, tcp_listen_figures, tcp_unread_us, unix_listen_key, unix_queue, zero_words,
+        tcp_in_service, tcp_listen_figures, tcp_received, tcp_unread_us, unix_listen_key,
+        unix_queue, zero_words,
     },
     maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
 };
@@ -130,8 +131,10 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         record.oldest_wait_us = figures.oldest_wait_us;
         write(seq, record);
     } else {
-        record.unread_us = tcp_unread_us(sk, &off);
-        record.in_service = tcp_in_service(sk, &off) as u8;
+        if let Some(received) = tcp_received(sk, &off) {
+            record.unread_us = tcp_unread_us(sk, received, &off);
+            record.in_service = tcp_in_service(sk, received, &off) as u8;
+        }
         if write(seq, record) {
             count_held();
         }

@@ -377,22 +377,34 @@ pub fn tcp_queued_at_us(child: u64, off: &KernelOffsets) -> Option<u64> {
     read::<u64>(child, off.tcp_rcvq_space_time).filter(|us| *us != 0)
 }
 
+/// What an accepted TCP connection has received: bytes in all
+/// (`bytes_received`), and how many of them the server has not read yet
+/// (`rcv_nxt - copied_seq`). Read once per connection for the figures below.
+#[derive(Clone, Copy)]
+pub struct TcpReceived {
+    pub bytes: u64,
+    pub unread: u64,
+}
+
+#[inline(always)]
+pub fn tcp_received(sk: u64, off: &KernelOffsets) -> Option<TcpReceived> {
+    let bytes = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
+    let rcv_nxt = read::<u32>(sk, off.tcp_rcv_nxt)?;
+    let copied_seq = read::<u32>(sk, off.tcp_copied_seq)?;
+    Some(TcpReceived {
+        bytes,
+        unread: rcv_nxt.wrapping_sub(copied_seq) as u64,
+    })
+}
+
 /// For an accepted TCP connection `sk` whose client has sent bytes that the
 /// server has not started to read: µs since it entered the accept queue
 /// (at least 1); 0 otherwise. "Not started": every byte received is still
 /// queued (`rcv_nxt - copied_seq == bytes_received > 0`), so the
 /// `rcvq_space.time` stamp has not moved since the queueing either.
 #[inline(always)]
-pub fn tcp_unread_us(sk: u64, off: &KernelOffsets) -> u64 {
-    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
-    let (Some(rcv_nxt), Some(copied_seq)) = (
-        read::<u32>(sk, off.tcp_rcv_nxt),
-        read::<u32>(sk, off.tcp_copied_seq),
-    ) else {
-        return 0;
-    };
-    let queued = rcv_nxt.wrapping_sub(copied_seq) as u64;
-    if received == 0 || queued != received {
+pub fn tcp_unread_us(sk: u64, received: TcpReceived, off: &KernelOffsets) -> u64 {
+    if received.bytes == 0 || received.unread != received.bytes {
         return 0;
     }
     let Some(queued_at) = tcp_queued_at_us(sk, off) else {
@@ -407,15 +419,8 @@ pub fn tcp_unread_us(sk: u64, off: &KernelOffsets) -> u64 {
 /// received and all read by the server, and nothing sent since the last
 /// ones arrived (see `HolderRecord::in_service`).
 #[inline(always)]
-pub fn tcp_in_service(sk: u64, off: &KernelOffsets) -> bool {
-    let received = read::<u64>(sk, off.tcp_bytes_received).unwrap_or(0);
-    let (Some(rcv_nxt), Some(copied_seq)) = (
-        read::<u32>(sk, off.tcp_rcv_nxt),
-        read::<u32>(sk, off.tcp_copied_seq),
-    ) else {
-        return false;
-    };
-    if received == 0 || rcv_nxt != copied_seq {
+pub fn tcp_in_service(sk: u64, received: TcpReceived, off: &KernelOffsets) -> bool {
+    if received.bytes == 0 || received.unread != 0 {
         return false;
     }
     if read::<u64>(sk, off.tcp_bytes_sent).unwrap_or(1) == 0 {

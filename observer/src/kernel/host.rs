@@ -63,18 +63,20 @@ const OPTIONAL: &[(&str, &[u32], &str)] = &[(
 
 /// The optional capabilities (with their purpose) that this process lacks.
 pub fn missing_optional_capabilities() -> Result<Vec<(&'static str, &'static str)>> {
-    let caps = effective_capabilities()?;
-    Ok(OPTIONAL
-        .iter()
-        .filter(|(_, any_of, _)| !any_of.iter().any(|cap| caps & (1 << cap) != 0))
-        .map(|(name, _, why)| (*name, *why))
-        .collect())
+    missing_of(OPTIONAL)
 }
 
 /// The capabilities (with their purpose) that this process lacks.
 pub fn missing_capabilities() -> Result<Vec<(&'static str, &'static str)>> {
+    missing_of(REQUIREMENTS)
+}
+
+/// The entries of `wanted` none of whose capabilities this process has.
+fn missing_of(
+    wanted: &[(&'static str, &[u32], &'static str)],
+) -> Result<Vec<(&'static str, &'static str)>> {
     let caps = effective_capabilities()?;
-    Ok(REQUIREMENTS
+    Ok(wanted
         .iter()
         .filter(|(_, any_of, _)| !any_of.iter().any(|cap| caps & (1 << cap) != 0))
         .map(|(name, _, why)| (*name, *why))
