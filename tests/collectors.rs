@@ -46,6 +46,7 @@ fn a_quiet_listener_exports_its_core_series_until_its_first_connection() {
             "observer_connections_queued_total",
             "observer_connections_accepted_total",
             "observer_workers",
+            "observer_idle_threads",
         ],
         "{}",
         m.text

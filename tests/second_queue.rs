@@ -73,7 +73,7 @@ fn send_request(port: u16) -> Client {
 fn unread_connections_and_the_oldest_one_match_the_clients_and_idle_ones_are_not_unread() {
     let port = free_port();
     let mut server = accept_ahead_server(port, 5.0);
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     // 5 requests 150 ms apart: the worker reads the first and sleeps; the
     // other 4 are accepted and wait unread. A sixth client sends nothing
     // (a keep-alive connection between requests): not unread.
@@ -553,7 +553,7 @@ fn queues_match_the_clients(run: &LoadedPool, pool: &AppPool, what: &str, accept
 #[test]
 fn node_cluster_round_robin_workers_behind_the_primary_match_the_app() {
     let port = free_port();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let pool = node_cluster(port, "rr");
     let run = load_app_pool(&daemon, port, &pool, "node rr");
     queues_match_the_clients(&run, &pool, "node rr", true);
@@ -596,7 +596,7 @@ fn node_cluster_round_robin_workers_behind_the_primary_match_the_app() {
 #[test]
 fn node_cluster_workers_that_accept_for_themselves_match_the_app() {
     let port = free_port();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let pool = node_cluster(port, "none");
     let run = load_app_pool(&daemon, port, &pool, "node none");
     queues_match_the_clients(&run, &pool, "node none", false);
@@ -633,7 +633,7 @@ fn node_cluster_workers_that_accept_for_themselves_match_the_app() {
 #[test]
 fn uvicorn_workers_blocking_their_loop_are_busy_as_the_app_says() {
     let port = free_port();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let port_s = port.to_string();
     let pool = AppPool::start(
         "uvicorn",
@@ -680,7 +680,7 @@ fn fork_per_connection_server(port: u16, sleep_s: f64) -> Child {
 #[test]
 fn a_fork_per_connection_server_is_a_dispatcher_and_its_children_the_busy_workers() {
     let port = free_port();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let server = KilledOnDrop(fork_per_connection_server(port, 1.0));
     let p = port.to_string();
     // A scrape that sees the new listener, so that the next one reads its
@@ -781,7 +781,7 @@ fn a_worker_holding_thousands_of_connections_costs_a_bounded_scan_and_the_rest_i
          \x20   c,_=l.accept(); held.append(c)\n"
     );
     let server = KilledOnDrop(python_server(&script, port));
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let clients: Vec<TcpStream> = (0..CLIENTS)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
         .collect();

@@ -112,7 +112,7 @@ fn stream_and_seqpacket_listeners_report_ss_depth_and_limit_from_the_first_scrap
     let _queued_seq: Vec<OwnedFd> = (0..2)
         .map(|_| connect(b"\0observer-seqpacket-test", libc::SOCK_SEQPACKET))
         .collect();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let m = daemon.scrape();
     let path = stream_path.to_str().expect("utf-8 temp dir");
     for (fd, label, want) in [
@@ -165,7 +165,7 @@ fn waits_and_the_oldest_wait_match_the_clients_clocks_and_accepts_count_per_work
     let path = dir.join("accepts.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
     let label = path.to_str().expect("utf-8 temp dir");
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     if !times_unix_waits() {
         let _client = UnixStream::connect(&path).expect("connect");
         listener.accept().expect("accept");
@@ -280,7 +280,7 @@ fn a_connection_queued_before_the_daemon_started_is_timed_from_its_first_sightin
     // The daemon first sees the connection at its start-up collection: its
     // oldest wait counts from then, not from the connect 500 ms earlier.
     let before_start = Instant::now();
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let oldest = |daemon: &Daemon| {
         by_path(
             &daemon.scrape(),
@@ -332,7 +332,7 @@ fn odd_names_and_unlinked_sockets_keep_the_exposition_valid() {
     // A connection waiting: a listener with traffic gets its per-socket
     // series (a quiet one, its core series only).
     let _waiting = UnixStream::connect(&reused).expect("connect");
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let text = http_get(daemon.port, "/metrics").expect("scrape");
     let m = Metrics::parse(&text);
     assert_eq!(

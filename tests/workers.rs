@@ -5,6 +5,7 @@
 mod support;
 
 use std::{
+    collections::BTreeSet,
     io::{Read as _, Write as _},
     net::TcpStream,
     os::unix::process::CommandExt as _,
@@ -396,7 +397,7 @@ fn busy_tracks_truth_at(
 
 #[test]
 fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let server = gunicorn(&["-w", "4"]);
     let (clients, requests) = (2, 10);
     let run = PoolRun {
@@ -454,7 +455,7 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
 
 #[test]
 fn all_workers_busy_makes_the_queue_grow_and_waits_show_it_then_both_drain() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let server = gunicorn(&["-w", "2"]);
     wait_for_idle_pool(&daemon, server.port, 2.0);
     // 4 clients against 2 workers: 2 connections wait in the queue.
@@ -516,7 +517,7 @@ fn all_workers_busy_makes_the_queue_grow_and_waits_show_it_then_both_drain() {
 
 #[test]
 fn gunicorn_gthread_active_connections_track_the_semaphore() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let server = gunicorn(&["-k", "gthread", "-w", "2", "--threads", "3"]);
     wait_for_idle_pool(&daemon, server.port, 2.0);
     let load = load(server.port, 4, 8, 0.3);
@@ -541,6 +542,54 @@ fn gunicorn_gthread_active_connections_track_the_semaphore() {
         sum_per_worker(&m, "observer_worker_accepts_total", server.port),
         done as f64
     );
+}
+
+/// gunicorn gthread, one worker of 4 threads: its acceptor polls the
+/// listener whatever its pool does, and its executor starts threads as
+/// requests come (a thread is known as the pool's once seen parked). Once
+/// it has run all 4, its free threads are 4 less the
+/// pre/post_request semaphore, and it is busy exactly when the semaphore
+/// is 4, with clients that each hold one request of 2.5 s.
+#[test]
+fn gunicorn_gthread_free_threads_are_its_threads_less_the_semaphore() {
+    const THREADS: usize = 4;
+    let daemon = Daemon::start_with_pids();
+    let server = gunicorn(&["-k", "gthread", "-w", "1", "--threads", "4"]);
+    wait_for_idle_pool(&daemon, server.port, 1.0);
+    let p = server.port.to_string();
+    // Its executor starts the 4 threads; they park when done.
+    let mut served = finish(load(server.port, THREADS, 1, 0.5));
+    std::thread::sleep(Duration::from_millis(500));
+    for clients in [THREADS, 2, 1] {
+        let load = load(server.port, clients, 1, 2.5);
+        std::thread::sleep(Duration::from_millis(800));
+        let mut agreed = 0;
+        for _ in 0..4 {
+            let before = server.semaphore();
+            let m = daemon.scrape();
+            if server.semaphore() != before {
+                continue;
+            }
+            let seen = (
+                m.get("observer_worker_busy", &[("port", &p)]),
+                m.get("observer_worker_idle_threads", &[("port", &p)]),
+            );
+            let truth = (
+                Some((before == THREADS as i64) as u8 as f64),
+                Some((THREADS as i64 - before) as f64),
+            );
+            println!("gthread, {clients} client(s): observer {seen:?} vs semaphore {before}");
+            assert_eq!(seen, truth, "{clients} client(s): (busy, free threads)");
+            agreed += 1;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(
+            agreed >= 2,
+            "{clients} client(s): the semaphore never settled"
+        );
+        served += finish(load);
+    }
+    assert_eq!(served, 2 * THREADS + 3, "every request served");
 }
 
 /// `clients` keep-alive clients (HTTP/1.1, one connection each): each
@@ -593,7 +642,7 @@ fn keep_alive_load(
 /// connections stay at 4.
 #[test]
 fn requests_in_service_track_the_semaphore_while_keep_alive_connections_stay_open() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let server = gunicorn(&[
         "-k",
         "gthread",
@@ -643,7 +692,7 @@ fn requests_in_service_track_the_semaphore_while_keep_alive_connections_stay_ope
 
 #[test]
 fn gunicorn_worker_restarts_leave_no_stale_pids_and_counts_stay_exact() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     // Each worker exits after 3 requests and the arbiter starts a new one.
     let server = gunicorn(&["-w", "2", "--max-requests", "3"]);
     wait_for_idle_pool(&daemon, server.port, 2.0);
@@ -660,11 +709,152 @@ fn gunicorn_worker_restarts_leave_no_stale_pids_and_counts_stay_exact() {
         server.worker_pids(),
         "only live workers are exported"
     );
-    assert!(
-        sum_per_worker(&m, "observer_worker_accepts_total", server.port) < 18.0,
-        "restarted workers' counts left with them"
+    assert_eq!(
+        sum_per_worker(&m, "observer_worker_accepts_total", server.port),
+        18.0,
+        "the worker slots keep what restarted workers counted"
     );
 }
+
+/// The label values of `metric`'s series on `port`.
+fn label_values(m: &Metrics, metric: &str, port: u16, label: &str) -> BTreeSet<String> {
+    let port = port.to_string();
+    m.samples
+        .iter()
+        .filter(|(n, l, _)| n == metric && l.get("port") == Some(&port))
+        .filter_map(|(_, l, _)| l.get(label).cloned())
+        .collect()
+}
+
+/// gunicorn replacing each worker every 5 requests (`--max-requests 5`,
+/// the usual guard against leaks) under 3 looping clients for 40 s,
+/// scraped every 2 s with the default labels. The worker series stay
+/// within twice the most workers alive at once (a daemon with pid labels
+/// beside it shows how many processes came and went), and the slots keep
+/// counting across replacements: their accepts add up to the listener's
+/// and to the clients' requests exactly, and their busy seconds, within
+/// 5%, to the requests' time by the clients' clocks plus the workers' boot
+/// times (a worker forked between two scrapes is sampled as a child of
+/// its master, from its start).
+#[test]
+fn worker_series_stay_bounded_and_add_up_while_gunicorn_replaces_its_workers() {
+    let daemon = Daemon::start_with(&[]);
+    let per_pid = Daemon::start_with_pids();
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    // Each worker also writes how long it took from its fork to its loop:
+    // busy too (not waiting for work), and no client's clock sees it.
+    let hooks = format!("{GUNICORN_HOOKS}{BOOT_HOOKS}");
+    let server = Server::start(
+        "gunicorn",
+        port,
+        &[("app.py", WSGI_APP), ("hooks.py", &hooks)],
+        &[
+            "gunicorn",
+            "-c",
+            "hooks.py",
+            "-b",
+            &bind,
+            "-w",
+            "4",
+            "--max-requests",
+            "5",
+            "app:app",
+        ],
+    );
+    wait_for_idle_pool(&daemon, server.port, 4.0);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let clients: Vec<ClientRun> = (0..3)
+        .map(|_| {
+            let port = server.port;
+            std::thread::spawn(move || {
+                let (mut done, mut took) = (0, Duration::ZERO);
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    if http_get(port, "/?0.2").is_some() {
+                        done += 1;
+                        took += started.elapsed();
+                    }
+                }
+                (done, took)
+            })
+        })
+        .collect();
+    let (mut slots, mut pids) = (BTreeSet::new(), BTreeSet::new());
+    let mut most_alive = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        let m = daemon.scrape();
+        slots.extend(label_values(
+            &m,
+            "observer_worker_accepts_total",
+            server.port,
+            "worker",
+        ));
+        most_alive =
+            most_alive.max(label_values(&m, "observer_worker_busy", server.port, "worker").len());
+        let with_pids = per_pid.scrape();
+        pids.extend(label_values(
+            &with_pids,
+            "observer_worker_busy",
+            server.port,
+            "pid",
+        ));
+    }
+    let (done, client_seconds) = finish_timed(clients);
+    std::thread::sleep(Duration::from_millis(2500));
+    let m = daemon.scrape();
+    let boots = std::fs::read_to_string(server.dir.join("busy.boots")).unwrap_or_default();
+    let boot_seconds: f64 = boots
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .sum();
+    slots.extend(label_values(
+        &m,
+        "observer_worker_accepts_total",
+        server.port,
+        "worker",
+    ));
+    let accepts = sum_per_worker(&m, "observer_worker_accepts_total", server.port);
+    let busy = sum_per_worker(&m, "observer_worker_busy_seconds_total", server.port);
+    println!(
+        "{done} requests ({client_seconds:.1} s by the clients' clocks, {boot_seconds:.1} s of {} worker boots): {} worker slots (most alive at once {most_alive}), {} pids seen; slots' accepts {accepts}, busy {busy:.1} s",
+        boots.lines().count(),
+        slots.len(),
+        pids.len()
+    );
+    assert!(pids.len() > 8, "workers were replaced: {pids:?}");
+    assert!(
+        slots.len() <= 2 * most_alive,
+        "{} worker series for at most {most_alive} workers alive at once: {slots:?}",
+        slots.len()
+    );
+    assert_eq!(
+        (
+            accepts,
+            m.listener("observer_connections_accepted_total", server.port)
+        ),
+        (done as f64, done as f64),
+        "slots' accepts = the listener's = the clients' requests"
+    );
+    let truth = client_seconds + boot_seconds;
+    assert!(
+        (busy - truth).abs() <= 0.05 * truth,
+        "busy seconds {busy:.2} vs the clients' {client_seconds:.2} + the boots' {boot_seconds:.2}"
+    );
+}
+
+/// gunicorn hooks that append each worker's boot time (fork to its loop,
+/// seconds) to `$BUSY_FILE.boots`.
+const BOOT_HOOKS: &str = r#"
+import time
+_forked = [0.0]
+def post_fork(server, worker):
+    _forked[0] = time.monotonic()
+def post_worker_init(worker):
+    with open(os.environ['BUSY_FILE'] + '.boots', 'a') as f:
+        f.write('%f\n' % (time.monotonic() - _forked[0]))
+"#;
 
 /// uWSGI's stats server: number of workers whose status is "busy".
 fn uwsgi_busy(stats_port: u16) -> f64 {
@@ -716,7 +906,7 @@ const UWSGI_RUN: PoolRun<'static> = PoolRun {
 /// uWSGI on a loopback HTTP socket (plus `extra` flags), sampled against
 /// its stats server under 3 looping clients.
 fn uwsgi_pool_tracks_its_stats_server(extra: &[&str], what: &'static str) {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let port = free_port();
     let http = format!("127.0.0.1:{port}");
     let (_server, stats) = uwsgi(&["--http-socket", &http], extra, || {
@@ -735,7 +925,7 @@ fn uwsgi_busy_workers_track_its_stats_server() {
 /// `uwsgi_pass`: the deployment its docs show.
 #[test]
 fn uwsgi_on_a_unix_socket_behind_nginx_busy_workers_track_its_stats_server() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let sock = std::env::temp_dir().join(format!("observer-uwsgi-{}.sock", free_port()));
     let bind = sock.display().to_string();
     // nginx's workers run as nobody: the socket must be writable to them.
@@ -813,7 +1003,7 @@ fn apache_busy(status_port: u16) -> f64 {
 /// (before this, an idle pool read 3 busy / 1 idle), and under 2 clients
 /// exactly 2 are busy.
 fn apache_pool_tracks_mod_status(mutex: &str) {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let (server, status_port) = apache_prefork(mutex);
     assert_eq!(apache_busy(status_port), 0.0, "{}", server.log());
     let run = PoolRun {
@@ -932,9 +1122,12 @@ fn assert_agree(first: &[Sample], second: &[f64]) {
 #[test]
 fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts() {
     let (server, status_port) = apache_threaded("event");
-    threaded_children_busy_whenever_the_daemon_starts(&server, "Apache event", || {
-        apache_children_not_accepting(status_port)
-    });
+    threaded_children_busy_whenever_the_daemon_starts(
+        &server,
+        "Apache event",
+        || apache_children_not_accepting(status_port),
+        || apache_idle_workers(status_port),
+    );
 }
 
 /// Apache's worker MPM: a child's listener thread waits for an idle worker
@@ -944,23 +1137,50 @@ fn apache_event_children_are_busy_when_not_accepting_whenever_the_daemon_starts(
 #[test]
 fn apache_worker_children_are_busy_when_every_thread_serves_whenever_the_daemon_starts() {
     let (server, status_port) = apache_threaded("worker");
-    threaded_children_busy_whenever_the_daemon_starts(&server, "Apache worker", || {
-        apache_children_without_a_waiting_thread(status_port)
-    });
+    threaded_children_busy_whenever_the_daemon_starts(
+        &server,
+        "Apache worker",
+        || apache_children_without_a_waiting_thread(status_port),
+        || apache_idle_workers(status_port),
+    );
+}
+
+/// mod_status' IdleWorkers (`?auto`), plus the thread serving the status
+/// request itself, free again once it has answered.
+fn apache_idle_workers(status_port: u16) -> f64 {
+    http_get(status_port, "/server-status?auto")
+        .and_then(|page| {
+            page.lines()
+                .find_map(|l| l.strip_prefix("IdleWorkers: "))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+        })
+        .map_or(-1.0, |n| n + 1.0)
 }
 
 /// 2 threaded children × 2 worker threads under 1 client (a free thread in
 /// each child: 0 busy, or 1 while the status request itself fills one),
 /// then 8 (both busy), read by a daemon started at rest and by one started
-/// under the saturation, against `busy_children`.
+/// under the saturation, against `busy_children`; the free threads against
+/// `idle_workers` at rest (exactly) and under 1 client.
 fn threaded_children_busy_whenever_the_daemon_starts(
     server: &Server,
     what: &str,
     busy_children: impl Fn() -> f64,
+    idle_workers: impl Fn() -> f64,
 ) {
-    let at_rest = Daemon::start();
+    let at_rest = Daemon::start_with_pids();
     wait_for_idle_pool(&at_rest, server.port, 2.0);
     assert_eq!(busy_children(), 0.0, "{what} at rest");
+    let free_threads = || {
+        at_rest
+            .scrape()
+            .listener("observer_idle_threads", server.port)
+    };
+    assert_eq!(
+        (free_threads(), idle_workers()),
+        (4.0, 4.0),
+        "{what} at rest: every worker thread is free"
+    );
 
     let light = load_at(server.port, "/sleep", 1, 8, 0.4);
     std::thread::sleep(Duration::from_millis(600));
@@ -970,8 +1190,10 @@ fn threaded_children_busy_whenever_the_daemon_starts(
         || pool_state(&at_rest.scrape(), server.port, "busy"),
         &busy_children,
     );
+    let free = sample(4, Duration::from_millis(200), free_threads, &idle_workers);
     finish(light);
     assert_tracks(&samples, &format!("{what}, 1 client: busy children"));
+    assert_tracks(&free, &format!("{what}, 1 client: free threads"));
     // One request, plus the truth's own status request (or its thread
     // still finishing): 3 threads at most, so one of the 2 children at
     // most is full; which one is, the truth itself decides.
@@ -983,7 +1205,7 @@ fn threaded_children_busy_whenever_the_daemon_starts(
 
     let heavy = load_at(server.port, "/sleep", 8, 12, 0.4);
     std::thread::sleep(Duration::from_millis(800));
-    let under_load = Daemon::start();
+    let under_load = Daemon::start_with_pids();
     std::thread::sleep(Duration::from_millis(300));
     let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, &busy_children);
     let (done, _) = finish_timed(heavy);
@@ -1004,12 +1226,12 @@ fn threaded_children_busy_whenever_the_daemon_starts(
 /// the pass where a fellow child holds it while it waits on the listeners.
 #[test]
 fn apache_prefork_accept_mutex_pool_reads_the_same_whenever_the_daemon_starts() {
-    let at_rest = Daemon::start();
+    let at_rest = Daemon::start_with_pids();
     let (server, status_port) = apache_prefork("pthread");
     wait_for_idle_pool(&at_rest, server.port, 4.0);
     let load = load_at(server.port, "/sleep", 2, 14, 0.4);
     std::thread::sleep(Duration::from_millis(600));
-    let under_load = Daemon::start();
+    let under_load = Daemon::start_with_pids();
     std::thread::sleep(Duration::from_millis(300));
     let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, || {
         apache_busy(status_port)
@@ -1039,7 +1261,7 @@ fn raindrops_active(port: u16) -> f64 {
 
 #[test]
 fn unicorn_busy_workers_track_raindrops_active_connections() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let port = free_port();
     let config = "worker_processes 3\n";
     let app = "run lambda { |env| sleep(env['QUERY_STRING'].to_f); [200, {'content-type' => 'text/plain'}, [\"ok\\n\"]] }\n";
@@ -1129,12 +1351,72 @@ fn puma_workers(control: u16) -> Vec<(u32, f64, f64)> {
         .collect()
 }
 
+/// Each Puma worker as observer sees it, by pid: busy, and its threads
+/// free to take a request.
+fn puma_observed(daemon: &Daemon, port: u16) -> Vec<(u32, f64, f64)> {
+    let m = daemon.scrape();
+    let p = port.to_string();
+    worker_pids_seen(&m, port)
+        .into_iter()
+        .filter_map(|pid| {
+            let labels = [("port", p.as_str()), ("pid", &pid.to_string())];
+            let busy = m.get("observer_worker_busy", &labels)?;
+            let idle_threads = m.get("observer_worker_idle_threads", &labels)?;
+            Some((pid, busy, idle_threads))
+        })
+        .collect()
+}
+
+/// While `clients` clients each hold one request of 3 s, every worker's
+/// busy and free threads against Puma's own view, sampled where its
+/// status is settled (a worker reports every second): busy = its
+/// `pool_capacity` is 0, free threads = `pool_capacity`. Samples where
+/// Puma's view changed while observer was read prove nothing and are
+/// left out; the others must all agree. Returns the busy workers.
+fn puma_agrees_while_held(daemon: &Daemon, server: &Server, control: u16, clients: usize) -> f64 {
+    let load = load(server.port, clients, 1, 3.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut agreed = vec![];
+    for _ in 0..4 {
+        let before = puma_workers(control);
+        let seen = puma_observed(daemon, server.port);
+        if puma_workers(control) != before || before.len() != 2 {
+            continue;
+        }
+        let truth: Vec<(u32, f64, f64)> = before
+            .iter()
+            .map(|(pid, capacity, _)| (*pid, (*capacity == 0.0) as u8 as f64, *capacity))
+            .collect();
+        let mut seen = seen;
+        seen.sort_by_key(|w| w.0);
+        let mut truth = truth;
+        truth.sort_by_key(|w| w.0);
+        println!("puma, {clients} client(s): observer {seen:?} vs Puma {truth:?}");
+        assert_eq!(
+            seen, truth,
+            "{clients} client(s): (pid, busy, free threads) vs Puma's (pid, pool_capacity 0, pool_capacity)"
+        );
+        agreed.push(seen.iter().map(|w| w.1).sum::<f64>());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(finish(load), clients, "every request served");
+    assert!(
+        agreed.len() >= 2,
+        "{clients} client(s): Puma's view never settled"
+    );
+    median(agreed)
+}
+
 /// Puma's workers are threaded: the `puma srv` thread selects on the
-/// listener, a pool thread serves. Idle from the first scrape after boot;
-/// under overload, busy exactly when Puma says a worker's pool is full
-/// (`pool_capacity` 0); and each worker's accepts are its `requests_count`.
+/// listener and hands connections to its pool threads. A worker is busy
+/// when every thread of its pool serves, as Puma's `pool_capacity` 0 says:
+/// idle from the first scrape after boot, busy under overload, busy while
+/// its one thread serves (`-t 1:1`) and not while it can start more
+/// (`-t 1:4`), busy when full with nothing waiting; each worker's free
+/// threads are its `pool_capacity` once the pool has run all its threads;
+/// and each worker's accepts are its `requests_count`.
 fn puma_pool_tracks_its_stats(threads: &str, max_threads: usize) {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let (server, control) = puma(threads);
     let deadline = Instant::now() + Duration::from_secs(30);
     while puma_workers(control).len() < 2 {
@@ -1171,12 +1453,27 @@ fn puma_pool_tracks_its_stats(threads: &str, max_threads: usize) {
         || pool_state(&daemon.scrape(), server.port, "busy"),
         full,
     );
-    let done = finish(load);
+    let mut done = finish(load);
     assert_tracks(
         &samples,
         &format!("puma -t {threads}: busy workers vs full pools"),
     );
     assert_eq!(median(observed(&samples)), 2.0, "both pools full");
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    // One request in service: its worker is full only with one thread.
+    let one_thread = (max_threads == 1) as u8 as f64;
+    assert_eq!(
+        puma_agrees_while_held(&daemon, &server, control, 1),
+        one_thread
+    );
+    done += 1;
+    // Every thread serves and nothing waits: both full.
+    let every_thread = 2 * max_threads;
+    assert_eq!(
+        puma_agrees_while_held(&daemon, &server, control, every_thread),
+        2.0
+    );
+    done += every_thread;
     // The control server's counts are a second old at most.
     std::thread::sleep(Duration::from_millis(2200));
     let m = daemon.scrape();
@@ -1204,12 +1501,12 @@ fn puma_pool_tracks_its_stats(threads: &str, max_threads: usize) {
 }
 
 #[test]
-fn puma_one_thread_workers_are_idle_at_boot_and_busy_when_full_as_its_stats_say() {
+fn puma_one_thread_workers_are_busy_while_their_thread_serves_as_its_stats_say() {
     puma_pool_tracks_its_stats("1:1", 1);
 }
 
 #[test]
-fn puma_four_thread_workers_are_idle_at_boot_and_busy_when_full_as_its_stats_say() {
+fn puma_four_thread_workers_are_busy_when_every_thread_serves_as_its_stats_say() {
     puma_pool_tracks_its_stats("1:4", 4);
 }
 
@@ -1239,7 +1536,7 @@ fn fork_one_shot_acceptor(listener: &std::net::TcpListener) -> libc::pid_t {
 
 #[test]
 fn thousands_of_short_lived_acceptors_are_counted_exactly_and_leave_nothing_behind() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let listener = support::listen("127.0.0.1:0".parse().expect("addr"), 128);
     let port = listener.local_addr().expect("addr").port();
     let rounds = 2000;
@@ -1334,7 +1631,7 @@ fn gunicorn_unix(extra: &[&str]) -> (Server, PathBuf) {
 
 #[test]
 fn gunicorn_on_a_unix_socket_busy_workers_track_the_semaphore_and_accepts_match_its_access_log() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let (server, sock) = gunicorn_unix(&["-c", "hooks.py", "-w", "3"]);
     let path = sock.to_str().expect("utf-8 temp dir").to_owned();
     let busy = |m: &Metrics, state: &str| {
@@ -1423,7 +1720,7 @@ fn log_by_id(text: &str) -> std::collections::HashMap<String, f64> {
 
 #[test]
 fn gunicorn_on_a_unix_socket_behind_nginx_waits_match_nginx_upstream_time_minus_gunicorn_time() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let (server, sock) =
         gunicorn_unix(&["-w", "2", "--access-logformat", "%({x-request-id}i)s %(D)s"]);
     let nginx = nginx_in_front(&format!(
@@ -1539,7 +1836,7 @@ fn ss_unix_queue(path: &std::path::Path) -> f64 {
 
 #[test]
 fn php_fpm_on_a_unix_socket_busy_tracks_its_status_page_and_depth_tracks_ss_where_fpm_says_0() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with_pids();
     let (server, sock) = php_fpm(4);
     let nginx = nginx_in_front(&format!(
         "root {}; include /etc/nginx/fastcgi_params; \

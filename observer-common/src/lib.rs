@@ -42,6 +42,8 @@ pub const ACCEPT_MAP_CAPACITY: u32 = 8192;
 /// Capacity of the `WATCHED` map (worker processes whose threads the sampler
 /// reports).
 pub const WORKER_MAP_CAPACITY: u32 = 16384;
+/// Capacity of the `WATCHED_MASTERS` map (the masters of watched pools).
+pub const MASTER_MAP_CAPACITY: u32 = 4096;
 
 /// Capacity of the `LISTEN_PORTS` map ((netns, port) pairs with a listener).
 pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
@@ -215,6 +217,11 @@ pub struct ThreadSample {
     pub futex_word: u32,
     /// 1 when the user memory above could not be read.
     pub user_read_failed: u32,
+    /// A thread of a process not in `WATCHED` whose parent is in
+    /// `WATCHED_MASTERS` (a worker forked since the daemon last looked):
+    /// that parent's tgid; 0 otherwise.
+    pub master_tgid: u32,
+    pub _pad: u32,
 }
 
 /// Values of [`ThreadSample::epoll_listeners`].

@@ -6,7 +6,8 @@ use aya_ebpf::{
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
     HeldCursor, HolderRecord, LISTEN_DISCARDS_CAPACITY, LISTEN_PORT_MAP_CAPACITY, ListenDiscards,
-    UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, VisitedProcess, WORKER_MAP_CAPACITY, WorkerFds,
+    MASTER_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, VisitedProcess,
+    WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -26,6 +27,14 @@ pub static ACCEPTS: HashMap<AcceptKey, AcceptStats> =
 /// preallocated hash maps only.
 #[map]
 pub static WATCHED: HashMap<u32, WorkerFds> = HashMap::with_max_entries(WORKER_MAP_CAPACITY, 0);
+
+/// Masters of watched pools (tgid), with the fds their workers inherit:
+/// a child of one that is not in `WATCHED` yet (forked since the daemon
+/// last looked, and maybe gone before it looks again) is sampled too.
+/// Written by the daemon; preallocated, as `WATCHED`.
+#[map]
+pub static WATCHED_MASTERS: HashMap<u32, WorkerFds> =
+    HashMap::with_max_entries(MASTER_MAP_CAPACITY, 0);
 
 /// (netns, port) pairs that have a listener, filled by the daemon; see
 /// `observer_common::listen_port_key`.

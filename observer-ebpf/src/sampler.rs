@@ -26,7 +26,7 @@ use observer_common::{
 
 use crate::{
     kernel::{KernelBytes, fdtable_head, offsets, read, read_ptr},
-    maps::WATCHED,
+    maps::{WATCHED, WATCHED_MASTERS},
 };
 
 /// The deepest an epoll instance's tree of watched files is searched: a
@@ -62,13 +62,28 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
     let Some(tgid) = read::<u32>(task, off.task_tgid) else {
         return 0;
     };
-    let Some(fds) = WATCHED.get_ptr(tgid) else {
-        return 0;
+    let (fds, master_tgid) = match WATCHED.get_ptr(tgid) {
+        Some(fds) => (fds, 0),
+        None => {
+            // A worker forked since the daemon last looked: its master is.
+            let Some(parent) = read_ptr(task, off.task_real_parent) else {
+                return 0;
+            };
+            let Some(master) = read::<u32>(parent, off.task_tgid) else {
+                return 0;
+            };
+            let Some(fds) = WATCHED_MASTERS.get_ptr(master) else {
+                return 0;
+            };
+            (fds, master)
+        }
     };
-    // SAFETY: a live map value, only read (the daemon replaces whole values).
-    let fds: WorkerFds = unsafe { *fds };
+    // SAFETY: a live map value, only read in place (the daemon replaces
+    // whole values); not copied, to keep the program within 6.1's stack.
+    let fds: &WorkerFds = unsafe { &*fds };
     let mut sample = ThreadSample {
         tgid,
+        master_tgid,
         tid: read(task, off.task_pid).unwrap_or(0),
         state: read(task, off.task_state).unwrap_or(0),
         start_ns: read_ptr(task, off.task_group_leader)
@@ -92,7 +107,7 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
     }
     // A running thread's registers are in flux and its wait does not matter.
     if sample.state != 0 {
-        read_wait_details(&mut sample, &fds, task_ptr, task);
+        read_wait_details(&mut sample, fds, task_ptr, task);
     }
     // SAFETY: `seq` is the iterator's seq_file; the sample lives on our stack.
     unsafe {

@@ -26,6 +26,18 @@
 //!   `Listen`s, uWSGI `--thunder-lock`). Once seen, the lock is known for
 //!   the pool's lifetime.
 //!
+//! In a process with other threads, the thread that waits for work may be
+//! an acceptor that hands what it accepts to a pool of threads (Puma,
+//! gunicorn gthread, Apache's listener threads, in `accept`, a poll or the
+//! accept lock). Such a process is idle only while a thread of its pool is
+//! free: **parked** (blocked in a private futex wait with no timeout, as an
+//! idle pool thread waits on its condition variable in glibc, CPython, Ruby
+//! and the JVM), or one it can start again (fewer pool threads alive than
+//! the most a worker of the pool has run at once). Pool threads are the
+//! ones seen parked; until one is seen, the process is idle while its
+//! acceptor waits. Threads that take turns at the listener (two or more
+//! seen waiting on it, as uWSGI's threads do) each serve what they take.
+//!
 //! It is **busy** otherwise: running, or blocked on anything else (a
 //! database, an upstream, a `sleep`, a lock that is not the accept lock).
 //! Pure logic: I/O (file-lock holders) comes in through [`FileLocks`].
@@ -89,6 +101,26 @@ pub struct Watched {
     pub epoll_pool: bool,
 }
 
+/// The processes the sampler reports: the workers, and the masters of
+/// their pools, whose children that are not known workers yet (forked
+/// since the daemon last looked) are reported as workers of the pool.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WatchedSet {
+    pub workers: HashMap<u32, Watched>,
+    pub masters: HashMap<u32, Watched>,
+}
+
+impl WatchedSet {
+    /// What is known of the process of sample `s`.
+    pub fn of(&self, s: &ThreadSample) -> Option<&Watched> {
+        match self.workers.get(&s.tgid) {
+            Some(w) => Some(w),
+            None if s.master_tgid != 0 => self.masters.get(&s.master_tgid),
+            None => None,
+        }
+    }
+}
+
 /// A locked file, by inode number. Only the number: /proc/locks names a
 /// file on an overlay (a container's root) by the device of the filesystem
 /// below, where `stat` through the overlay gives the overlay's. A match
@@ -127,12 +159,17 @@ enum LockId {
 /// What one thread is doing in one sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Doing {
+    /// Waits for new work (in a process with other threads, maybe as an
+    /// acceptor that hands what it accepts to a pool of threads).
     WaitsForWork,
     /// Blocked on a lock; `owner` is the thread id stored in a futex word.
     WaitsOnLock {
         lock: Lock,
         owner: Option<u32>,
     },
+    /// Blocked in a private futex wait with no timeout: how an idle pool
+    /// thread waits for its next task.
+    Parked,
     Other,
 }
 
@@ -179,8 +216,19 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
     }
     match lock_wait(s) {
         Some((lock, owner)) => Doing::WaitsOnLock { lock, owner },
+        None if parked(s) => Doing::Parked,
         None => Doing::Other,
     }
+}
+
+/// A private futex wait with no timeout (the timeout pointer is `args[3]`).
+fn parked(s: &ThreadSample) -> bool {
+    let [_, a1, _, a3] = s.args;
+    let cmd = a1 & FUTEX_CMD_MASK;
+    s.syscall == SYS_FUTEX
+        && a1 & FUTEX_PRIVATE_FLAG != 0
+        && matches!(cmd, FUTEX_WAIT | FUTEX_WAIT_BITSET)
+        && a3 == 0
 }
 
 /// A wait on a process-shared lock, with the owner a futex word names.
@@ -211,18 +259,84 @@ fn lock_wait(s: &ThreadSample) -> Option<(Lock, Option<u32>)> {
     }
 }
 
-/// Accept locks seen so far, per pool: a lock that a worker of the pool held
-/// while it waited on the listener.
+/// What the rule learnt from earlier passes.
 #[derive(Debug, Default)]
-pub struct AcceptLocks {
-    known: HashSet<(PoolTag, LockId)>,
+pub struct Learnt {
+    /// Accept locks: a lock that a worker of the pool held while it waited
+    /// on the listener.
+    accept_locks: HashSet<(PoolTag, LockId)>,
+    /// Per process: its threads that waited for work, and its pool threads.
+    threads: HashMap<ProcessKey, ThreadRoles>,
+    /// Per pool: the most pool threads one worker of it had alive at once.
+    most_pool_threads: HashMap<PoolTag, usize>,
 }
 
-impl AcceptLocks {
-    /// Forgets pools that no longer exist.
-    pub fn retain_pools(&mut self, pools: &HashSet<PoolTag>) {
-        self.known.retain(|(pool, _)| pools.contains(pool));
+/// The roles of a process's threads, as seen so far.
+#[derive(Debug, Default)]
+struct ThreadRoles {
+    /// Threads seen waiting for work (two are enough to tell that its
+    /// threads take turns at the listener).
+    waiters: HashSet<u32>,
+    /// Threads seen parked while another thread waited for work.
+    pool: HashSet<u32>,
+}
+
+impl Learnt {
+    /// Forgets pools and processes that are no longer watched.
+    pub fn retain(&mut self, watched: &WatchedSet) {
+        let pools: HashSet<PoolTag> = watched.workers.values().map(|w| w.pool).collect();
+        self.accept_locks.retain(|(pool, _)| pools.contains(pool));
+        self.most_pool_threads
+            .retain(|pool, _| pools.contains(pool));
+        self.threads
+            .retain(|k, _| watched.workers.contains_key(&k.pid));
     }
+
+    /// The free pool threads of a process whose acceptors (`waiting`) wait
+    /// for work while its other threads are as in `threads`: parked ones,
+    /// and ones it can start again. `None` while no pool thread is known.
+    fn free_pool_threads(
+        &mut self,
+        key: ProcessKey,
+        pool: PoolTag,
+        waiting: &[u32],
+        threads: &[(u32, Doing)],
+    ) -> Option<usize> {
+        let roles = self.threads.entry(key).or_default();
+        let alive: HashSet<u32> = threads.iter().map(|(tid, _)| *tid).collect();
+        roles.waiters.retain(|tid| alive.contains(tid));
+        for tid in waiting {
+            if roles.waiters.len() < 2 {
+                roles.waiters.insert(*tid);
+            }
+        }
+        let parked: Vec<u32> = threads
+            .iter()
+            .filter(|(tid, d)| *d == Doing::Parked && !roles.waiters.contains(tid))
+            .map(|(tid, _)| *tid)
+            .collect();
+        roles.pool.extend(&parked);
+        roles
+            .pool
+            .retain(|tid| alive.contains(tid) && !roles.waiters.contains(tid));
+        if roles.waiters.len() > 1 {
+            // Its threads take turns at the listener: each one waiting is free.
+            return Some(waiting.len() + parked.len());
+        }
+        let most = self.most_pool_threads.entry(pool).or_default();
+        *most = (*most).max(roles.pool.len());
+        (*most > 0).then(|| parked.len() + (*most - roles.pool.len()))
+    }
+}
+
+/// A worker process's state in one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessState {
+    pub busy: bool,
+    /// Its threads free to take a new request: waiting for work and
+    /// serving what they take, parked pool threads, and pool threads it can
+    /// start again.
+    pub idle_threads: u32,
 }
 
 /// The watched processes with a thread blocked in `accept`/`accept4` on one
@@ -250,14 +364,14 @@ fn in_accept_on_listener(s: &ThreadSample, w: &Watched) -> bool {
     matches!(s.syscall, SYS_ACCEPT | SYS_ACCEPT4) && contains(&w.fds.listen, s.args[0])
 }
 
-/// One pass: busy (true) or idle (false) per watched process seen in it.
-/// Processes not in `watched` (a stale map entry) are left out.
+/// One pass: the state of each watched process seen in it. Processes not
+/// in `watched` (a stale map entry) are left out.
 pub fn process_states(
     samples: &[ThreadSample],
-    watched: &HashMap<u32, Watched>,
-    locks: &mut AcceptLocks,
+    watched: &WatchedSet,
+    learnt: &mut Learnt,
     files: &mut impl FileLocks,
-) -> BTreeMap<ProcessKey, bool> {
+) -> BTreeMap<ProcessKey, ProcessState> {
     let mut threads_per_process: HashMap<u32, usize> = HashMap::default();
     for s in samples {
         *threads_per_process.entry(s.tgid).or_default() += 1;
@@ -265,33 +379,35 @@ pub fn process_states(
     let threads: Vec<(&ThreadSample, Watched, Doing)> = samples
         .iter()
         .filter_map(|s| {
-            let w = watched.get(&s.tgid)?;
+            let w = watched.of(s)?;
             let multithreaded = threads_per_process.get(&s.tgid).is_some_and(|n| *n > 1);
             Some((s, *w, doing(s, w, multithreaded)))
         })
         .collect();
+    let waiting = |d: &Doing| *d == Doing::WaitsForWork;
     // Threads that wait for work, by thread id, and processes with one.
     let waiting_threads: HashMap<u32, PoolTag> = threads
         .iter()
-        .filter(|(_, _, d)| *d == Doing::WaitsForWork)
+        .filter(|(_, _, d)| waiting(d))
         .map(|(s, w, _)| (s.tid, w.pool))
         .collect();
     let waiting_processes: HashSet<(u32, PoolTag)> = threads
         .iter()
-        .filter(|(_, _, d)| *d == Doing::WaitsForWork)
+        .filter(|(_, _, d)| waiting(d))
         .map(|(s, w, _)| (s.tgid, w.pool))
         .collect();
-    let mut states = BTreeMap::new();
+    // Each process's threads, a lock wait on a known or proven accept lock
+    // resolved to a wait for work that serves itself.
+    let mut processes: BTreeMap<ProcessKey, (PoolTag, Vec<(u32, Doing)>)> = BTreeMap::new();
     for (s, w, d) in &threads {
-        let idle = match *d {
-            Doing::WaitsForWork => true,
+        let d = match *d {
             Doing::WaitsOnLock { lock, owner } => {
                 let id = match lock {
                     Lock::Futex { uaddr } => Some(LockId::Futex(uaddr)),
                     Lock::File { fd } => files.file_of(s.tgid, fd).map(LockId::File),
                 };
-                id.is_some_and(|id| {
-                    if locks.known.contains(&(w.pool, id)) {
+                let accept_lock = id.is_some_and(|id| {
+                    if learnt.accept_locks.contains(&(w.pool, id)) {
                         return true;
                     }
                     // Proven when a fellow worker holds it while it waits for work.
@@ -305,17 +421,59 @@ pub fn process_states(
                             .any(|pid| pid != s.tgid && waiting_processes.contains(&(pid, w.pool))),
                     };
                     if proven {
-                        locks.known.insert((w.pool, id));
+                        learnt.accept_locks.insert((w.pool, id));
                     }
                     proven
-                })
+                });
+                if accept_lock {
+                    Doing::WaitsForWork
+                } else {
+                    Doing::Other
+                }
             }
-            Doing::Other => false,
+            d => d,
         };
-        let busy = states.entry(ProcessKey::of(s)).or_insert(true);
-        *busy &= !idle;
+        let entry = processes
+            .entry(ProcessKey::of(s))
+            .or_insert((w.pool, vec![]));
+        entry.1.push((s.tid, d));
     }
-    states
+    let pids_seen: HashSet<u32> = processes.keys().map(|k| k.pid).collect();
+    learnt
+        .threads
+        .retain(|k, _| processes.contains_key(k) || !pids_seen.contains(&k.pid));
+    processes
+        .into_iter()
+        .map(|(key, (pool, threads))| (key, process_state(key, pool, &threads, learnt)))
+        .collect()
+}
+
+/// One process's state from what each of its threads does.
+fn process_state(
+    key: ProcessKey,
+    pool: PoolTag,
+    threads: &[(u32, Doing)],
+    learnt: &mut Learnt,
+) -> ProcessState {
+    let waiting: Vec<u32> = threads
+        .iter()
+        .filter(|(_, d)| *d == Doing::WaitsForWork)
+        .map(|(tid, _)| *tid)
+        .collect();
+    let idle_threads = if waiting.is_empty() {
+        0
+    } else if threads.len() == 1 {
+        1
+    } else {
+        learnt
+            .free_pool_threads(key, pool, &waiting, threads)
+            // No pool thread known: its acceptor waiting is all there is to go by.
+            .unwrap_or(waiting.len())
+    };
+    ProcessState {
+        busy: idle_threads == 0,
+        idle_threads: idle_threads as u32,
+    }
 }
 
 #[cfg(test)]
@@ -324,7 +482,14 @@ mod tests {
 
     const POOL: PoolTag = 7;
 
-    fn watched(pids: &[u32], listen: &[i32], epoll: &[i32]) -> HashMap<u32, Watched> {
+    fn watched(pids: &[u32], listen: &[i32], epoll: &[i32]) -> WatchedSet {
+        WatchedSet {
+            workers: workers(pids, listen, epoll),
+            masters: HashMap::default(),
+        }
+    }
+
+    fn workers(pids: &[u32], listen: &[i32], epoll: &[i32]) -> HashMap<u32, Watched> {
         let mut fds = WorkerFds::EMPTY;
         fds.listen[..listen.len()].copy_from_slice(listen);
         fds.epoll[..epoll.len()].copy_from_slice(epoll);
@@ -351,7 +516,10 @@ mod tests {
             blocked(2, 2, SYS_ACCEPT, [9, 0, 0, 0]),
             blocked(3, 3, SYS_EPOLL_WAIT, [3, 0, 0, 0]),
         ];
-        assert_eq!(waiting_in_accept(&samples, &w), HashSet::from_iter([1]));
+        assert_eq!(
+            waiting_in_accept(&samples, &w.workers),
+            HashSet::from_iter([1])
+        );
     }
 
     fn blocked(tgid: u32, tid: u32, syscall: i64, args: [u64; 4]) -> ThreadSample {
@@ -384,15 +552,15 @@ mod tests {
         }
     }
 
-    fn busy_by_pid(states: &BTreeMap<ProcessKey, bool>) -> Vec<(u32, bool)> {
-        states.iter().map(|(k, b)| (k.pid, *b)).collect()
+    fn busy_by_pid(states: &BTreeMap<ProcessKey, ProcessState>) -> Vec<(u32, bool)> {
+        states.iter().map(|(k, s)| (k.pid, s.busy)).collect()
     }
 
-    fn states(samples: &[ThreadSample], w: &HashMap<u32, Watched>) -> Vec<(u32, bool)> {
+    fn states(samples: &[ThreadSample], w: &WatchedSet) -> Vec<(u32, bool)> {
         busy_by_pid(&process_states(
             samples,
             w,
-            &mut AcceptLocks::default(),
+            &mut Learnt::default(),
             &mut NoFiles,
         ))
     }
@@ -457,7 +625,7 @@ mod tests {
         let holder = blocked(31, 31, SYS_EPOLL_WAIT, [7, 0x55e1_b9fd, 512, u64::MAX]);
         let other = blocked(32, 32, SYS_EPOLL_WAIT, [9, 0x55e1_b9fd, 512, 500]);
         let mut w = watched(&[31, 32], &[6], &[7]);
-        if let Some(x) = w.get_mut(&32) {
+        if let Some(x) = w.workers.get_mut(&32) {
             x.fds.epoll = [-1; 4];
         }
         assert_eq!(states(&[holder, other], &w), vec![(31, false), (32, false)]);
@@ -549,7 +717,7 @@ mod tests {
     #[test]
     fn a_known_accept_lock_stays_known_when_its_holder_is_serving() {
         let w = watched(&[21, 22, 23], &[3, 4], &[9]);
-        let mut locks = AcceptLocks::default();
+        let mut locks = Learnt::default();
         process_states(&apache_idle(), &w, &mut locks, &mut NoFiles);
         // 21 accepted and serves, still holding the mutex for a moment.
         let mut later = apache_idle();
@@ -599,7 +767,7 @@ mod tests {
     #[test]
     fn a_known_accept_lock_is_known_when_its_word_cannot_be_read() {
         let w = watched(&[21, 22, 23], &[3, 4], &[9]);
-        let mut locks = AcceptLocks::default();
+        let mut locks = Learnt::default();
         let unread = |mut samples: Vec<ThreadSample>| {
             for s in &mut samples[1..] {
                 s.futex_word = 0;
@@ -651,7 +819,7 @@ mod tests {
         let mut waiter = blocked(22, 22, SYS_FUTEX, [0x7f00_2000, FUTEX_LOCK_PI, 0, 0]);
         waiter.futex_word = 21;
         let mut w = watched(&[21, 22], &[3], &[]);
-        if let Some(x) = w.get_mut(&21) {
+        if let Some(x) = w.workers.get_mut(&21) {
             x.pool = POOL + 1;
         }
         let listener = blocked(21, 21, SYS_ACCEPT4, [3, 0, 0, 0]);
@@ -687,11 +855,11 @@ mod tests {
             blocked(22, 22, SYS_FCNTL, [6, F_SETLKW, 0x7000, 0]),
             blocked(23, 23, SYS_FLOCK, [6, 2, 0, 0]),
         ];
-        let mut locks = AcceptLocks::default();
+        let mut locks = Learnt::default();
         let s = process_states(&samples, &w, &mut locks, &mut OneLockFile { holder: 21 });
         assert_eq!(busy_by_pid(&s), vec![(21, false), (22, false), (23, false)]);
         // Held by a process that is not waiting for work (a session lock).
-        let mut fresh = AcceptLocks::default();
+        let mut fresh = Learnt::default();
         let s = process_states(
             &samples[1..],
             &w,
@@ -710,7 +878,7 @@ mod tests {
         let s = process_states(
             &[old, new],
             &watched(&[11], &[3], &[]),
-            &mut AcceptLocks::default(),
+            &mut Learnt::default(),
             &mut NoFiles,
         );
         assert_eq!(s.len(), 2);
@@ -720,5 +888,172 @@ mod tests {
     fn unwatched_processes_are_left_out() {
         let s = states(&[running(99, 99)], &watched(&[11], &[3], &[]));
         assert!(s.is_empty());
+    }
+
+    /// A Puma 5.6 cluster worker (Ruby 3.1), recorded on 6.18 from
+    /// /proc/PID/task/*/syscall, listener fd 5: its main thread and
+    /// `puma wrkr check` in ppoll on pipes, `puma reactor` in epoll_wait on
+    /// an epoll of client sockets, two helper threads and `puma stat pld`
+    /// in timed futex waits (`0x89`, a timeout), `puma srv` in pselect6 on
+    /// the listener, and pool threads `puma srv tp 00N`: parked on their
+    /// condition variable (`0x189`, no timeout) while idle, in a timed
+    /// futex wait (Ruby's `sleep`) while serving.
+    fn puma_worker(pid: u32, pool_threads: &[bool]) -> Vec<ThreadSample> {
+        let timed = |tid| {
+            blocked(
+                pid,
+                tid,
+                SYS_FUTEX,
+                [0x5600_0000 + tid as u64, 0x89, 0, 0x7f00],
+            )
+        };
+        let mut reactor = blocked(pid, pid + 2, SYS_EPOLL_WAIT, [12, 0x5600, 64, 59743]);
+        reactor.epoll_listeners = EPOLL_WATCHES_NO_LISTENER;
+        let mut srv = blocked(pid, pid + 6, SYS_PSELECT6, [14, 0x5600, 0, 0]);
+        srv.polled_fds[0] = 5;
+        let mut threads = vec![
+            blocked(pid, pid, SYS_PPOLL, [0x7ffc, 2, 0, 0]),
+            blocked(pid, pid + 1, SYS_PPOLL, [0x7f2c, 2, 0, 0]),
+            reactor,
+            timed(pid + 3),
+            timed(pid + 4),
+            timed(pid + 5),
+            srv,
+        ];
+        for (i, serving) in pool_threads.iter().enumerate() {
+            let tid = pid + 10 + i as u32;
+            threads.push(if *serving {
+                timed(tid)
+            } else {
+                blocked(pid, tid, SYS_FUTEX, [0x5600_0000 + tid as u64, 0x189, 0, 0])
+            });
+        }
+        threads
+    }
+
+    fn idle_threads(states: &BTreeMap<ProcessKey, ProcessState>) -> Vec<(u32, bool, u32)> {
+        states
+            .iter()
+            .map(|(k, s)| (k.pid, s.busy, s.idle_threads))
+            .collect()
+    }
+
+    #[test]
+    fn a_puma_worker_whose_only_thread_serves_is_busy_and_idle_at_rest() {
+        let w = watched(&[30, 40], &[5], &[]);
+        let mut learnt = Learnt::default();
+        let mut pass = |samples: Vec<ThreadSample>| {
+            idle_threads(&process_states(&samples, &w, &mut learnt, &mut NoFiles))
+        };
+        let at_rest = [puma_worker(30, &[false]), puma_worker(40, &[false])].concat();
+        assert_eq!(pass(at_rest), vec![(30, false, 1), (40, false, 1)]);
+        // `-t 1:1`: 30's thread serves, nothing waits: Puma's pool_capacity 0.
+        let one_serving = [puma_worker(30, &[true]), puma_worker(40, &[false])].concat();
+        assert_eq!(pass(one_serving), vec![(30, true, 0), (40, false, 1)]);
+    }
+
+    #[test]
+    fn a_pool_thread_never_seen_parked_leaves_the_acceptor_to_go_by() {
+        // A daemon that starts while the only pool thread serves cannot
+        // tell it from a helper: the acceptor's wait says idle, as before
+        // the thread was known.
+        let w = watched(&[30], &[5], &[]);
+        let s = process_states(
+            &puma_worker(30, &[true]),
+            &w,
+            &mut Learnt::default(),
+            &mut NoFiles,
+        );
+        assert_eq!(idle_threads(&s), vec![(30, false, 1)]);
+    }
+
+    #[test]
+    fn a_pool_counts_the_threads_it_can_start_again() {
+        // `-t 1:4` once a worker of the pool ran 4 threads: every worker
+        // can start up to 4 (Puma's pool_capacity: waiting threads plus
+        // the ones not started), whether it never grew or was trimmed.
+        let w = watched(&[30, 40], &[5], &[]);
+        let mut learnt = Learnt::default();
+        let mut pass = |samples: Vec<ThreadSample>| {
+            idle_threads(&process_states(&samples, &w, &mut learnt, &mut NoFiles))
+        };
+        let started = [puma_worker(30, &[false; 4]), puma_worker(40, &[false])].concat();
+        assert_eq!(pass(started), vec![(30, false, 4), (40, false, 4)]);
+        let partly = [
+            puma_worker(30, &[true, false, false, false]),
+            puma_worker(40, &[true, false]),
+        ]
+        .concat();
+        assert_eq!(pass(partly), vec![(30, false, 3), (40, false, 3)]);
+        let full = [puma_worker(30, &[true; 4]), puma_worker(40, &[true, true])].concat();
+        assert_eq!(pass(full), vec![(30, true, 0), (40, false, 2)]);
+    }
+
+    #[test]
+    fn threads_that_take_turns_at_the_listener_each_serve_what_they_take() {
+        // uWSGI `--threads 3`: the thread holding its thread lock waits in
+        // epoll on the listener, the others park on the lock or serve.
+        let w = watched(&[50], &[3], &[9]);
+        let mut learnt = Learnt::default();
+        let epoll = |tid| {
+            let mut s = blocked(50, tid, SYS_EPOLL_WAIT, [9, 0x7000, 1, u64::MAX]);
+            s.epoll_listeners = EPOLL_WATCHES_LISTENER;
+            s
+        };
+        let lock = |tid| blocked(50, tid, SYS_FUTEX, [0x6000, FUTEX_WAIT | 128, 2, 0]);
+        let mut pass = |samples: Vec<ThreadSample>| {
+            idle_threads(&process_states(&samples, &w, &mut learnt, &mut NoFiles))
+        };
+        // Not yet seen taking turns: the acceptor is not counted.
+        assert_eq!(
+            pass(vec![epoll(50), lock(51), lock(52)]),
+            vec![(50, false, 2)]
+        );
+        assert_eq!(
+            pass(vec![running(50, 50), epoll(51), lock(52)]),
+            vec![(50, false, 2)]
+        );
+        // Two of three serve; the third waits on the listener: free.
+        assert_eq!(
+            pass(vec![running(50, 50), running(50, 51), epoll(52)]),
+            vec![(50, false, 1)]
+        );
+    }
+
+    #[test]
+    fn an_apache_worker_child_whose_listener_waits_for_an_idle_thread_is_busy() {
+        // mpm_worker: the listener thread polls the listeners while a
+        // worker thread is parked; with every worker serving it waits for
+        // an idler on a condition variable, itself parked-looking.
+        let w = watched(&[60], &[3], &[]);
+        let mut learnt = Learnt::default();
+        let mut poll = blocked(60, 61, SYS_POLL, [0x7000, 1, u64::MAX, 0]);
+        poll.polled_fds[0] = 3;
+        let parked = |tid| blocked(60, tid, SYS_FUTEX, [0x8000 + tid as u64, 0x189, 0, 0]);
+        let mut pass = |samples: Vec<ThreadSample>| {
+            idle_threads(&process_states(&samples, &w, &mut learnt, &mut NoFiles))
+        };
+        let main = blocked(60, 60, 0, [4, 0x7000, 1, 0]); // read() on the pod
+        let at_rest = vec![main, poll, parked(62), parked(63)];
+        assert_eq!(pass(at_rest), vec![(60, false, 2)]);
+        let one_free = vec![main, poll, running(60, 62), parked(63)];
+        assert_eq!(pass(one_free), vec![(60, false, 1)]);
+        let full = vec![main, parked(61), running(60, 62), running(60, 63)];
+        assert_eq!(pass(full), vec![(60, true, 0)]);
+    }
+
+    #[test]
+    fn a_child_of_a_watched_master_is_sampled_as_a_worker_of_its_pool() {
+        // gunicorn forked a worker since the last scrape: it is not in the
+        // workers yet, but its master is.
+        let mut w = watched(&[30], &[5], &[]);
+        w.masters = workers(&[20], &[5], &[]);
+        let mut newcomer = blocked(31, 31, SYS_PSELECT6, [8, 0x7000, 0, 0]);
+        newcomer.polled_fds[0] = 5;
+        newcomer.master_tgid = 20;
+        let mut stranger = running(40, 40);
+        stranger.master_tgid = 21;
+        let samples = [running(30, 30), newcomer, stranger];
+        assert_eq!(states(&samples, &w), vec![(30, true), (31, false)]);
     }
 }

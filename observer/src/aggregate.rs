@@ -133,6 +133,9 @@ pub struct Collection {
     pub forget: Vec<AcceptKey>,
     /// Every listener seen (capped or not), to find accepted connections'.
     pub index: ListenerIndex,
+    /// Connections each process found exited in this collection accepted
+    /// from a listener, to its end (the worker series' slots keep them).
+    pub exited_accepts: HashMap<ListenerId, BTreeMap<u32, u64>>,
 }
 
 impl Collection {
@@ -238,6 +241,7 @@ impl Aggregator {
         // that exited, per listener: those are folded into its state below.
         let mut live = vec![Accepts::default(); views.len()];
         let mut exited: HashMap<ListenerId, Accepts> = HashMap::new();
+        let mut exited_accepts: HashMap<ListenerId, BTreeMap<u32, u64>> = HashMap::new();
         for (key, stats) in accepts {
             let Some(id) = index.listener_of(key.netns, key.family, &key.addr, key.port) else {
                 forget.push(*key);
@@ -250,6 +254,11 @@ impl Aggregator {
                 }
             } else if position(&views, &id).is_some() {
                 exited.entry(id).or_default().add(stats);
+                *exited_accepts
+                    .entry(id)
+                    .or_default()
+                    .entry(key.tgid)
+                    .or_default() += stats.accepted;
                 forget.push(*key);
             }
         }
@@ -298,6 +307,7 @@ impl Aggregator {
             listeners_over_cap,
             forget,
             index,
+            exited_accepts,
         }
     }
 

@@ -22,6 +22,12 @@ pub struct CollectorOptions {
     /// --collector.workers turns them back on (likewise for each collector).
     #[arg(long = "no-collector.workers", overrides_with = "workers")]
     no_workers: bool,
+    /// Add a pid label to every per-worker series: a series per process,
+    /// which grows with every worker restart (for a debugging session).
+    /// Without it, a worker's series are its slot's (label worker): stable
+    /// across restarts.
+    #[arg(long = "collector.workers.pid")]
+    worker_pids: bool,
     #[arg(
         long = "collector.wait-histogram",
         overrides_with = "no_wait_histogram",
@@ -88,6 +94,7 @@ impl CollectorOptions {
     pub fn resolve(&self) -> Collectors {
         Collectors {
             workers: !self.no_workers,
+            worker_pids: self.worker_pids,
             wait_histogram: !self.no_wait_histogram,
             sockets: !self.no_sockets,
             program_stats: self.program_stats,
@@ -103,6 +110,8 @@ impl CollectorOptions {
 #[derive(Clone, Debug)]
 pub struct Collectors {
     pub workers: bool,
+    /// A pid label on per-worker series (`--collector.workers.pid`).
+    pub worker_pids: bool,
     pub wait_histogram: bool,
     pub sockets: bool,
     /// Turn the kernel's BPF run-time statistics on (see

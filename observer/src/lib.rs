@@ -5,7 +5,8 @@
 //! kernel programs (observer-ebpf) → `kernel` (load, attach, read maps and
 //! iterators) → `sampler` (worker threads, many times a second) with the
 //! busy/idle rule in `activity` → `aggregate` (per-listener figures) and
-//! `workers` (per-pool figures) → `pipeline` (one collection) → `metrics` /
+//! `workers` (per-pool figures) → `slots` (stable worker series) →
+//! `pipeline` (one collection) → `metrics` /
 //! `serve` (Prometheus); `verdict` says why a listener's connections wait
 //! (`observer explain`).
 pub mod activity;
@@ -19,6 +20,7 @@ pub mod pipeline;
 pub mod quantile;
 pub mod sampler;
 pub mod serve;
+pub mod slots;
 pub mod sockets;
 pub mod verdict;
 pub mod views;

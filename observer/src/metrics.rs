@@ -22,7 +22,7 @@ use crate::{
     containers::ContainerInfo,
     pipeline::{DaemonHealth, Snapshot},
     sockets::ListenerId,
-    workers::{PoolView, Pools, WorkerView},
+    workers::{PoolView, Pools, VacantSlot, WorkerView},
 };
 
 type Containers = foldhash::HashMap<ListenerId, ContainerInfo>;
@@ -580,20 +580,65 @@ pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
 }
 
 /// One series per worker of the pools of listeners that had traffic.
+/// A series per worker of a listener that had traffic, by its slot
+/// (`worker`, see `slots.rs`) and `comm`; and its `pid` where asked
+/// (`--collector.workers.pid`: a series per process, unbounded under
+/// worker restarts).
 fn per_worker(
     text: &mut Text,
-    e: &Exported,
+    (e, with_pid): (&Exported, bool),
+    spec: (&'static str, &'static str, Kind),
+    value: impl Fn(&WorkerView) -> Option<f64>,
+) {
+    per_slot(text, (e, with_pid), spec, value, |_| None);
+}
+
+/// A counter per worker slot, [`per_worker`]'s and the vacant slots' too:
+/// their counts stay, so that sums over slots keep what exited workers
+/// counted.
+fn per_slot_counter(
+    text: &mut Text,
+    (e, with_pid): (&Exported, bool),
+    (name, help): (&'static str, &'static str),
+    value: impl Fn(&WorkerView) -> Option<f64>,
+    vacant: impl Fn(&VacantSlot) -> Option<f64>,
+) {
+    per_slot(
+        text,
+        (e, with_pid),
+        (name, help, Kind::Counter),
+        value,
+        vacant,
+    );
+}
+
+fn per_slot(
+    text: &mut Text,
+    (e, with_pid): (&Exported, bool),
     (name, help, kind): (&'static str, &'static str, Kind),
     value: impl Fn(&WorkerView) -> Option<f64>,
+    vacant: impl Fn(&VacantSlot) -> Option<f64>,
 ) {
     let mut f = text.family(name, help, kind);
     for (pool, labels) in e.pools(true) {
         for w in &pool.workers {
             if let Some(value) = value(w) {
+                let mut labels = labels
+                    .clone()
+                    .with("worker", &w.slot.no.to_string())
+                    .with("comm", &w.comm);
+                if with_pid {
+                    labels = labels.with("pid", &w.pid.to_string());
+                }
+                f.sample(&labels, value);
+            }
+        }
+        for slot in &pool.vacant_slots {
+            if let Some(value) = vacant(slot) {
                 let labels = labels
                     .clone()
-                    .with("comm", &w.comm)
-                    .with("pid", &w.pid.to_string());
+                    .with("worker", &slot.counts.no.to_string())
+                    .with("comm", &slot.comm);
                 f.sample(&labels, value);
             }
         }
@@ -614,6 +659,13 @@ fn per_pool(
     }
 }
 
+/// Whether the thread sampler has seen a worker of the pool (one alive
+/// now, or one of a slot no process holds at the moment: between a
+/// worker's exit and its replacement, a pool can have none).
+fn sampled_pool(pool: &PoolView) -> bool {
+    pool.workers.iter().any(|w| w.busy.is_some()) || pool.vacant_slots.iter().any(|s| s.sampled)
+}
+
 /// Worker families (none with `--no-collector.workers`): every pool's
 /// busy/idle counts; the per-worker and per-pool series of listeners that
 /// had traffic.
@@ -628,7 +680,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
         "Worker processes of the listener's pool by state at the scrape: idle (a thread waits for new work: on the listener, its epoll, or the pool's accept lock) or busy.",
         Gauge,
     );
-    let sampled = |(pool, _): &(&PoolView, &Labels)| pool.workers.iter().any(|w| w.busy.is_some());
+    let sampled = |(pool, _): &(&PoolView, &Labels)| sampled_pool(pool);
     for (pool, labels) in e.pools(false).filter(sampled) {
         for (state, n) in [("busy", pool.busy()), ("idle", pool.idle())] {
             f.sample_with(labels, ("state", state), n as f64);
@@ -636,7 +688,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     }
     per_worker(
         text,
-        e,
+        (e, c.worker_pids),
         (
             "observer_worker_busy",
             "1 while the worker is busy (no thread of it waits for new work), 0 while idle, at the scrape.",
@@ -646,27 +698,46 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        e,
+        (e, c.worker_pids),
+        (
+            "observer_worker_idle_threads",
+            "Threads of the worker free to take a new request at the scrape: waiting for work, or, in a worker whose acceptor hands connections to a pool of threads, its parked pool threads and the ones it can start again. 0 while busy.",
+            Gauge,
+        ),
+        |w| w.idle_threads.map(f64::from),
+    );
+    let mut f = text.family(
+        "observer_idle_threads",
+        "Threads of the listener's workers free to take a new request at the scrape: the sum of observer_worker_idle_threads.",
+        Gauge,
+    );
+    for (pool, labels) in e.pools(false).filter(sampled) {
+        let idle: u32 = pool.workers.iter().filter_map(|w| w.idle_threads).sum();
+        f.sample(labels, f64::from(idle));
+    }
+    per_slot_counter(
+        text,
+        (e, c.worker_pids),
         (
             "observer_worker_busy_seconds_total",
-            "Time the worker spent busy since observer first saw it, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation.",
-            Counter,
+            "Time the worker slot's processes spent busy since observer first saw them, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation. A slot (label worker) is taken over by the process that replaces one that exited, and keeps counting.",
         ),
-        |w| w.busy.map(|_| w.busy_seconds),
+        |w| w.busy.map(|_| w.slot.busy_seconds),
+        |slot| slot.sampled.then_some(slot.counts.busy_seconds),
     );
-    per_worker(
+    per_slot_counter(
         text,
-        e,
+        (e, c.worker_pids),
         (
             "observer_worker_accepts_total",
-            "Connections the worker accepted from this listener since observer started.",
-            Counter,
+            "Connections the worker slot's processes accepted from this listener since observer started (each to its exit; a slot is taken over by the process that replaces one that exited).",
         ),
-        |w| Some(w.accepts as f64),
+        |w| Some(w.slot.accepts as f64),
+        |slot| Some(slot.counts.accepts as f64),
     );
     per_worker(
         text,
-        e,
+        (e, c.worker_pids),
         (
             "observer_worker_active_connections",
             "Connections the worker accepted from this listener that are still open.",
@@ -676,7 +747,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        e,
+        (e, c.worker_pids),
         (
             "observer_worker_connections_unread",
             "Of the worker's open connections, those whose client has sent bytes it has not started to read (TCP).",
@@ -686,7 +757,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        e,
+        (e, c.worker_pids),
         (
             "observer_worker_requests_in_service",
             "Of the worker's open connections, those holding a request in service: every byte the client sent has been read, and nothing answered since (TCP; from each connection's own counters, no hook). For a threaded worker, the threads serving requests.",
@@ -914,10 +985,13 @@ mod tests {
                 unread_connections: 0,
                 requests_in_service: Some(0),
                 busy: Some(false),
+                idle_threads: Some(1),
                 busy_seconds: 0.0,
+                slot: Default::default(),
             }],
             dispatchers: vec![],
             unread: Default::default(),
+            vacant_slots: vec![],
         });
     }
 
@@ -957,6 +1031,7 @@ mod tests {
                 "observer_connections_queued_total",
                 "observer_connections_accepted_total",
                 "observer_workers",
+                "observer_idle_threads",
                 "observer_workers_over_limit",
             ],
             "{text}"
@@ -1061,13 +1136,16 @@ mod tests {
             unread_connections: 0,
             requests_in_service: Some(0),
             busy: None, // the thread sampler could not run on this kernel
+            idle_threads: None,
             busy_seconds: 0.0,
+            slot: Default::default(),
         };
         snapshot.pools.pools.push(PoolView {
             listener: snapshot.listeners.listeners[0].id,
             workers: vec![worker],
             dispatchers: vec![],
             unread: Default::default(),
+            vacant_slots: vec![],
         });
         let text = workers_text(&snapshot, &all());
         assert!(!text.contains("observer_workers{"), "{text}");
@@ -1095,6 +1173,7 @@ mod tests {
                 accepts: 12,
             }],
             unread: Default::default(),
+            vacant_slots: vec![],
         });
         let text = workers_text(&snapshot, &all());
         assert!(text.contains(

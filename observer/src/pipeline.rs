@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use anyhow::{Context as _, Result};
 
@@ -20,7 +20,7 @@ use observer_common::{
 };
 
 use crate::{
-    activity::Watched,
+    activity::{Watched, WatchedSet},
     aggregate::{Aggregator, Collection},
     collectors::{CollectorOptions, Collectors},
     containers::{ContainerCache, ContainerInfo},
@@ -30,6 +30,7 @@ use crate::{
         procfs,
     },
     sampler::{self, SamplerCost, ThreadSampler, WorkerActivity},
+    slots::{Finals, Slots},
     sockets::{self, ListenSocket, ListenerId},
     workers::{self, EventLoops, Handoffs, Membership, Pools},
 };
@@ -143,7 +144,7 @@ struct KernelView {
 /// The writes one collection asks of the kernel maps.
 struct MapWrites {
     listen_ports: HashSet<u64>,
-    watched: HashMap<u32, Watched>,
+    watched: WatchedSet,
     forget_accepts: Vec<AcceptKey>,
 }
 
@@ -155,6 +156,8 @@ pub struct Pipeline {
     /// Epoll fds watching a listener (or a fed worker's connections), per
     /// worker process.
     event_loops: EventLoops,
+    /// The worker series' slots, kept across scrapes.
+    slots: Slots,
     /// Who hands connections to whom (dispatchers, fed workers),
     /// remembered while they live.
     handoffs: Handoffs,
@@ -228,6 +231,7 @@ impl Pipeline {
             max_workers,
             collectors,
             event_loops: Default::default(),
+            slots: Default::default(),
             handoffs: Default::default(),
             containers: Default::default(),
             started: Instant::now(),
@@ -294,15 +298,20 @@ impl Pipeline {
             forget_accepts: listeners.forget.clone(),
         };
         st.time("apply", || self.apply(&writes))?;
-        let activity = st.time("sample", || self.sample(writes.watched))?;
-        let pools = st.time("pools", || {
+        let sampled = st.time("sample", || self.sample(writes.watched))?;
+        let mut pools = st.time("pools", || {
             workers::pools(
                 &listeners.listeners,
                 &membership,
-                &activity,
+                &sampled.activity,
                 self.max_workers,
             )
         });
+        let finals = Finals {
+            accepts: std::mem::take(&mut listeners.exited_accepts),
+            busy_seconds: sampled.retired_busy_seconds,
+        };
+        self.slots.assign(&mut pools, &finals);
         for id in pools.serving() {
             self.aggregator.mark_traffic(id);
             listeners.mark_traffic(id);
@@ -347,19 +356,24 @@ impl Pipeline {
     }
 
     /// Hands the watched set to the thread sampler and takes busy/idle from
-    /// its last pass, which runs once more now.
-    fn sample(&mut self, watched: HashMap<u32, Watched>) -> Result<HashMap<u32, WorkerActivity>> {
+    /// its last pass, which runs once more now; and the final busy time of
+    /// the processes no longer watched.
+    fn sample(&mut self, watched: WatchedSet) -> Result<Sampled> {
         let Some(sampler) = &self.sampler else {
-            return Ok(HashMap::new());
+            return Ok(Sampled::default());
         };
         let mut sampler = lock(sampler)?;
         sampler.set_watched(watched);
+        let retired = sampler.take_retired();
         // Busy/idle then comes from the sampler's previous pass.
         if let Err(e) = sampler.sample() {
             log::warn!("thread sampler at this scrape: {e:#}");
         }
         self.health.sampler = Some(sampler.cost());
-        Ok(sampler.activity())
+        Ok(Sampled {
+            activity: sampler.activity(),
+            retired_busy_seconds: retired,
+        })
     }
 
     /// Reads everything a collection needs from the kernel; writes nothing.
@@ -415,13 +429,10 @@ impl Pipeline {
     /// The daemon's writes to kernel maps, in one place.
     fn apply(&mut self, writes: &MapWrites) -> Result<()> {
         self.probes.set_listen_ports(&writes.listen_ports)?;
-        self.probes.set_watched(
-            &writes
-                .watched
-                .iter()
-                .map(|(pid, w)| (*pid, w.fds))
-                .collect(),
-        )?;
+        let fds = |set: &HashMap<u32, Watched>| set.iter().map(|(pid, w)| (*pid, w.fds)).collect();
+        self.probes.set_watched(&fds(&writes.watched.workers))?;
+        self.probes
+            .set_watched_masters(&fds(&writes.watched.masters))?;
         self.probes.forget_accepts(&writes.forget_accepts)
     }
 }
@@ -473,6 +484,14 @@ impl TcpWalk {
         self.last = Some(now);
         self.found_unheld = listeners.iter().any(|l| !self.held.contains(&l.inode));
     }
+}
+
+/// What the thread sampler gives one collection.
+#[derive(Default)]
+struct Sampled {
+    activity: HashMap<u32, WorkerActivity>,
+    /// The final busy time of processes no longer watched, by pid.
+    retired_busy_seconds: HashMap<u32, f64>,
 }
 
 fn lock(sampler: &Mutex<ThreadSampler>) -> Result<std::sync::MutexGuard<'_, ThreadSampler>> {

@@ -20,7 +20,7 @@ use anyhow::Result;
 use observer_common::ThreadSample;
 
 use crate::{
-    activity::{self, AcceptLocks, FileId, FileLocks, ProcessKey, Watched},
+    activity::{self, FileId, FileLocks, Learnt, ProcessKey, ProcessState, WatchedSet},
     kernel::{iter::IterLink, probes::parse_records, procfs},
 };
 
@@ -38,13 +38,15 @@ pub const MAX_CORE_SHARE: f64 = 0.005;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WorkerActivity {
     pub busy: bool,
+    /// Its threads free to take a new request (`ProcessState`).
+    pub idle_threads: u32,
     /// Busy time integrated since the sampler first saw this process.
     pub busy_seconds: f64,
 }
 
 #[derive(Debug)]
 struct Account {
-    busy: bool,
+    state: ProcessState,
     busy_ns: u64,
     last_ns: u64,
 }
@@ -61,11 +63,16 @@ pub struct SamplerCost {
 
 pub struct ThreadSampler {
     link: IterLink,
-    watched: HashMap<u32, Watched>,
-    locks: AcceptLocks,
+    watched: WatchedSet,
+    learnt: Learnt,
     accounts: BTreeMap<ProcessKey, Account>,
     /// See [`activity::waiting_in_accept`]: as of the last pass.
     in_accept: HashSet<u32>,
+    /// Busy time of processes no longer watched, by pid, until taken.
+    retired: HashMap<u32, f64>,
+    /// When the previous pass ran (`CLOCK_MONOTONIC`, the clock of a
+    /// task's start time).
+    last_pass_ns: Option<u64>,
     cost: SamplerCost,
 }
 
@@ -73,20 +80,28 @@ impl ThreadSampler {
     pub fn new(link: IterLink) -> ThreadSampler {
         ThreadSampler {
             link,
-            watched: HashMap::new(),
-            locks: AcceptLocks::default(),
+            watched: WatchedSet::default(),
+            learnt: Learnt::default(),
             accounts: BTreeMap::new(),
             in_accept: HashSet::default(),
+            retired: HashMap::new(),
+            last_pass_ns: None,
             cost: SamplerCost::default(),
         }
     }
 
     /// The worker processes to classify (the same set the daemon wrote to
     /// the kernel's `WATCHED` map).
-    pub fn set_watched(&mut self, watched: HashMap<u32, Watched>) {
-        let pools: HashSet<_> = watched.values().map(|w| w.pool).collect();
-        self.locks.retain_pools(&pools);
-        self.accounts.retain(|k, _| watched.contains_key(&k.pid));
+    pub fn set_watched(&mut self, watched: WatchedSet) {
+        self.learnt.retain(&watched);
+        let retired = &mut self.retired;
+        self.accounts.retain(|k, a| {
+            let keep = watched.workers.contains_key(&k.pid);
+            if !keep {
+                retired.insert(k.pid, a.busy_ns as f64 / 1e9);
+            }
+            keep
+        });
         self.watched = watched;
     }
 
@@ -95,10 +110,15 @@ impl ThreadSampler {
         let started = Instant::now();
         let samples: Vec<ThreadSample> = parse_records(&self.link.read()?);
         let now_ns = procfs::monotonic_ns();
-        let states =
-            activity::process_states(&samples, &self.watched, &mut self.locks, &mut ProcFileLocks);
-        integrate(&mut self.accounts, &states, now_ns);
-        self.in_accept = activity::waiting_in_accept(&samples, &self.watched);
+        let states = activity::process_states(
+            &samples,
+            &self.watched,
+            &mut self.learnt,
+            &mut ProcFileLocks,
+        );
+        integrate(&mut self.accounts, &states, (self.last_pass_ns, now_ns));
+        self.last_pass_ns = Some(now_ns);
+        self.in_accept = activity::waiting_in_accept(&samples, &self.watched.workers);
         self.cost.passes += 1;
         self.cost.threads_sampled += samples.len() as u64;
         self.cost.seconds += started.elapsed().as_secs_f64();
@@ -112,12 +132,20 @@ impl ThreadSampler {
             .iter()
             .map(|(key, a)| {
                 let activity = WorkerActivity {
-                    busy: a.busy,
+                    busy: a.state.busy,
+                    idle_threads: a.state.idle_threads,
                     busy_seconds: a.busy_ns as f64 / 1e9,
                 };
                 (key.pid, activity)
             })
             .collect()
+    }
+
+    /// The busy time of the processes that stopped being watched since
+    /// the last call, to their last pass (the slots of worker series keep
+    /// it).
+    pub fn take_retired(&mut self) -> HashMap<u32, f64> {
+        std::mem::take(&mut self.retired)
     }
 
     /// The workers blocked in accept() at the last pass.
@@ -131,26 +159,29 @@ impl ThreadSampler {
 }
 
 /// Adds one pass to the accounts: a process busy in it is counted busy
-/// for the time since its previous pass (at most [`MAX_GAP_NS`]).
+/// for the time since its previous pass (at most [`MAX_GAP_NS`]). One seen
+/// for the first time counts from the sampler's previous pass or its own
+/// start, whichever is later (a worker forked between two passes and busy
+/// at once, as a replacement worker is); nothing on the first pass of all.
 fn integrate(
     accounts: &mut BTreeMap<ProcessKey, Account>,
-    states: &BTreeMap<ProcessKey, bool>,
-    now_ns: u64,
+    states: &BTreeMap<ProcessKey, ProcessState>,
+    (previous_pass_ns, now_ns): (Option<u64>, u64),
 ) {
     // A process replaced by another with its pid stops being accounted
     // (exited ones go when the scrape stops watching their pid).
     let pids_seen: HashSet<u32> = states.keys().map(|k| k.pid).collect();
     accounts.retain(|k, _| states.contains_key(k) || !pids_seen.contains(&k.pid));
-    for (key, busy) in states {
+    for (key, state) in states {
         let account = accounts.entry(*key).or_insert(Account {
-            busy: *busy,
+            state: *state,
             busy_ns: 0,
-            last_ns: now_ns,
+            last_ns: previous_pass_ns.map_or(now_ns, |p| p.max(key.start_ns).min(now_ns)),
         });
-        if *busy {
+        if state.busy {
             account.busy_ns += now_ns.saturating_sub(account.last_ns).min(MAX_GAP_NS);
         }
-        account.busy = *busy;
+        account.state = *state;
         account.last_ns = now_ns;
     }
 }
@@ -214,14 +245,18 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    fn pass(pids: &[(u32, u64, bool)]) -> BTreeMap<ProcessKey, bool> {
+    fn pass(pids: &[(u32, u64, bool)]) -> BTreeMap<ProcessKey, ProcessState> {
         pids.iter()
             .map(|(pid, start_ns, busy)| {
                 let key = ProcessKey {
                     pid: *pid,
                     start_ns: *start_ns,
                 };
-                (key, *busy)
+                let state = ProcessState {
+                    busy: *busy,
+                    idle_threads: !busy as u32,
+                };
+                (key, state)
             })
             .collect()
     }
@@ -237,24 +272,36 @@ mod tests {
     #[test]
     fn a_busy_pass_counts_the_time_since_the_previous_one() {
         let mut accounts = BTreeMap::new();
-        integrate(&mut accounts, &pass(&[(11, 1, false)]), 0);
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 50 * MS);
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 100 * MS);
-        integrate(&mut accounts, &pass(&[(11, 1, false)]), 150 * MS);
+        integrate(&mut accounts, &pass(&[(11, 1, false)]), (None, 0));
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), (Some(0), 50 * MS));
+        integrate(
+            &mut accounts,
+            &pass(&[(11, 1, true)]),
+            (Some(50 * MS), 100 * MS),
+        );
+        integrate(
+            &mut accounts,
+            &pass(&[(11, 1, false)]),
+            (Some(100 * MS), 150 * MS),
+        );
         assert_eq!(busy_ms(&accounts, 11), vec![100]);
-        assert!(!accounts.values().next().unwrap().busy);
+        assert!(!accounts.values().next().unwrap().state.busy);
     }
 
     #[test]
     fn a_first_pass_and_a_late_pass_count_no_more_than_they_saw() {
         let mut accounts = BTreeMap::new();
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 0);
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), (None, 0));
         assert_eq!(
             busy_ms(&accounts, 11),
             vec![0],
             "first sight counts nothing"
         );
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 5_000 * MS);
+        integrate(
+            &mut accounts,
+            &pass(&[(11, 1, true)]),
+            (Some(0), 5_000 * MS),
+        );
         assert_eq!(busy_ms(&accounts, 11), vec![1_000], "a 5 s gap adds 1 s");
     }
 
@@ -274,11 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn a_process_first_seen_busy_counts_from_its_start_or_the_previous_pass() {
+        let mut accounts = BTreeMap::new();
+        integrate(&mut accounts, &pass(&[(11, 1, false)]), (None, 100 * MS));
+        // 12 started at 120 ms, between two passes, and serves at once; 13
+        // ran before the previous pass but was not watched then.
+        let later = pass(&[(11, 1, false), (12, 120 * MS, true), (13, 1, true)]);
+        integrate(&mut accounts, &later, (Some(100 * MS), 150 * MS));
+        assert_eq!(busy_ms(&accounts, 12), vec![30]);
+        assert_eq!(busy_ms(&accounts, 13), vec![50]);
+    }
+
+    #[test]
     fn a_reused_pid_starts_from_zero() {
         let mut accounts = BTreeMap::new();
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 0);
-        integrate(&mut accounts, &pass(&[(11, 1, true)]), 50 * MS);
-        integrate(&mut accounts, &pass(&[(11, 2, true)]), 100 * MS);
-        assert_eq!(busy_ms(&accounts, 11), vec![0], "only the new process");
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), (None, 0));
+        integrate(&mut accounts, &pass(&[(11, 1, true)]), (Some(0), 50 * MS));
+        // The new process 11 started at 90 ms.
+        let reused = pass(&[(11, 90 * MS, true)]);
+        integrate(&mut accounts, &reused, (Some(50 * MS), 100 * MS));
+        assert_eq!(busy_ms(&accounts, 11), vec![10], "only the new process");
     }
 }

@@ -29,10 +29,11 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use observer_common::{TCP_LISTEN, WorkerFds};
 
 use crate::{
-    activity::{PoolTag, Watched},
+    activity::{PoolTag, Watched, WatchedSet},
     aggregate::{Collection, ListenerView},
     kernel::probes::Holding,
     sampler::WorkerActivity,
+    slots::SlotCounts,
     sockets::{ListenSocket, ListenerId},
 };
 
@@ -56,8 +57,13 @@ pub struct WorkerView {
     pub requests_in_service: Option<u64>,
     /// `None` until the thread sampler has seen it (or where it cannot run).
     pub busy: Option<bool>,
+    /// Its threads free to take a new request, as the sampler last saw
+    /// them (`activity::ProcessState`); `None` with `busy`.
+    pub idle_threads: Option<u32>,
     /// Busy time the sampler integrated since it first saw the worker.
     pub busy_seconds: f64,
+    /// Its slot in the pool and the slot's counters (set by `slots`).
+    pub slot: SlotCounts,
 }
 
 /// The second queue of a listener: accepted connections whose client has
@@ -87,6 +93,20 @@ pub struct PoolView {
     pub workers: Vec<WorkerView>,
     pub dispatchers: Vec<DispatcherView>,
     pub unread: Unread,
+    /// Slots whose process exited and that no process took over yet: their
+    /// counters stay exported (`slots`).
+    pub vacant_slots: Vec<VacantSlot>,
+}
+
+/// A worker slot no process holds now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VacantSlot {
+    pub counts: SlotCounts,
+    /// The name of the last process that held it.
+    pub comm: Comm,
+    /// Whether the thread sampler saw a process in it (its busy time means
+    /// something).
+    pub sampled: bool,
 }
 
 impl PoolView {
@@ -132,6 +152,11 @@ pub struct Handoffs {
     fed: BTreeMap<ListenerId, BTreeMap<u32, u32>>,
     /// Holders seen as the parent of a fed worker.
     dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
+    /// Holders seen as the parent of another holder: a pool's master stays
+    /// one while it lives and holds the listener, also in the moment
+    /// between a worker's exit and its replacement's fork, when it holds
+    /// the listener alone.
+    masters: BTreeMap<ListenerId, BTreeSet<u32>>,
     /// Fed workers' names, from when they were seen: one between
     /// connections holds nothing that would name it.
     comms: HashMap<u32, Comm>,
@@ -145,6 +170,9 @@ impl Handoffs {
         }
         for dispatchers in self.dispatchers.values_mut() {
             dispatchers.retain(|pid| alive(*pid));
+        }
+        for masters in self.masters.values_mut() {
+            masters.retain(|pid| alive(*pid));
         }
         self.comms.retain(|pid, _| alive(*pid));
         self.forget_empty();
@@ -169,6 +197,7 @@ impl Handoffs {
     fn forget_empty(&mut self) {
         self.fed.retain(|_, fed| !fed.is_empty());
         self.dispatchers.retain(|_, d| !d.is_empty());
+        self.masters.retain(|_, m| !m.is_empty());
     }
 
     /// Learns this collection's fed workers (processes holding a
@@ -197,7 +226,7 @@ impl Handoffs {
             }
         }
         let mut roles_of = ListenerRoles::new(listeners.len());
-        let (no_one, no_dispatchers) = (BTreeMap::new(), BTreeSet::new());
+        let (no_one, no_one_else) = (BTreeMap::new(), BTreeSet::new());
         for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
             let id = &view.id;
             if holding.is_empty() {
@@ -214,25 +243,44 @@ impl Handoffs {
             if let Some(dispatchers) = self.dispatchers.get_mut(id) {
                 dispatchers.retain(|pid| holds(holding, *pid));
             }
-            let r = roles(
-                holding,
-                self.fed.get(id).unwrap_or(&no_one),
-                self.dispatchers.get(id).unwrap_or(&no_dispatchers),
-            );
-            if r.dispatchers.is_empty() {
-                self.dispatchers.remove(id);
-            } else {
-                self.dispatchers
-                    .insert(*id, r.dispatchers.iter().copied().collect());
+            if let Some(masters) = self.masters.get_mut(id) {
+                masters.retain(|pid| holds(holding, *pid));
             }
+            let known = Known {
+                dispatchers: self.dispatchers.get(id).unwrap_or(&no_one_else),
+                masters: self.masters.get(id).unwrap_or(&no_one_else),
+            };
+            let r = roles(holding, self.fed.get(id).unwrap_or(&no_one), known);
+            remember(&mut self.dispatchers, id, &r.dispatchers);
+            remember(&mut self.masters, id, &r.masters);
             roles_of.workers[no] = r.workers;
             roles_of.dispatchers[no] = r.dispatchers;
+            roles_of.masters[no] = r.masters;
         }
         self.dispatchers
+            .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
+        self.masters
             .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
         self.forget_empty();
         roles_of
     }
+}
+
+/// Keeps `pids` as a listener's processes of one role, or forgets the
+/// listener's where there are none.
+fn remember(known: &mut BTreeMap<ListenerId, BTreeSet<u32>>, id: &ListenerId, pids: &[u32]) {
+    if pids.is_empty() {
+        known.remove(id);
+    } else {
+        known.insert(*id, pids.iter().copied().collect());
+    }
+}
+
+/// A listener's processes of each role seen before.
+#[derive(Clone, Copy)]
+struct Known<'a> {
+    dispatchers: &'a BTreeSet<u32>,
+    masters: &'a BTreeSet<u32>,
 }
 
 /// A listener's place in the collection's listeners (sorted by id): the
@@ -260,6 +308,7 @@ fn holds(holders: &[Process], pid: u32) -> bool {
 struct ListenerRoles {
     workers: Vec<Vec<u32>>,
     dispatchers: Vec<Vec<u32>>,
+    masters: Vec<Vec<u32>>,
 }
 
 impl ListenerRoles {
@@ -267,6 +316,7 @@ impl ListenerRoles {
         ListenerRoles {
             workers: vec![Vec::new(); listeners],
             dispatchers: vec![Vec::new(); listeners],
+            masters: vec![Vec::new(); listeners],
         }
     }
 }
@@ -276,26 +326,25 @@ impl ListenerRoles {
 struct Roles {
     workers: Vec<u32>,
     dispatchers: Vec<u32>,
+    masters: Vec<u32>,
 }
 
 /// Who serves a listener, from its holders (sorted by pid) and its fed
-/// workers (each pid → its parent's pid) and the dispatchers known before:
-/// a holder whose child also holds the listener is its master; one whose
-/// child is a fed worker, or that was seen as a dispatcher, a dispatcher;
-/// the other holders and every fed worker are workers.
-fn roles(
-    holders: &[Process],
-    fed: &BTreeMap<u32, u32>,
-    known_dispatchers: &BTreeSet<u32>,
-) -> Roles {
+/// workers (each pid → its parent's pid) and the roles known before: a
+/// holder whose child also holds the listener, or that was seen as its
+/// master, is its master; one whose child is a fed worker, or that was
+/// seen as a dispatcher, a dispatcher; the other holders and every fed
+/// worker are workers.
+fn roles(holders: &[Process], fed: &BTreeMap<u32, u32>, known: Known) -> Roles {
     let parents_of_holders = Parents::of(holders.iter().map(|p| p.ppid));
     let parents_of_fed = Parents::of(fed.values().copied());
     let mut roles = Roles::default();
     for p in holders {
-        if parents_of_holders.contains(p.pid) {
-            continue; // the master
+        if parents_of_holders.contains(p.pid) || known.masters.contains(&p.pid) {
+            roles.masters.push(p.pid);
+            continue;
         }
-        if parents_of_fed.contains(p.pid) || known_dispatchers.contains(&p.pid) {
+        if parents_of_fed.contains(p.pid) || known.dispatchers.contains(&p.pid) {
             roles.dispatchers.push(p.pid);
         } else {
             roles.workers.push(p.pid);
@@ -350,6 +399,10 @@ pub struct Membership {
     /// Each worker's pool: the first listener it serves, in id order
     /// (workers that hold the same listeners share it).
     pool_tags: HashMap<u32, PoolTag>,
+    /// Each master's pool (see [`Handoffs`]), likewise.
+    master_tags: HashMap<u32, PoolTag>,
+    /// Each listener's masters.
+    masters: Vec<Vec<u32>>,
     comms: HashMap<u32, Comm>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerNo, u32), u64>,
@@ -478,12 +531,15 @@ impl Membership {
         let ListenerRoles {
             workers,
             dispatchers,
+            masters,
         } = handoffs.learn(views, &holders, &servers);
         handoffs.remember_comms(&mut comms);
         socket_holders.sort_unstable();
         socket_holders.dedup();
         Membership {
             pool_tags: pool_tags(views, &workers),
+            master_tags: master_tags(views, &masters),
+            masters,
             workers,
             dispatchers,
             holders,
@@ -555,6 +611,18 @@ impl Membership {
 fn pool_tags(listeners: &[ListenerView], workers: &[Vec<u32>]) -> HashMap<u32, PoolTag> {
     let mut tags = HashMap::new();
     for (view, pids) in listeners.iter().zip(workers) {
+        for pid in pids {
+            tags.entry(*pid).or_insert_with(|| pool_tag(&view.id));
+        }
+    }
+    tags
+}
+
+/// Each master's pool: the first listener, in id order, of which it is the
+/// master.
+fn master_tags(listeners: &[ListenerView], masters: &[Vec<u32>]) -> HashMap<u32, PoolTag> {
+    let mut tags = HashMap::new();
+    for (view, pids) in listeners.iter().zip(masters) {
         for pid in pids {
             tags.entry(*pid).or_insert_with(|| pool_tag(&view.id));
         }
@@ -676,7 +744,10 @@ pub fn pools(
             .dispatchers
             .get(no)
             .map_or(&[][..], |d| d.as_slice());
-        if pids.is_empty() && dispatcher_pids.is_empty() {
+        // A pool whose master holds the listener alone (between a worker's
+        // exit and its replacement's fork) is still a pool, of no workers.
+        let has_master = membership.masters.get(no).is_some_and(|m| !m.is_empty());
+        if pids.is_empty() && dispatcher_pids.is_empty() && !has_master {
             continue;
         }
         let accepts = |pid: u32| view.by_process.get(&pid).map_or(0, |a| a.accepted);
@@ -708,7 +779,9 @@ pub fn pools(
                 requests_in_service: (!view.id.is_unix())
                     .then(|| held(&membership.in_service_held)),
                 busy: seen.map(|a| a.busy),
+                idle_threads: seen.map(|a| a.idle_threads),
                 busy_seconds: seen.map_or(0.0, |a| a.busy_seconds),
+                slot: SlotCounts::default(),
             });
         }
         pools.push(PoolView {
@@ -716,6 +789,7 @@ pub fn pools(
             workers,
             dispatchers,
             unread: membership.unread.get(&no).copied().unwrap_or_default(),
+            vacant_slots: vec![],
         });
     }
     Pools {
@@ -726,15 +800,33 @@ pub fn pools(
 
 /// The worker processes the thread sampler watches: each with the fds it
 /// waits on for new work (its listeners, and `epolls`: epoll fds watching a
-/// listener, by process) and its pool.
-pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> HashMap<u32, Watched> {
+/// listener, by process) and its pool; and the masters of their pools, with
+/// the listener fds their new children inherit.
+pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> WatchedSet {
     let tags = &membership.pool_tags;
     let epoll_pools: HashSet<PoolTag> = epolls
         .iter()
         .filter(|(_, fds)| !fds.is_empty())
         .filter_map(|(pid, _)| tags.get(pid).copied())
         .collect();
-    membership
+    let masters = membership
+        .master_tags
+        .iter()
+        .map(|(pid, pool)| {
+            let mut fds = WorkerFds::EMPTY;
+            let listen = membership.listen_fds.get(pid).into_iter().flatten();
+            for (slot, fd) in fds.listen.iter_mut().zip(listen) {
+                *slot = *fd;
+            }
+            let watched = Watched {
+                fds,
+                pool: *pool,
+                epoll_pool: epoll_pools.contains(pool),
+            };
+            (*pid, watched)
+        })
+        .collect();
+    let workers = membership
         .worker_listen_fds()
         .into_iter()
         .map(|(pid, listen)| {
@@ -760,7 +852,8 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Hash
                 },
             )
         })
-        .collect()
+        .collect();
+    WatchedSet { workers, masters }
 }
 
 #[cfg(test)]
@@ -1001,6 +1094,7 @@ mod tests {
                 11,
                 WorkerActivity {
                     busy: true,
+                    idle_threads: 0,
                     busy_seconds: 2.5,
                 },
             ),
@@ -1008,6 +1102,7 @@ mod tests {
                 12,
                 WorkerActivity {
                     busy: false,
+                    idle_threads: 1,
                     busy_seconds: 0.7,
                 },
             ),
@@ -1062,8 +1157,15 @@ mod tests {
 
     #[test]
     fn watched_workers_carry_listeners_epolls_and_one_pool() {
-        let w = watched(&gunicorn_pool(), &HashMap::from_iter([(11, vec![7])]));
+        let set = watched(&gunicorn_pool(), &HashMap::from_iter([(11, vec![7])]));
+        let w = &set.workers;
         assert_eq!(w.len(), 2, "the workers, not the master");
+        // The arbiter, whose new children are sampled before a scrape
+        // finds them: the listener fd they inherit, the workers' pool.
+        let master = set.masters[&10];
+        assert_eq!(set.masters.len(), 1);
+        assert_eq!(master.fds.listen, [3, -1, -1, -1]);
+        assert_eq!(master.pool, w[&11].pool);
         assert_eq!(w[&11].fds.listen, [3, -1, -1, -1]);
         assert_eq!(w[&11].fds.epoll, [7, -1, -1, -1]);
         assert_eq!(w[&12].fds.epoll, [-1; 4]);
@@ -1073,7 +1175,10 @@ mod tests {
             "12's pool has an epoll event loop (11's)"
         );
         let other = membership(81, &[holder(30, 1, 81, TCP_LISTEN, 5)]);
-        assert_ne!(watched(&other, &HashMap::new())[&30].pool, w[&11].pool);
+        assert_ne!(
+            watched(&other, &HashMap::new()).workers[&30].pool,
+            w[&11].pool
+        );
     }
 
     /// Node's cluster primary (10) accepts every connection and passes it to
@@ -1113,7 +1218,7 @@ mod tests {
         assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![10]));
         assert_eq!(p.pools[0].dispatchers[0].accepts, 7);
         assert_eq!(p.pools[0].workers[0].active_connections, 1);
-        let w = watched(&m, &HashMap::new());
+        let w = watched(&m, &HashMap::new()).workers;
         assert_eq!(
             w.keys().copied().collect::<BTreeSet<_>>(),
             BTreeSet::from([11, 12]),
@@ -1195,21 +1300,39 @@ mod tests {
             pairs.iter().map(to_process).collect::<Vec<_>>()
         };
         // A fork-per-connection server: 10 accepts, each child serves one.
-        let none = BTreeSet::new();
-        let r = roles(&held(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), &none);
+        let empty = BTreeSet::new();
+        let none = Known {
+            dispatchers: &empty,
+            masters: &empty,
+        };
+        let r = roles(&held(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), none);
         assert_eq!(r.workers, [21, 22]);
         assert_eq!(r.dispatchers, [10]);
         // A master's child that was handed a connection: still the master.
-        let r = roles(&held(&[(10, 1), (11, 10)]), &m(&[(21, 10)]), &none);
+        let r = roles(&held(&[(10, 1), (11, 10)]), &m(&[(21, 10)]), none);
         assert_eq!(r.workers, [11, 21]);
         assert!(r.dispatchers.is_empty());
         // A fed process that is nobody's child: the holder stays a worker.
-        let r = roles(&held(&[(10, 1)]), &m(&[(30, 2)]), &none);
+        let r = roles(&held(&[(10, 1)]), &m(&[(30, 2)]), none);
         assert_eq!(r.workers, [10, 30]);
         // Between connections, a dispatcher seen before stays one.
-        let r = roles(&held(&[(10, 1)]), &m(&[]), &BTreeSet::from([10]));
+        let ten = BTreeSet::from([10]);
+        let dispatcher = Known {
+            dispatchers: &ten,
+            masters: &empty,
+        };
+        let r = roles(&held(&[(10, 1)]), &m(&[]), dispatcher);
         assert!(r.workers.is_empty());
         assert_eq!(r.dispatchers, [10]);
+        // Between a worker's exit and its replacement's fork, a master seen
+        // before holds the listener alone: still the master, not a worker.
+        let master = Known {
+            dispatchers: &empty,
+            masters: &ten,
+        };
+        let r = roles(&held(&[(10, 1)]), &m(&[]), master);
+        assert!(r.workers.is_empty());
+        assert_eq!(r.masters, [10]);
     }
 
     #[test]
@@ -1259,7 +1382,7 @@ mod tests {
             !fds.contains_key(&30),
             "82 is no pool: its holder is not sampled"
         );
-        let tags = watched(&m, &HashMap::new());
+        let tags = watched(&m, &HashMap::new()).workers;
         assert_eq!(tags[&11].pool, tags[&12].pool);
         assert_ne!(tags[&11].pool, tags[&20].pool);
     }

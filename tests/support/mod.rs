@@ -42,6 +42,12 @@ impl Daemon {
         Self::start_with(&[])
     }
 
+    /// A daemon whose per-worker series carry the worker's pid too, for
+    /// tests that hold a worker's figures against its own truth.
+    pub fn start_with_pids() -> Daemon {
+        Self::start_with(&["--collector.workers.pid"])
+    }
+
     pub fn start_with(extra: &[&str]) -> Daemon {
         let port = free_port();
         let child = Command::new(observer_bin())

@@ -141,10 +141,12 @@ pub struct Probes {
     pub attach_errors: Vec<AttachError>,
     /// The kprobe source's kretprobe (detached and removed on drop).
     kretprobe: Option<TracefsKretprobe>,
-    /// What the daemon wrote to `LISTEN_PORTS` and `WATCHED` (nothing else
+    /// What the daemon wrote to `LISTEN_PORTS`, `WATCHED` and
+    /// `WATCHED_MASTERS` (nothing else
     /// writes them), so that each collection writes only what changed.
     listen_ports: HashMirror<u64, u8>,
     watched: HashMirror<u32, WorkerFds>,
+    watched_masters: HashMirror<u32, WorkerFds>,
 }
 
 /// One readable line for a program error; the verifier log goes to debug level.
@@ -233,6 +235,7 @@ impl Probes {
             kretprobe,
             listen_ports: HashMirror::default(),
             watched: HashMirror::default(),
+            watched_masters: HashMirror::default(),
         })
     }
 
@@ -302,6 +305,13 @@ impl Probes {
     /// processes whose threads the sampler reports.
     pub fn set_watched(&mut self, fds: &foldhash::HashMap<u32, WorkerFds>) -> Result<()> {
         self.watched.sync(&mut self.ebpf, "WATCHED", fds)
+    }
+
+    /// Makes `WATCHED_MASTERS` hold exactly `fds` (per master of a watched
+    /// pool): the processes whose new children the sampler reports.
+    pub fn set_watched_masters(&mut self, fds: &foldhash::HashMap<u32, WorkerFds>) -> Result<()> {
+        self.watched_masters
+            .sync(&mut self.ebpf, "WATCHED_MASTERS", fds)
     }
 
     /// The ring buffer of accepted connections (trace mode).

@@ -1,0 +1,421 @@
+//! Stage 3c: stable worker series. Pools replace their workers all the
+//! time (gunicorn `--max-requests`, php-fpm `ondemand`, reloads), and a
+//! series per process would grow without bound. Each worker of a pool
+//! instead takes a **slot**: the lowest one free when it is first seen,
+//! kept while it lives, and taken over by a process that comes after it
+//! exits. A pool has no more slots than it ever had workers at once.
+//!
+//! Each slot's counters carry on across the processes that held it: what
+//! they counted (up to their exit: the kernel's accept count and the
+//! sampler's busy time of a process that exited since the last scrape),
+//! plus its current process's own. A slot no process holds now keeps its
+//! counters exported, so `sum()` and `rate()` over a pool's slots equal
+//! its workers' totals over any window. Pure logic, no I/O.
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt, HashSet};
+
+use crate::{
+    sockets::ListenerId,
+    workers::{Comm, Pools, VacantSlot, WorkerView},
+};
+
+/// What processes that exited since the last scrape counted to the end.
+#[derive(Debug, Default)]
+pub struct Finals {
+    /// Connections each accepted from a listener, by listener and pid.
+    pub accepts: HashMap<ListenerId, BTreeMap<u32, u64>>,
+    /// Busy time of each, by pid, from the thread sampler.
+    pub busy_seconds: HashMap<u32, f64>,
+}
+
+/// A slot's counters: what its processes counted, the current one's
+/// included.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SlotCounts {
+    /// Its position in the pool: the `worker` label.
+    pub no: u32,
+    pub accepts: u64,
+    pub busy_seconds: f64,
+}
+
+/// The slots of every pool, kept from scrape to scrape.
+#[derive(Debug, Default)]
+pub struct Slots {
+    pools: HashMap<ListenerId, Vec<Slot>>,
+    pending: PendingBusy,
+}
+
+/// Final busy time of processes the sampler stopped watching, kept until a
+/// slot takes it: an exiting worker leaves the listener's holders (and the
+/// sampler's watch) a scrape before its accepts count as exited; and a
+/// worker forked just after a holder walk is watched as a worker one
+/// scrape late.
+#[derive(Debug, Default)]
+struct PendingBusy {
+    /// pid → (seconds, scrapes left before it is dropped).
+    by_pid: HashMap<u32, (f64, u8)>,
+}
+
+impl PendingBusy {
+    /// How many scrapes a pid's busy time waits for its slot.
+    const SCRAPES: u8 = 3;
+
+    fn add(&mut self, finals: &HashMap<u32, f64>) {
+        for (pid, seconds) in finals {
+            self.by_pid.insert(*pid, (*seconds, Self::SCRAPES));
+        }
+    }
+
+    fn take(&mut self, pid: u32) -> Option<f64> {
+        self.by_pid.remove(&pid).map(|(seconds, _)| seconds)
+    }
+
+    fn age(&mut self) {
+        self.by_pid.retain(|_, (_, left)| {
+            *left -= 1;
+            *left > 0
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The process in it, and its own counts at the last scrape.
+    holder: Option<Holder>,
+    /// The name of the last process in it.
+    comm: Option<Comm>,
+    /// Whether the thread sampler has seen a process in it.
+    sampled: bool,
+    /// The last process that left it before its exit was seen (it stopped
+    /// holding the listener while exiting), with the accepts counted for
+    /// it: its final count adds the rest once it has exited.
+    departed: Option<(u32, u64)>,
+    /// What the processes before it counted.
+    retired_accepts: u64,
+    retired_busy_seconds: f64,
+}
+
+#[derive(Debug)]
+struct Holder {
+    pid: u32,
+    accepts: u64,
+    busy_seconds: f64,
+}
+
+impl Slot {
+    /// The holder's counts move into the slot's own: to the process's
+    /// final ones where it exited, else to what was last seen.
+    fn retire(&mut self, exited: Option<&BTreeMap<u32, u64>>, pending: &mut PendingBusy) {
+        let Some(h) = self.holder.take() else {
+            return;
+        };
+        let final_accepts = exited.and_then(|e| e.get(&h.pid)).copied();
+        if final_accepts.is_none() {
+            self.departed = Some((h.pid, h.accepts));
+        }
+        let busy = pending.take(h.pid).unwrap_or(0.0);
+        self.retired_accepts += final_accepts.unwrap_or(0).max(h.accepts);
+        self.retired_busy_seconds += busy.max(h.busy_seconds);
+    }
+
+    /// Records `w` as the holder's latest; a count that went back means a
+    /// new process under the same pid, and the old one's are kept. A new
+    /// holder brings the busy time it had before it was a worker.
+    fn hold(&mut self, w: &WorkerView, pending: &mut PendingBusy) {
+        match &self.holder {
+            Some(h) if w.accepts < h.accepts || w.busy_seconds < h.busy_seconds => {
+                self.retired_accepts += h.accepts;
+                self.retired_busy_seconds += h.busy_seconds;
+            }
+            Some(_) => {}
+            None => self.retired_busy_seconds += pending.take(w.pid).unwrap_or(0.0),
+        }
+        self.comm = Some(w.comm.clone());
+        self.sampled |= w.busy.is_some();
+        self.holder = Some(Holder {
+            pid: w.pid,
+            accepts: w.accepts,
+            busy_seconds: w.busy_seconds,
+        });
+    }
+
+    fn counts(&self, no: usize) -> SlotCounts {
+        let (accepts, busy) = self
+            .holder
+            .as_ref()
+            .map_or((0, 0.0), |h| (h.accepts, h.busy_seconds));
+        SlotCounts {
+            no: no as u32,
+            accepts: self.retired_accepts + accepts,
+            busy_seconds: self.retired_busy_seconds + busy,
+        }
+    }
+}
+
+impl Slots {
+    /// Gives each worker of `pools` its slot and the slot's counters.
+    /// Pools whose listener is gone are forgotten.
+    pub fn assign(&mut self, pools: &mut Pools, finals: &Finals) {
+        self.pending.add(&finals.busy_seconds);
+        let mut kept = HashMap::with_capacity(pools.pools.len());
+        for pool in &mut pools.pools {
+            let mut slots = self.pools.remove(&pool.listener).unwrap_or_default();
+            let exited = finals.accepts.get(&pool.listener);
+            pool.vacant_slots =
+                assign_pool(&mut slots, &mut pool.workers, exited, &mut self.pending);
+            kept.insert(pool.listener, slots);
+        }
+        self.pools = kept;
+        self.pending.age();
+    }
+}
+
+/// Assigns one pool's slots, given what its processes that exited since
+/// the last scrape accepted; returns the slots no process holds now.
+fn assign_pool(
+    slots: &mut Vec<Slot>,
+    workers: &mut [WorkerView],
+    exited: Option<&BTreeMap<u32, u64>>,
+    pending: &mut PendingBusy,
+) -> Vec<VacantSlot> {
+    let slot_of: HashMap<u32, usize> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(no, s)| Some((s.holder.as_ref()?.pid, no)))
+        .collect();
+    // Slots whose process left first, so that a newcomer can take one.
+    let present: HashSet<u32> = workers.iter().map(|w| w.pid).collect();
+    for slot in slots.iter_mut() {
+        if slot
+            .holder
+            .as_ref()
+            .is_some_and(|h| !present.contains(&h.pid))
+        {
+            slot.retire(exited, pending);
+        }
+    }
+    // A worker that came and went between two scrapes takes a free slot
+    // for that while: what it counted stays in the slot.
+    let comm = workers.first().map(|w| w.comm.clone());
+    for (pid, accepts) in exited.into_iter().flatten() {
+        if slot_of.contains_key(pid) {
+            continue;
+        }
+        // One that left its slot at an earlier scrape, now exited.
+        if let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.departed.is_some_and(|(p, _)| p == *pid))
+        {
+            let counted = slot.departed.take().map_or(0, |(_, n)| n);
+            slot.retired_accepts += accepts.saturating_sub(counted);
+            continue;
+        }
+        let free = free_slot(slots);
+        let slot = &mut slots[free];
+        slot.retired_accepts += accepts;
+        if let Some(busy) = pending.take(*pid) {
+            slot.retired_busy_seconds += busy;
+            slot.sampled = true;
+        }
+        slot.comm = slot.comm.take().or_else(|| comm.clone());
+    }
+    for w in workers.iter_mut() {
+        let no = match slot_of.get(&w.pid) {
+            Some(no) => *no,
+            None => free_slot(slots),
+        };
+        slots[no].hold(w, pending);
+        w.slot = slots[no].counts(no);
+    }
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.holder.is_none())
+        .filter_map(|(no, s)| {
+            let comm = s.comm.clone()?;
+            Some(VacantSlot {
+                counts: s.counts(no),
+                comm,
+                sampled: s.sampled,
+            })
+        })
+        .collect()
+}
+
+/// The lowest slot no process holds, a new one if none.
+fn free_slot(slots: &mut Vec<Slot>) -> usize {
+    match slots.iter().position(|s| s.holder.is_none()) {
+        Some(free) => free,
+        None => {
+            slots.push(Slot::default());
+            slots.len() - 1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::PoolView;
+
+    fn id() -> ListenerId {
+        ListenerId::tcp(
+            1,
+            observer_common::AF_INET,
+            [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            8000,
+        )
+    }
+
+    fn worker(pid: u32, accepts: u64, busy_seconds: f64) -> WorkerView {
+        WorkerView {
+            pid,
+            comm: "gunicorn".into(),
+            accepts,
+            active_connections: 0,
+            unread_connections: 0,
+            requests_in_service: None,
+            busy: Some(false),
+            idle_threads: Some(1),
+            busy_seconds,
+            slot: SlotCounts::default(),
+        }
+    }
+
+    fn scrape(
+        slots: &mut Slots,
+        workers: Vec<WorkerView>,
+        finals: &Finals,
+    ) -> Vec<(u32, u32, u64)> {
+        let mut pools = Pools {
+            pools: vec![PoolView {
+                listener: id(),
+                workers,
+                dispatchers: vec![],
+                unread: Default::default(),
+                vacant_slots: vec![],
+            }],
+            workers_over_cap: 0,
+        };
+        slots.assign(&mut pools, finals);
+        pools.pools[0]
+            .workers
+            .iter()
+            .map(|w| (w.pid, w.slot.no, w.slot.accepts))
+            .collect()
+    }
+
+    #[test]
+    fn a_replacement_takes_the_slot_of_the_worker_it_replaces_and_its_counts_carry_on() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        assert_eq!(
+            scrape(
+                &mut slots,
+                vec![worker(10, 3, 1.0), worker(11, 4, 2.0)],
+                &none
+            ),
+            vec![(10, 0, 3), (11, 1, 4)]
+        );
+        // 10 exited after 5 accepts (2 since the last scrape); 12 replaced it.
+        let mut finals = Finals::default();
+        finals.accepts.insert(id(), BTreeMap::from([(10, 5)]));
+        finals.busy_seconds.insert(10, 1.5);
+        assert_eq!(
+            scrape(
+                &mut slots,
+                vec![worker(11, 6, 2.0), worker(12, 1, 0.5)],
+                &finals
+            ),
+            vec![(11, 1, 6), (12, 0, 6)]
+        );
+        let mut pools = Pools {
+            pools: vec![PoolView {
+                listener: id(),
+                workers: vec![worker(11, 6, 2.0), worker(12, 1, 0.5)],
+                dispatchers: vec![],
+                unread: Default::default(),
+                vacant_slots: vec![],
+            }],
+            workers_over_cap: 0,
+        };
+        slots.assign(&mut pools, &none);
+        assert_eq!(pools.pools[0].workers[1].slot.busy_seconds, 2.0);
+    }
+
+    #[test]
+    fn slots_never_outnumber_the_most_workers_alive_at_once() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        for round in 0..100u32 {
+            // Two workers, each replaced every round.
+            let workers = vec![
+                worker(1000 + 2 * round, 1, 0.0),
+                worker(1001 + 2 * round, 1, 0.0),
+            ];
+            let seen = scrape(&mut slots, workers, &none);
+            assert_eq!(seen.iter().map(|w| w.1).collect::<Vec<_>>(), vec![0, 1]);
+            assert_eq!(seen[0].2, u64::from(round) + 1, "one accept per process");
+        }
+        assert_eq!(slots.pools[&id()].len(), 2);
+    }
+
+    #[test]
+    fn a_worker_that_came_and_went_between_two_scrapes_leaves_its_counts_in_a_slot() {
+        let mut slots = Slots::default();
+        scrape(&mut slots, vec![worker(10, 3, 0.0)], &Finals::default());
+        // 10 exited with 4 accepts; 11 took over, served 2 and exited; 12
+        // is there now. Slot 0 has all of it, and nothing else was made.
+        let mut finals = Finals::default();
+        finals
+            .accepts
+            .insert(id(), BTreeMap::from([(10, 4), (11, 2)]));
+        finals.busy_seconds.extend([(10, 1.0), (11, 0.5)]);
+        assert_eq!(
+            scrape(&mut slots, vec![worker(12, 1, 0.25)], &finals),
+            vec![(12, 0, 7)]
+        );
+        assert_eq!(slots.pools[&id()].len(), 1);
+        assert_eq!(slots.pools[&id()][0].counts(0).busy_seconds, 1.75);
+    }
+
+    #[test]
+    fn a_worker_that_leaves_its_listener_while_exiting_is_counted_once_it_has_exited() {
+        let mut slots = Slots::default();
+        scrape(&mut slots, vec![worker(10, 3, 1.0)], &Finals::default());
+        // 10 closed its files on its way out but is not reaped: no worker
+        // now, its accepts not final yet; the sampler's last busy time is.
+        let mut leaving = Finals::default();
+        leaving.busy_seconds.insert(10, 1.4);
+        scrape(&mut slots, vec![], &leaving);
+        // Reaped: 5 accepts to its end. 11 replaced it.
+        let mut exited = Finals::default();
+        exited.accepts.insert(id(), BTreeMap::from([(10, 5)]));
+        assert_eq!(
+            scrape(&mut slots, vec![worker(11, 1, 0.25)], &exited),
+            vec![(11, 0, 6)]
+        );
+        assert_eq!(slots.pools[&id()][0].counts(0).busy_seconds, 1.65);
+    }
+
+    #[test]
+    fn a_count_that_goes_back_is_a_new_process_and_the_slot_keeps_counting() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        scrape(&mut slots, vec![worker(10, 7, 0.0)], &none);
+        // pid 10 exited and was reused between two scrapes.
+        assert_eq!(
+            scrape(&mut slots, vec![worker(10, 2, 0.0)], &none),
+            vec![(10, 0, 9)]
+        );
+    }
+
+    #[test]
+    fn a_pool_whose_listener_closed_is_forgotten() {
+        let mut slots = Slots::default();
+        scrape(&mut slots, vec![worker(10, 7, 0.0)], &Finals::default());
+        slots.assign(&mut Pools::default(), &Finals::default());
+        assert!(slots.pools.is_empty());
+    }
+}
