@@ -716,12 +716,12 @@ fn gunicorn_worker_restarts_leave_no_stale_pids_and_counts_stay_exact() {
     );
 }
 
-/// The label values of `metric`'s series on `port`.
-fn label_values(m: &Metrics, metric: &str, port: u16, label: &str) -> BTreeSet<String> {
-    let port = port.to_string();
+/// The label values of `metric`'s series of a pool.
+fn label_values(m: &Metrics, metric: &str, pool: impl Into<Pool>, label: &str) -> BTreeSet<String> {
+    let (name, value) = pool.into().label();
     m.samples
         .iter()
-        .filter(|(n, l, _)| n == metric && l.get("port") == Some(&port))
+        .filter(|(n, l, _)| n == metric && l.get(name) == Some(&value))
         .filter_map(|(_, l, _)| l.get(label).cloned())
         .collect()
 }
@@ -1795,14 +1795,18 @@ fn php_fpm_binary() -> String {
 /// socket (as Debian configures it), with its status page; returns it and
 /// its socket.
 fn php_fpm(children: u32) -> (Server, PathBuf) {
+    php_fpm_pool(&format!("pm = static\npm.max_children = {children}\n"))
+}
+
+/// php-fpm on a Unix socket with the process manager lines `pm`.
+fn php_fpm_pool(pm: &str) -> (Server, PathBuf) {
     let id = free_port();
     let dir = std::env::temp_dir().join(format!("observer-php-fpm-{id}"));
     let sock = dir.join("php.sock");
     let conf = format!(
         "[global]\npid = {d}/php-fpm.pid\nerror_log = /proc/self/fd/2\ndaemonize = no\n\
          [www]\nuser = root\ngroup = root\nlisten = {s}\nlisten.backlog = 64\n\
-         listen.mode = 0666\npm = static\npm.max_children = {children}\n\
-         pm.status_path = /status\n",
+         listen.mode = 0666\n{pm}pm.status_path = /status\n",
         d = dir.display(),
         s = sock.display()
     );
@@ -1900,4 +1904,82 @@ fn php_fpm_on_a_unix_socket_busy_tracks_its_status_page_and_depth_tracks_ss_wher
         .get("observer_connections_accepted_total", &[(name, &value)]);
     let fpm_accepted = php_fpm_status(nginx.port)["accepted conn"].as_f64();
     assert_eq!(accepted.map(|n| n + 1.0), fpm_accepted);
+}
+
+/// php-fpm with `pm = ondemand`: a child is forked for a request that finds
+/// none idle and exits after 1 s idle, so every burst of clients, 2.5 s
+/// apart, is served by new children. Scraped every second with the default
+/// labels: the worker series stay within twice the most children alive at
+/// once, and the slots' accepts add up to the listener's and to php-fpm's
+/// own "accepted conn" (its status page; the status requests included).
+#[test]
+fn php_fpm_ondemand_children_keep_a_bounded_set_of_series_whose_accepts_equal_its_accepted_conn() {
+    let daemon = Daemon::start_with(&[]);
+    let per_pid = Daemon::start_with_pids();
+    let (server, sock) =
+        php_fpm_pool("pm = ondemand\npm.max_children = 4\npm.process_idle_timeout = 1s\n");
+    let nginx = nginx_in_front(&format!(
+        "root {}; include /etc/nginx/fastcgi_params; \
+         fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; \
+         fastcgi_pass unix:{}; fastcgi_read_timeout 60s;",
+        server.dir.display(),
+        sock.display()
+    ));
+    let pool = || Pool::Path(sock.display().to_string());
+    let (mut slots, mut pids, mut most_alive, mut served) =
+        (BTreeSet::new(), BTreeSet::new(), 0, 0);
+    let mut see = |m: &Metrics| {
+        slots.extend(label_values(
+            m,
+            "observer_worker_accepts_total",
+            pool(),
+            "worker",
+        ));
+        let alive = label_values(m, "observer_worker_busy", pool(), "worker").len();
+        most_alive = most_alive.max(alive);
+        pids.extend(label_values(
+            &per_pid.scrape(),
+            "observer_worker_busy",
+            pool(),
+            "pid",
+        ));
+    };
+    for _ in 0..4 {
+        let burst = load_at(nginx.port, "/slow.php", 3, 3, 0.3);
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_secs(1));
+            see(&daemon.scrape());
+        }
+        served += finish(burst);
+        std::thread::sleep(Duration::from_millis(2500));
+        see(&daemon.scrape());
+    }
+    let accepted_conn = php_fpm_status(nginx.port)["accepted conn"]
+        .as_f64()
+        .expect("php-fpm's status page");
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = daemon.scrape();
+    see(&m);
+    let (name, value) = pool().label();
+    let listener = m
+        .get("observer_connections_accepted_total", &[(name, &value)])
+        .unwrap_or(-1.0);
+    let accepts = sum_per_worker(&m, "observer_worker_accepts_total", pool());
+    println!(
+        "php-fpm ondemand: {served} requests, accepted conn {accepted_conn}; {} worker slots (most alive at once {most_alive}) for {} children seen; slots' accepts {accepts}, listener {listener}",
+        slots.len(),
+        pids.len()
+    );
+    assert_eq!(served, 4 * 3 * 3, "every request served");
+    assert!(pids.len() > 4, "children came and went: {pids:?}");
+    assert!(
+        slots.len() <= 2 * most_alive.max(1),
+        "{} worker series for at most {most_alive} children alive at once: {slots:?}",
+        slots.len()
+    );
+    assert_eq!(
+        (accepts, listener),
+        (accepted_conn, accepted_conn),
+        "slots' accepts = the listener's = php-fpm's accepted conn"
+    );
 }
