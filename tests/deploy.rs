@@ -236,6 +236,65 @@ fn the_kubernetes_manifests_validate_against_the_schemas() {
     assert!(text.contains("privileged: false") && !text.contains("privileged: true"));
 }
 
+/// The autoscaling recipe: the HPA and prometheus-adapter's rules against
+/// Kubernetes' schemas, KEDA's ScaledObject against KEDA's own CRD (kept in
+/// tests/fixtures), strictly: a field either schema does not define fails.
+#[test]
+fn the_autoscaling_manifests_validate_against_their_schemas() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/autoscaling");
+    let out = run(Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(dir.join("hpa.yaml"))
+        .arg(dir.join("prometheus-adapter-rules.yaml")));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && !said.contains("ERROR"), "{said}");
+    for kind in [
+        "horizontalpodautoscaler/web",
+        "configmap/prometheus-adapter-observer",
+    ] {
+        assert!(
+            said.contains(&format!("passed for resource {kind}")),
+            "{kind} not validated:\n{said}"
+        );
+    }
+    let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/keda.sh_scaledobjects.yaml");
+    let check = r#"
+import sys, yaml, jsonschema
+def strict(s):
+    if isinstance(s, dict):
+        if 'properties' in s and 'additionalProperties' not in s \
+                and not s.get('x-kubernetes-preserve-unknown-fields'):
+            s['additionalProperties'] = False
+        for v in s.values():
+            strict(v)
+    elif isinstance(s, list):
+        for v in s:
+            strict(v)
+    return s
+crd = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d)
+schema = next(v for v in crd['spec']['versions'] if v['name'] == 'v1alpha1')
+doc = yaml.safe_load(open(sys.argv[2]))
+assert doc['kind'] == 'ScaledObject', doc['kind']
+jsonschema.validate(doc, strict(schema['schema']['openAPIV3Schema']))
+print('valid')
+"#;
+    let out = run(Command::new("python3")
+        .args(["-c", check])
+        .arg(&crd)
+        .arg(dir.join("keda-scaledobject.yaml")));
+    assert!(
+        out.status.success(),
+        "the ScaledObject against KEDA's CRD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn buildah(args: &[&str]) -> String {
     let out = run(Command::new("buildah")
         .arg("--storage-driver")

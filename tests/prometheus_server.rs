@@ -102,6 +102,36 @@ fn start_prometheus(observer_port: u16) -> (Running, u16) {
     (running, port)
 }
 
+/// Every query of the autoscaling recipe (deploy/kubernetes/autoscaling:
+/// one per line), with its selector of a Deployment's pods swapped for the
+/// listener on `port`; and the threshold it scales on, in seconds for the
+/// waits.
+fn autoscaling_queries(port: u16) -> Vec<(String, f64)> {
+    let selector = format!("port=\"{port}\"");
+    let mut queries = vec![];
+    for file in ["keda-scaledobject.yaml", "prometheus-adapter-rules.yaml"] {
+        let text = std::fs::read_to_string(repo(&format!("deploy/kubernetes/autoscaling/{file}")))
+            .expect("autoscaling recipe");
+        for line in text.lines().map(str::trim) {
+            let Some(query) = line
+                .strip_prefix("query: '")
+                .or_else(|| line.strip_prefix("metricsQuery: '"))
+                .and_then(|q| q.strip_suffix('\''))
+            else {
+                continue;
+            };
+            let query = query
+                .replace(r#"namespace="shop", pod=~"web-.*""#, &selector)
+                .replace("<<.LabelMatchers>>", &selector)
+                .replace("<<.GroupBy>>", "port");
+            let threshold = if query.contains("busy") { 3.0 } else { 0.1 };
+            queries.push((query, threshold));
+        }
+    }
+    assert_eq!(queries.len(), 4, "two queries in each file: {queries:?}");
+    queries
+}
+
 /// The alerts named `name` for the listener on `port`.
 fn alerts(prom: u16, name: &str, port: u16) -> Vec<serde_json::Value> {
     let port = port.to_string(); // labels are strings
@@ -184,6 +214,30 @@ fn prometheus_fires_and_resolves_the_saturation_alert_and_every_dashboard_query_
     until("the saturated verdict", 30, || {
         (verdicts(prom, app_port) == ["saturated"]).then_some(())
     });
+    // The autoscaling recipe's queries, for this listener: its one worker
+    // busy, and connections waiting far over the 100 ms target.
+    for (query, threshold) in autoscaling_queries(app_port) {
+        let busy = query.contains("busy");
+        let what = if busy {
+            format!("{query} to say the one worker is busy")
+        } else {
+            format!("{query} to say connections wait over {threshold} s")
+        };
+        let value = until(&what, 20, || {
+            let r = api(
+                prom,
+                &format!("/api/v1/query?query={}", percent_encode(&query)),
+            );
+            let value: f64 = r["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            let expected = if busy {
+                value == 1.0
+            } else {
+                value > threshold
+            };
+            expected.then_some(value)
+        });
+        println!("{query} = {value} (scales on {threshold})");
+    }
 
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo("deploy/grafana/observer.json")).expect("dashboard"),

@@ -267,7 +267,9 @@ pub struct Learnt {
     accept_locks: HashSet<(PoolTag, LockId)>,
     /// Per process: its threads that waited for work, and its pool threads.
     threads: HashMap<ProcessKey, ThreadRoles>,
-    /// Per pool: the most pool threads one worker of it had alive at once.
+    /// Per pool: the most pool threads one of its live workers had alive
+    /// at once (made again at each pass: a pool reloaded with fewer threads
+    /// forgets the old workers' count with them).
     most_pool_threads: HashMap<PoolTag, usize>,
 }
 
@@ -279,6 +281,9 @@ struct ThreadRoles {
     waiters: HashSet<u32>,
     /// Threads seen parked while another thread waited for work.
     pool: HashSet<u32>,
+    /// The most of them alive at once, and the process's pool.
+    most: usize,
+    pool_tag: PoolTag,
 }
 
 impl Learnt {
@@ -286,10 +291,17 @@ impl Learnt {
     pub fn retain(&mut self, watched: &WatchedSet) {
         let pools: HashSet<PoolTag> = watched.workers.values().map(|w| w.pool).collect();
         self.accept_locks.retain(|(pool, _)| pools.contains(pool));
-        self.most_pool_threads
-            .retain(|pool, _| pools.contains(pool));
         self.threads
             .retain(|k, _| watched.workers.contains_key(&k.pid));
+    }
+
+    /// The most pool threads of each pool, from its workers' own.
+    fn count_pool_threads(&mut self) {
+        self.most_pool_threads.clear();
+        for roles in self.threads.values() {
+            let most = self.most_pool_threads.entry(roles.pool_tag).or_default();
+            *most = (*most).max(roles.most);
+        }
     }
 
     /// The free pool threads of a process whose acceptors (`waiting`) wait
@@ -303,6 +315,7 @@ impl Learnt {
         threads: &[(u32, Doing)],
     ) -> Option<usize> {
         let roles = self.threads.entry(key).or_default();
+        roles.pool_tag = pool;
         let alive: HashSet<u32> = threads.iter().map(|(tid, _)| *tid).collect();
         roles.waiters.retain(|tid| alive.contains(tid));
         for tid in waiting {
@@ -323,9 +336,11 @@ impl Learnt {
             // Its threads take turns at the listener: each one waiting is free.
             return Some(waiting.len() + parked.len());
         }
+        roles.most = roles.most.max(roles.pool.len());
+        let alive_pool = roles.pool.len();
         let most = self.most_pool_threads.entry(pool).or_default();
-        *most = (*most).max(roles.pool.len());
-        (*most > 0).then(|| parked.len() + (*most - roles.pool.len()))
+        *most = (*most).max(roles.most);
+        (*most > 0).then(|| parked.len() + (*most - alive_pool))
     }
 }
 
@@ -442,6 +457,7 @@ pub fn process_states(
     learnt
         .threads
         .retain(|k, _| processes.contains_key(k) || !pids_seen.contains(&k.pid));
+    learnt.count_pool_threads();
     processes
         .into_iter()
         .map(|(key, (pool, threads))| (key, process_state(key, pool, &threads, learnt)))
@@ -987,6 +1003,23 @@ mod tests {
         assert_eq!(pass(partly), vec![(30, false, 3), (40, false, 3)]);
         let full = [puma_worker(30, &[true; 4]), puma_worker(40, &[true, true])].concat();
         assert_eq!(pass(full), vec![(30, true, 0), (40, false, 2)]);
+    }
+
+    #[test]
+    fn a_pool_reloaded_with_fewer_threads_forgets_the_old_workers_count() {
+        // Workers 30 and 40 ran 4 threads each; a reload replaced them with
+        // 50 and 60 of 1 thread (`-t 1:1`): 50 serving is full.
+        let mut learnt = Learnt::default();
+        let old = watched(&[30, 40], &[5], &[]);
+        let before = [puma_worker(30, &[false; 4]), puma_worker(40, &[false; 4])].concat();
+        process_states(&before, &old, &mut learnt, &mut NoFiles);
+        let new = watched(&[50, 60], &[5], &[]);
+        learnt.retain(&new);
+        let rest = [puma_worker(50, &[false]), puma_worker(60, &[false])].concat();
+        process_states(&rest, &new, &mut learnt, &mut NoFiles);
+        let serving = [puma_worker(50, &[true]), puma_worker(60, &[false])].concat();
+        let s = process_states(&serving, &new, &mut learnt, &mut NoFiles);
+        assert_eq!(idle_threads(&s), vec![(50, true, 0), (60, false, 1)]);
     }
 
     #[test]

@@ -22,6 +22,22 @@ pub struct CollectorOptions {
     /// --collector.workers turns them back on (likewise for each collector).
     #[arg(long = "no-collector.workers", overrides_with = "workers")]
     no_workers: bool,
+    #[arg(
+        long = "collector.workers.per-worker",
+        overrides_with = "no_per_worker",
+        hide = true
+    )]
+    per_worker: bool,
+    /// Leave out the per-worker series (observer_worker_*), keeping the
+    /// pools' own: workers busy and idle, free threads, requests in
+    /// service, busy time (observer_workers_busy_seconds_total) and the
+    /// busiest worker's share of accepts (observer_worker_accepts_max_share),
+    /// on which every verdict and alert rests.
+    #[arg(
+        long = "no-collector.workers.per-worker",
+        overrides_with = "per_worker"
+    )]
+    no_per_worker: bool,
     /// Add a pid label to every per-worker series: a series per process,
     /// which grows with every worker restart (for a debugging session).
     /// Without it, a worker's series are its slot's (label worker): stable
@@ -94,6 +110,7 @@ impl CollectorOptions {
     pub fn resolve(&self) -> Collectors {
         Collectors {
             workers: !self.no_workers,
+            per_worker: !self.no_per_worker,
             worker_pids: self.worker_pids,
             wait_histogram: !self.no_wait_histogram,
             sockets: !self.no_sockets,
@@ -110,6 +127,8 @@ impl CollectorOptions {
 #[derive(Clone, Debug)]
 pub struct Collectors {
     pub workers: bool,
+    /// The per-worker series (`--no-collector.workers.per-worker`).
+    pub per_worker: bool,
     /// A pid label on per-worker series (`--collector.workers.pid`).
     pub worker_pids: bool,
     pub wait_histogram: bool,

@@ -579,18 +579,17 @@ pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
     }
 }
 
-/// One series per worker of the pools of listeners that had traffic.
 /// A series per worker of a listener that had traffic, by its slot
 /// (`worker`, see `slots.rs`) and `comm`; and its `pid` where asked
 /// (`--collector.workers.pid`: a series per process, unbounded under
-/// worker restarts).
+/// worker restarts). None with `--no-collector.workers.per-worker`.
 fn per_worker(
     text: &mut Text,
-    (e, with_pid): (&Exported, bool),
+    (e, c): (&Exported, &Collectors),
     spec: (&'static str, &'static str, Kind),
     value: impl Fn(&WorkerView) -> Option<f64>,
 ) {
-    per_slot(text, (e, with_pid), spec, value, |_| None);
+    per_slot(text, (e, c), spec, value, |_| None);
 }
 
 /// A counter per worker slot, [`per_worker`]'s and the vacant slots' too:
@@ -598,27 +597,25 @@ fn per_worker(
 /// counted.
 fn per_slot_counter(
     text: &mut Text,
-    (e, with_pid): (&Exported, bool),
+    (e, c): (&Exported, &Collectors),
     (name, help): (&'static str, &'static str),
     value: impl Fn(&WorkerView) -> Option<f64>,
     vacant: impl Fn(&VacantSlot) -> Option<f64>,
 ) {
-    per_slot(
-        text,
-        (e, with_pid),
-        (name, help, Kind::Counter),
-        value,
-        vacant,
-    );
+    per_slot(text, (e, c), (name, help, Kind::Counter), value, vacant);
 }
 
 fn per_slot(
     text: &mut Text,
-    (e, with_pid): (&Exported, bool),
+    (e, c): (&Exported, &Collectors),
     (name, help, kind): (&'static str, &'static str, Kind),
     value: impl Fn(&WorkerView) -> Option<f64>,
     vacant: impl Fn(&VacantSlot) -> Option<f64>,
 ) {
+    if !c.per_worker {
+        return;
+    }
+    let with_pid = c.worker_pids;
     let mut f = text.family(name, help, kind);
     for (pool, labels) in e.pools(true) {
         for w in &pool.workers {
@@ -659,6 +656,42 @@ fn per_pool(
     }
 }
 
+/// The pool-level figures that stand in for per-worker series (which a
+/// fleet may leave out, `--no-collector.workers.per-worker`): the pool's
+/// busy time, and how unevenly its workers share its accepts.
+fn pool_figures(text: &mut Text, e: &Exported) {
+    let mut f = text.family(
+        "observer_workers_busy_seconds_total",
+        "Time the listener's workers spent busy since observer first saw them: the sum of observer_worker_busy_seconds_total over the pool's worker slots.",
+        Kind::Counter,
+    );
+    for (pool, labels) in e.pools(true).filter(|(pool, _)| sampled_pool(pool)) {
+        let held: f64 = pool
+            .workers
+            .iter()
+            .filter(|w| w.busy.is_some())
+            .map(|w| w.slot.busy_seconds)
+            .sum();
+        let vacant: f64 = pool
+            .vacant_slots
+            .iter()
+            .filter(|s| s.sampled)
+            .map(|s| s.counts.busy_seconds)
+            .sum();
+        f.sample(labels, held + vacant);
+    }
+    let mut f = text.family(
+        "observer_worker_accepts_max_share",
+        "The largest share of the listener's accepts that one worker slot took, averaged over about the last 5 minutes (exponentially weighted): near 1/workers where accepts are spread, near 1 where one worker takes them all. For pools of 2 worker slots or more that accepted.",
+        Kind::Gauge,
+    );
+    for (pool, labels) in e.pools(true) {
+        if let Some(share) = pool.busiest_accept_share {
+            f.sample(labels, share);
+        }
+    }
+}
+
 /// Whether the thread sampler has seen a worker of the pool (one alive
 /// now, or one of a slot no process holds at the moment: between a
 /// worker's exit and its replacement, a pool can have none).
@@ -688,7 +721,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     }
     per_worker(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_busy",
             "1 while the worker is busy (no thread of it waits for new work), 0 while idle, at the scrape.",
@@ -698,7 +731,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_idle_threads",
             "Threads of the worker free to take a new request at the scrape: waiting for work, or, in a worker whose acceptor hands connections to a pool of threads, its parked pool threads and the ones it can start again. 0 while busy.",
@@ -715,9 +748,10 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
         let idle: u32 = pool.workers.iter().filter_map(|w| w.idle_threads).sum();
         f.sample(labels, f64::from(idle));
     }
+    pool_figures(text, e);
     per_slot_counter(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_busy_seconds_total",
             "Time the worker slot's processes spent busy since observer first saw them, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation. A slot (label worker) is taken over by the process that replaces one that exited, and keeps counting.",
@@ -727,7 +761,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_slot_counter(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_accepts_total",
             "Connections the worker slot's processes accepted from this listener since observer started (each to its exit; a slot is taken over by the process that replaces one that exited).",
@@ -737,7 +771,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_active_connections",
             "Connections the worker accepted from this listener that are still open.",
@@ -747,7 +781,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_connections_unread",
             "Of the worker's open connections, those whose client has sent bytes it has not started to read (TCP).",
@@ -757,7 +791,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
     );
     per_worker(
         text,
-        (e, c.worker_pids),
+        (e, c),
         (
             "observer_worker_requests_in_service",
             "Of the worker's open connections, those holding a request in service: every byte the client sent has been read, and nothing answered since (TCP; from each connection's own counters, no hook). For a threaded worker, the threads serving requests.",
@@ -992,6 +1026,7 @@ mod tests {
             dispatchers: vec![],
             unread: Default::default(),
             vacant_slots: vec![],
+            busiest_accept_share: None,
         });
     }
 
@@ -1146,6 +1181,7 @@ mod tests {
             dispatchers: vec![],
             unread: Default::default(),
             vacant_slots: vec![],
+            busiest_accept_share: None,
         });
         let text = workers_text(&snapshot, &all());
         assert!(!text.contains("observer_workers{"), "{text}");
@@ -1174,6 +1210,7 @@ mod tests {
             }],
             unread: Default::default(),
             vacant_slots: vec![],
+            busiest_accept_share: None,
         });
         let text = workers_text(&snapshot, &all());
         assert!(text.contains(

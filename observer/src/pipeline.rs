@@ -311,7 +311,8 @@ impl Pipeline {
             accepts: std::mem::take(&mut listeners.exited_accepts),
             busy_seconds: sampled.retired_busy_seconds,
         };
-        self.slots.assign(&mut pools, &finals);
+        self.slots
+            .assign(&mut pools, &finals, self.started.elapsed());
         for id in pools.serving() {
             self.aggregator.mark_traffic(id);
             listeners.mark_traffic(id);

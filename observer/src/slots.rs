@@ -11,7 +11,7 @@
 //! plus its current process's own. A slot no process holds now keeps its
 //! counters exported, so `sum()` and `rate()` over a pool's slots equal
 //! its workers' totals over any window. Pure logic, no I/O.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 
@@ -44,7 +44,13 @@ pub struct SlotCounts {
 pub struct Slots {
     pools: HashMap<ListenerId, Vec<Slot>>,
     pending: PendingBusy,
+    /// When the last scrape assigned them.
+    last: Option<Duration>,
 }
+
+/// The time constant of each slot's accept rate: the busiest slot's share
+/// is about the last 5 minutes', as the `uneven` rule reads it.
+pub const SHARE_WINDOW: Duration = Duration::from_secs(300);
 
 /// Final busy time of processes the sampler stopped watching, kept until a
 /// slot takes it: an exiting worker leaves the listener's holders (and the
@@ -91,6 +97,10 @@ struct Slot {
     /// holding the listener while exiting), with the accepts counted for
     /// it: its final count adds the rest once it has exited.
     departed: Option<(u32, u64)>,
+    /// Its accepts at the last scrape, and their rate per second averaged
+    /// over about [`SHARE_WINDOW`] (exponentially weighted).
+    accepts_seen: u64,
+    accept_rate: f64,
     /// What the processes before it counted.
     retired_accepts: u64,
     retired_busy_seconds: f64,
@@ -154,9 +164,12 @@ impl Slot {
 }
 
 impl Slots {
-    /// Gives each worker of `pools` its slot and the slot's counters.
-    /// Pools whose listener is gone are forgotten.
-    pub fn assign(&mut self, pools: &mut Pools, finals: &Finals) {
+    /// Gives each worker of `pools` its slot and the slot's counters, and
+    /// each pool its busiest slot's share of accepts, at `now`. Pools whose
+    /// listener is gone are forgotten.
+    pub fn assign(&mut self, pools: &mut Pools, finals: &Finals, now: Duration) {
+        let elapsed = self.last.map(|last| now.saturating_sub(last));
+        self.last = Some(now);
         self.pending.add(&finals.busy_seconds);
         let mut kept = HashMap::with_capacity(pools.pools.len());
         for pool in &mut pools.pools {
@@ -164,6 +177,7 @@ impl Slots {
             let exited = finals.accepts.get(&pool.listener);
             pool.vacant_slots =
                 assign_pool(&mut slots, &mut pool.workers, exited, &mut self.pending);
+            pool.busiest_accept_share = busiest_share(&mut slots, elapsed);
             kept.insert(pool.listener, slots);
         }
         self.pools = kept;
@@ -243,6 +257,28 @@ fn assign_pool(
         .collect()
 }
 
+/// Updates each slot's accept rate with its accepts since the last scrape
+/// (`elapsed` ago) and returns the busiest slot's share of the pool's rate,
+/// for a pool of two slots or more that accepted.
+fn busiest_share(slots: &mut [Slot], elapsed: Option<Duration>) -> Option<f64> {
+    let Some(dt) = elapsed.filter(|dt| !dt.is_zero()) else {
+        for (no, slot) in slots.iter_mut().enumerate() {
+            slot.accepts_seen = slot.counts(no).accepts;
+        }
+        return None;
+    };
+    let weight = 1.0 - (-dt.as_secs_f64() / SHARE_WINDOW.as_secs_f64()).exp();
+    for (no, slot) in slots.iter_mut().enumerate() {
+        let accepts = slot.counts(no).accepts;
+        let rate = accepts.saturating_sub(slot.accepts_seen) as f64 / dt.as_secs_f64();
+        slot.accept_rate += weight * (rate - slot.accept_rate);
+        slot.accepts_seen = accepts;
+    }
+    let total: f64 = slots.iter().map(|s| s.accept_rate).sum();
+    let busiest = slots.iter().map(|s| s.accept_rate).fold(0.0, f64::max);
+    (slots.len() >= 2 && total > 0.0).then(|| busiest / total)
+}
+
 /// The lowest slot no process holds, a new one if none.
 fn free_slot(slots: &mut Vec<Slot>) -> usize {
     match slots.iter().position(|s| s.holder.is_none()) {
@@ -295,10 +331,11 @@ mod tests {
                 dispatchers: vec![],
                 unread: Default::default(),
                 vacant_slots: vec![],
+                busiest_accept_share: None,
             }],
             workers_over_cap: 0,
         };
-        slots.assign(&mut pools, finals);
+        slots.assign(&mut pools, finals, Duration::ZERO);
         pools.pools[0]
             .workers
             .iter()
@@ -337,10 +374,11 @@ mod tests {
                 dispatchers: vec![],
                 unread: Default::default(),
                 vacant_slots: vec![],
+                busiest_accept_share: None,
             }],
             workers_over_cap: 0,
         };
-        slots.assign(&mut pools, &none);
+        slots.assign(&mut pools, &none, Duration::ZERO);
         assert_eq!(pools.pools[0].workers[1].slot.busy_seconds, 2.0);
     }
 
@@ -412,10 +450,46 @@ mod tests {
     }
 
     #[test]
+    fn the_busiest_slots_share_follows_the_accepts_of_the_last_minutes() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        let share = |slots: &mut Slots, a: u64, b: u64, t: u64| {
+            let mut pools = Pools {
+                pools: vec![PoolView {
+                    listener: id(),
+                    workers: vec![worker(10, a, 0.0), worker(11, b, 0.0)],
+                    dispatchers: vec![],
+                    unread: Default::default(),
+                    vacant_slots: vec![],
+                    busiest_accept_share: None,
+                }],
+                workers_over_cap: 0,
+            };
+            slots.assign(&mut pools, &none, Duration::from_secs(t));
+            pools.pools[0].busiest_accept_share
+        };
+        assert_eq!(share(&mut slots, 0, 0, 0), None, "no rate from one scrape");
+        assert_eq!(share(&mut slots, 0, 0, 15), None, "no accepts yet");
+        // One worker takes 9 of every 10 connections for 10 minutes.
+        let mut last = None;
+        for i in 1..=40 {
+            last = share(&mut slots, 90 * i, 10 * i, 15 + 15 * i);
+        }
+        assert!((last.unwrap() - 0.9).abs() < 1e-9, "{last:?}");
+        // Then both take as many: the old share fades as e^(-t / 5 min),
+        // and 10 minutes on it is near half.
+        for i in 1..=40 {
+            last = share(&mut slots, 3600 + 50 * i, 400 + 50 * i, 615 + 15 * i);
+        }
+        let now = last.unwrap();
+        assert!(now < 0.6 && now > 0.5, "{now}");
+    }
+
+    #[test]
     fn a_pool_whose_listener_closed_is_forgotten() {
         let mut slots = Slots::default();
         scrape(&mut slots, vec![worker(10, 7, 0.0)], &Finals::default());
-        slots.assign(&mut Pools::default(), &Finals::default());
+        slots.assign(&mut Pools::default(), &Finals::default(), Duration::ZERO);
         assert!(slots.pools.is_empty());
     }
 }

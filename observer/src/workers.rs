@@ -96,6 +96,10 @@ pub struct PoolView {
     /// Slots whose process exited and that no process took over yet: their
     /// counters stay exported (`slots`).
     pub vacant_slots: Vec<VacantSlot>,
+    /// The largest share of the pool's accepts one worker slot took, over
+    /// about the last 5 minutes (`slots`); `None` for a pool of one slot,
+    /// or one that did not accept.
+    pub busiest_accept_share: Option<f64>,
 }
 
 /// A worker slot no process holds now.
@@ -790,6 +794,7 @@ pub fn pools(
             dispatchers,
             unread: membership.unread.get(&no).copied().unwrap_or_default(),
             vacant_slots: vec![],
+            busiest_accept_share: None,
         });
     }
     Pools {
