@@ -2017,7 +2017,7 @@ fn without_per_worker_series_the_pools_figures_say_its_busy_time_and_busiest_sha
     std::thread::sleep(Duration::from_millis(300));
     let p = server.port.to_string();
     let m = pooled.scrape();
-    let share = m.get("observer_worker_accepts_max_share", &[("port", &p)]);
+    let share = m.get("observer_workers_accepts_max_share", &[("port", &p)]);
     let busy = m.listener("observer_workers_busy_seconds_total", server.port);
     let per_worker: Vec<&String> = m
         .samples

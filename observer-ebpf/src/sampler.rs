@@ -78,8 +78,10 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
             (fds, master)
         }
     };
-    // SAFETY: a live map value, only read in place (the daemon replaces
-    // whole values); not copied, to keep the program within 6.1's stack.
+    // SAFETY: a map value of a preallocated map, only read, in place (not
+    // copied, to keep the program within 6.1's stack): its memory stays the
+    // map's; a value the daemon rewrites meanwhile gives one pass a stale
+    // or mixed fd list, which only that pass's reading of this thread uses.
     let fds: &WorkerFds = unsafe { &*fds };
     let mut sample = ThreadSample {
         tgid,

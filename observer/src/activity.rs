@@ -35,8 +35,10 @@
 //! and the JVM), or one it can start again (fewer pool threads alive than
 //! the most a worker of the pool has run at once). Pool threads are the
 //! ones seen parked; until one is seen, the process is idle while its
-//! acceptor waits. Threads that take turns at the listener (two or more
-//! seen waiting on it, as uWSGI's threads do) each serve what they take.
+//! acceptor waits, and so is one that held no accepted connection at the
+//! last scrape (its parked threads are helpers, not a pool serving).
+//! Threads that take turns at the listener (two or more seen waiting on
+//! it, as uWSGI's threads do) each serve what they take.
 //!
 //! It is **busy** otherwise: running, or blocked on anything else (a
 //! database, an upstream, a `sleep`, a lock that is not the accept lock).
@@ -99,6 +101,10 @@ pub struct Watched {
     /// Some worker of its pool has an epoll instance watching a listener:
     /// the pool's workers are epoll event loops.
     pub epoll_pool: bool,
+    /// It held an accepted connection at the last scrape: only then can a
+    /// pool of its threads be serving while its acceptor waits (a helper
+    /// thread of an idle worker, as an error reporter's sender, is no pool).
+    pub holds_connections: bool,
 }
 
 /// The processes the sampler reports: the workers, and the masters of
@@ -413,7 +419,7 @@ pub fn process_states(
         .collect();
     // Each process's threads, a lock wait on a known or proven accept lock
     // resolved to a wait for work that serves itself.
-    let mut processes: BTreeMap<ProcessKey, (PoolTag, Vec<(u32, Doing)>)> = BTreeMap::new();
+    let mut processes: BTreeMap<ProcessKey, (Watched, Vec<(u32, Doing)>)> = BTreeMap::new();
     for (s, w, d) in &threads {
         let d = match *d {
             Doing::WaitsOnLock { lock, owner } => {
@@ -448,26 +454,27 @@ pub fn process_states(
             }
             d => d,
         };
-        let entry = processes
-            .entry(ProcessKey::of(s))
-            .or_insert((w.pool, vec![]));
+        let entry = processes.entry(ProcessKey::of(s)).or_insert((*w, vec![]));
         entry.1.push((s.tid, d));
     }
+    // What was learnt of a process goes with it (or with its pid's reuse);
+    // a watched worker missing from one pass keeps it.
     let pids_seen: HashSet<u32> = processes.keys().map(|k| k.pid).collect();
-    learnt
-        .threads
-        .retain(|k, _| processes.contains_key(k) || !pids_seen.contains(&k.pid));
+    learnt.threads.retain(|k, _| {
+        processes.contains_key(k)
+            || (watched.workers.contains_key(&k.pid) && !pids_seen.contains(&k.pid))
+    });
     learnt.count_pool_threads();
     processes
         .into_iter()
-        .map(|(key, (pool, threads))| (key, process_state(key, pool, &threads, learnt)))
+        .map(|(key, (w, threads))| (key, process_state(key, &w, &threads, learnt)))
         .collect()
 }
 
 /// One process's state from what each of its threads does.
 fn process_state(
     key: ProcessKey,
-    pool: PoolTag,
+    w: &Watched,
     threads: &[(u32, Doing)],
     learnt: &mut Learnt,
 ) -> ProcessState {
@@ -481,10 +488,14 @@ fn process_state(
     } else if threads.len() == 1 {
         1
     } else {
-        learnt
-            .free_pool_threads(key, pool, &waiting, threads)
-            // No pool thread known: its acceptor waiting is all there is to go by.
-            .unwrap_or(waiting.len())
+        let pool = learnt.free_pool_threads(key, w.pool, &waiting, threads);
+        match pool {
+            // Serving connections: free while a thread of its pool is.
+            Some(free) if w.holds_connections => free,
+            // No pool thread known, or no connection to serve: its waiting
+            // threads are all there is to go by.
+            free => free.unwrap_or(0).max(waiting.len()),
+        }
     };
     ProcessState {
         busy: idle_threads == 0,
@@ -516,6 +527,7 @@ mod tests {
                     fds,
                     pool: POOL,
                     epoll_pool,
+                    holds_connections: true,
                 };
                 (*pid, w)
             })
@@ -1020,6 +1032,26 @@ mod tests {
         let serving = [puma_worker(50, &[true]), puma_worker(60, &[false])].concat();
         let s = process_states(&serving, &new, &mut learnt, &mut NoFiles);
         assert_eq!(idle_threads(&s), vec![(50, true, 0), (60, false, 1)]);
+    }
+
+    #[test]
+    fn a_worker_without_connections_whose_helper_thread_works_is_idle() {
+        // A gunicorn sync worker waits in select on its listener; an error
+        // reporter's thread parks on its queue, then sends. Holding no
+        // connection, the worker is idle either way.
+        let mut w = watched(&[30], &[5], &[]);
+        if let Some(x) = w.workers.get_mut(&30) {
+            x.holds_connections = false;
+        }
+        let mut learnt = Learnt::default();
+        let mut select = blocked(30, 30, SYS_PSELECT6, [8, 0x7000, 0, 0]);
+        select.polled_fds[0] = 5;
+        let parked = blocked(30, 31, SYS_FUTEX, [0x5000, 0x189, 0, 0]);
+        let sending = running(30, 31);
+        for helper in [parked, sending] {
+            let s = process_states(&[select, helper], &w, &mut learnt, &mut NoFiles);
+            assert_eq!(idle_threads(&s), vec![(30, false, 1)]);
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct CollectorOptions {
     /// Leave out the per-worker series (observer_worker_*), keeping the
     /// pools' own: workers busy and idle, free threads, requests in
     /// service, busy time (observer_workers_busy_seconds_total) and the
-    /// busiest worker's share of accepts (observer_worker_accepts_max_share),
+    /// busiest worker's share of accepts (observer_workers_accepts_max_share),
     /// on which every verdict and alert rests.
     #[arg(
         long = "no-collector.workers.per-worker",
@@ -39,7 +39,7 @@ pub struct CollectorOptions {
     )]
     no_per_worker: bool,
     /// Add a pid label to every per-worker series: a series per process,
-    /// which grows with every worker restart (for a debugging session).
+    /// which grows with every worker restart (for debugging).
     /// Without it, a worker's series are its slot's (label worker): stable
     /// across restarts.
     #[arg(long = "collector.workers.pid")]

@@ -623,7 +623,7 @@ fn per_slot(
                 let mut labels = labels
                     .clone()
                     .with("worker", &w.slot.no.to_string())
-                    .with("comm", &w.comm);
+                    .with("comm", &w.slot.comm);
                 if with_pid {
                     labels = labels.with("pid", &w.pid.to_string());
                 }
@@ -634,7 +634,7 @@ fn per_slot(
             if let Some(value) = vacant(slot) {
                 let labels = labels
                     .clone()
-                    .with("worker", &slot.counts.no.to_string())
+                    .with("worker", &slot.no.to_string())
                     .with("comm", &slot.comm);
                 f.sample(&labels, value);
             }
@@ -669,19 +669,19 @@ fn pool_figures(text: &mut Text, e: &Exported) {
         let held: f64 = pool
             .workers
             .iter()
-            .filter(|w| w.busy.is_some())
+            .filter(|w| w.slot.sampled)
             .map(|w| w.slot.busy_seconds)
             .sum();
         let vacant: f64 = pool
             .vacant_slots
             .iter()
             .filter(|s| s.sampled)
-            .map(|s| s.counts.busy_seconds)
+            .map(|s| s.busy_seconds)
             .sum();
         f.sample(labels, held + vacant);
     }
     let mut f = text.family(
-        "observer_worker_accepts_max_share",
+        "observer_workers_accepts_max_share",
         "The largest share of the listener's accepts that one worker slot took, averaged over about the last 5 minutes (exponentially weighted): near 1/workers where accepts are spread, near 1 where one worker takes them all. For pools of 2 worker slots or more that accepted.",
         Kind::Gauge,
     );
@@ -756,8 +756,8 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
             "observer_worker_busy_seconds_total",
             "Time the worker slot's processes spent busy since observer first saw them, from the thread sampler (--collector.workers.sample-rate); rate() of it is utilisation. A slot (label worker) is taken over by the process that replaces one that exited, and keeps counting.",
         ),
-        |w| w.busy.map(|_| w.slot.busy_seconds),
-        |slot| slot.sampled.then_some(slot.counts.busy_seconds),
+        |w| w.slot.sampled.then_some(w.slot.busy_seconds),
+        |slot| slot.sampled.then_some(slot.busy_seconds),
     );
     per_slot_counter(
         text,
@@ -767,7 +767,7 @@ pub fn worker_families(text: &mut Text, e: &Exported, c: &Collectors) {
             "Connections the worker slot's processes accepted from this listener since observer started (each to its exit; a slot is taken over by the process that replaces one that exited).",
         ),
         |w| Some(w.slot.accepts as f64),
-        |slot| Some(slot.counts.accepts as f64),
+        |slot| Some(slot.accepts as f64),
     );
     per_worker(
         text,
@@ -1187,7 +1187,9 @@ mod tests {
         assert!(!text.contains("observer_workers{"), "{text}");
         assert!(!text.contains("observer_worker_busy"), "{text}");
         assert!(text.contains("observer_worker_accepts_total{"), "{text}");
+        // Sampled (the slots stage marks its slot so).
         snapshot.pools.pools[0].workers[0].busy = Some(true);
+        snapshot.pools.pools[0].workers[0].slot.sampled = true;
         let text = workers_text(&snapshot, &all());
         assert!(text.contains("state=\"busy\"} 1"), "{text}");
         assert!(

@@ -98,7 +98,7 @@ impl ThreadSampler {
         self.accounts.retain(|k, a| {
             let keep = watched.workers.contains_key(&k.pid);
             if !keep {
-                retired.insert(k.pid, a.busy_ns as f64 / 1e9);
+                retire(retired, k.pid, a);
             }
             keep
         });
@@ -118,6 +118,16 @@ impl ThreadSampler {
         );
         integrate(&mut self.accounts, &states, (self.last_pass_ns, now_ns));
         self.last_pass_ns = Some(now_ns);
+        // A master's child that is gone, or left its pool, before a scrape
+        // named it a worker: its busy time waits for the scrape's slots.
+        let (workers, retired) = (&self.watched.workers, &mut self.retired);
+        self.accounts.retain(|k, a| {
+            let keep = states.contains_key(k) || workers.contains_key(&k.pid);
+            if !keep {
+                retire(retired, k.pid, a);
+            }
+            keep
+        });
         self.in_accept = activity::waiting_in_accept(&samples, &self.watched.workers);
         self.cost.passes += 1;
         self.cost.threads_sampled += samples.len() as u64;
@@ -155,6 +165,17 @@ impl ThreadSampler {
 
     pub fn cost(&self) -> SamplerCost {
         self.cost
+    }
+}
+
+/// The most processes whose final busy time waits for a scrape: beyond,
+/// while no one scrapes, later ones are not kept.
+const RETIRED_KEPT: usize = 16_384;
+
+/// Keeps a process's final busy time for the next scrape.
+fn retire(retired: &mut HashMap<u32, f64>, pid: u32, account: &Account) {
+    if retired.len() < RETIRED_KEPT || retired.contains_key(&pid) {
+        retired.insert(pid, account.busy_ns as f64 / 1e9);
     }
 }
 

@@ -17,7 +17,7 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 
 use crate::{
     sockets::ListenerId,
-    workers::{Comm, Pools, VacantSlot, WorkerView},
+    workers::{Comm, Pools, WorkerView},
 };
 
 /// What processes that exited since the last scrape counted to the end.
@@ -31,12 +31,18 @@ pub struct Finals {
 
 /// A slot's counters: what its processes counted, the current one's
 /// included.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SlotCounts {
     /// Its position in the pool: the `worker` label.
     pub no: u32,
     pub accepts: u64,
     pub busy_seconds: f64,
+    /// Whether the thread sampler saw a process in it (its busy time means
+    /// something).
+    pub sampled: bool,
+    /// The name of its first process (the `comm` label: a successor of
+    /// another name does not start another series).
+    pub comm: Comm,
 }
 
 /// The slots of every pool, kept from scrape to scrape.
@@ -94,9 +100,10 @@ struct Slot {
     /// Whether the thread sampler has seen a process in it.
     sampled: bool,
     /// The last process that left it before its exit was seen (it stopped
-    /// holding the listener while exiting), with the accepts counted for
-    /// it: its final count adds the rest once it has exited.
-    departed: Option<(u32, u64)>,
+    /// holding the listener while exiting), with what was counted for it:
+    /// its final accepts add the rest once it has exited, or, back in the
+    /// pool, it does not count again what was.
+    departed: Option<Counted>,
     /// Its accepts at the last scrape, and their rate per second averaged
     /// over about [`SHARE_WINDOW`] (exponentially weighted).
     accepts_seen: u64,
@@ -106,59 +113,93 @@ struct Slot {
     retired_busy_seconds: f64,
 }
 
-#[derive(Debug)]
-struct Holder {
+/// A process's own counts, as last seen; `base` is the part a slot
+/// counted already (a worker back in its pool after it left it).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counted {
     pid: u32,
     accepts: u64,
     busy_seconds: f64,
+}
+
+#[derive(Debug)]
+struct Holder {
+    own: Counted,
+    base: Counted,
+}
+
+impl Holder {
+    fn accepts(&self) -> u64 {
+        self.own.accepts.saturating_sub(self.base.accepts)
+    }
+
+    fn busy_seconds(&self) -> f64 {
+        (self.own.busy_seconds - self.base.busy_seconds).max(0.0)
+    }
 }
 
 impl Slot {
     /// The holder's counts move into the slot's own: to the process's
     /// final ones where it exited, else to what was last seen.
     fn retire(&mut self, exited: Option<&BTreeMap<u32, u64>>, pending: &mut PendingBusy) {
-        let Some(h) = self.holder.take() else {
+        let Some(mut h) = self.holder.take() else {
             return;
         };
-        let final_accepts = exited.and_then(|e| e.get(&h.pid)).copied();
+        let final_accepts = exited.and_then(|e| e.get(&h.own.pid)).copied();
+        h.own.accepts = h.own.accepts.max(final_accepts.unwrap_or(0));
+        let busy = pending.take(h.own.pid).unwrap_or(0.0);
+        h.own.busy_seconds = h.own.busy_seconds.max(busy);
         if final_accepts.is_none() {
-            self.departed = Some((h.pid, h.accepts));
+            self.departed = Some(h.own);
         }
-        let busy = pending.take(h.pid).unwrap_or(0.0);
-        self.retired_accepts += final_accepts.unwrap_or(0).max(h.accepts);
-        self.retired_busy_seconds += busy.max(h.busy_seconds);
+        self.retired_accepts += h.accepts();
+        self.retired_busy_seconds += h.busy_seconds();
     }
 
-    /// Records `w` as the holder's latest; a count that went back means a
-    /// new process under the same pid, and the old one's are kept. A new
-    /// holder brings the busy time it had before it was a worker.
-    fn hold(&mut self, w: &WorkerView, pending: &mut PendingBusy) {
-        match &self.holder {
-            Some(h) if w.accepts < h.accepts || w.busy_seconds < h.busy_seconds => {
-                self.retired_accepts += h.accepts;
-                self.retired_busy_seconds += h.busy_seconds;
-            }
-            Some(_) => {}
-            None => self.retired_busy_seconds += pending.take(w.pid).unwrap_or(0.0),
-        }
-        self.comm = Some(w.comm.clone());
-        self.sampled |= w.busy.is_some();
-        self.holder = Some(Holder {
+    /// Records `w` as the holder's latest (`base`: what a slot counted of
+    /// it already). A count that went back is a new process under the same
+    /// pid (each counter on its own: the kernel's accepts of a reused pid
+    /// carry on where busy time starts again), and the old one's stay. A
+    /// new holder brings the busy time it had before it was a worker.
+    fn hold(&mut self, w: &WorkerView, base: Counted, pending: &mut PendingBusy) {
+        let own = Counted {
             pid: w.pid,
             accepts: w.accepts,
             busy_seconds: w.busy_seconds,
-        });
+        };
+        let holder = match self.holder.take() {
+            Some(mut h) => {
+                if own.accepts < h.own.accepts {
+                    self.retired_accepts += h.accepts();
+                    h.base.accepts = 0;
+                }
+                if own.busy_seconds < h.own.busy_seconds {
+                    self.retired_busy_seconds += h.busy_seconds();
+                    h.base.busy_seconds = 0.0;
+                }
+                Holder { own, base: h.base }
+            }
+            None => {
+                self.retired_busy_seconds += pending.take(w.pid).unwrap_or(0.0);
+                Holder { own, base }
+            }
+        };
+        self.comm.get_or_insert_with(|| w.comm.clone());
+        self.sampled |= w.busy.is_some();
+        self.holder = Some(holder);
     }
 
     fn counts(&self, no: usize) -> SlotCounts {
         let (accepts, busy) = self
             .holder
             .as_ref()
-            .map_or((0, 0.0), |h| (h.accepts, h.busy_seconds));
+            .map_or((0, 0.0), |h| (h.accepts(), h.busy_seconds()));
         SlotCounts {
             no: no as u32,
             accepts: self.retired_accepts + accepts,
             busy_seconds: self.retired_busy_seconds + busy,
+            sampled: self.sampled,
+            comm: self.comm.clone().unwrap_or_else(|| Comm::from("")),
         }
     }
 }
@@ -174,9 +215,15 @@ impl Slots {
         let mut kept = HashMap::with_capacity(pools.pools.len());
         for pool in &mut pools.pools {
             let mut slots = self.pools.remove(&pool.listener).unwrap_or_default();
+            let before = slots.len();
             let exited = finals.accepts.get(&pool.listener);
             pool.vacant_slots =
                 assign_pool(&mut slots, &mut pool.workers, exited, &mut self.pending);
+            // A new slot's rate starts from what it holds now, not from all
+            // its first process accepted before.
+            for (no, slot) in slots.iter_mut().enumerate().skip(before) {
+                slot.accepts_seen = slot.counts(no).accepts;
+            }
             pool.busiest_accept_share = busiest_share(&mut slots, elapsed);
             kept.insert(pool.listener, slots);
         }
@@ -192,11 +239,11 @@ fn assign_pool(
     workers: &mut [WorkerView],
     exited: Option<&BTreeMap<u32, u64>>,
     pending: &mut PendingBusy,
-) -> Vec<VacantSlot> {
+) -> Vec<SlotCounts> {
     let slot_of: HashMap<u32, usize> = slots
         .iter()
         .enumerate()
-        .filter_map(|(no, s)| Some((s.holder.as_ref()?.pid, no)))
+        .filter_map(|(no, s)| Some((s.holder.as_ref()?.own.pid, no)))
         .collect();
     // Slots whose process left first, so that a newcomer can take one.
     let present: HashSet<u32> = workers.iter().map(|w| w.pid).collect();
@@ -204,14 +251,15 @@ fn assign_pool(
         if slot
             .holder
             .as_ref()
-            .is_some_and(|h| !present.contains(&h.pid))
+            .is_some_and(|h| !present.contains(&h.own.pid))
         {
             slot.retire(exited, pending);
         }
     }
     // A worker that came and went between two scrapes takes a free slot
     // for that while: what it counted stays in the slot.
-    let comm = workers.first().map(|w| w.comm.clone());
+    let comm = (workers.first().map(|w| w.comm.clone()))
+        .or_else(|| slots.iter().find_map(|s| s.comm.clone()));
     for (pid, accepts) in exited.into_iter().flatten() {
         if slot_of.contains_key(pid) {
             continue;
@@ -219,9 +267,9 @@ fn assign_pool(
         // One that left its slot at an earlier scrape, now exited.
         if let Some(slot) = slots
             .iter_mut()
-            .find(|s| s.departed.is_some_and(|(p, _)| p == *pid))
+            .find(|s| s.departed.is_some_and(|d| d.pid == *pid))
         {
-            let counted = slot.departed.take().map_or(0, |(_, n)| n);
+            let counted = slot.departed.take().map_or(0, |d| d.accepts);
             slot.retired_accepts += accepts.saturating_sub(counted);
             continue;
         }
@@ -235,31 +283,53 @@ fn assign_pool(
         slot.comm = slot.comm.take().or_else(|| comm.clone());
     }
     for w in workers.iter_mut() {
-        let no = match slot_of.get(&w.pid) {
-            Some(no) => *no,
-            None => free_slot(slots),
+        let (no, base) = match slot_of.get(&w.pid) {
+            Some(no) => (*no, Counted::default()),
+            None => (free_slot(slots), came_back(slots, w)),
         };
-        slots[no].hold(w, pending);
+        slots[no].hold(w, base, pending);
         w.slot = slots[no].counts(no);
     }
     slots
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.holder.is_none())
-        .filter_map(|(no, s)| {
-            let comm = s.comm.clone()?;
-            Some(VacantSlot {
-                counts: s.counts(no),
-                comm,
-                sampled: s.sampled,
-            })
-        })
+        .filter(|(_, s)| s.holder.is_none() && s.comm.is_some())
+        .map(|(no, s)| s.counts(no))
         .collect()
 }
 
+/// For a worker new to the pool's slots that left one of them alive (it
+/// stopped holding the listener for a while): what was counted of it, so
+/// that its own counts, which carried on, are not counted twice.
+fn came_back(slots: &mut [Slot], w: &WorkerView) -> Counted {
+    let Some(slot) = slots
+        .iter_mut()
+        .find(|s| s.departed.is_some_and(|d| d.pid == w.pid))
+    else {
+        return Counted::default();
+    };
+    let Some(counted) = slot.departed.take() else {
+        return Counted::default();
+    };
+    // A count lower than what was counted started again (a new process).
+    Counted {
+        pid: w.pid,
+        accepts: if w.accepts >= counted.accepts {
+            counted.accepts
+        } else {
+            0
+        },
+        busy_seconds: if w.busy_seconds >= counted.busy_seconds {
+            counted.busy_seconds
+        } else {
+            0.0
+        },
+    }
+}
+
 /// Updates each slot's accept rate with its accepts since the last scrape
-/// (`elapsed` ago) and returns the busiest slot's share of the pool's rate,
-/// for a pool of two slots or more that accepted.
+/// (`elapsed` ago) and returns the busiest worker's share of the rate of
+/// the pool's workers alive now, for two or more that accepted.
 fn busiest_share(slots: &mut [Slot], elapsed: Option<Duration>) -> Option<f64> {
     let Some(dt) = elapsed.filter(|dt| !dt.is_zero()) else {
         for (no, slot) in slots.iter_mut().enumerate() {
@@ -274,9 +344,12 @@ fn busiest_share(slots: &mut [Slot], elapsed: Option<Duration>) -> Option<f64> {
         slot.accept_rate += weight * (rate - slot.accept_rate);
         slot.accepts_seen = accepts;
     }
-    let total: f64 = slots.iter().map(|s| s.accept_rate).sum();
-    let busiest = slots.iter().map(|s| s.accept_rate).fold(0.0, f64::max);
-    (slots.len() >= 2 && total > 0.0).then(|| busiest / total)
+    // Among the workers alive now: a pool whose new processes take the
+    // lowest free slot (php-fpm ondemand) is not uneven for that.
+    let held = || slots.iter().filter(|s| s.holder.is_some());
+    let total: f64 = held().map(|s| s.accept_rate).sum();
+    let busiest = held().map(|s| s.accept_rate).fold(0.0, f64::max);
+    (held().count() >= 2 && total > 0.0).then(|| busiest / total)
 }
 
 /// The lowest slot no process holds, a new one if none.
@@ -435,6 +508,59 @@ mod tests {
             vec![(11, 0, 6)]
         );
         assert_eq!(slots.pools[&id()][0].counts(0).busy_seconds, 1.65);
+    }
+
+    #[test]
+    fn a_worker_back_in_its_pool_after_a_while_away_is_not_counted_twice() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        scrape(
+            &mut slots,
+            vec![worker(10, 3, 1.0), worker(11, 1, 0.5)],
+            &none,
+        );
+        // 10 left the pool's view alive (not exited), then came back with
+        // its own counts carried on.
+        scrape(&mut slots, vec![worker(11, 1, 0.5)], &none);
+        let back = scrape(
+            &mut slots,
+            vec![worker(10, 5, 1.5), worker(11, 1, 0.5)],
+            &none,
+        );
+        let total: u64 = back.iter().map(|w| w.2).sum::<u64>()
+            + slots.pools[&id()]
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.holder.is_none())
+                .map(|(no, s)| s.counts(no).accepts)
+                .sum::<u64>();
+        assert_eq!(total, 6, "5 accepts of 10 and 1 of 11: {back:?}");
+    }
+
+    #[test]
+    fn the_busiest_share_is_of_the_workers_alive_now() {
+        // php-fpm ondemand: one child at a time, each taking the lowest
+        // free slot: slot 0 takes every accept, and no one is uneven.
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        let mut pools = |pid: u32, accepts: u64, t: u64| {
+            let mut pools = Pools {
+                pools: vec![PoolView {
+                    listener: id(),
+                    workers: vec![worker(pid, accepts, 0.0)],
+                    dispatchers: vec![],
+                    unread: Default::default(),
+                    vacant_slots: vec![],
+                    busiest_accept_share: None,
+                }],
+                workers_over_cap: 0,
+            };
+            slots.assign(&mut pools, &none, Duration::from_secs(t));
+            pools.pools[0].busiest_accept_share
+        };
+        for i in 0..10u32 {
+            assert_eq!(pools(100 + i, 10, 15 * u64::from(i)), None);
+        }
     }
 
     #[test]

@@ -102,16 +102,8 @@ pub struct PoolView {
     pub busiest_accept_share: Option<f64>,
 }
 
-/// A worker slot no process holds now.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VacantSlot {
-    pub counts: SlotCounts,
-    /// The name of the last process that held it.
-    pub comm: Comm,
-    /// Whether the thread sampler saw a process in it (its busy time means
-    /// something).
-    pub sampled: bool,
-}
+/// A worker slot no process holds now: its counters stay exported.
+pub type VacantSlot = SlotCounts;
 
 impl PoolView {
     pub fn busy(&self) -> usize {
@@ -157,10 +149,11 @@ pub struct Handoffs {
     /// Holders seen as the parent of a fed worker.
     dispatchers: BTreeMap<ListenerId, BTreeSet<u32>>,
     /// Holders seen as the parent of another holder: a pool's master stays
-    /// one while it lives and holds the listener, also in the moment
-    /// between a worker's exit and its replacement's fork, when it holds
-    /// the listener alone.
-    masters: BTreeMap<ListenerId, BTreeSet<u32>>,
+    /// one in the moment between a worker's exit and its replacement's
+    /// fork, when it holds the listener alone, but not once it accepts
+    /// (a server whose fork was caught before its exec: a CGI, a
+    /// subprocess) or after [`MASTER_ALONE`] collections alone.
+    masters: BTreeMap<ListenerId, BTreeMap<u32, MasterSeen>>,
     /// Fed workers' names, from when they were seen: one between
     /// connections holds nothing that would name it.
     comms: HashMap<u32, Comm>,
@@ -176,7 +169,7 @@ impl Handoffs {
             dispatchers.retain(|pid| alive(*pid));
         }
         for masters in self.masters.values_mut() {
-            masters.retain(|pid| alive(*pid));
+            masters.retain(|pid, _| alive(*pid));
         }
         self.comms.retain(|pid, _| alive(*pid));
         self.forget_empty();
@@ -247,16 +240,40 @@ impl Handoffs {
             if let Some(dispatchers) = self.dispatchers.get_mut(id) {
                 dispatchers.retain(|pid| holds(holding, *pid));
             }
-            if let Some(masters) = self.masters.get_mut(id) {
-                masters.retain(|pid| holds(holding, *pid));
-            }
+            let accepted = |pid: &u32| view.by_process.get(pid).map_or(0, |a| a.accepted);
+            let known_masters: BTreeSet<u32> = self
+                .masters
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter(|(pid, seen)| seen.still_master(holds(holding, **pid), accepted(pid)))
+                .map(|(pid, _)| *pid)
+                .collect();
             let known = Known {
                 dispatchers: self.dispatchers.get(id).unwrap_or(&no_one_else),
-                masters: self.masters.get(id).unwrap_or(&no_one_else),
+                masters: &known_masters,
             };
             let r = roles(holding, self.fed.get(id).unwrap_or(&no_one), known);
             remember(&mut self.dispatchers, id, &r.dispatchers);
-            remember(&mut self.masters, id, &r.masters);
+            let before = self.masters.remove(id).unwrap_or_default();
+            let masters: BTreeMap<u32, MasterSeen> = r
+                .masters
+                .iter()
+                .map(|pid| {
+                    let has_child = holding.iter().any(|p| p.ppid == *pid);
+                    let seen = MasterSeen {
+                        accepted: accepted(pid),
+                        alone: match before.get(pid) {
+                            Some(seen) if !has_child => seen.alone.saturating_add(1),
+                            _ => 0,
+                        },
+                    };
+                    (*pid, seen)
+                })
+                .collect();
+            if !masters.is_empty() {
+                self.masters.insert(*id, masters);
+            }
             roles_of.workers[no] = r.workers;
             roles_of.dispatchers[no] = r.dispatchers;
             roles_of.masters[no] = r.masters;
@@ -267,6 +284,28 @@ impl Handoffs {
             .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
         self.forget_empty();
         roles_of
+    }
+}
+
+/// How many collections in a row a master may hold its listener alone
+/// and stay one (a pool between a worker's exit and its replacement's
+/// fork; longer, it serves the listener itself).
+const MASTER_ALONE: u8 = 3;
+
+/// What is known of a listener's master.
+#[derive(Clone, Copy, Debug, Default)]
+struct MasterSeen {
+    /// The connections it had accepted from the listener.
+    accepted: u64,
+    /// Collections in a row it held the listener with no child holding it.
+    alone: u8,
+}
+
+impl MasterSeen {
+    /// Whether a master seen before is one still: it holds the listener,
+    /// has not accepted from it since, and has not held it alone too long.
+    fn still_master(&self, holds: bool, accepted: u64) -> bool {
+        holds && accepted <= self.accepted && self.alone < MASTER_ALONE
     }
 }
 
@@ -827,9 +866,16 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Watc
                 fds,
                 pool: *pool,
                 epoll_pool: epoll_pools.contains(pool),
+                holds_connections: false,
             };
             (*pid, watched)
         })
+        .collect();
+    let holding_connections: HashSet<u32> = membership
+        .active
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|((_, pid), _)| *pid)
         .collect();
     let workers = membership
         .worker_listen_fds()
@@ -854,6 +900,7 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Watc
                     fds,
                     pool,
                     epoll_pool,
+                    holds_connections: holding_connections.contains(&pid),
                 },
             )
         })
@@ -1292,6 +1339,56 @@ mod tests {
         ];
         let p = pools(&[view(80)], &membership(80, &holders), &HashMap::new(), 100);
         assert_eq!(pids(&p.pools[0]), (vec![11, 12], vec![]));
+    }
+
+    /// The workers of port 80 after one collection of `holders`, where
+    /// `accepted` says what each process had accepted from it.
+    fn workers_after(
+        holders: &[HolderRecord],
+        accepted: &[(u32, u64)],
+        handoffs: &mut Handoffs,
+    ) -> Vec<u32> {
+        let mut v = view(80);
+        for (pid, n) in accepted {
+            v.by_process.entry(*pid).or_default().accepted = *n;
+        }
+        let listeners = Collection {
+            listeners: vec![v],
+            index: ListenerIndex::new(&[socket(80, 5)]),
+            ..Default::default()
+        };
+        let m = Membership::from_holders(&listeners, &holdings(holders), handoffs);
+        m.workers[0].clone()
+    }
+
+    #[test]
+    fn a_master_holding_its_listener_alone_stays_one_until_it_accepts_or_for_long() {
+        let mut handoffs = Handoffs::default();
+        let arbiter = holder(10, 1, 80, TCP_LISTEN, 5);
+        let worker = holder(11, 10, 80, TCP_LISTEN, 5);
+        assert_eq!(
+            workers_after(&[arbiter, worker], &[(11, 5)], &mut handoffs),
+            [11]
+        );
+        // 11 exited, its replacement not forked yet: 10 is still the master.
+        for _ in 0..MASTER_ALONE {
+            assert!(workers_after(&[arbiter], &[], &mut handoffs).is_empty());
+        }
+        // Alone for longer: it serves the listener itself.
+        assert_eq!(workers_after(&[arbiter], &[], &mut handoffs), [10]);
+
+        // A single-process server caught between a fork and its child's
+        // exec holding the listener: a master for that moment, a worker
+        // again as soon as it accepts.
+        let mut handoffs = Handoffs::default();
+        let server = holder(20, 1, 80, TCP_LISTEN, 5);
+        let child = holder(21, 20, 80, TCP_LISTEN, 5);
+        assert_eq!(workers_after(&[server], &[(20, 7)], &mut handoffs), [20]);
+        assert_eq!(
+            workers_after(&[server, child], &[(20, 7)], &mut handoffs),
+            [21]
+        );
+        assert_eq!(workers_after(&[server], &[(20, 8)], &mut handoffs), [20]);
     }
 
     #[test]
