@@ -555,7 +555,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<DiscardSites>(), 136);
         assert_eq!(core::mem::size_of::<HolderRecord>(), 104);
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
-        assert_eq!(core::mem::size_of::<ThreadSample>(), 136);
+        assert_eq!(core::mem::size_of::<ThreadSample>(), 144);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);
         assert_eq!(core::mem::size_of::<HeldCursor>(), 16);
         assert_eq!(core::mem::size_of::<AcceptStats>(), 8 * (WAIT_BUCKETS + 3));

@@ -256,31 +256,12 @@ fn assign_pool(
             slot.retire(exited, pending);
         }
     }
-    // A worker that came and went between two scrapes takes a free slot
-    // for that while: what it counted stays in the slot.
     let comm = (workers.first().map(|w| w.comm.clone()))
         .or_else(|| slots.iter().find_map(|s| s.comm.clone()));
     for (pid, accepts) in exited.into_iter().flatten() {
-        if slot_of.contains_key(pid) {
-            continue;
+        if !slot_of.contains_key(pid) {
+            count_exited(slots, (*pid, *accepts), pending, &comm);
         }
-        // One that left its slot at an earlier scrape, now exited.
-        if let Some(slot) = slots
-            .iter_mut()
-            .find(|s| s.departed.is_some_and(|d| d.pid == *pid))
-        {
-            let counted = slot.departed.take().map_or(0, |d| d.accepts);
-            slot.retired_accepts += accepts.saturating_sub(counted);
-            continue;
-        }
-        let free = free_slot(slots);
-        let slot = &mut slots[free];
-        slot.retired_accepts += accepts;
-        if let Some(busy) = pending.take(*pid) {
-            slot.retired_busy_seconds += busy;
-            slot.sampled = true;
-        }
-        slot.comm = slot.comm.take().or_else(|| comm.clone());
     }
     for w in workers.iter_mut() {
         let (no, base) = match slot_of.get(&w.pid) {
@@ -296,6 +277,34 @@ fn assign_pool(
         .filter(|(_, s)| s.holder.is_none() && s.comm.is_some())
         .map(|(no, s)| s.counts(no))
         .collect()
+}
+
+/// Counts a process that exited since the last scrape without holding a
+/// slot now: one that left its slot at an earlier scrape adds the rest of
+/// its accepts there; one that came and went between two scrapes takes a
+/// free slot for that while, and what it counted stays in it.
+fn count_exited(
+    slots: &mut Vec<Slot>,
+    (pid, accepts): (u32, u64),
+    pending: &mut PendingBusy,
+    comm: &Option<Comm>,
+) {
+    if let Some(slot) = slots
+        .iter_mut()
+        .find(|s| s.departed.is_some_and(|d| d.pid == pid))
+    {
+        let counted = slot.departed.take().map_or(0, |d| d.accepts);
+        slot.retired_accepts += accepts.saturating_sub(counted);
+        return;
+    }
+    let free = free_slot(slots);
+    let slot = &mut slots[free];
+    slot.retired_accepts += accepts;
+    if let Some(busy) = pending.take(pid) {
+        slot.retired_busy_seconds += busy;
+        slot.sampled = true;
+    }
+    slot.comm = slot.comm.take().or_else(|| comm.clone());
 }
 
 /// For a worker new to the pool's slots that left one of them alive (it
