@@ -199,7 +199,7 @@ fn blocked_acceptors_counted_by(source: &str, threads: usize) -> (f64, f64) {
 
 /// Many threads blocked in accept at once (a thread-per-connection server's
 /// idle pool): every accept is counted, whatever the source. (A kretprobe
-/// needs one return slot per call in flight; see README, "Kernels".)
+/// needs one return slot per call in flight; see docs/kernels.md.)
 #[test]
 fn every_accept_of_many_threads_blocked_in_accept_is_counted() {
     const THREADS: usize = 40;
@@ -215,7 +215,7 @@ fn every_accept_of_many_threads_blocked_in_accept_is_counted() {
 /// One thread already blocked in accept(2) when the daemon starts, then one
 /// client: what each source counts. The tracepoint fires on syscall exit and
 /// counts it; fexit and kprobe hook the function's entry, which that thread
-/// passed before they were attached, so they miss it (README, "Kernels").
+/// passed before they were attached, so they miss it (docs/kernels.md).
 #[test]
 fn an_accept_already_blocked_when_the_daemon_starts_is_counted_by_the_tracepoint_only() {
     for source in loading_accept_sources() {

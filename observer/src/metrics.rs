@@ -472,7 +472,7 @@ fn socket_families(text: &mut Text, e: &Exported) {
     }
 }
 
-/// Every listener metric family, in the order of the README's reference
+/// Every listener metric family, in the order of docs/metrics.md's reference
 /// table. Quiet listeners get the core series only (see [`Scope`]).
 pub fn listener_families(text: &mut Text, e: &Exported, c: &Collectors) {
     use Kind::{Counter, Gauge};

@@ -7,7 +7,7 @@
 //!
 //! Resolution is the sampling interval; the error of a worker's busy time
 //! over a window is about ± one interval per busy period that starts or ends
-//! in it, and averages out (README, "What busy means").
+//! in it, and averages out (docs/busy.md).
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, Weak},

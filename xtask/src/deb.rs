@@ -216,7 +216,7 @@ fn man_page(binary: &Path, version: &str) -> Result<String> {
          .I /lib/systemd/system/observer.service\n\
          the daemon's unit (not enabled on install: \\fBsystemctl enable \\-\\-now observer\\fR)\n\
          .SH SEE ALSO\n\
-         The project's README: metrics, rules, alerts and dashboard.\n",
+         The project's README and its docs/ pages: metrics, rules, alerts and dashboard.\n",
     );
     Ok(page)
 }

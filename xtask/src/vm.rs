@@ -13,7 +13,7 @@
 //!    accept source that doctor says loads, forced through
 //!    `OBSERVER_ACCEPT_SOURCE`; then powers off;
 //! 5. reads the results back and prints one line per kernel × source (and
-//!    writes `target/vm/matrix.md`, the table the README shows).
+//!    writes `target/vm/matrix.md`, the table docs/kernels.md shows).
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
