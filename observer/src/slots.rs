@@ -338,7 +338,8 @@ fn came_back(slots: &mut [Slot], w: &WorkerView) -> Counted {
 
 /// Updates each slot's accept rate with its accepts since the last scrape
 /// (`elapsed` ago) and returns the busiest worker's share of the rate of
-/// the pool's workers alive now, for two or more that accepted.
+/// the pool's workers alive now, for two or more that accepted about one
+/// connection in the last 5 minutes or more.
 fn busiest_share(slots: &mut [Slot], elapsed: Option<Duration>) -> Option<f64> {
     let Some(dt) = elapsed.filter(|dt| !dt.is_zero()) else {
         for (no, slot) in slots.iter_mut().enumerate() {
@@ -358,7 +359,10 @@ fn busiest_share(slots: &mut [Slot], elapsed: Option<Duration>) -> Option<f64> {
     let held = || slots.iter().filter(|s| s.holder.is_some());
     let total: f64 = held().map(|s| s.accept_rate).sum();
     let busiest = held().map(|s| s.accept_rate).fold(0.0, f64::max);
-    (held().count() >= 2 && total > 0.0).then(|| busiest / total)
+    // A pool that went quiet has no share to tell (its old rates decay
+    // alike and would keep the old share forever).
+    let some_accepts = total * SHARE_WINDOW.as_secs_f64() >= 1.0;
+    (held().count() >= 2 && some_accepts).then(|| busiest / total)
 }
 
 /// The lowest slot no process holds, a new one if none.
