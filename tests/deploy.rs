@@ -208,30 +208,39 @@ fn without_the_optional_capability_doctor_says_what_it_costs_and_serve_can_run()
     );
 }
 
-#[test]
-fn the_kubernetes_manifests_validate_against_the_schemas() {
-    let manifest =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/observer.yaml");
+/// Runs `kubernetes-validate --strict` on `files`; every resource of
+/// `kinds` (`kind/name`) must have passed.
+fn validated_strictly(files: &[std::path::PathBuf], kinds: &[&str]) {
     let out = run(Command::new("kubernetes-validate")
         .arg("--strict")
-        .arg(&manifest));
+        .args(files));
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && !said.contains("ERROR"), "{said}");
-    for kind in [
-        "namespace/observer",
-        "serviceaccount/observer",
-        "daemonset/observer",
-        "service/observer",
-    ] {
+    for kind in kinds {
         assert!(
             said.contains(&format!("passed for resource {kind}")),
             "{kind} not validated:\n{said}"
         );
     }
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_against_the_schemas() {
+    let manifest =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/observer.yaml");
+    validated_strictly(
+        std::slice::from_ref(&manifest),
+        &[
+            "namespace/observer",
+            "serviceaccount/observer",
+            "daemonset/observer",
+            "service/observer",
+        ],
+    );
     let text = std::fs::read_to_string(&manifest).expect("manifest");
     assert!(text.contains("privileged: false") && !text.contains("privileged: true"));
 }
@@ -243,25 +252,16 @@ fn the_kubernetes_manifests_validate_against_the_schemas() {
 fn the_autoscaling_manifests_validate_against_their_schemas() {
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/autoscaling");
-    let out = run(Command::new("kubernetes-validate")
-        .arg("--strict")
-        .arg(dir.join("hpa.yaml"))
-        .arg(dir.join("prometheus-adapter-rules.yaml")));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    validated_strictly(
+        &[
+            dir.join("hpa.yaml"),
+            dir.join("prometheus-adapter-rules.yaml"),
+        ],
+        &[
+            "horizontalpodautoscaler/web",
+            "configmap/prometheus-adapter-observer",
+        ],
     );
-    assert!(out.status.success() && !said.contains("ERROR"), "{said}");
-    for kind in [
-        "horizontalpodautoscaler/web",
-        "configmap/prometheus-adapter-observer",
-    ] {
-        assert!(
-            said.contains(&format!("passed for resource {kind}")),
-            "{kind} not validated:\n{said}"
-        );
-    }
     let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/keda.sh_scaledobjects.yaml");
     let check = r#"

@@ -993,15 +993,18 @@ fn apache(mpm: &str, mpm_lines: &str) -> (Server, u16) {
     (server, status_port)
 }
 
+/// A figure of mod_status' `?auto` page (`BusyWorkers`, `IdleWorkers`).
+fn mod_status_auto(status_port: u16, field: &str) -> Option<f64> {
+    let page = http_get(status_port, "/server-status?auto")?;
+    let line = page
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(": "))?;
+    line.trim().parse().ok()
+}
+
 /// mod_status's BusyWorkers, less the worker serving this status request.
 fn apache_busy(status_port: u16) -> f64 {
-    http_get(status_port, "/server-status?auto")
-        .and_then(|page| {
-            page.lines()
-                .find_map(|l| l.strip_prefix("BusyWorkers: "))
-                .and_then(|n| n.trim().parse::<f64>().ok())
-        })
-        .map_or(-1.0, |n| n - 1.0)
+    mod_status_auto(status_port, "BusyWorkers").map_or(-1.0, |n| n - 1.0)
 }
 
 /// The children waiting for the accept mutex are idle, as mod_status says
@@ -1153,13 +1156,7 @@ fn apache_worker_children_are_busy_when_every_thread_serves_whenever_the_daemon_
 /// mod_status' IdleWorkers (`?auto`), plus the thread serving the status
 /// request itself, free again once it has answered.
 fn apache_idle_workers(status_port: u16) -> f64 {
-    http_get(status_port, "/server-status?auto")
-        .and_then(|page| {
-            page.lines()
-                .find_map(|l| l.strip_prefix("IdleWorkers: "))
-                .and_then(|n| n.trim().parse::<f64>().ok())
-        })
-        .map_or(-1.0, |n| n + 1.0)
+    mod_status_auto(status_port, "IdleWorkers").map_or(-1.0, |n| n + 1.0)
 }
 
 /// 2 threaded children × 2 worker threads under 1 client (a free thread in

@@ -429,6 +429,23 @@ mod tests {
             .collect()
     }
 
+    /// A scrape at `t` seconds of one pool of `workers`: its busiest share.
+    fn share_at(slots: &mut Slots, workers: Vec<WorkerView>, t: u64) -> Option<f64> {
+        let mut pools = Pools {
+            pools: vec![PoolView {
+                listener: id(),
+                workers,
+                dispatchers: vec![],
+                unread: Default::default(),
+                vacant_slots: vec![],
+                busiest_accept_share: None,
+            }],
+            workers_over_cap: 0,
+        };
+        slots.assign(&mut pools, &Finals::default(), Duration::from_secs(t));
+        pools.pools[0].busiest_accept_share
+    }
+
     #[test]
     fn a_replacement_takes_the_slot_of_the_worker_it_replaces_and_its_counts_carry_on() {
         let mut slots = Slots::default();
@@ -555,21 +572,8 @@ mod tests {
         // php-fpm ondemand: one child at a time, each taking the lowest
         // free slot: slot 0 takes every accept, and no one is uneven.
         let mut slots = Slots::default();
-        let none = Finals::default();
         let mut pools = |pid: u32, accepts: u64, t: u64| {
-            let mut pools = Pools {
-                pools: vec![PoolView {
-                    listener: id(),
-                    workers: vec![worker(pid, accepts, 0.0)],
-                    dispatchers: vec![],
-                    unread: Default::default(),
-                    vacant_slots: vec![],
-                    busiest_accept_share: None,
-                }],
-                workers_over_cap: 0,
-            };
-            slots.assign(&mut pools, &none, Duration::from_secs(t));
-            pools.pools[0].busiest_accept_share
+            share_at(&mut slots, vec![worker(pid, accepts, 0.0)], t)
         };
         for i in 0..10u32 {
             assert_eq!(pools(100 + i, 10, 15 * u64::from(i)), None);
@@ -591,21 +595,8 @@ mod tests {
     #[test]
     fn the_busiest_slots_share_follows_the_accepts_of_the_last_minutes() {
         let mut slots = Slots::default();
-        let none = Finals::default();
         let share = |slots: &mut Slots, a: u64, b: u64, t: u64| {
-            let mut pools = Pools {
-                pools: vec![PoolView {
-                    listener: id(),
-                    workers: vec![worker(10, a, 0.0), worker(11, b, 0.0)],
-                    dispatchers: vec![],
-                    unread: Default::default(),
-                    vacant_slots: vec![],
-                    busiest_accept_share: None,
-                }],
-                workers_over_cap: 0,
-            };
-            slots.assign(&mut pools, &none, Duration::from_secs(t));
-            pools.pools[0].busiest_accept_share
+            share_at(slots, vec![worker(10, a, 0.0), worker(11, b, 0.0)], t)
         };
         assert_eq!(share(&mut slots, 0, 0, 0), None, "no rate from one scrape");
         assert_eq!(share(&mut slots, 0, 0, 15), None, "no accepts yet");
