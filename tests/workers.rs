@@ -1830,6 +1830,18 @@ fn php_fpm_pool(pm: &str) -> (Server, PathBuf) {
     (server, sock)
 }
 
+/// nginx passing every request to the php-fpm pool on `sock` (its scripts
+/// and status page).
+fn nginx_in_front_of_php_fpm(server: &Server, sock: &std::path::Path) -> Server {
+    nginx_in_front(&format!(
+        "root {}; include /etc/nginx/fastcgi_params; \
+         fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; \
+         fastcgi_pass unix:{}; fastcgi_read_timeout 60s;",
+        server.dir.display(),
+        sock.display()
+    ))
+}
+
 /// php-fpm's status page through nginx, as JSON.
 fn php_fpm_status(nginx_port: u16) -> serde_json::Value {
     http_get(nginx_port, "/status?json")
@@ -1851,13 +1863,7 @@ fn ss_unix_queue(path: &std::path::Path) -> f64 {
 fn php_fpm_on_a_unix_socket_busy_tracks_its_status_page_and_depth_tracks_ss_where_fpm_says_0() {
     let daemon = Daemon::start_with_pids();
     let (server, sock) = php_fpm(4);
-    let nginx = nginx_in_front(&format!(
-        "root {}; include /etc/nginx/fastcgi_params; \
-         fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; \
-         fastcgi_pass unix:{}; fastcgi_read_timeout 60s;",
-        server.dir.display(),
-        sock.display()
-    ));
+    let nginx = nginx_in_front_of_php_fpm(&server, &sock);
     let pool = Pool::Path(sock.display().to_string());
     // Busy: the status page's active processes, less the one serving it.
     let run = PoolRun {
@@ -1927,13 +1933,7 @@ fn php_fpm_ondemand_children_keep_a_bounded_set_of_series_whose_accepts_equal_it
     let per_pid = Daemon::start_with_pids();
     let (server, sock) =
         php_fpm_pool("pm = ondemand\npm.max_children = 4\npm.process_idle_timeout = 1s\n");
-    let nginx = nginx_in_front(&format!(
-        "root {}; include /etc/nginx/fastcgi_params; \
-         fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; \
-         fastcgi_pass unix:{}; fastcgi_read_timeout 60s;",
-        server.dir.display(),
-        sock.display()
-    ));
+    let nginx = nginx_in_front_of_php_fpm(&server, &sock);
     let pool = || Pool::Path(sock.display().to_string());
     let (mut slots, mut pids, mut most_alive, mut served) =
         (BTreeSet::new(), BTreeSet::new(), 0, 0);

@@ -405,12 +405,9 @@ mod tests {
         }
     }
 
-    fn scrape(
-        slots: &mut Slots,
-        workers: Vec<WorkerView>,
-        finals: &Finals,
-    ) -> Vec<(u32, u32, u64)> {
-        let mut pools = Pools {
+    /// One pool, of `workers`, on the test's listener.
+    fn one_pool(workers: Vec<WorkerView>) -> Pools {
+        Pools {
             pools: vec![PoolView {
                 listener: id(),
                 workers,
@@ -420,7 +417,15 @@ mod tests {
                 busiest_accept_share: None,
             }],
             workers_over_cap: 0,
-        };
+        }
+    }
+
+    fn scrape(
+        slots: &mut Slots,
+        workers: Vec<WorkerView>,
+        finals: &Finals,
+    ) -> Vec<(u32, u32, u64)> {
+        let mut pools = one_pool(workers);
         slots.assign(&mut pools, finals, Duration::ZERO);
         pools.pools[0]
             .workers
@@ -431,17 +436,7 @@ mod tests {
 
     /// A scrape at `t` seconds of one pool of `workers`: its busiest share.
     fn share_at(slots: &mut Slots, workers: Vec<WorkerView>, t: u64) -> Option<f64> {
-        let mut pools = Pools {
-            pools: vec![PoolView {
-                listener: id(),
-                workers,
-                dispatchers: vec![],
-                unread: Default::default(),
-                vacant_slots: vec![],
-                busiest_accept_share: None,
-            }],
-            workers_over_cap: 0,
-        };
+        let mut pools = one_pool(workers);
         slots.assign(&mut pools, &Finals::default(), Duration::from_secs(t));
         pools.pools[0].busiest_accept_share
     }
@@ -470,17 +465,7 @@ mod tests {
             ),
             vec![(11, 1, 6), (12, 0, 6)]
         );
-        let mut pools = Pools {
-            pools: vec![PoolView {
-                listener: id(),
-                workers: vec![worker(11, 6, 2.0), worker(12, 1, 0.5)],
-                dispatchers: vec![],
-                unread: Default::default(),
-                vacant_slots: vec![],
-                busiest_accept_share: None,
-            }],
-            workers_over_cap: 0,
-        };
+        let mut pools = one_pool(vec![worker(11, 6, 2.0), worker(12, 1, 0.5)]);
         slots.assign(&mut pools, &none, Duration::ZERO);
         assert_eq!(pools.pools[0].workers[1].slot.busy_seconds, 2.0);
     }
