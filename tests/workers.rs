@@ -16,7 +16,8 @@ use std::{
 };
 
 use support::{
-    Daemon, GUNICORN_HOOKS, Metrics, WSGI_APP, free_port, http_get, run, ss_listen_queues,
+    Daemon, GUNICORN_HOOKS, Metrics, WSGI_APP, free_port, http_get, run, run_ok, ss_listen_queues,
+    until,
 };
 
 /// A server started in its own process group (master and workers die together).
@@ -2043,4 +2044,132 @@ fn without_per_worker_series_the_pools_figures_say_its_busy_time_and_busiest_sha
         (busy - client_seconds).abs() <= 0.05 * client_seconds,
         "pool busy {busy:.2} s vs the clients' {client_seconds:.2} s"
     );
+}
+
+/// The worker pids `observer listeners --json` lists on `port`.
+fn listed_worker_pids(port: u16) -> Vec<u32> {
+    let out = run_ok(Command::new(support::observer_bin()).args([
+        "listeners",
+        "--json",
+        "--interval",
+        "100ms",
+        "--port",
+        &port.to_string(),
+    ]));
+    let listeners: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut pids: Vec<u32> = listeners[0]["worker_list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| Some(w["pid"].as_u64()? as u32))
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// nginx with one server on forty ports: each worker inherited every
+/// listening socket from the master, the shape in which the holder walk
+/// counts a worker's inherited sockets instead of writing each out. Every
+/// port's pool is the master's children, as `pgrep -P` lists them.
+#[test]
+fn nginx_workers_that_inherited_forty_listen_ports_are_the_pool_of_each() {
+    let daemon = Daemon::start();
+    let mut ports = BTreeSet::new();
+    while ports.len() < 40 {
+        ports.insert(free_port());
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let first = ports[0];
+    let dir = std::env::temp_dir().join(format!("observer-nginx-{first}"));
+    let listens: String = ports
+        .iter()
+        .map(|p| format!("  listen 127.0.0.1:{p};\n"))
+        .collect();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 4;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         server {{\n{listens}  location / {{ return 200 \"ok\\n\"; }}\n }}\n}}\n",
+        d = dir.display(),
+    );
+    let conf_path = dir.join("nginx.conf").display().to_string();
+    let prefix = dir.display().to_string();
+    let nginx = Server::start_until(
+        "nginx",
+        first,
+        &[("nginx.conf", &conf)],
+        &["nginx", "-p", &prefix, "-c", &conf_path],
+        || ports.iter().all(|p| !ss_listen_queues(*p).is_empty()),
+    );
+    let workers = until("nginx's 4 workers", 10, || {
+        let workers = nginx.worker_pids();
+        (workers.len() == 4).then_some(workers)
+    });
+    for port in &ports {
+        wait_for_idle_pool(&daemon, *port, 4.0);
+    }
+    for port in [ports[0], ports[19], ports[39]] {
+        assert_eq!(listed_worker_pids(port), workers, "port {port}");
+    }
+}
+
+/// A master with three listeners forks four children that inherit them;
+/// two of the children close the third. The holder walk's count for those
+/// two falls short of the master's, and the daemon reads which listeners
+/// they kept from /proc. Every port's workers are the pids `ss -ltnp`
+/// lists on it, less the master.
+#[test]
+fn children_that_closed_an_inherited_listener_are_workers_of_the_others_only() {
+    const TREE: &str = "import os, socket, sys, time\n\
+        socks = []\n\
+        for port in sys.argv[1:]:\n\
+        \x20   s = socket.socket()\n\
+        \x20   s.bind(('127.0.0.1', int(port)))\n\
+        \x20   s.listen(16)\n\
+        \x20   socks.append(s)\n\
+        for child in range(4):\n\
+        \x20   if os.fork() == 0:\n\
+        \x20       if child % 2 == 1:\n\
+        \x20           socks[2].close()\n\
+        \x20       while True:\n\
+        \x20           socks[0].accept()[0].close()\n\
+        time.sleep(600)\n";
+    let daemon = Daemon::start();
+    let mut ports = BTreeSet::new();
+    while ports.len() < 3 {
+        ports.insert(free_port());
+    }
+    let ports: Vec<u16> = ports.into_iter().collect();
+    let args: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    let mut cmd = vec!["python3", "tree.py"];
+    cmd.extend(args.iter().map(|a| a.as_str()));
+    let tree = Server::start_until("inherit", ports[0], &[("tree.py", TREE)], &cmd, || {
+        ports.iter().all(|p| !ss_listen_queues(*p).is_empty())
+    });
+    let master = tree.child.id();
+    let holders_by_ss = |port: u16| {
+        let out = run_ok(Command::new("ss").args(["-Hltnp", &format!("sport = :{port}")]));
+        let mut pids: Vec<u32> = out
+            .split("pid=")
+            .skip(1)
+            .filter_map(|rest| rest.split(',').next()?.parse().ok())
+            .filter(|pid| *pid != master)
+            .collect();
+        pids.sort();
+        pids
+    };
+    let expected = [4.0, 4.0, 2.0];
+    let truth = until("4, 4 and 2 children on the ports", 10, || {
+        let truth: Vec<Vec<u32>> = ports.iter().map(|p| holders_by_ss(*p)).collect();
+        let sizes: Vec<f64> = truth.iter().map(|t| t.len() as f64).collect();
+        (sizes == expected).then_some(truth)
+    });
+    for (port, n) in ports.iter().zip(expected) {
+        wait_for_idle_pool(&daemon, *port, n);
+    }
+    for (port, pids) in ports.iter().zip(&truth) {
+        assert_eq!(&listed_worker_pids(*port), pids, "port {port}");
+    }
 }

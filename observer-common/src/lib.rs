@@ -51,6 +51,11 @@ pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
 /// Queued Unix-domain connections whose enqueue time is kept (an LRU map:
 /// past this many connections waiting host-wide, the oldest stamps go).
 pub const UNIX_QUEUED_MAP_CAPACITY: u32 = 16384;
+/// Listening sockets' files the holder iterator remembers per scan, to tell
+/// a child's inherited copies from sockets of its own (see
+/// [`InheritableListener`]). Past this many, the oldest are forgotten and a
+/// child's copies of them are reported one by one, as before.
+pub const INHERITABLE_MAP_CAPACITY: u32 = 65536;
 
 /// `sock.sk_type` of the Unix sockets that have listeners.
 pub const SOCK_STREAM: u16 = 1;
@@ -126,7 +131,11 @@ pub struct HolderRecord {
     /// `icsk_ack.lrcvtime` after `lsndtime`). A response written in pieces
     /// counts as answered from its first one.
     pub in_service: u8,
-    pub _pad: u8,
+    /// Listening sockets: 1 when this process is the first of the scan to
+    /// hold the socket's file. A child holding the same file at the same fd
+    /// writes no record for it, and counts it in its
+    /// [`INHERITED_LISTENERS`] record instead.
+    pub inheritable: u8,
     pub addr: [u8; 16],
     pub inode: u64,
     pub comm: [u8; 16],
@@ -149,6 +158,28 @@ pub struct HolderRecord {
     /// connection entered the accept queue (its `rcvq_space.time` stamp,
     /// which only the first read moves), at least 1. 0 otherwise.
     pub unread_us: u64,
+    /// A record with `state` [`INHERITED_LISTENERS`]: how many of its
+    /// parent's inheritable listening sockets this process holds at the
+    /// parent's fds (the parent's records stand for them). A process's
+    /// count can come in several records: the daemon adds them up.
+    pub inherited: u32,
+    pub _pad: u32,
+}
+
+/// [`HolderRecord::state`] of a record that holds no socket but the count
+/// of listening sockets a process inherited from its parent
+/// ([`HolderRecord::inherited`]): 1,000 workers that inherited 10,000
+/// listeners are 1,000 records, not 10 million.
+pub const INHERITED_LISTENERS: u8 = 0xff;
+
+/// The first holder, in one scan, of a listening socket's file: by the
+/// file's kernel address, in the holder iterator's `INHERITABLE` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InheritableListener {
+    pub session: u64,
+    pub tgid: u32,
+    pub fd: u32,
 }
 
 /// The path of a Unix listener, right after its [`HolderRecord`].
@@ -501,6 +532,10 @@ pub struct VisitedProcess {
     /// Parent's tgid.
     pub ppid: u32,
     pub comm: [u8; 16],
+    /// Listening sockets it inherited, counted since its last
+    /// [`INHERITED_LISTENERS`] record.
+    pub inherited: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -515,6 +550,7 @@ mod pod {
     unsafe impl aya::Pod for super::HeldCursor {}
     unsafe impl aya::Pod for super::ListenerRecord {}
     unsafe impl aya::Pod for super::HolderRecord {}
+    unsafe impl aya::Pod for super::InheritableListener {}
     unsafe impl aya::Pod for super::UnixNameRecord {}
     unsafe impl aya::Pod for super::AcceptEvent {}
     unsafe impl aya::Pod for super::ListenDiscards {}
@@ -553,7 +589,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ListenerRecord>(), 64);
         assert_eq!(core::mem::size_of::<ListenDiscards>(), 16);
         assert_eq!(core::mem::size_of::<DiscardSites>(), 136);
-        assert_eq!(core::mem::size_of::<HolderRecord>(), 104);
+        assert_eq!(core::mem::size_of::<HolderRecord>(), 112);
+        assert_eq!(core::mem::size_of::<InheritableListener>(), 16);
+        assert_eq!(core::mem::size_of::<VisitedProcess>(), 48);
         assert_eq!(core::mem::size_of::<UnixNameRecord>(), 112);
         assert_eq!(core::mem::size_of::<ThreadSample>(), 144);
         assert_eq!(core::mem::size_of::<AcceptEvent>(), 88);

@@ -6,14 +6,22 @@
 //! Unlike `iter/tcp`, which the kernel limits to the iterator's own network
 //! namespace, this sees the sockets of every process in every namespace, so
 //! it also reports each listener's queue figures.
+//!
+//! A worker that inherited its master's listeners holds the master's very
+//! files at the same fds. It writes no record for those: the master's
+//! records stand for them, and the worker writes one
+//! [`INHERITED_LISTENERS`] record with their count (1,000 workers that
+//! inherited 10,000 listeners are 1,000 records, not 10 million). The
+//! daemon checks that count against the master's records.
 use aya_ebpf::{
     bindings::seq_file,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_seq_write},
 };
 use core::ffi::c_void;
 use observer_common::{
-    AF_UNIX, HELD_CONNECTIONS_PER_PROCESS, Health, HolderRecord, IPPROTO_TCP, KernelOffsets,
-    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, VisitedProcess, listen_port_key,
+    AF_UNIX, HELD_CONNECTIONS_PER_PROCESS, Health, HolderRecord, INHERITED_LISTENERS, IPPROTO_TCP,
+    InheritableListener, KernelOffsets, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN,
+    VisitedProcess, listen_port_key,
 };
 
 use crate::{
@@ -23,7 +31,10 @@ use crate::{
         tcp_in_service, tcp_listen_figures, tcp_received, tcp_unread_us, unix_listen_key,
         unix_queue, zero_words,
     },
-    maps::{HELD_CURSOR, HOLDER, LISTEN_PORTS, UNIX_NAME, VISITED, count_health},
+    maps::{
+        HELD_CURSOR, HOLDER, INHERITABLE, LISTEN_PORTS, UNIX_NAME, VISITED, VISITED_SLOT,
+        VISITING_SLOT, count_health,
+    },
 };
 
 /// `struct bpf_iter__task_file`, its pointers as plain numbers.
@@ -63,7 +74,11 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     else {
         return 0;
     };
+    // The walk's session id, in `bpf_iter_meta`.
+    let session = read::<u64>(meta, META_SESSION as u32).unwrap_or(0);
     if task == 0 || file == 0 {
+        // The walk's end: the last process's inherited count.
+        end_of_walk(seq, session);
         return 0;
     }
     let off = offsets();
@@ -73,40 +88,83 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     if read::<u16>(inode, off.inode_i_mode).map(|m| m & S_IFMT) != Some(S_IFSOCK) {
         return 0;
     }
-    let Some(sk) = read_ptr(file, off.file_private_data).and_then(|s| read_ptr(s, off.socket_sk))
-    else {
+    let Some(visit) = Visit::start(task, session, &off) else {
         return 0;
     };
+    // An inherited listener is counted before anything else is read: a
+    // worker holding 10,000 of them costs a lookup each.
+    let inheritance = inheritance(file, fd, session, visit.process);
+    let fitted = match inheritance {
+        Inheritance::FromParent => {
+            visit.process.inherited += 1;
+            true
+        }
+        _ => match read_ptr(file, off.file_private_data).and_then(|s| read_ptr(s, off.socket_sk)) {
+            Some(sk) => {
+                let socket = HeldSocket {
+                    file,
+                    fd,
+                    sk,
+                    inode,
+                    first: matches!(inheritance, Inheritance::First),
+                };
+                holder(seq, visit.process, socket, session, &off)
+            }
+            None => true,
+        },
+    };
+    visit.finish(seq, fitted);
+    0
+}
+
+/// A socket file a process holds, as the iterator hands it over.
+#[derive(Clone, Copy)]
+struct HeldSocket {
+    file: u64,
+    fd: u32,
+    sk: u64,
+    inode: u64,
+    /// No process held this file earlier in the scan (see [`Inheritance`]).
+    first: bool,
+}
+
+/// Reports one socket of `process` (see the module's summary); false when
+/// a record did not fit the output (the kernel then shows the socket again).
+#[inline(always)]
+fn holder(
+    seq: *mut seq_file,
+    process: &mut VisitedProcess,
+    socket: HeldSocket,
+    session: u64,
+    off: &KernelOffsets,
+) -> bool {
+    let sk = socket.sk;
     let mut buf = SockHeadBuf::new();
     let Some(head) = SockHead::read(&mut buf, sk) else {
-        return 0;
+        return true;
     };
     let state: u8 = head.field(off.sk_state).unwrap_or(0);
-    // The walk's session id, in `bpf_iter_meta` (read for sockets only).
-    let session = read::<u64>(meta, META_SESSION as u32).unwrap_or(0);
-    let Some(process) = visited(task, session, &off) else {
-        return 0;
-    };
+    let inheritable = (state == TCP_LISTEN && socket.first) as u8;
     let Some(record) = HOLDER.get_ptr_mut(0) else {
-        return 0;
+        return true;
     };
     // SAFETY: our per-CPU slot, used only until this run's writes
     // (iterator runs do not nest on one CPU).
     let record = unsafe { &mut *record };
     zero_words(record);
     record.tgid = process.tgid;
-    record.fd = fd;
+    record.fd = socket.fd;
     record.state = state;
-    record.inode = read(inode, off.inode_i_ino).unwrap_or(0);
+    record.inheritable = inheritable;
+    record.inode = read(socket.inode, off.inode_i_ino).unwrap_or(0);
     if head.field::<u16>(off.sk_family) == Some(AF_UNIX) {
-        unix_holder(seq, &process, sk, head, &off, record, session);
-        return 0;
+        return unix_holder(seq, process, socket, head, off, record, session);
     }
-    let Some(place) = socket_place(head, &off) else {
-        return 0;
+    let Some(place) = socket_place(head, off) else {
+        return true;
     };
     if read::<u16>(sk, off.sk_protocol) != Some(IPPROTO_TCP) {
-        return 0;
+        return true;
     }
     let wanted = state == TCP_LISTEN
         || ((state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
@@ -114,32 +172,182 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
                 .get_ptr(listen_port_key(place.netns, place.port))
                 .is_some());
     if !wanted || (state != TCP_LISTEN && !within_held_limit(session, record.tgid)) {
-        return 0;
+        return true;
     }
     record.netns = place.netns;
     record.family = place.family;
     record.port = place.port;
     record.addr = place.addr;
-    fill_process(&process, record);
+    fill_process(process, record);
     if state == TCP_LISTEN {
-        let figures = tcp_listen_figures(sk, record.inode, &off);
+        let figures = tcp_listen_figures(sk, record.inode, off);
         record.queue_len = figures.queue_len;
         record.queue_max = figures.queue_max;
         record.syn_queue_len = figures.syn_queue_len;
         record.drops = figures.drops;
         record.defer_accept = figures.defer_accept;
         record.oldest_wait_us = figures.oldest_wait_us;
-        write(seq, record);
-    } else {
-        if let Some(received) = tcp_received(sk, &off) {
-            record.unread_us = tcp_unread_us(sk, received, &off);
-            record.in_service = tcp_in_service(sk, received, &off) as u8;
-        }
-        if write(seq, record) {
-            count_held();
-        }
+        return write_listener(seq, record, socket, session);
     }
-    0
+    if let Some(received) = tcp_received(sk, off) {
+        record.unread_us = tcp_unread_us(sk, received, off);
+        record.in_service = tcp_in_service(sk, received, off) as u8;
+    }
+    let fitted = write(seq, record);
+    if fitted {
+        count_held();
+    }
+    fitted
+}
+
+/// How a socket's file came to the process holding it, as far as this
+/// scan can tell (only listening sockets' files are remembered).
+enum Inheritance {
+    /// Its parent held the same file at the same fd earlier in the scan,
+    /// and wrote the record.
+    FromParent,
+    /// No process held it earlier in the scan.
+    First,
+    /// Another process held it first (a socket passed over a Unix socket,
+    /// a grandparent's), or the same process at another fd.
+    Other,
+}
+
+#[inline(always)]
+fn inheritance(file: u64, fd: u32, session: u64, process: &VisitedProcess) -> Inheritance {
+    let Some(first) = INHERITABLE.get_ptr(file) else {
+        return Inheritance::First;
+    };
+    // SAFETY: a value of our map, read at once (an LRU entry may be reused
+    // under us; a torn read only costs a record written in full).
+    let first = unsafe { *first };
+    if first.session != session {
+        return Inheritance::First;
+    }
+    if first.tgid == process.ppid && first.fd == fd && process.ppid != 0 {
+        Inheritance::FromParent
+    } else if first.tgid == process.tgid && first.fd == fd {
+        // This record again (it did not fit the output last time).
+        Inheritance::First
+    } else {
+        Inheritance::Other
+    }
+}
+
+/// Writes a listening socket's record; a first holder's file is remembered
+/// for the children that inherited it.
+#[inline(always)]
+fn write_listener(
+    seq: *mut seq_file,
+    record: &HolderRecord,
+    socket: HeldSocket,
+    session: u64,
+) -> bool {
+    if record.inheritable != 0 {
+        let first = InheritableListener {
+            session,
+            tgid: record.tgid,
+            fd: socket.fd,
+        };
+        // A full map forgets its oldest entry; a failed insert only costs
+        // the children's records, written in full.
+        let _ = INHERITABLE.insert(&socket.file, &first, 0);
+    }
+    write(seq, record)
+}
+
+/// The process being visited, in this CPU's `VISITING` slot: copied from
+/// its `VISITED` slot, or read afresh at its first socket, and copied back
+/// once the socket's records fitted. When the visit moves on to another
+/// process of the scan, the last one's inherited count is written first
+/// ([`INHERITED_LISTENERS`]).
+struct Visit {
+    process: &'static mut VisitedProcess,
+    visited: &'static mut VisitedProcess,
+    /// Whether `visited` is another process of this scan, with a count to
+    /// report.
+    finishes: bool,
+}
+
+impl Visit {
+    /// The process of `task`: its tgid, and its parent and name, read at its
+    /// first socket in this scan and kept in a per-CPU slot for the rest of
+    /// its files. The tgid is read each time: a `task_struct` freed during
+    /// the scan can come back as another process's at the same address.
+    #[inline(always)]
+    fn start(task: u64, session: u64, off: &KernelOffsets) -> Option<Visit> {
+        let visited = VISITED.get_ptr_mut(VISITED_SLOT)?;
+        let process = VISITED.get_ptr_mut(VISITING_SLOT)?;
+        // SAFETY: our per-CPU slots, two distinct entries (iterator runs do
+        // not nest on one CPU).
+        let (visited, process) = unsafe { (&mut *visited, &mut *process) };
+        let tgid = read(task, off.task_tgid).unwrap_or(0);
+        if visited.session == session && visited.task == task && visited.tgid == tgid {
+            *process = *visited;
+            return Some(Visit {
+                process,
+                visited,
+                finishes: false,
+            });
+        }
+        process.session = session;
+        process.task = task;
+        process.tgid = tgid;
+        process.ppid = read_ptr(task, off.task_real_parent)
+            .and_then(|p| read::<u32>(p, off.task_tgid))
+            .unwrap_or(0);
+        process.comm = read(task, off.task_comm).unwrap_or([0; 16]);
+        process.inherited = 0;
+        let finishes = visited.session == session && visited.inherited > 0;
+        Some(Visit {
+            process,
+            visited,
+            finishes,
+        })
+    }
+
+    /// Reports the finished process's count, then keeps this one in the
+    /// slot: only once everything this run wrote fitted, since the kernel
+    /// drops a run's output that did not fit and runs it again.
+    #[inline(always)]
+    fn finish(self, seq: *mut seq_file, fitted: bool) {
+        if !fitted || (self.finishes && !write_inherited(seq, self.visited)) {
+            return;
+        }
+        *self.visited = *self.process;
+    }
+}
+
+/// The walk's end: reports the inherited count of the last process this
+/// CPU visited. (A walk that moved between CPUs leaves a count in another
+/// CPU's slot; the daemon reads the walk on one CPU.)
+#[inline(always)]
+fn end_of_walk(seq: *mut seq_file, session: u64) {
+    let Some(slot) = VISITED.get_ptr_mut(VISITED_SLOT) else {
+        return;
+    };
+    // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
+    let slot = unsafe { &mut *slot };
+    if slot.session == session && slot.inherited > 0 && write_inherited(seq, slot) {
+        slot.inherited = 0;
+    }
+}
+
+/// Writes `process`'s [`INHERITED_LISTENERS`] record.
+#[inline(always)]
+fn write_inherited(seq: *mut seq_file, process: &VisitedProcess) -> bool {
+    let Some(record) = HOLDER.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: our per-CPU slot, used only until this run's writes
+    // (iterator runs do not nest on one CPU).
+    let record = unsafe { &mut *record };
+    zero_words(record);
+    record.tgid = process.tgid;
+    record.state = INHERITED_LISTENERS;
+    record.inherited = process.inherited;
+    fill_process(process, record);
+    write(seq, record)
 }
 
 /// A Unix-domain socket: a listener (followed by its path), or an accepted
@@ -148,50 +356,55 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
 fn unix_holder(
     seq: *mut seq_file,
     process: &VisitedProcess,
-    sk: u64,
+    socket: HeldSocket,
     head: &SockHead,
     off: &KernelOffsets,
     record: &mut HolderRecord,
     session: u64,
-) {
+) -> bool {
+    let sk = socket.sk;
     let Some(key) = unix_listen_key(sk, off) else {
-        return; // unbound: a client, never a listener or its child
+        return true; // unbound: a client, never a listener or its child
     };
     let listening = record.state == TCP_LISTEN;
     let accepted = (record.state == TCP_ESTABLISHED || record.state == TCP_CLOSE_WAIT)
         && LISTEN_PORTS.get_ptr(key).is_some();
     if (!listening && !accepted) || (accepted && !within_held_limit(session, record.tgid)) {
-        return;
+        return true;
     }
     let Some(netns) = head
         .field::<u64>(off.sk_net)
         .and_then(|net| read::<u32>(net, off.net_ns_inum))
     else {
-        return;
+        return true;
     };
     record.netns = netns;
     record.family = AF_UNIX;
     record.addr[..8].copy_from_slice(&key.to_ne_bytes());
     fill_process(process, record);
     if !listening {
-        if write(seq, record) {
+        let fitted = write(seq, record);
+        if fitted {
             count_held();
         }
-        return;
+        return fitted;
     }
     let (queue_len, queue_head) = unix_queue(sk, off);
     record.queue_len = queue_len;
     record.queue_max = read(sk, off.sk_max_ack_backlog).unwrap_or(0);
     record.queue_head = queue_head;
     record.oldest_wait_us = unix_oldest_wait_us(queue_head);
-    write(seq, record);
-    if let Some(name) = UNIX_NAME.get_ptr_mut(0) {
-        // SAFETY: our per-CPU slot, used only between here and the write
-        // (iterator runs do not nest on one CPU).
-        let name = unsafe { &mut *name };
-        read_unix_name(key, off, name);
-        write(seq, name);
+    if !write_listener(seq, record, socket, session) {
+        return false;
     }
+    let Some(name) = UNIX_NAME.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: our per-CPU slot, used only between here and the write
+    // (iterator runs do not nest on one CPU).
+    let name = unsafe { &mut *name };
+    read_unix_name(key, off, name);
+    write(seq, name)
 }
 
 /// How long the Unix connection whose child socket is `head` has waited, µs,
@@ -243,28 +456,6 @@ fn count_held() {
 fn fill_process(process: &VisitedProcess, record: &mut HolderRecord) {
     record.ppid = process.ppid;
     record.comm = process.comm;
-}
-
-/// The process of `task`: its tgid, and its parent and name, read at its
-/// first socket in this scan and kept in a per-CPU slot for the rest of its
-/// files. The tgid is read each time: a `task_struct` freed during the scan
-/// can come back as another process's at the same address.
-#[inline(always)]
-fn visited(task: u64, session: u64, off: &KernelOffsets) -> Option<VisitedProcess> {
-    let slot = VISITED.get_ptr_mut(0)?;
-    // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
-    let slot = unsafe { &mut *slot };
-    let tgid = read(task, off.task_tgid).unwrap_or(0);
-    if slot.session != session || slot.task != task || slot.tgid != tgid {
-        slot.session = session;
-        slot.task = task;
-        slot.tgid = tgid;
-        slot.ppid = read_ptr(task, off.task_real_parent)
-            .and_then(|p| read::<u32>(p, off.task_tgid))
-            .unwrap_or(0);
-        slot.comm = read(task, off.task_comm).unwrap_or([0; 16]);
-    }
-    Some(*slot)
 }
 
 /// Appends `value`'s bytes to the iterator's output; false when they did

@@ -5,9 +5,9 @@ use aya_ebpf::{
 };
 use observer_common::{
     ACCEPT_MAP_CAPACITY, AcceptKey, AcceptStats, EVENTS_RING_BYTES, HEALTH_SLOTS, Health,
-    HeldCursor, HolderRecord, LISTEN_DISCARDS_CAPACITY, LISTEN_PORT_MAP_CAPACITY, ListenDiscards,
-    MASTER_MAP_CAPACITY, UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, VisitedProcess,
-    WORKER_MAP_CAPACITY, WorkerFds,
+    HeldCursor, HolderRecord, INHERITABLE_MAP_CAPACITY, InheritableListener,
+    LISTEN_DISCARDS_CAPACITY, LISTEN_PORT_MAP_CAPACITY, ListenDiscards, MASTER_MAP_CAPACITY,
+    UNIX_QUEUED_MAP_CAPACITY, UnixNameRecord, VisitedProcess, WORKER_MAP_CAPACITY, WorkerFds,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are freed through RCU, so the daemon deleting
@@ -76,9 +76,19 @@ pub static UNIX_NAME: PerCpuArray<UnixNameRecord> = PerCpuArray::with_max_entrie
 #[map]
 pub static HELD_CURSOR: PerCpuArray<HeldCursor> = PerCpuArray::with_max_entries(1, 0);
 
-/// The process the holder iterator is visiting; see [`VisitedProcess`].
+/// The process the holder iterator visited last ([`VISITED_SLOT`]), and
+/// the one it is visiting now ([`VISITING_SLOT`]); see [`VisitedProcess`].
 #[map]
-pub static VISITED: PerCpuArray<VisitedProcess> = PerCpuArray::with_max_entries(1, 0);
+pub static VISITED: PerCpuArray<VisitedProcess> = PerCpuArray::with_max_entries(2, 0);
+pub const VISITED_SLOT: u32 = 0;
+pub const VISITING_SLOT: u32 = 1;
+
+/// The first holder of each listening socket's file in the holder
+/// iterator's scan, by the file's kernel address; see
+/// [`InheritableListener`]. LRU: a closed listener's entry ages out.
+#[map]
+pub static INHERITABLE: LruHashMap<u64, InheritableListener> =
+    LruHashMap::with_max_entries(INHERITABLE_MAP_CAPACITY, 0);
 
 /// Events the programs could not handle fully; see [`Health`].
 #[map]

@@ -25,8 +25,9 @@ use crate::{
     collectors::{CollectorOptions, Collectors},
     containers::{ContainerCache, ContainerInfo},
     kernel::{
+        holders::{HolderWalk, Holding},
         host, offsets,
-        probes::{self, AcceptSource, Holding, Probes},
+        probes::{self, AcceptSource, Probes},
         procfs,
     },
     sampler::{self, SamplerCost, ThreadSampler, WorkerActivity},
@@ -136,7 +137,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 /// What one collection read from the kernel, before anything is computed.
 struct KernelView {
     listeners: Vec<ListenerRecord>,
-    holders: Vec<Holding>,
+    holders: HolderWalk,
     accepts: Vec<(AcceptKey, AcceptStats)>,
     kernel_events_lost: Vec<(&'static str, u64)>,
 }
@@ -264,7 +265,7 @@ impl Pipeline {
         let mut st = Stages::default();
         let view = self.observe(&mut st)?;
         let all = st.time("sockets", || {
-            let mut all = sockets::listen_sockets(&view.listeners, &view.holders);
+            let mut all = sockets::listen_sockets(&view.listeners, &view.holders.holdings);
             all.retain(|socket| self.collectors.filter.keeps(&socket.id));
             all
         });
@@ -384,7 +385,7 @@ impl Pipeline {
         let (holders, seconds) = walks.holders;
         st.set("holders_iterator", seconds);
         let holders = holders?;
-        let lost_a_holder = self.tcp_walk.saw_held(&holders);
+        let lost_a_holder = self.tcp_walk.saw_held(&holders.holdings);
         let listeners = match walks.listeners {
             Some((listeners, seconds)) => {
                 st.set("listeners_iterator", seconds);

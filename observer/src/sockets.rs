@@ -16,7 +16,7 @@ use observer_common::{
     UnixListenKey, UnixNameRecord,
 };
 
-use crate::kernel::probes::Holding;
+use crate::kernel::holders::Holding;
 
 /// The name a Unix-domain socket is bound to: a filesystem path, or an
 /// abstract name (first byte NUL). Kept as the kernel's bytes; [`fmt`]

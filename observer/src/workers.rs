@@ -21,6 +21,7 @@
 //! logic, no I/O.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -31,7 +32,7 @@ use observer_common::{TCP_LISTEN, WorkerFds};
 use crate::{
     activity::{PoolTag, Watched, WatchedSet},
     aggregate::{Collection, ListenerView},
-    kernel::probes::Holding,
+    kernel::holders::{HolderWalk, Inheritor},
     sampler::WorkerActivity,
     slots::SlotCounts,
     sockets::{ListenSocket, ListenerId},
@@ -208,9 +209,9 @@ impl Handoffs {
     fn learn(
         &mut self,
         listeners: &[ListenerView],
-        holders: &[Vec<Process>],
+        holders: &[HolderSet],
         servers: &BTreeMap<ListenerNo, BTreeMap<u32, u32>>,
-    ) -> ListenerRoles {
+    ) -> Vec<Arc<Roles>> {
         let number = |id: &ListenerId| listeners.binary_search_by(|v| v.id.cmp(id)).ok();
         self.fed.retain(|id, _| number(id).is_some());
         for (no, servers) in servers {
@@ -222,14 +223,23 @@ impl Handoffs {
                 }
             }
         }
-        let mut roles_of = ListenerRoles::new(listeners.len());
+        // One empty set of roles, shared by the listeners nobody serves.
+        let nobody = Arc::new(Roles::default());
+        let mut roles_of: Vec<Arc<Roles>> = (0..listeners.len()).map(|_| nobody.clone()).collect();
+        // Listeners with the very same large set of holders (a pool holding
+        // many listeners) and nothing known of them but their masters share
+        // one computation.
+        let mut shared: HashMap<(usize, Vec<u32>), Arc<Roles>> = HashMap::new();
         let (no_one, no_one_else) = (BTreeMap::new(), BTreeSet::new());
         for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
             let id = &view.id;
             if holding.is_empty() {
                 // Served by fed workers only (or by no one seen).
                 if let Some(fed) = self.fed.get(id) {
-                    roles_of.workers[no] = fed.keys().copied().collect();
+                    roles_of[no] = Arc::new(Roles {
+                        workers: fed.keys().copied().collect(),
+                        ..Roles::default()
+                    });
                 }
                 continue;
             }
@@ -253,14 +263,26 @@ impl Handoffs {
                 dispatchers: self.dispatchers.get(id).unwrap_or(&no_one_else),
                 masters: &known_masters,
             };
-            let r = roles(holding, self.fed.get(id).unwrap_or(&no_one), known);
+            let fed = self.fed.get(id).unwrap_or(&no_one);
+            let r = if fed.is_empty()
+                && known.dispatchers.is_empty()
+                && holding.len() > FEW_PROCESSES
+            {
+                let key = (holding.identity(), known_masters.iter().copied().collect());
+                shared
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(roles(holding, fed, known)))
+                    .clone()
+            } else {
+                Arc::new(roles(holding, fed, known))
+            };
             remember(&mut self.dispatchers, id, &r.dispatchers);
             let before = self.masters.remove(id).unwrap_or_default();
             let masters: BTreeMap<u32, MasterSeen> = r
                 .masters
                 .iter()
                 .map(|pid| {
-                    let has_child = holding.iter().any(|p| p.ppid == *pid);
+                    let has_child = r.lone_masters.binary_search(pid).is_err();
                     let seen = MasterSeen {
                         accepted: accepted(pid),
                         alone: match before.get(pid) {
@@ -274,9 +296,7 @@ impl Handoffs {
             if !masters.is_empty() {
                 self.masters.insert(*id, masters);
             }
-            roles_of.workers[no] = r.workers;
-            roles_of.dispatchers[no] = r.dispatchers;
-            roles_of.masters[no] = r.masters;
+            roles_of[no] = r;
         }
         self.dispatchers
             .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
@@ -334,7 +354,7 @@ struct Known<'a> {
 pub type ListenerNo = usize;
 
 /// A process holding a listener, with its parent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Process {
     pid: u32,
     ppid: u32,
@@ -345,22 +365,23 @@ fn holds(holders: &[Process], pid: u32) -> bool {
     holders.binary_search_by_key(&pid, |p| p.pid).is_ok()
 }
 
-/// Every listener's processes by role, by [`ListenerNo`]: its workers and
-/// its dispatchers, each sorted (empty, and unallocated, for most).
-#[derive(Debug, Default)]
-struct ListenerRoles {
-    workers: Vec<Vec<u32>>,
-    dispatchers: Vec<Vec<u32>>,
-    masters: Vec<Vec<u32>>,
+/// The processes holding a listener, sorted by pid: shared by every
+/// listener with the very same holders (a pool's workers that inherited
+/// 10,000 listeners are one set, not 10,000 copies).
+#[derive(Clone, Debug, Default)]
+struct HolderSet(Arc<[Process]>);
+
+impl HolderSet {
+    /// Which set this is, for as long as it lives.
+    fn identity(&self) -> usize {
+        Arc::as_ptr(&self.0) as *const Process as usize
+    }
 }
 
-impl ListenerRoles {
-    fn new(listeners: usize) -> ListenerRoles {
-        ListenerRoles {
-            workers: vec![Vec::new(); listeners],
-            dispatchers: vec![Vec::new(); listeners],
-            masters: vec![Vec::new(); listeners],
-        }
+impl std::ops::Deref for HolderSet {
+    type Target = [Process];
+    fn deref(&self) -> &[Process] {
+        &self.0
     }
 }
 
@@ -370,6 +391,8 @@ struct Roles {
     workers: Vec<u32>,
     dispatchers: Vec<u32>,
     masters: Vec<u32>,
+    /// Masters none of whose children hold the listener (now).
+    lone_masters: Vec<u32>,
 }
 
 /// Who serves a listener, from its holders (sorted by pid) and its fed
@@ -383,8 +406,12 @@ fn roles(holders: &[Process], fed: &BTreeMap<u32, u32>, known: Known) -> Roles {
     let parents_of_fed = Parents::of(fed.values().copied());
     let mut roles = Roles::default();
     for p in holders {
-        if parents_of_holders.contains(p.pid) || known.masters.contains(&p.pid) {
+        let has_child = parents_of_holders.contains(p.pid);
+        if has_child || known.masters.contains(&p.pid) {
             roles.masters.push(p.pid);
+            if !has_child {
+                roles.lone_masters.push(p.pid);
+            }
             continue;
         }
         if parents_of_fed.contains(p.pid) || known.dispatchers.contains(&p.pid) {
@@ -409,8 +436,11 @@ enum Parents<I> {
     Many(HashSet<u32>),
 }
 
+/// How many processes a scan is cheaper for than a hash set.
+const FEW_PROCESSES: usize = 8;
+
 impl<I: ExactSizeIterator<Item = u32> + Clone> Parents<I> {
-    const FEW: usize = 8;
+    const FEW: usize = FEW_PROCESSES;
 
     fn of(parents: I) -> Parents<I> {
         if parents.len() <= Self::FEW {
@@ -435,17 +465,16 @@ const CONNECTION_FDS_KEPT: usize = 16;
 /// The processes that serve each listener, with their names. Per-listener
 /// tables are indexed by [`ListenerNo`] in the collection it was made from.
 pub struct Membership {
-    workers: Vec<Vec<u32>>,
-    dispatchers: Vec<Vec<u32>>,
+    /// Each listener's processes by role: shared by listeners with the
+    /// same holders (one pool holding many listeners).
+    roles: Vec<Arc<Roles>>,
     /// Every process holding each listener (masters included), by pid.
-    holders: Vec<Vec<Process>>,
+    holders: Vec<HolderSet>,
     /// Each worker's pool: the first listener it serves, in id order
     /// (workers that hold the same listeners share it).
     pool_tags: HashMap<u32, PoolTag>,
     /// Each master's pool (see [`Handoffs`]), likewise.
     master_tags: HashMap<u32, PoolTag>,
-    /// Each listener's masters.
-    masters: Vec<Vec<u32>>,
     comms: HashMap<u32, Comm>,
     /// Open accepted connections per (listener, pid).
     active: HashMap<(ListenerNo, u32), u64>,
@@ -455,19 +484,147 @@ pub struct Membership {
     in_service_held: HashMap<(ListenerNo, u32), u64>,
     /// Unread connections per listener, each socket once.
     unread: HashMap<ListenerNo, Unread>,
-    /// Listening-socket fds per process.
-    listen_fds: HashMap<u32, Vec<i32>>,
+    /// Listening-socket fds per process, sorted (shared by the children
+    /// that inherited them).
+    listen_fds: HashMap<u32, Arc<[i32]>>,
     /// Some fds of accepted connections per process (at most
     /// [`CONNECTION_FDS_KEPT`]).
     connection_fds: HashMap<u32, BTreeSet<i32>>,
     /// Every (inode, process) of a listening socket and a process holding
-    /// it: sorted, once each.
+    /// it by a record of its own: sorted, once each.
     socket_holders: Vec<(u64, u32)>,
+    /// The children that inherited their parent's listeners.
+    inherited: InheritedGroups,
 }
 
 fn comm_string(comm: &[u8; 16]) -> Comm {
     let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     Comm::from(String::from_utf8_lossy(&comm[..end]))
+}
+
+/// A listening socket a parent holds that its children may have inherited
+/// ([`observer_common::HolderRecord::inheritable`]).
+#[derive(Clone, Copy, Debug)]
+struct InheritableSocket {
+    /// Its listener, when shown.
+    no: Option<ListenerNo>,
+    inode: u64,
+    fd: i32,
+}
+
+/// The processes that hold their parent's inheritable listeners
+/// ([`Inheritor`]), one group per parent: in the holders of each of those
+/// listeners, the group stands for them all.
+#[derive(Debug, Default)]
+struct InheritedGroups {
+    /// Each group's processes, sorted by pid.
+    groups: Vec<Arc<[Process]>>,
+    /// The groups holding each listener, by [`ListenerNo`].
+    by_listener: Vec<Vec<usize>>,
+    /// (inode, group) of every inherited listening socket, sorted.
+    sockets: Vec<(u64, usize)>,
+}
+
+impl InheritedGroups {
+    /// Groups `inheritors` by parent; each child's listening fds are its
+    /// parent's inheritable ones and its own (`listen_fds`, updated).
+    fn of(
+        inheritors: &[Inheritor],
+        inheritable: &HashMap<u32, Vec<InheritableSocket>>,
+        listeners: usize,
+        listen_fds: &mut HashMap<u32, Arc<[i32]>>,
+        comms: &mut HashMap<u32, Comm>,
+    ) -> InheritedGroups {
+        let mut children: BTreeMap<u32, Vec<Process>> = BTreeMap::new();
+        for child in inheritors {
+            // A parent none of whose listeners is shown: nothing to hold.
+            if inheritable.contains_key(&child.ppid) {
+                comms
+                    .entry(child.pid)
+                    .or_insert_with(|| comm_string(&child.comm));
+                children.entry(child.ppid).or_default().push(Process {
+                    pid: child.pid,
+                    ppid: child.ppid,
+                });
+            }
+        }
+        let mut inherited = InheritedGroups {
+            by_listener: vec![Vec::new(); listeners],
+            ..InheritedGroups::default()
+        };
+        for (parent, mut kids) in children {
+            let group = inherited.groups.len();
+            let held = inheritable.get(&parent).map_or(&[][..], |h| &h[..]);
+            for socket in held {
+                if let Some(no) = socket.no {
+                    inherited.by_listener[no].push(group);
+                }
+                inherited.sockets.push((socket.inode, group));
+            }
+            let fds: Arc<[i32]> = sorted_fds(held.iter().map(|s| s.fd));
+            for kid in &kids {
+                let fds = match listen_fds.get(&kid.pid) {
+                    Some(own) => sorted_fds(own.iter().chain(fds.iter()).copied()),
+                    None => fds.clone(),
+                };
+                listen_fds.insert(kid.pid, fds);
+            }
+            kids.sort_unstable();
+            kids.dedup_by_key(|p| p.pid);
+            inherited.groups.push(Arc::from(kids));
+        }
+        for groups in &mut inherited.by_listener {
+            groups.sort_unstable();
+            groups.dedup();
+        }
+        inherited.sockets.sort_unstable();
+        inherited.sockets.dedup();
+        inherited
+    }
+
+    /// Listener `no`'s holders: those holding it by a record of their own
+    /// (`own`, sorted by pid) and its groups, as one set; listeners with
+    /// the same holders get the same set (`sets` keeps them).
+    fn holders(
+        &self,
+        no: ListenerNo,
+        own: Vec<Process>,
+        sets: &mut HashMap<(Vec<Process>, Vec<usize>), HolderSet>,
+    ) -> HolderSet {
+        let groups = &self.by_listener[no];
+        if groups.is_empty() {
+            return HolderSet(Arc::from(own));
+        }
+        let key = (own, groups.clone());
+        sets.entry(key)
+            .or_insert_with_key(|(own, groups)| {
+                let mut all = own.clone();
+                for group in groups {
+                    all.extend(self.groups[*group].iter().copied());
+                }
+                all.sort_unstable();
+                all.dedup_by_key(|p| p.pid);
+                HolderSet(Arc::from(all))
+            })
+            .clone()
+    }
+
+    /// The processes of the groups holding the socket with this inode.
+    fn socket_holders(&self, inode: u64) -> impl Iterator<Item = u32> + '_ {
+        let first = self.sockets.partition_point(|(i, _)| *i < inode);
+        self.sockets[first..]
+            .iter()
+            .take_while(move |(i, _)| *i == inode)
+            .flat_map(|(_, group)| self.groups[*group].iter().map(|p| p.pid))
+    }
+}
+
+/// `fds`, sorted, once each.
+fn sorted_fds(fds: impl Iterator<Item = i32>) -> Arc<[i32]> {
+    let mut fds: Vec<i32> = fds.collect();
+    fds.sort_unstable();
+    fds.dedup();
+    Arc::from(fds)
 }
 
 impl Membership {
@@ -476,7 +633,7 @@ impl Membership {
     /// collection's).
     pub fn from_holders(
         listeners: &Collection,
-        holdings: &[Holding],
+        walk: &HolderWalk,
         handoffs: &mut Handoffs,
     ) -> Membership {
         let views = &listeners.listeners;
@@ -489,7 +646,7 @@ impl Membership {
             .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
             .filter(|(inode, _)| *inode != 0) // iter/tcp's socket without a file
             .collect();
-        let mut holders: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
+        let mut own: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
         // Accepted connections held: (listener, pid, parent, inode).
         let mut connections: Vec<(ListenerNo, u32, u32, u64)> = Vec::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
@@ -501,8 +658,9 @@ impl Membership {
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
         let mut listen_fds: HashMap<u32, Vec<i32>> = HashMap::new();
+        let mut inheritable: HashMap<u32, Vec<InheritableSocket>> = HashMap::new();
         let mut socket_holders: Vec<(u64, u32)> = Vec::new();
-        for holding in holdings {
+        for holding in &walk.holdings {
             let h = &holding.record;
             comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
             if h.state == TCP_LISTEN {
@@ -517,8 +675,18 @@ impl Membership {
                 }
                 listen_fds.entry(h.tgid).or_default().push(h.fd as i32);
                 socket_holders.push((h.inode, h.tgid));
+                if h.inheritable != 0 {
+                    inheritable
+                        .entry(h.tgid)
+                        .or_default()
+                        .push(InheritableSocket {
+                            no,
+                            inode: h.inode,
+                            fd: h.fd as i32,
+                        });
+                }
                 if let Some(no) = no {
-                    holders[no].push(Process {
+                    own[no].push(Process {
                         pid: h.tgid,
                         ppid: h.ppid,
                     });
@@ -563,28 +731,37 @@ impl Membership {
         }
         // Sorted, once each (the walk gives a process's fds in order, and
         // a listener's holders in pid order: these sorts find them sorted).
-        for fds in listen_fds.values_mut() {
-            fds.sort_unstable();
-            fds.dedup();
-        }
-        for holding in holders.iter_mut().filter(|h| h.len() > 1) {
-            holding.sort_unstable();
-            holding.dedup_by_key(|p| p.pid);
-        }
-        let ListenerRoles {
-            workers,
-            dispatchers,
-            masters,
-        } = handoffs.learn(views, &holders, &servers);
+        let mut listen_fds: HashMap<u32, Arc<[i32]>> = listen_fds
+            .into_iter()
+            .map(|(pid, fds)| (pid, sorted_fds(fds.into_iter())))
+            .collect();
+        let inherited = InheritedGroups::of(
+            &walk.inheritors,
+            &inheritable,
+            views.len(),
+            &mut listen_fds,
+            &mut comms,
+        );
+        let mut sets = HashMap::new();
+        let holders: Vec<HolderSet> = own
+            .into_iter()
+            .enumerate()
+            .map(|(no, mut holding)| {
+                if holding.len() > 1 {
+                    holding.sort_unstable();
+                    holding.dedup_by_key(|p| p.pid);
+                }
+                inherited.holders(no, holding, &mut sets)
+            })
+            .collect();
+        let roles = handoffs.learn(views, &holders, &servers);
         handoffs.remember_comms(&mut comms);
         socket_holders.sort_unstable();
         socket_holders.dedup();
         Membership {
-            pool_tags: pool_tags(views, &workers),
-            master_tags: master_tags(views, &masters),
-            masters,
-            workers,
-            dispatchers,
+            pool_tags: pool_tags(views, &roles, |r| &r.workers),
+            master_tags: pool_tags(views, &roles, |r| &r.masters),
+            roles,
             holders,
             comms,
             active,
@@ -594,16 +771,19 @@ impl Membership {
             listen_fds,
             connection_fds,
             socket_holders,
+            inherited,
         }
     }
 
     /// The processes holding the listening socket with this inode.
     pub fn socket_holders(&self, inode: u64) -> impl Iterator<Item = (u32, &str)> {
         let first = self.socket_holders.partition_point(|(i, _)| *i < inode);
-        self.socket_holders[first..]
+        let own = self.socket_holders[first..]
             .iter()
             .take_while(move |(i, _)| *i == inode)
-            .map(|(_, pid)| (*pid, self.comm(*pid)))
+            .map(|(_, pid)| *pid);
+        own.chain(self.inherited.socket_holders(inode))
+            .map(|pid| (pid, self.comm(pid)))
     }
 
     /// A process's name, as the kernel holds it (`comm`).
@@ -623,50 +803,66 @@ impl Membership {
     /// A process that holds listener `no` (a worker if any), to learn its
     /// container.
     pub fn a_holder(&self, no: ListenerNo) -> Option<u32> {
-        let worker = self.workers.get(no).and_then(|w| w.first());
+        let worker = self.roles.get(no).and_then(|r| r.workers.first());
         let holder = || self.holders.get(no).and_then(|h| h.first()).map(|p| &p.pid);
         worker.or_else(holder).copied()
     }
 
+    /// Each listener's roles once (listeners sharing theirs are skipped).
+    fn distinct_roles(&self) -> impl Iterator<Item = &Roles> {
+        let mut seen = HashSet::new();
+        self.roles
+            .iter()
+            .filter(move |r| seen.insert(Arc::as_ptr(r)))
+            .map(|r| &**r)
+    }
+
     /// Every worker process with its listening-socket fds.
-    pub fn worker_listen_fds(&self) -> BTreeMap<u32, Vec<i32>> {
-        let workers: BTreeSet<u32> = self.workers.iter().flatten().copied().collect();
+    pub fn worker_listen_fds(&self) -> BTreeMap<u32, Arc<[i32]>> {
+        let workers: BTreeSet<u32> = self
+            .distinct_roles()
+            .flat_map(|r| r.workers.iter().copied())
+            .collect();
+        let none: Arc<[i32]> = Arc::from([]);
         workers
             .into_iter()
-            .map(|pid| (pid, self.listen_fds.get(&pid).cloned().unwrap_or_default()))
+            .map(|pid| (pid, self.listen_fds.get(&pid).unwrap_or(&none).clone()))
             .collect()
     }
 
     /// The fds by which each worker's event loop is found (an epoll
     /// instance watching one of them): its listeners, or, for a fed worker,
     /// the connections it was handed.
-    pub fn event_loop_fds(&self) -> BTreeMap<u32, Vec<i32>> {
+    pub fn event_loop_fds(&self) -> BTreeMap<u32, Arc<[i32]>> {
         let mut fds = self.worker_listen_fds();
         for (pid, fds) in fds.iter_mut().filter(|(_, fds)| fds.is_empty()) {
-            fds.extend(self.connection_fds.get(pid).into_iter().flatten());
+            *fds = self
+                .connection_fds
+                .get(pid)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
         }
         fds
     }
 }
 
-/// Each worker's pool: the first listener it serves, in id order (which
-/// is [`ListenerNo`] order).
-fn pool_tags(listeners: &[ListenerView], workers: &[Vec<u32>]) -> HashMap<u32, PoolTag> {
+/// Each worker's (or master's: `pids`) pool: the first listener, in id
+/// order (which is [`ListenerNo`] order), it is one of. Listeners sharing
+/// their roles are looked at once: the first of them tagged every pid.
+fn pool_tags(
+    listeners: &[ListenerView],
+    roles: &[Arc<Roles>],
+    pids: impl Fn(&Roles) -> &Vec<u32>,
+) -> HashMap<u32, PoolTag> {
     let mut tags = HashMap::new();
-    for (view, pids) in listeners.iter().zip(workers) {
-        for pid in pids {
-            tags.entry(*pid).or_insert_with(|| pool_tag(&view.id));
+    let mut seen = HashSet::new();
+    for (view, r) in listeners.iter().zip(roles) {
+        if !seen.insert(Arc::as_ptr(r)) {
+            continue;
         }
-    }
-    tags
-}
-
-/// Each master's pool: the first listener, in id order, of which it is the
-/// master.
-fn master_tags(listeners: &[ListenerView], masters: &[Vec<u32>]) -> HashMap<u32, PoolTag> {
-    let mut tags = HashMap::new();
-    for (view, pids) in listeners.iter().zip(masters) {
-        for pid in pids {
+        for pid in pids(r) {
             tags.entry(*pid).or_insert_with(|| pool_tag(&view.id));
         }
     }
@@ -696,7 +892,7 @@ pub struct EventLoops {
     found: HashMap<u32, Vec<i32>>,
     /// Workers with none found: the fds looked for, when to look again,
     /// and the back-off after that.
-    missing: HashMap<u32, (Vec<i32>, Duration, Duration)>,
+    missing: HashMap<u32, (Arc<[i32]>, Duration, Duration)>,
 }
 
 const LOOK_AGAIN_FIRST: Duration = Duration::from_secs(1);
@@ -713,7 +909,7 @@ impl EventLoops {
     /// now, and keep their place in the back-off for when they are not.
     pub fn refresh(
         &mut self,
-        loop_fds: &BTreeMap<u32, Vec<i32>>,
+        loop_fds: &BTreeMap<u32, Arc<[i32]>>,
         in_accept: &HashSet<u32>,
         now: Duration,
         lookup: impl Fn(u32, &[i32]) -> Vec<i32>,
@@ -745,14 +941,14 @@ impl EventLoops {
     fn look(
         &mut self,
         pid: u32,
-        fds: &[i32],
+        fds: &Arc<[i32]>,
         now: Duration,
         step: Duration,
         lookup: impl Fn(u32, &[i32]) -> Vec<i32>,
     ) {
         let epolls = lookup(pid, fds);
         if epolls.is_empty() {
-            self.missing.insert(pid, (fds.to_vec(), now + step, step));
+            self.missing.insert(pid, (fds.clone(), now + step, step));
         } else {
             self.missing.remove(&pid);
             self.found.insert(pid, epolls);
@@ -773,23 +969,18 @@ pub fn pools(
     activity: &HashMap<u32, WorkerActivity>,
     max_workers: usize,
 ) -> Pools {
-    debug_assert_eq!(
-        listeners.len(),
-        membership.workers.len(),
-        "not its listeners"
-    );
+    debug_assert_eq!(listeners.len(), membership.roles.len(), "not its listeners");
     let mut budget = max_workers;
     let mut over = 0u64;
     let mut pools = Vec::new();
     for (no, view) in listeners.iter().enumerate() {
-        let pids = membership.workers.get(no).map_or(&[][..], |w| w.as_slice());
-        let dispatcher_pids = membership
-            .dispatchers
-            .get(no)
-            .map_or(&[][..], |d| d.as_slice());
+        let Some(roles) = membership.roles.get(no) else {
+            continue;
+        };
+        let (pids, dispatcher_pids) = (&roles.workers, &roles.dispatchers);
         // A pool whose master holds the listener alone (between a worker's
         // exit and its replacement's fork) is still a pool, of no workers.
-        let has_master = membership.masters.get(no).is_some_and(|m| !m.is_empty());
+        let has_master = !roles.masters.is_empty();
         if pids.is_empty() && dispatcher_pids.is_empty() && !has_master {
             continue;
         }
@@ -805,8 +996,10 @@ pub fn pools(
         let mut workers = Vec::with_capacity(pids.len().min(budget));
         for pid in pids {
             if budget == 0 {
-                over += 1;
-                continue;
+                // The rest of the pool, counted at once (a pool of 1,000
+                // workers on each of 10,000 listeners leaves millions).
+                over += (pids.len() - workers.len()) as u64;
+                break;
             }
             budget -= 1;
             let seen = activity.get(pid);
@@ -858,7 +1051,11 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Watc
         .iter()
         .map(|(pid, pool)| {
             let mut fds = WorkerFds::EMPTY;
-            let listen = membership.listen_fds.get(pid).into_iter().flatten();
+            let listen = membership
+                .listen_fds
+                .get(pid)
+                .into_iter()
+                .flat_map(|f| f.iter());
             for (slot, fd) in fds.listen.iter_mut().zip(listen) {
                 *slot = *fd;
             }
@@ -912,8 +1109,13 @@ pub fn watched(membership: &Membership, epolls: &HashMap<u32, Vec<i32>>) -> Watc
 mod tests {
     use super::*;
     use crate::aggregate::{Accepts, SocketView};
+    use crate::kernel::holders::Holding;
     use crate::sockets::{ListenerIndex, QueueHead};
     use observer_common::{AF_INET, HolderRecord, TCP_ESTABLISHED};
+
+    fn fd_set(fds: &[i32]) -> Arc<[i32]> {
+        Arc::from(fds)
+    }
 
     fn id(port: u16) -> ListenerId {
         ListenerId::tcp(1, AF_INET, [0; 16], port)
@@ -929,7 +1131,7 @@ mod tests {
             if *has_epoll.borrow() { vec![9] } else { vec![] }
         };
         let mut loops = EventLoops::default();
-        let fds = BTreeMap::from([(7, vec![3])]);
+        let fds = BTreeMap::from([(7, fd_set(&[3]))]);
         let secs = Duration::from_secs;
         // Looked at 0 s, then 1 s later, then 2 s after that, then 4 s.
         for t in 0..8 {
@@ -937,7 +1139,7 @@ mod tests {
         }
         assert_eq!(looked.borrow().len(), 4, "at 0, 1, 3, 7 s");
         // Its fds change: looked at once, whatever the back-off.
-        let moved = BTreeMap::from([(7, vec![4])]);
+        let moved = BTreeMap::from([(7, fd_set(&[4]))]);
         loops.refresh(&moved, &HashSet::default(), secs(8), lookup);
         assert_eq!(looked.borrow().len(), 5);
         // Found: kept, never looked up again.
@@ -960,7 +1162,7 @@ mod tests {
             vec![]
         };
         let mut loops = EventLoops::default();
-        let fds = BTreeMap::from([(7, vec![3]), (8, vec![3])]);
+        let fds = BTreeMap::from([(7, fd_set(&[3])), (8, fd_set(&[3]))]);
         let in_accept = HashSet::from_iter([8]);
         let secs = Duration::from_secs;
         loops.refresh(&fds, &in_accept, secs(0), lookup);
@@ -988,7 +1190,7 @@ mod tests {
         };
         let mut loops = EventLoops::default();
         let n = RELOOKS_PER_REFRESH as u32 * 3;
-        let fds: BTreeMap<u32, Vec<i32>> = (0..n).map(|pid| (pid, vec![3])).collect();
+        let fds: BTreeMap<u32, Arc<[i32]>> = (0..n).map(|pid| (pid, fd_set(&[3]))).collect();
         loops.refresh(&fds, &HashSet::default(), Duration::ZERO, lookup);
         assert_eq!(looked.borrow().len(), n as usize, "first looks: all");
         // All come due at 1 s: a third per refresh, the rest later.
@@ -1006,7 +1208,7 @@ mod tests {
         // A new worker is looked at at once, cap or not.
         looked.borrow_mut().clear();
         let mut more = fds.clone();
-        more.insert(n, vec![3]);
+        more.insert(n, fd_set(&[3]));
         loops.refresh(
             &more,
             &HashSet::default(),
@@ -1032,7 +1234,7 @@ mod tests {
             index: ListenerIndex::new(&[socket(port, 5)]),
             ..Default::default()
         };
-        Membership::from_holders(&listeners, &holdings(holders), handoffs)
+        Membership::from_holders(&listeners, &walk(holders), handoffs)
     }
 
     /// A TCP listening socket on `port`.
@@ -1050,15 +1252,20 @@ mod tests {
         }
     }
 
-    /// Holder records as the holder walk gives them (TCP: no names).
-    fn holdings(records: &[HolderRecord]) -> Vec<Holding> {
-        records
+    /// Holder records as the holder walk gives them (TCP: no names), each
+    /// a record of its holder's own.
+    fn walk(records: &[HolderRecord]) -> HolderWalk {
+        let holdings = records
             .iter()
             .map(|record| Holding {
                 record: *record,
                 unix_name: None,
             })
-            .collect()
+            .collect();
+        HolderWalk {
+            holdings,
+            inheritors: vec![],
+        }
     }
 
     /// A listener with one socket, inode 5 (as in [`membership_after`]).
@@ -1104,7 +1311,7 @@ mod tests {
             state,
             defer_accept: 0,
             in_service: 0,
-            _pad: 0,
+            inheritable: 0,
             addr,
             inode,
             comm,
@@ -1277,7 +1484,7 @@ mod tests {
             "the dispatcher is not sampled"
         );
         assert_eq!(w[&11].fds.listen, [-1; 4], "fed workers hold no listener");
-        assert_eq!(m.event_loop_fds()[&11], vec![61], "found by its connection");
+        assert_eq!(m.event_loop_fds()[&11][..], [61], "found by its connection");
     }
 
     #[test]
@@ -1357,8 +1564,8 @@ mod tests {
             index: ListenerIndex::new(&[socket(80, 5)]),
             ..Default::default()
         };
-        let m = Membership::from_holders(&listeners, &holdings(holders), handoffs);
-        m.workers[0].clone()
+        let m = Membership::from_holders(&listeners, &walk(holders), handoffs);
+        m.roles[0].workers.clone()
     }
 
     #[test]
@@ -1464,7 +1671,7 @@ mod tests {
             // One only on 82.
             holder(30, 1, 82, TCP_LISTEN, 7),
         ];
-        let m = Membership::from_holders(&listeners, &holdings(&holders), &mut Handoffs::default());
+        let m = Membership::from_holders(&listeners, &walk(&holders), &mut Handoffs::default());
         let p = pools(&views, &m, &HashMap::new(), 100);
         let workers: Vec<(u16, Vec<u32>)> = p
             .pools
@@ -1479,7 +1686,11 @@ mod tests {
         assert_eq!(workers, [(80, vec![11, 12]), (81, vec![20])]);
         assert_eq!(m.a_holder(1), Some(20));
         let fds = m.worker_listen_fds();
-        assert_eq!(fds[&11], [3, 4], "82's fd counts as a listener it waits on");
+        assert_eq!(
+            fds[&11][..],
+            [3, 4],
+            "82's fd counts as a listener it waits on"
+        );
         assert!(
             !fds.contains_key(&30),
             "82 is no pool: its holder is not sampled"
@@ -1487,6 +1698,78 @@ mod tests {
         let tags = watched(&m, &HashMap::new()).workers;
         assert_eq!(tags[&11].pool, tags[&12].pool);
         assert_ne!(tags[&11].pool, tags[&20].pool);
+    }
+
+    #[test]
+    fn children_that_inherited_every_listener_are_workers_of_each_by_one_shared_set() {
+        // A master (10) holding 80, 81 and 82 (82 left out by the cap), at
+        // fds 3, 4 and 5; its ten children 11 to 20 inherited all three,
+        // and 12 also holds 83, of its own.
+        let sockets = [socket(80, 5), socket(81, 6), socket(82, 7), socket(83, 8)];
+        let mut views = vec![view(80), view(81), view(83)];
+        views[1].sockets[0].inode = 6;
+        views[2].sockets[0].inode = 8;
+        let listeners = Collection {
+            listeners: views.clone(),
+            index: ListenerIndex::new(&sockets),
+            ..Default::default()
+        };
+        let first = |port, inode, fd| HolderRecord {
+            fd,
+            inheritable: 1,
+            ..holder(10, 1, port, TCP_LISTEN, inode)
+        };
+        let own = HolderRecord {
+            fd: 9,
+            ..holder(12, 10, 83, TCP_LISTEN, 8)
+        };
+        let mut walk = walk(&[first(80, 5, 3), first(81, 6, 4), first(82, 7, 5), own]);
+        walk.inheritors = (11..=20)
+            .map(|pid| Inheritor {
+                pid,
+                ppid: 10,
+                comm: *b"gunz\0\0\0\0\0\0\0\0\0\0\0\0",
+            })
+            .collect();
+        let m = Membership::from_holders(&listeners, &walk, &mut Handoffs::default());
+        let p = pools(&views, &m, &HashMap::new(), 100);
+        let workers: Vec<(u16, Vec<u32>)> = p
+            .pools
+            .iter()
+            .map(|pool| {
+                (
+                    pool.listener.port,
+                    pool.workers.iter().map(|w| w.pid).collect(),
+                )
+            })
+            .collect();
+        let children: Vec<u32> = (11..=20).collect();
+        assert_eq!(
+            workers,
+            [(80, children.clone()), (81, children), (83, vec![12])]
+        );
+        assert_eq!(m.holders[0].identity(), m.holders[1].identity());
+        assert!(
+            Arc::ptr_eq(&m.roles[0], &m.roles[1]),
+            "80 and 81 have the same holders: one set, one computation"
+        );
+        assert_eq!(m.comm(11), "gunz");
+        let fds = m.worker_listen_fds();
+        assert_eq!(fds[&11][..], [3, 4, 5], "the master's fds, 82's too");
+        assert_eq!(fds[&12][..], [3, 4, 5, 9]);
+        let on_82: Vec<u32> = m.socket_holders(7).map(|(pid, _)| pid).collect();
+        assert_eq!(on_82, (10..=20).collect::<Vec<u32>>());
+        let tags = watched(&m, &HashMap::new()).workers;
+        assert_eq!(tags[&11].pool, tags[&12].pool);
+    }
+
+    #[test]
+    fn a_pool_past_the_cap_is_counted_whole_without_a_view_per_worker() {
+        let holders: Vec<_> = (11..1011)
+            .map(|pid| holder(pid, 1, 80, TCP_LISTEN, 5))
+            .collect();
+        let p = pools(&[view(80)], &membership(80, &holders), &HashMap::new(), 10);
+        assert_eq!((p.pools[0].workers.len(), p.workers_over_cap), (10, 990));
     }
 
     #[test]

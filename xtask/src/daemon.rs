@@ -146,11 +146,16 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
 
 /// Resident memory of a process (VmRSS), KiB; 0 once it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status (0 when unreadable).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .find_map(|l| l.strip_prefix(field))?
                 .split_whitespace()
                 .next()?
                 .parse()
@@ -161,6 +166,11 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 pub(crate) fn rss_mib(pid: u32) -> f64 {
     rss_kib(pid) as f64 / 1024.0
+}
+
+/// The process's peak RSS so far (VmHWM), MiB.
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmHWM:") as f64 / 1024.0
 }
 
 /// The sampler's passes, seconds and interval, from one scrape of the daemon.

@@ -1,12 +1,14 @@
 //! `cargo xtask bench`'s growth table: what the daemon costs as the host's
-//! listeners, workers and network namespaces grow (issue #15's targets:
-//! at 10,000 listeners and 1,000 workers, start-up ≤ 5 s, scrape ≤ 50 ms,
-//! exposition ≤ 8 MiB, RSS ≤ 64 MiB, /healthz ≤ 50 ms during a scrape).
+//! listeners, workers and network namespaces grow (targets: at 10,000
+//! listeners and 1,000 workers, start-up ≤ 5 s, scrape ≤ 50 ms, exposition
+//! ≤ 8 MiB, RSS ≤ 64 MiB, /healthz ≤ 50 ms during a scrape; where the
+//! workers inherited every listener, peak RSS ≤ 128 MiB).
 //!
 //! Each scene is made by this process: it opens the listeners (or forks one
-//! child per network namespace that opens them there) and forks a pool
-//! master whose workers block in `accept()` on the first listener; then a
-//! fresh daemon is started and measured, and everything is killed.
+//! child per network namespace that opens them there) and forks the pools,
+//! whose workers block in `accept()`, in one of three holding shapes
+//! ([`Holding`]); then a fresh daemon is started and measured, and
+//! everything is killed.
 use std::{
     net::TcpListener,
     os::fd::AsRawFd as _,
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::daemon::{ObserverDaemon, http_get, median, rss_mib, sampler_cost};
+use crate::daemon::{ObserverDaemon, http_get, median, peak_rss_mib, rss_mib, sampler_cost};
 
 /// One row of the table.
 #[derive(Clone, Copy, Debug)]
@@ -29,49 +31,104 @@ pub struct Scene {
     pub netns: usize,
     /// Listeners per namespace.
     pub listeners: usize,
-    /// Worker processes blocked in accept() on the first listener.
+    /// Worker processes blocked in accept().
     pub workers: usize,
+    pub holding: Holding,
+}
+
+/// Which listeners the workers hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// One pool, its workers holding the first listener only.
+    First,
+    /// One pool whose master opened every listener before forking: each
+    /// worker inherited all of them (nginx or Apache with many `Listen`s).
+    All,
+    /// One-worker pools, each on a listener of its own (a master and its
+    /// worker), among the rest (many small apps on one host).
+    OnePerPool,
+}
+
+impl Holding {
+    fn name(self) -> &'static str {
+        match self {
+            Holding::First => "first",
+            Holding::All => "all",
+            Holding::OnePerPool => "pools",
+        }
+    }
 }
 
 impl Scene {
-    /// `NETNSxLISTENERSxWORKERS`, e.g. `1x10000x1000`.
+    /// `NETNSxLISTENERSxWORKERS[:HOLDING]`, e.g. `1x10000x1000` or
+    /// `1x10000x1000:all` (holding: `first`, the default, `all` or `pools`).
     pub fn parse(text: &str) -> Result<Scene, String> {
-        let numbers: Vec<usize> = text
+        let (sizes, holding) = text.split_once(':').unwrap_or((text, "first"));
+        let holding = match holding {
+            "first" => Holding::First,
+            "all" => Holding::All,
+            "pools" => Holding::OnePerPool,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a holding shape (first, all or pools)"
+                ));
+            }
+        };
+        let numbers: Vec<usize> = sizes
             .split('x')
             .map(|n| n.parse::<usize>())
             .collect::<Result<_, _>>()
-            .map_err(|_| format!("{text:?} is not NETNSxLISTENERSxWORKERS"))?;
+            .map_err(|_| format!("{text:?} is not NETNSxLISTENERSxWORKERS[:HOLDING]"))?;
         match numbers[..] {
-            [netns, listeners, workers] if netns > 0 && listeners > 0 => Ok(Scene {
-                netns,
-                listeners,
-                workers,
-            }),
+            [netns, listeners, workers]
+                if netns > 0 && listeners > 0 && (holding == Holding::First || netns == 1) =>
+            {
+                if holding == Holding::OnePerPool && workers > listeners {
+                    return Err(format!("{text:?}: more one-worker pools than listeners"));
+                }
+                Ok(Scene {
+                    netns,
+                    listeners,
+                    workers,
+                    holding,
+                })
+            }
             _ => Err(format!(
-                "{text:?} is not NETNSxLISTENERSxWORKERS (at least 1 namespace and 1 listener)"
+                "{text:?} is not NETNSxLISTENERSxWORKERS[:HOLDING] (at least 1 namespace and 1 listener; all and pools in 1 namespace)"
             )),
         }
     }
 }
 
 /// The full table: 10 / 1k / 10k listeners × 10 / 100 / 1,000 workers, and
-/// 100 network namespaces × 100 listeners.
+/// 100 network namespaces × 100 listeners; then the other holding shapes:
+/// 1,000 workers that inherited 10,000 listeners, 64 that inherited 2,000,
+/// and 1,000 one-worker pools among 10,000 listeners.
 pub fn scenes(quick: bool) -> Vec<Scene> {
-    let s = |netns, listeners, workers| Scene {
+    let s = |netns, listeners, workers, holding| Scene {
         netns,
         listeners,
         workers,
+        holding,
     };
     if quick {
-        return vec![s(1, 10, 10), s(3, 10, 10)];
+        return vec![
+            s(1, 10, 10, Holding::First),
+            s(3, 10, 10, Holding::First),
+            s(1, 10, 10, Holding::All),
+            s(1, 10, 5, Holding::OnePerPool),
+        ];
     }
     let mut all = Vec::new();
     for listeners in [10, 1000, 10000] {
         for workers in [10, 100, 1000] {
-            all.push(s(1, listeners, workers));
+            all.push(s(1, listeners, workers, Holding::First));
         }
     }
-    all.push(s(100, 100, 10));
+    all.push(s(100, 100, 10, Holding::First));
+    all.push(s(1, 2000, 64, Holding::All));
+    all.push(s(1, 10000, 1000, Holding::All));
+    all.push(s(1, 10000, 1000, Holding::OnePerPool));
     all
 }
 
@@ -177,8 +234,9 @@ fn listeners_in_new_netns(n: usize) {
 
 /// Forks a pool master, in a process group of its own, that forks
 /// `workers` processes blocked in accept() on `listener`; returns once they
-/// all are forked.
-fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<()> {
+/// all are forked. With `inherit`, the master and its workers keep every
+/// fd this process has (its listeners); otherwise only `listener`.
+fn fork_pool(children: &mut Children, listener: i32, workers: usize, inherit: bool) -> Result<()> {
     let mut ready = [0i32; 2];
     // SAFETY: pipe() fills the two fds.
     if unsafe { libc::pipe(ready.as_mut_ptr()) } != 0 {
@@ -186,7 +244,9 @@ fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<(
     }
     let [read_end, write_end] = ready;
     let mut master = Children::default();
-    fork_child(&mut master, || pool_master(listener, workers, write_end))?;
+    fork_child(&mut master, || {
+        pool_master(listener, workers, write_end, inherit)
+    })?;
     // The master leads its group (it calls setpgid before it says ready).
     children.groups.append(&mut master.pids);
     let mut forked = [0u8; 4];
@@ -213,12 +273,21 @@ fn fork_pool(children: &mut Children, listener: i32, workers: usize) -> Result<(
 }
 
 /// In a forked child: leads a process group of its own, forks the workers,
-/// then writes how many it forked to `ready`.
-fn pool_master(listener: i32, workers: usize, ready: i32) {
-    // SAFETY: raw syscalls only (setpgid, fork, prctl, write), as
-    // fork_child asks.
+/// then writes how many it forked to `ready`. Without `inherit`, it first
+/// closes every fd but stdio, `listener` and `ready`.
+fn pool_master(listener: i32, workers: usize, ready: i32, inherit: bool) {
+    // SAFETY: raw syscalls only (setpgid, close_range, fork, prctl,
+    // write), as fork_child asks.
     unsafe {
         libc::setpgid(0, 0);
+        if !inherit {
+            let (low, high) = (listener.min(ready), listener.max(ready));
+            for (first, last) in [(3, low - 1), (low + 1, high - 1), (high + 1, i32::MAX)] {
+                if first <= last {
+                    libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0);
+                }
+            }
+        }
         let master = libc::getpid();
         let mut forked: u32 = 0;
         for _ in 0..workers {
@@ -230,7 +299,7 @@ fn pool_master(listener: i32, workers: usize, ready: i32) {
                     if libc::getppid() != master {
                         libc::_exit(0);
                     }
-                    worker_in_accept(listener);
+                    worker_in_accept(listener, inherit);
                 }
                 pid if pid > 0 => forked += 1,
                 _ => break,
@@ -241,12 +310,17 @@ fn pool_master(listener: i32, workers: usize, ready: i32) {
     }
 }
 
-/// In a forked worker: keeps only `listener` (as fd 3) and stdio, and
-/// blocks in accept() for ever.
-fn worker_in_accept(listener: i32) {
+/// In a forked worker: keeps only `listener` (as fd 3) and stdio, or with
+/// `inherit` every fd, and blocks in accept() for ever.
+fn worker_in_accept(listener: i32, inherit: bool) {
     const LISTENER: i32 = 3;
     // SAFETY: raw syscalls on this child's own fds.
     unsafe {
+        if inherit {
+            loop {
+                libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+            }
+        }
         if listener != LISTENER {
             libc::dup2(listener, LISTENER);
         }
@@ -265,6 +339,7 @@ struct Measured {
     /// Every /healthz probe's time that overlapped a scrape.
     healthz_ms: Vec<f64>,
     rss: f64,
+    peak_rss: f64,
     cpu: f64,
     interval: f64,
     pass_us: f64,
@@ -338,12 +413,14 @@ fn measure(bin: &Path, window: Duration) -> Result<Measured> {
     let stages = stages(&String::from_utf8_lossy(&text));
     let rss = rss_mib(daemon.pid());
     let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
+    let peak_rss = peak_rss_mib(daemon.pid());
     Ok(Measured {
         start_up,
         scrape_ms: median(times),
         size,
         healthz_ms: healthz,
         rss,
+        peak_rss,
         cpu,
         interval,
         pass_us,
@@ -381,8 +458,8 @@ fn host_threads() -> usize {
 /// then where each scene's scrape spent its time.
 pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) -> Result<()> {
     report.push_str(
-        "\n| netns | listeners | workers | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | /healthz ms during a scrape (median, max) | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "\n| netns | listeners | workers | workers hold | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon peak RSS MiB (VmHWM) | /healthz ms during a scrape (median, max) | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let most = scenes.iter().map(|s| s.listeners).max().unwrap_or(0);
     raise_fd_limit(most as u64 + 1024);
@@ -390,37 +467,20 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
     let mut profile = String::new();
     for scene in scenes {
         let mut children = Children::default();
-        // The pool: a master forked while this process holds few fds forks
-        // the workers, which hold the first listener only, in fd tables
-        // as small as a real pool's. (A fork copies the parent's table at
-        // its size: forked after 10,000 listeners, each worker had 16,384
-        // slots, which the kernel's task_file iterator walks one by one,
-        // and neither close_range nor unshare(CLONE_FILES) in a process
-        // that does not share its table shrinks it.)
-        // With namespaces, the host's gets one listener, for the workers
-        // (forked after the namespaces' children, which must not hold it).
-        if scene.netns > 1 {
-            for _ in 0..scene.netns {
-                fork_child(&mut children, || listeners_in_new_netns(scene.listeners))?;
-            }
-        }
-        let first = TcpListener::bind("127.0.0.1:0")?;
-        fork_pool(&mut children, first.as_raw_fd(), scene.workers)?;
-        let host_listeners = if scene.netns == 1 { scene.listeners } else { 1 };
-        let host: Vec<TcpListener> = std::iter::once(Ok(first))
-            .chain((1..host_listeners).map(|_| TcpListener::bind("127.0.0.1:0")))
-            .collect::<Result<_, _>>()?;
+        let host = open_scene(scene, &mut children)?;
         let m = measure(bin, window)?;
         let threads = host_threads();
         report.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
             scene.netns,
             scene.listeners * scene.netns,
             scene.workers,
+            scene.holding.name(),
             m.start_up,
             m.scrape_ms,
             m.size as f64 / 1024.0,
             m.rss,
+            m.peak_rss,
             healthz_cell(&m.healthz_ms),
             m.cpu,
             m.interval,
@@ -433,17 +493,70 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
             .map(|(stage, s)| format!("{stage} {:.1}", s * 1e3))
             .collect();
         profile.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             scene.netns,
             scene.listeners * scene.netns,
             scene.workers,
+            scene.holding.name(),
             stages.join(", ")
         ));
         drop(host);
     }
     report.push_str(
-        "\n| netns | listeners | workers | the last scrape's collection by stage, ms (observer_collect_stage_seconds) |\n|---|---|---|---|\n",
+        "\n| netns | listeners | workers | workers hold | the last scrape's collection by stage, ms (observer_collect_stage_seconds) |\n|---|---|---|---|---|\n",
     );
     report.push_str(&profile);
     Ok(())
+}
+
+/// Opens a scene's listeners and forks its pools (killed with
+/// `children`); returns the listeners this process holds.
+fn open_scene(scene: &Scene, children: &mut Children) -> Result<Vec<TcpListener>> {
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    match scene.holding {
+        Holding::First => {
+            // The pool: a master forked while this process holds few fds
+            // forks the workers, which hold the first listener only, in fd
+            // tables as small as a real pool's. (A fork copies the parent's
+            // table at its size: forked after 10,000 listeners, each worker
+            // had 16,384 slots, which the kernel's task_file iterator walks
+            // one by one, and neither close_range nor unshare(CLONE_FILES)
+            // in a process that does not share its table shrinks it.)
+            // With namespaces, the host's gets one listener, for the workers
+            // (forked after the namespaces' children, which must not hold it).
+            if scene.netns > 1 {
+                for _ in 0..scene.netns {
+                    fork_child(children, || listeners_in_new_netns(scene.listeners))?;
+                }
+            }
+            let first = bind()?;
+            fork_pool(children, first.as_raw_fd(), scene.workers, false)?;
+            let host_listeners = if scene.netns == 1 { scene.listeners } else { 1 };
+            let rest = (1..host_listeners).map(|_| bind());
+            Ok(std::iter::once(Ok(first))
+                .chain(rest)
+                .collect::<Result<_, _>>()?)
+        }
+        Holding::All => {
+            let host: Vec<TcpListener> = (0..scene.listeners)
+                .map(|_| bind())
+                .collect::<Result<_, _>>()?;
+            fork_pool(children, host[0].as_raw_fd(), scene.workers, true)?;
+            Ok(host)
+        }
+        Holding::OnePerPool => {
+            // Each pool forked right after its listener, while this process
+            // holds few fds; its master keeps its own listener only.
+            let mut host = Vec::with_capacity(scene.listeners);
+            for _ in 0..scene.workers {
+                let listener = bind()?;
+                fork_pool(children, listener.as_raw_fd(), 1, false)?;
+                host.push(listener);
+            }
+            for _ in scene.workers..scene.listeners {
+                host.push(bind()?);
+            }
+            Ok(host)
+        }
+    }
 }

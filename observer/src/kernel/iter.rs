@@ -129,3 +129,33 @@ impl IterLink {
         })
     }
 }
+
+/// Runs `f` with the calling thread kept on the CPU it runs on now, then
+/// lets it move as before. A walk whose program keeps per-CPU state from
+/// one object to the next (the holder walk's inherited counts) stays whole
+/// across the reads it takes. Where the affinity cannot be read or set,
+/// `f` runs as it is.
+pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut before: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reads the calling thread's affinity into our own set.
+    let read = unsafe { libc::sched_getaffinity(0, size, &mut before) } == 0;
+    // SAFETY: no arguments; -1 on failure.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if !read || cpu < 0 {
+        return f();
+    }
+    // SAFETY: as above, the empty set.
+    let mut here: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is a CPU number the kernel just gave, within the set's size.
+    unsafe { libc::CPU_SET(cpu as usize, &mut here) };
+    // SAFETY: sets the calling thread's affinity from our own set.
+    let pinned = unsafe { libc::sched_setaffinity(0, size, &here) } == 0;
+    let out = f();
+    if pinned {
+        // SAFETY: restores the set read above.
+        unsafe { libc::sched_setaffinity(0, size, &before) };
+    }
+    out
+}

@@ -1,6 +1,7 @@
 //! Stage 1 of the data path, kernel facing: what the host must provide, the
 //! struct offsets of this kernel, and the loaded programs with their maps.
 pub mod btf;
+pub mod holders;
 pub mod host;
 pub mod iter;
 pub mod kretprobe;

@@ -13,11 +13,16 @@ use aya::{
     programs::{BtfTracePoint, FExit, Iter, KProbe, ProgramError, TracePoint},
 };
 use observer_common::{
-    AF_UNIX, AcceptKey, AcceptStats, DISCARD_SITES_UNCOUNTED, DiscardSites, HEALTH_SLOTS, Health,
-    HolderRecord, ListenerRecord, TCP_LISTEN, UnixNameRecord, WorkerFds,
+    AcceptKey, AcceptStats, DISCARD_SITES_UNCOUNTED, DiscardSites, HEALTH_SLOTS, Health,
+    ListenerRecord, WorkerFds,
 };
 
-use super::{offsets::KernelLayout, procfs};
+use super::{
+    holders::{self, HolderWalk},
+    iter,
+    offsets::KernelLayout,
+    procfs,
+};
 
 /// The compiled programs, built by build.rs from observer-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -76,7 +81,7 @@ impl AcceptSource {
 
 /// What [`Probes::walks`] read, each with the seconds it took.
 pub struct Walks {
-    pub holders: (Result<Vec<Holding>>, f64),
+    pub holders: (Result<HolderWalk>, f64),
     pub listeners: Option<(Result<Vec<ListenerRecord>>, f64)>,
 }
 
@@ -85,9 +90,14 @@ fn read_listeners(link: &IterLink) -> Result<Vec<ListenerRecord>> {
     Ok(parse_records(&link.read_until_stopped()?))
 }
 
-/// The holder walk's records.
-fn read_holders(link: &IterLink) -> Result<Vec<Holding>> {
-    Ok(parse_holders(&link.read()?))
+/// The holder walk's records, read on one CPU (the walk keeps a process's
+/// inherited count per CPU: a read that moved would split it), with the
+/// inherited counts resolved.
+fn read_holders(link: &IterLink) -> Result<HolderWalk> {
+    let bytes = iter::on_one_cpu(|| link.read())?;
+    Ok(HolderWalk::resolve(holders::parse(&bytes), |pid, fd| {
+        procfs::file_id(pid, fd).map(|file| file.ino)
+    }))
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
@@ -247,7 +257,7 @@ impl Probes {
 
     /// Every process's listening sockets and its accepted connections of the
     /// ports in `LISTEN_PORTS`, right now.
-    pub fn holders(&self) -> Result<Vec<Holding>> {
+    pub fn holders(&self) -> Result<HolderWalk> {
         read_holders(&self.holders)
     }
 
@@ -671,46 +681,6 @@ where
         }
         Ok(())
     }
-}
-
-/// One socket a process holds, with the path of a Unix listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Holding {
-    pub record: HolderRecord,
-    /// Unix listeners only: the record that follows theirs.
-    pub unix_name: Option<UnixNameRecord>,
-}
-
-/// Splits the holder iterator's output: fixed-size [`HolderRecord`]s, each
-/// Unix listener's followed by its [`UnixNameRecord`]. A cut-off tail is
-/// dropped.
-pub fn parse_holders(bytes: &[u8]) -> Vec<Holding> {
-    let mut holdings = Vec::new();
-    let mut rest = bytes;
-    while let Some(record) = take_record::<HolderRecord>(&mut rest) {
-        let unix_name = if record.family == AF_UNIX && record.state == TCP_LISTEN {
-            match take_record::<UnixNameRecord>(&mut rest) {
-                Some(name) => Some(name),
-                None => break,
-            }
-        } else {
-            None
-        };
-        holdings.push(Holding { record, unix_name });
-    }
-    holdings
-}
-
-/// Takes one `T` off the front of `bytes`.
-fn take_record<T: aya::Pod>(bytes: &mut &[u8]) -> Option<T> {
-    let size = std::mem::size_of::<T>();
-    if bytes.len() < size {
-        return None;
-    }
-    // SAFETY: `T` is plain old data and `size` bytes are there.
-    let value = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) };
-    *bytes = &bytes[size..];
-    Some(value)
 }
 
 /// Loads an iterator program for the kernel iterator `target` and links it.

@@ -84,8 +84,9 @@ impl UnixPaths {
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             self.read_at = Some(Instant::now());
-            if let Ok(holdings) = probes.holders() {
-                self.paths = holdings
+            if let Ok(walk) = probes.holders() {
+                self.paths = walk
+                    .holdings
                     .iter()
                     .filter_map(ListenSocket::from_holding)
                     .filter_map(|s| Some(((s.id.netns, s.unix_key?), s.id.path.display())))
