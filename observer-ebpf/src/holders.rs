@@ -256,17 +256,16 @@ fn write_listener(
     write(seq, record)
 }
 
-/// The process being visited, in this CPU's `VISITING` slot: copied from
-/// its `VISITED` slot, or read afresh at its first socket, and copied back
-/// once the socket's records fitted. When the visit moves on to another
-/// process of the scan, the last one's inherited count is written first
-/// ([`INHERITED_LISTENERS`]).
+/// The process being visited: this CPU's `VISITED` slot when it holds it
+/// already (counted in place: an inherited socket writes nothing, so its
+/// run is never dropped), or the `VISITING` slot, read afresh at its first
+/// socket and copied into `VISITED` once the socket's records fitted. When
+/// the visit moves on to another process of the scan, the last one's
+/// inherited count is written first ([`INHERITED_LISTENERS`]).
 struct Visit {
     process: &'static mut VisitedProcess,
-    visited: &'static mut VisitedProcess,
-    /// Whether `visited` is another process of this scan, with a count to
-    /// report.
-    finishes: bool,
+    /// The process visited before, when `process` is another one.
+    before: Option<&'static mut VisitedProcess>,
 }
 
 impl Visit {
@@ -277,19 +276,18 @@ impl Visit {
     #[inline(always)]
     fn start(task: u64, session: u64, off: &KernelOffsets) -> Option<Visit> {
         let visited = VISITED.get_ptr_mut(VISITED_SLOT)?;
-        let process = VISITED.get_ptr_mut(VISITING_SLOT)?;
-        // SAFETY: our per-CPU slots, two distinct entries (iterator runs do
-        // not nest on one CPU).
-        let (visited, process) = unsafe { (&mut *visited, &mut *process) };
+        // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
+        let visited = unsafe { &mut *visited };
         let tgid = read(task, off.task_tgid).unwrap_or(0);
         if visited.session == session && visited.task == task && visited.tgid == tgid {
-            *process = *visited;
             return Some(Visit {
-                process,
-                visited,
-                finishes: false,
+                process: visited,
+                before: None,
             });
         }
+        let process = VISITED.get_ptr_mut(VISITING_SLOT)?;
+        // SAFETY: our per-CPU slot, another entry than `visited`.
+        let process = unsafe { &mut *process };
         process.session = session;
         process.task = task;
         process.tgid = tgid;
@@ -298,23 +296,29 @@ impl Visit {
             .unwrap_or(0);
         process.comm = read(task, off.task_comm).unwrap_or([0; 16]);
         process.inherited = 0;
-        let finishes = visited.session == session && visited.inherited > 0;
         Some(Visit {
             process,
-            visited,
-            finishes,
+            before: Some(visited),
         })
     }
 
-    /// Reports the finished process's count, then keeps this one in the
-    /// slot: only once everything this run wrote fitted, since the kernel
-    /// drops a run's output that did not fit and runs it again.
+    /// For a process visited afresh: reports the last one's count (of this
+    /// scan), then keeps this one in `VISITED`; only once everything this
+    /// run wrote fitted, since the kernel drops a run's output that did not
+    /// fit and runs it again.
     #[inline(always)]
     fn finish(self, seq: *mut seq_file, fitted: bool) {
-        if !fitted || (self.finishes && !write_inherited(seq, self.visited)) {
+        let Some(before) = self.before else {
+            return;
+        };
+        if !fitted {
             return;
         }
-        *self.visited = *self.process;
+        let finishes = before.session == self.process.session && before.inherited > 0;
+        if finishes && !write_inherited(seq, before) {
+            return;
+        }
+        *before = *self.process;
     }
 }
 

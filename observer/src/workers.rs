@@ -898,8 +898,13 @@ pub struct EventLoops {
 const LOOK_AGAIN_FIRST: Duration = Duration::from_secs(1);
 const LOOK_AGAIN_MAX: Duration = Duration::from_secs(64);
 /// Second looks at most per refresh (first looks, and looks after a
-/// worker's fds changed, are never deferred).
+/// worker's fds changed, are deferred only past [`FDS_LOOKED_PER_REFRESH`]).
 pub const RELOOKS_PER_REFRESH: usize = 64;
+/// Listening fds of the workers looked at per refresh, at most (beyond the
+/// first look): a look lists the worker's fds in /proc, about 2 µs each,
+/// and 1,000 workers that inherited 10,000 listeners would cost 20 s in
+/// one scrape. The rest are looked at in the next refreshes.
+pub const FDS_LOOKED_PER_REFRESH: usize = 20_000;
 
 impl EventLoops {
     /// Updates the sets for the workers' fds (`loop_fds`, per pid) at `now`
@@ -918,6 +923,7 @@ impl EventLoops {
         self.missing.retain(|pid, _| loop_fds.contains_key(pid));
         // Second looks that are due: (due since, pid, fds, next back-off).
         let mut due = Vec::new();
+        let mut fds_looked = 0;
         for (pid, fds) in loop_fds {
             if self.found.contains_key(pid) || in_accept.contains(pid) {
                 continue;
@@ -928,11 +934,23 @@ impl EventLoops {
                         due.push((*next, *pid, fds, (*step * 2).min(LOOK_AGAIN_MAX)));
                     }
                 }
-                _ => self.look(*pid, fds, now, LOOK_AGAIN_FIRST, &lookup),
+                _ if fds_looked < FDS_LOOKED_PER_REFRESH => {
+                    fds_looked += fds.len();
+                    self.look(*pid, fds, now, LOOK_AGAIN_FIRST, &lookup);
+                }
+                // Due at once, in the next refresh.
+                _ => {
+                    self.missing
+                        .insert(*pid, (fds.clone(), now, LOOK_AGAIN_FIRST));
+                }
             }
         }
         due.sort_unstable_by_key(|(since, pid, _, _)| (*since, *pid));
         for (_, pid, fds, step) in due.into_iter().take(RELOOKS_PER_REFRESH) {
+            if fds_looked >= FDS_LOOKED_PER_REFRESH {
+                break;
+            }
+            fds_looked += fds.len();
             self.look(pid, fds, now, step, &lookup);
         }
     }
@@ -1151,6 +1169,30 @@ mod tests {
         // Gone: forgotten.
         loops.refresh(&BTreeMap::new(), &HashSet::default(), secs(101), lookup);
         assert!(loops.epolls().is_empty());
+    }
+
+    #[test]
+    fn looks_at_workers_holding_many_fds_are_spread_over_refreshes() {
+        use std::cell::RefCell;
+        let looked = RefCell::new(Vec::new());
+        let lookup = |pid: u32, _: &[i32]| {
+            looked.borrow_mut().push(pid);
+            vec![]
+        };
+        let mut loops = EventLoops::default();
+        // Ten workers that inherited 5,000 listeners each.
+        let many: Arc<[i32]> = (3..5003).collect();
+        let fds: BTreeMap<u32, Arc<[i32]>> = (0..10).map(|pid| (pid, many.clone())).collect();
+        let per_refresh = FDS_LOOKED_PER_REFRESH.div_ceil(5000);
+        let mut seen = Vec::new();
+        for t in 0..3 {
+            loops.refresh(&fds, &HashSet::default(), Duration::from_millis(t), lookup);
+            seen.push(looked.borrow().len());
+        }
+        assert_eq!(seen, [per_refresh, 2 * per_refresh, 10], "then the rest");
+        let mut pids = looked.borrow().clone();
+        pids.sort_unstable();
+        assert_eq!(pids, (0..10).collect::<Vec<_>>(), "each once");
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub enum Holding {
     /// One pool, its workers holding the first listener only.
     First,
     /// One pool whose master opened every listener before forking: each
-    /// worker inherited all of them (nginx or Apache with many `Listen`s).
+    /// worker inherited all of them (nginx or Apache with many `Listen`s;
+    /// this process holds none).
     All,
     /// One-worker pools, each on a listener of its own (a master and its
     /// worker), among the rest (many small apps on one host).
@@ -208,18 +209,27 @@ fn fork_child(children: &mut Children, body: impl FnOnce()) -> Result<()> {
 /// In a forked child: a new network namespace with `n` TCP listeners on
 /// 0.0.0.0, ports chosen by the kernel.
 fn listeners_in_new_netns(n: usize) {
-    // SAFETY: raw syscalls with valid arguments; failures leave fewer
-    // listeners, which the table's exposition size shows.
+    // SAFETY: unshare() changes only this child's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return;
+    }
+    open_listeners(n, 0);
+}
+
+/// Opens `n` TCP listeners on `addr` (network order), ports chosen by the
+/// kernel; returns the first one's fd (-1 if none). Raw syscalls only, for
+/// forked children. Failures leave fewer listeners, which the table's
+/// exposition size shows.
+fn open_listeners(n: usize, addr: u32) -> i32 {
+    let mut first = -1;
+    // SAFETY: raw syscalls with valid arguments.
     unsafe {
-        if libc::unshare(libc::CLONE_NEWNET) != 0 {
-            return;
-        }
         for _ in 0..n {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
             let addr = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_addr: libc::in_addr { s_addr: addr },
                 sin_zero: [0; 8],
             };
             libc::bind(
@@ -228,15 +238,28 @@ fn listeners_in_new_netns(n: usize) {
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             );
             libc::listen(fd, 128);
+            if first < 0 {
+                first = fd;
+            }
         }
     }
+    first
+}
+
+/// The listeners of a pool the bench forks.
+#[derive(Clone, Copy)]
+enum PoolListeners {
+    /// One of this process's: the master and its workers keep it only.
+    Kept(i32),
+    /// This many, opened by the master before it forks: every worker
+    /// inherits them all, and accepts on the first.
+    Opened(usize),
 }
 
 /// Forks a pool master, in a process group of its own, that forks
-/// `workers` processes blocked in accept() on `listener`; returns once they
-/// all are forked. With `inherit`, the master and its workers keep every
-/// fd this process has (its listeners); otherwise only `listener`.
-fn fork_pool(children: &mut Children, listener: i32, workers: usize, inherit: bool) -> Result<()> {
+/// `workers` processes blocked in accept() on its listener; returns once
+/// they all are forked.
+fn fork_pool(children: &mut Children, listeners: PoolListeners, workers: usize) -> Result<()> {
     let mut ready = [0i32; 2];
     // SAFETY: pipe() fills the two fds.
     if unsafe { libc::pipe(ready.as_mut_ptr()) } != 0 {
@@ -244,9 +267,7 @@ fn fork_pool(children: &mut Children, listener: i32, workers: usize, inherit: bo
     }
     let [read_end, write_end] = ready;
     let mut master = Children::default();
-    fork_child(&mut master, || {
-        pool_master(listener, workers, write_end, inherit)
-    })?;
+    fork_child(&mut master, || pool_master(listeners, workers, write_end))?;
     // The master leads its group (it calls setpgid before it says ready).
     children.groups.append(&mut master.pids);
     let mut forked = [0u8; 4];
@@ -272,22 +293,30 @@ fn fork_pool(children: &mut Children, listener: i32, workers: usize, inherit: bo
     Ok(())
 }
 
-/// In a forked child: leads a process group of its own, forks the workers,
-/// then writes how many it forked to `ready`. Without `inherit`, it first
-/// closes every fd but stdio, `listener` and `ready`.
-fn pool_master(listener: i32, workers: usize, ready: i32, inherit: bool) {
-    // SAFETY: raw syscalls only (setpgid, close_range, fork, prctl,
-    // write), as fork_child asks.
+/// In a forked child: leads a process group of its own, keeps or opens its
+/// listeners (closing every other fd but stdio and `ready`), forks the
+/// workers, then writes how many it forked to `ready`.
+fn pool_master(listeners: PoolListeners, workers: usize, ready: i32) {
+    // SAFETY: raw syscalls only (setpgid, close_range, socket, fork,
+    // prctl, write), as fork_child asks.
     unsafe {
         libc::setpgid(0, 0);
-        if !inherit {
-            let (low, high) = (listener.min(ready), listener.max(ready));
-            for (first, last) in [(3, low - 1), (low + 1, high - 1), (high + 1, i32::MAX)] {
-                if first <= last {
-                    libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0);
-                }
+        let keep = match listeners {
+            PoolListeners::Kept(listener) => listener,
+            PoolListeners::Opened(_) => ready,
+        };
+        let (low, high) = (keep.min(ready), keep.max(ready));
+        for (first, last) in [(3, low - 1), (low + 1, high - 1), (high + 1, i32::MAX)] {
+            if first <= last {
+                libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0);
             }
         }
+        let (listener, inherit) = match listeners {
+            PoolListeners::Kept(listener) => (listener, false),
+            PoolListeners::Opened(n) => {
+                (open_listeners(n, u32::from_ne_bytes([127, 0, 0, 1])), true)
+            }
+        };
         let master = libc::getpid();
         let mut forked: u32 = 0;
         for _ in 0..workers {
@@ -530,7 +559,11 @@ fn open_scene(scene: &Scene, children: &mut Children) -> Result<Vec<TcpListener>
                 }
             }
             let first = bind()?;
-            fork_pool(children, first.as_raw_fd(), scene.workers, false)?;
+            fork_pool(
+                children,
+                PoolListeners::Kept(first.as_raw_fd()),
+                scene.workers,
+            )?;
             let host_listeners = if scene.netns == 1 { scene.listeners } else { 1 };
             let rest = (1..host_listeners).map(|_| bind());
             Ok(std::iter::once(Ok(first))
@@ -538,25 +571,24 @@ fn open_scene(scene: &Scene, children: &mut Children) -> Result<Vec<TcpListener>
                 .collect::<Result<_, _>>()?)
         }
         Holding::All => {
-            let host: Vec<TcpListener> = (0..scene.listeners)
-                .map(|_| bind())
-                .collect::<Result<_, _>>()?;
-            fork_pool(children, host[0].as_raw_fd(), scene.workers, true)?;
-            Ok(host)
+            // The master opens them, as nginx's does: this process holds none.
+            fork_pool(
+                children,
+                PoolListeners::Opened(scene.listeners),
+                scene.workers,
+            )?;
+            Ok(Vec::new())
         }
         Holding::OnePerPool => {
-            // Each pool forked right after its listener, while this process
-            // holds few fds; its master keeps its own listener only.
-            let mut host = Vec::with_capacity(scene.listeners);
+            // Each master opens its own listener, forked while this process
+            // holds few fds; this process opens the rest.
             for _ in 0..scene.workers {
-                let listener = bind()?;
-                fork_pool(children, listener.as_raw_fd(), 1, false)?;
-                host.push(listener);
+                fork_pool(children, PoolListeners::Opened(1), 1)?;
             }
-            for _ in scene.workers..scene.listeners {
-                host.push(bind()?);
-            }
-            Ok(host)
+            (scene.workers..scene.listeners)
+                .map(|_| bind())
+                .collect::<Result<_, _>>()
+                .map_err(Into::into)
         }
     }
 }

@@ -7,7 +7,10 @@
 //! A worker's count is checked against its parent's inheritable records:
 //! equal, it holds every one of them, at the parent's fds (an
 //! [`Inheritor`]); short (it closed some, or the walk's count was cut),
-//! the ones it holds are read from /proc and written out as its own.
+//! the ones it holds are read from /proc and written out as its own: its
+//! open fds, and those of them that are the parent's fds, checked by inode
+//! (a child that kept one of a parent's 10,000 listeners costs a listing of
+//! its few fds and one check, not 10,000).
 use foldhash::{HashMap, HashMapExt as _};
 use observer_common::{AF_UNIX, HolderRecord, INHERITED_LISTENERS, TCP_LISTEN, UnixNameRecord};
 
@@ -38,25 +41,35 @@ pub struct HolderWalk {
     pub inheritors: Vec<Inheritor>,
 }
 
+/// What the daemon reads of a process whose inherited count falls short of
+/// its parent's (from /proc).
+pub trait ProcessFds {
+    /// Its open fds.
+    fn open_fds(&self, pid: u32) -> Vec<u32>;
+    /// The inode of the file open as `fd`.
+    fn inode_at(&self, pid: u32, fd: u32) -> Option<u64>;
+}
+
 impl HolderWalk {
-    /// The walk's records with every inherited count resolved:
-    /// `inode_at(pid, fd)` reads the inode of a process's fd (from /proc),
-    /// for a process whose count falls short of its parent's.
-    pub fn resolve(raw: RawWalk, inode_at: impl Fn(u32, u32) -> Option<u64>) -> HolderWalk {
+    /// The walk's records with every inherited count resolved.
+    pub fn resolve(raw: RawWalk, proc: &impl ProcessFds) -> HolderWalk {
         let RawWalk {
             mut holdings,
             inherited,
         } = raw;
-        let mut inheritable: HashMap<u32, Vec<usize>> = HashMap::new();
+        // Each parent's inheritable records, by fd.
+        let mut inheritable: HashMap<u32, HashMap<u32, usize>> = HashMap::new();
         for (at, h) in holdings.iter().enumerate() {
             if h.record.state == TCP_LISTEN && h.record.inheritable != 0 {
-                inheritable.entry(h.record.tgid).or_default().push(at);
+                let fds = inheritable.entry(h.record.tgid).or_default();
+                fds.insert(h.record.fd, at);
             }
         }
+        let none = HashMap::new();
         let mut inheritors = Vec::new();
         let mut own_copies = Vec::new();
         for child in inherited {
-            let parents = inheritable.get(&child.ppid).map_or(&[][..], |at| &at[..]);
+            let parents = inheritable.get(&child.ppid).unwrap_or(&none);
             if child.listeners as usize == parents.len() {
                 inheritors.push(Inheritor {
                     pid: child.pid,
@@ -65,9 +78,12 @@ impl HolderWalk {
                 });
                 continue;
             }
-            for at in parents {
+            for fd in proc.open_fds(child.pid) {
+                let Some(at) = parents.get(&fd) else {
+                    continue;
+                };
                 let parent = holdings[*at];
-                if inode_at(child.pid, parent.record.fd) != Some(parent.record.inode) {
+                if proc.inode_at(child.pid, fd) != Some(parent.record.inode) {
                     continue;
                 }
                 let mut copy = parent;
@@ -187,6 +203,30 @@ mod tests {
         }
     }
 
+    /// A process table: each pid's open fds, with their inodes.
+    struct Fds(Vec<(u32, u32, u64)>);
+
+    impl ProcessFds for Fds {
+        fn open_fds(&self, pid: u32) -> Vec<u32> {
+            self.0.iter().filter(|f| f.0 == pid).map(|f| f.1).collect()
+        }
+        fn inode_at(&self, pid: u32, fd: u32) -> Option<u64> {
+            self.0.iter().find(|f| (f.0, f.1) == (pid, fd)).map(|f| f.2)
+        }
+    }
+
+    /// A process table that must not be read.
+    struct Unread;
+
+    impl ProcessFds for Unread {
+        fn open_fds(&self, _: u32) -> Vec<u32> {
+            panic!("no /proc read needed")
+        }
+        fn inode_at(&self, _: u32, _: u32) -> Option<u64> {
+            panic!("no /proc read needed")
+        }
+    }
+
     fn bytes(records: &[HolderRecord]) -> Vec<u8> {
         records
             .iter()
@@ -225,7 +265,7 @@ mod tests {
             listener(10, 1, 5, 102, false).record,
             count(11, 10, 2),
         ]));
-        let walk = HolderWalk::resolve(raw, |_, _| panic!("no /proc read needed"));
+        let walk = HolderWalk::resolve(raw, &Unread);
         assert_eq!(walk.holdings.len(), 3);
         assert_eq!(walk.inheritors.len(), 1);
         assert_eq!((walk.inheritors[0].pid, walk.inheritors[0].ppid), (11, 10));
@@ -240,12 +280,9 @@ mod tests {
             count(11, 10, 1),
         ]));
         // The child closed fds 3 and 5 and keeps fd 4; another file took
-        // fd 5's number.
-        let walk = HolderWalk::resolve(raw, |pid, fd| match (pid, fd) {
-            (11, 4) => Some(101),
-            (11, 5) => Some(999),
-            _ => None,
-        });
+        // fd 5's number; fd 7 is one of its own.
+        let child = Fds(vec![(11, 0, 1), (11, 4, 101), (11, 5, 999), (11, 7, 7)]);
+        let walk = HolderWalk::resolve(raw, &child);
         assert!(walk.inheritors.is_empty());
         let own: Vec<(u32, u32, u64, u8)> = walk
             .holdings

@@ -95,9 +95,7 @@ fn read_listeners(link: &IterLink) -> Result<Vec<ListenerRecord>> {
 /// inherited counts resolved.
 fn read_holders(link: &IterLink) -> Result<HolderWalk> {
     let bytes = iter::on_one_cpu(|| link.read())?;
-    Ok(HolderWalk::resolve(holders::parse(&bytes), |pid, fd| {
-        procfs::file_id(pid, fd).map(|file| file.ino)
-    }))
+    Ok(HolderWalk::resolve(holders::parse(&bytes), &procfs::Fds))
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {

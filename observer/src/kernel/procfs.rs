@@ -14,6 +14,24 @@ pub fn file_id(pid: u32, fd: u32) -> Option<crate::activity::FileId> {
     Some(crate::activity::FileId { ino: meta.ino() })
 }
 
+/// Processes' open fds, as /proc lists them.
+pub struct Fds;
+
+impl super::holders::ProcessFds for Fds {
+    fn open_fds(&self, pid: u32) -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    fn inode_at(&self, pid: u32, fd: u32) -> Option<u64> {
+        file_id(pid, fd).map(|file| file.ino)
+    }
+}
+
 /// The processes holding a lock (flock, POSIX or OFD) on `file`.
 pub fn lock_holders(file: crate::activity::FileId) -> Vec<u32> {
     let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
