@@ -81,6 +81,9 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         end_of_walk(seq, session);
         return 0;
     }
+    if counted_as_inherited(task, file, fd, session) {
+        return 0;
+    }
     let off = offsets();
     let Some(inode) = read_ptr(file, off.file_f_inode) else {
         return 0;
@@ -198,6 +201,31 @@ fn holder(
         count_held();
     }
     fitted
+}
+
+/// The fast path of a worker that inherited its master's listeners: while
+/// the process this CPU visits has counted an inherited socket already, a
+/// file its parent passed on is counted at once, before any read of the
+/// file (about a third of a 10-million-fd walk). Anything else takes the
+/// full path, which reads the task again.
+#[inline(always)]
+fn counted_as_inherited(task: u64, file: u64, fd: u32, session: u64) -> bool {
+    let Some(visited) = VISITED.get_ptr_mut(VISITED_SLOT) else {
+        return false;
+    };
+    // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
+    let visited = unsafe { &mut *visited };
+    if visited.session != session || visited.task != task || visited.inherited == 0 {
+        return false;
+    }
+    if !matches!(
+        inheritance(file, fd, session, visited),
+        Inheritance::FromParent
+    ) {
+        return false;
+    }
+    visited.inherited += 1;
+    true
 }
 
 /// How a socket's file came to the process holding it, as far as this

@@ -86,10 +86,13 @@ fn start_condition(c: Condition, bin: &Path, script: &Path) -> Result<Beside> {
         Condition::Baseline => Beside::Nothing,
         Condition::Observer => Beside::Observer(ObserverDaemon::start(bin)?),
         Condition::Bpftrace => {
-            let before = prog_stats()?.len();
+            // A program id not loaded before (counting them would race the
+            // last condition's daemon, whose programs the kernel may still
+            // be freeing).
+            let before = prog_stats()?;
             let child = spawn(Command::new("bpftrace").arg(script), "bpftrace")?;
             let deadline = Instant::now() + Duration::from_secs(30);
-            while prog_stats()?.len() <= before {
+            while prog_stats()?.keys().all(|id| before.contains_key(id)) {
                 if Instant::now() > deadline {
                     bail!("bpftrace did not load its program");
                 }
