@@ -53,8 +53,9 @@ pub const LISTEN_PORT_MAP_CAPACITY: u32 = 16384;
 pub const UNIX_QUEUED_MAP_CAPACITY: u32 = 16384;
 /// Listening sockets' files the holder iterator remembers per scan, to tell
 /// a child's inherited copies from sockets of its own (see
-/// [`InheritableListener`]). Past this many, the oldest are forgotten and a
-/// child's copies of them are reported one by one, as before.
+/// [`InheritableListener`]). Past this many, the oldest are forgotten: a
+/// child writes a record for each copy of those, its count falls short of
+/// its parent's, and the daemon reads the fds it misses from /proc.
 pub const INHERITABLE_MAP_CAPACITY: u32 = 65536;
 
 /// `sock.sk_type` of the Unix sockets that have listeners.

@@ -81,10 +81,10 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
         end_of_walk(seq, session);
         return 0;
     }
-    if counted_as_inherited(task, file, fd, session) {
+    let off = offsets();
+    if counted_as_inherited(task, file, fd, session, &off) {
         return 0;
     }
-    let off = offsets();
     let Some(inode) = read_ptr(file, off.file_f_inode) else {
         return 0;
     };
@@ -94,6 +94,11 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
     let Some(visit) = Visit::start(task, session, &off) else {
         return 0;
     };
+    // The last process's count before this socket's records: if those do
+    // not fit, the kernel drops both and runs this again.
+    if !visit.report_before(seq) {
+        return 0;
+    }
     // An inherited listener is counted before anything else is read: a
     // worker holding 10,000 of them costs a lookup each.
     let inheritance = inheritance(file, fd, session, visit.process);
@@ -116,7 +121,7 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
             None => true,
         },
     };
-    visit.finish(seq, fitted);
+    visit.finish(fitted);
     0
 }
 
@@ -207,15 +212,20 @@ fn holder(
 /// the process this CPU visits has counted an inherited socket already, a
 /// file its parent passed on is counted at once, before any read of the
 /// file (about a third of a 10-million-fd walk). Anything else takes the
-/// full path, which reads the task again.
+/// full path.
 #[inline(always)]
-fn counted_as_inherited(task: u64, file: u64, fd: u32, session: u64) -> bool {
+fn counted_as_inherited(task: u64, file: u64, fd: u32, session: u64, off: &KernelOffsets) -> bool {
     let Some(visited) = VISITED.get_ptr_mut(VISITED_SLOT) else {
         return false;
     };
     // SAFETY: our per-CPU slot (iterator runs do not nest on one CPU).
     let visited = unsafe { &mut *visited };
     if visited.session != session || visited.task != task || visited.inherited == 0 {
+        return false;
+    }
+    // The tgid too: a `task_struct` freed during the scan can come back as
+    // another process's at the same address.
+    if read::<u32>(task, off.task_tgid) != Some(visited.tgid) {
         return false;
     }
     if !matches!(
@@ -279,7 +289,7 @@ fn write_listener(
         };
         // A full map forgets its oldest entry; a failed insert only costs
         // the children's records, written in full.
-        let _ = INHERITABLE.insert(&socket.file, &first, 0);
+        let _ = INHERITABLE.insert(socket.file, first, 0);
     }
     write(seq, record)
 }
@@ -289,7 +299,8 @@ fn write_listener(
 /// run is never dropped), or the `VISITING` slot, read afresh at its first
 /// socket and copied into `VISITED` once the socket's records fitted. When
 /// the visit moves on to another process of the scan, the last one's
-/// inherited count is written first ([`INHERITED_LISTENERS`]).
+/// inherited count is written first ([`INHERITED_LISTENERS`]), before the
+/// socket's records.
 struct Visit {
     process: &'static mut VisitedProcess,
     /// The process visited before, when `process` is another one.
@@ -330,23 +341,28 @@ impl Visit {
         })
     }
 
-    /// For a process visited afresh: reports the last one's count (of this
-    /// scan), then keeps this one in `VISITED`; only once everything this
-    /// run wrote fitted, since the kernel drops a run's output that did not
-    /// fit and runs it again.
+    /// For a process visited afresh: writes the last one's count, when it
+    /// is of this scan; false when it did not fit.
     #[inline(always)]
-    fn finish(self, seq: *mut seq_file, fitted: bool) {
-        let Some(before) = self.before else {
-            return;
-        };
-        if !fitted {
-            return;
+    fn report_before(&self, seq: *mut seq_file) -> bool {
+        match &self.before {
+            Some(before) if before.session == self.process.session && before.inherited > 0 => {
+                write_inherited(seq, before)
+            }
+            _ => true,
         }
-        let finishes = before.session == self.process.session && before.inherited > 0;
-        if finishes && !write_inherited(seq, before) {
-            return;
+    }
+
+    /// For a process visited afresh: keeps it in `VISITED`, only once
+    /// everything this run wrote fitted (the kernel drops a run's output
+    /// that did not fit, and runs it again).
+    #[inline(always)]
+    fn finish(self, fitted: bool) {
+        if let Some(before) = self.before
+            && fitted
+        {
+            *before = *self.process;
         }
-        *before = *self.process;
     }
 }
 

@@ -25,7 +25,7 @@ use crate::{
     collectors::{CollectorOptions, Collectors},
     containers::{ContainerCache, ContainerInfo},
     kernel::{
-        holders::{HolderWalk, Holding},
+        holders::{HolderWalk, Holding, ShortChildren},
         host, offsets,
         probes::{self, AcceptSource, Probes},
         procfs,
@@ -162,6 +162,9 @@ pub struct Pipeline {
     /// Who hands connections to whom (dispatchers, fed workers),
     /// remembered while they live.
     handoffs: Handoffs,
+    /// The listeners workers miss of their master's, remembered while
+    /// their counts stay the same.
+    short_children: ShortChildren,
     containers: ContainerCache,
     /// The clock of Unix queue heads' first sightings.
     started: Instant,
@@ -234,6 +237,7 @@ impl Pipeline {
             event_loops: Default::default(),
             slots: Default::default(),
             handoffs: Default::default(),
+            short_children: Default::default(),
             containers: Default::default(),
             started: Instant::now(),
             sampler,
@@ -383,8 +387,12 @@ impl Pipeline {
         let now = self.started.elapsed();
         let walks = self.probes.walks(self.tcp_walk.due(now));
         let (holders, seconds) = walks.holders;
-        st.set("holders_iterator", seconds);
-        let holders = holders?;
+        let resolving = Instant::now();
+        let holders = HolderWalk::resolve(holders?, &mut self.short_children, &procfs::Fds);
+        st.set(
+            "holders_iterator",
+            seconds + resolving.elapsed().as_secs_f64(),
+        );
         let lost_a_holder = self.tcp_walk.saw_held(&holders.holdings);
         let listeners = match walks.listeners {
             Some((listeners, seconds)) => {

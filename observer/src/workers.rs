@@ -513,8 +513,9 @@ struct InheritableSocket {
 }
 
 /// The processes that hold their parent's inheritable listeners
-/// ([`Inheritor`]), one group per parent: in the holders of each of those
-/// listeners, the group stands for them all.
+/// ([`Inheritor`]), one group per parent and set of fds its children miss
+/// (most often none): in the holders of each of those listeners, the group
+/// stands for them all.
 #[derive(Debug, Default)]
 struct InheritedGroups {
     /// Each group's processes, sorted by pid.
@@ -526,8 +527,9 @@ struct InheritedGroups {
 }
 
 impl InheritedGroups {
-    /// Groups `inheritors` by parent; each child's listening fds are its
-    /// parent's inheritable ones and its own (`listen_fds`, updated).
+    /// Groups `inheritors` by parent and missed fds; each child's listening
+    /// fds are its parent's inheritable ones but those it misses, and its
+    /// own (`listen_fds`, updated).
     fn of(
         inheritors: &[Inheritor],
         inheritable: &HashMap<u32, Vec<InheritableSocket>>,
@@ -535,14 +537,15 @@ impl InheritedGroups {
         listen_fds: &mut HashMap<u32, Arc<[i32]>>,
         comms: &mut HashMap<u32, Comm>,
     ) -> InheritedGroups {
-        let mut children: BTreeMap<u32, Vec<Process>> = BTreeMap::new();
+        let mut children: BTreeMap<(u32, Arc<[u32]>), Vec<Process>> = BTreeMap::new();
         for child in inheritors {
             // A parent none of whose listeners is shown: nothing to hold.
             if inheritable.contains_key(&child.ppid) {
                 comms
                     .entry(child.pid)
                     .or_insert_with(|| comm_string(&child.comm));
-                children.entry(child.ppid).or_default().push(Process {
+                let group = (child.ppid, child.missing.clone());
+                children.entry(group).or_default().push(Process {
                     pid: child.pid,
                     ppid: child.ppid,
                 });
@@ -552,10 +555,16 @@ impl InheritedGroups {
             by_listener: vec![Vec::new(); listeners],
             ..InheritedGroups::default()
         };
-        for (parent, mut kids) in children {
+        for ((parent, missing), mut kids) in children {
             let group = inherited.groups.len();
-            let held = inheritable.get(&parent).map_or(&[][..], |h| &h[..]);
-            for socket in held {
+            let held: Vec<InheritableSocket> = inheritable
+                .get(&parent)
+                .into_iter()
+                .flatten()
+                .filter(|s| missing.binary_search(&(s.fd as u32)).is_err())
+                .copied()
+                .collect();
+            for socket in &held {
                 if let Some(no) = socket.no {
                     inherited.by_listener[no].push(group);
                 }
@@ -609,7 +618,9 @@ impl InheritedGroups {
             .clone()
     }
 
-    /// The processes of the groups holding the socket with this inode.
+    /// The processes of the groups holding the socket with this inode
+    /// (with those holding it by a record of their own: `Membership`'s
+    /// `socket_holders` takes each once).
     fn socket_holders(&self, inode: u64) -> impl Iterator<Item = u32> + '_ {
         let first = self.sockets.partition_point(|(i, _)| *i < inode);
         self.sockets[first..]
@@ -782,8 +793,10 @@ impl Membership {
             .iter()
             .take_while(move |(i, _)| *i == inode)
             .map(|(_, pid)| *pid);
-        own.chain(self.inherited.socket_holders(inode))
-            .map(|pid| (pid, self.comm(pid)))
+        let mut pids: Vec<u32> = own.chain(self.inherited.socket_holders(inode)).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.into_iter().map(|pid| (pid, self.comm(pid)))
     }
 
     /// A process's name, as the kernel holds it (`comm`).
@@ -1686,6 +1699,17 @@ mod tests {
         assert_eq!(r.masters, [10]);
     }
 
+    /// Each pool's port and worker pids.
+    fn workers_by_port(p: &Pools) -> Vec<(u16, Vec<u32>)> {
+        p.pools
+            .iter()
+            .map(|pool| {
+                let pids = pool.workers.iter().map(|w| w.pid).collect();
+                (pool.listener.port, pids)
+            })
+            .collect()
+    }
+
     #[test]
     fn each_listener_gets_its_own_holders_and_one_left_out_by_the_cap_none() {
         // Listeners 80 (inode 5) and 81 (inode 6) are shown; 82 (inode 7)
@@ -1715,16 +1739,7 @@ mod tests {
         ];
         let m = Membership::from_holders(&listeners, &walk(&holders), &mut Handoffs::default());
         let p = pools(&views, &m, &HashMap::new(), 100);
-        let workers: Vec<(u16, Vec<u32>)> = p
-            .pools
-            .iter()
-            .map(|pool| {
-                (
-                    pool.listener.port,
-                    pool.workers.iter().map(|w| w.pid).collect(),
-                )
-            })
-            .collect();
+        let workers = workers_by_port(&p);
         assert_eq!(workers, [(80, vec![11, 12]), (81, vec![20])]);
         assert_eq!(m.a_holder(1), Some(20));
         let fds = m.worker_listen_fds();
@@ -1771,20 +1786,12 @@ mod tests {
                 pid,
                 ppid: 10,
                 comm: *b"gunz\0\0\0\0\0\0\0\0\0\0\0\0",
+                missing: Arc::from([]),
             })
             .collect();
         let m = Membership::from_holders(&listeners, &walk, &mut Handoffs::default());
         let p = pools(&views, &m, &HashMap::new(), 100);
-        let workers: Vec<(u16, Vec<u32>)> = p
-            .pools
-            .iter()
-            .map(|pool| {
-                (
-                    pool.listener.port,
-                    pool.workers.iter().map(|w| w.pid).collect(),
-                )
-            })
-            .collect();
+        let workers = workers_by_port(&p);
         let children: Vec<u32> = (11..=20).collect();
         assert_eq!(
             workers,
@@ -1803,6 +1810,43 @@ mod tests {
         assert_eq!(on_82, (10..=20).collect::<Vec<u32>>());
         let tags = watched(&m, &HashMap::new()).workers;
         assert_eq!(tags[&11].pool, tags[&12].pool);
+    }
+
+    #[test]
+    fn children_missing_some_of_the_masters_listeners_are_workers_of_the_rest() {
+        // A master (10) with 80 and 81 at fds 3 and 4; its children 11 and
+        // 12 closed 81, 13 kept both.
+        let sockets = [socket(80, 5), socket(81, 6)];
+        let mut views = vec![view(80), view(81)];
+        views[1].sockets[0].inode = 6;
+        let listeners = Collection {
+            listeners: views.clone(),
+            index: ListenerIndex::new(&sockets),
+            ..Default::default()
+        };
+        let first = |port, inode, fd| HolderRecord {
+            fd,
+            inheritable: 1,
+            ..holder(10, 1, port, TCP_LISTEN, inode)
+        };
+        let mut walk = walk(&[first(80, 5, 3), first(81, 6, 4)]);
+        let child = |pid, missing: &[u32]| Inheritor {
+            pid,
+            ppid: 10,
+            comm: [0; 16],
+            missing: Arc::from(missing),
+        };
+        walk.inheritors = vec![child(11, &[4]), child(12, &[4]), child(13, &[])];
+        let m = Membership::from_holders(&listeners, &walk, &mut Handoffs::default());
+        let p = pools(&views, &m, &HashMap::new(), 100);
+        assert_eq!(
+            workers_by_port(&p),
+            [(80, vec![11, 12, 13]), (81, vec![13])]
+        );
+        let fds = m.worker_listen_fds();
+        assert_eq!((&fds[&11][..], &fds[&13][..]), (&[3][..], &[3, 4][..]));
+        let on_81: Vec<u32> = m.socket_holders(6).map(|(pid, _)| pid).collect();
+        assert_eq!(on_81, [10, 13]);
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! listeners are 1,000 records, not 10 million).
 //!
 //! A worker's count is checked against its parent's inheritable records:
-//! equal, it holds every one of them, at the parent's fds (an
-//! [`Inheritor`]); short (it closed some, or the walk's count was cut),
-//! the ones it holds are read from /proc and written out as its own: its
-//! open fds, and those of them that are the parent's fds, checked by inode
-//! (a child that kept one of a parent's 10,000 listeners costs a listing of
-//! its few fds and one check, not 10,000).
-use foldhash::{HashMap, HashMapExt as _};
+//! equal, it holds every one of them, at the parent's fds. Short (it closed
+//! some, its parent opened more since the fork, or the walk's count was
+//! cut), the ones it misses are read from /proc: its open fds, and those of
+//! them that are the parent's, checked by inode. Either way it is an
+//! [`Inheritor`], with the parent's fds it misses; a short child's are kept
+//! ([`ShortChildren`]) and read again only when its count or its parent's
+//! changes, so that 1,000 workers each missing one of their master's
+//! 10,000 listeners cost /proc reads once, not at every scrape.
+use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 use observer_common::{AF_UNIX, HolderRecord, INHERITED_LISTENERS, TCP_LISTEN, UnixNameRecord};
 
 /// One socket a process holds, with the path of a Unix listener.
@@ -22,14 +26,17 @@ pub struct Holding {
     pub unix_name: Option<UnixNameRecord>,
 }
 
-/// A process that holds every inheritable listener of its parent
-/// ([`HolderRecord::inheritable`]), at the parent's fds, and whose own
-/// records do not repeat them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A process that holds its parent's inheritable listeners
+/// ([`HolderRecord::inheritable`]) at the parent's fds, but `missing`, and
+/// whose own records do not repeat them.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inheritor {
     pub pid: u32,
     pub ppid: u32,
     pub comm: [u8; 16],
+    /// The parent's inheritable fds it does not hold, sorted (most often
+    /// none).
+    pub missing: Arc<[u32]>,
 }
 
 /// What one holder walk found.
@@ -50,56 +57,104 @@ pub trait ProcessFds {
     fn inode_at(&self, pid: u32, fd: u32) -> Option<u64>;
 }
 
+/// The fds short children miss, kept from one walk to the next while each
+/// child's count and its parent's number of inheritable listeners stay the
+/// same; forgotten with the child.
+#[derive(Debug, Default)]
+pub struct ShortChildren {
+    known: HashMap<u32, ShortChild>,
+}
+
+#[derive(Debug)]
+struct ShortChild {
+    ppid: u32,
+    counted: u32,
+    inheritable: usize,
+    missing: Arc<[u32]>,
+}
+
 impl HolderWalk {
-    /// The walk's records with every inherited count resolved.
-    pub fn resolve(raw: RawWalk, proc: &impl ProcessFds) -> HolderWalk {
+    /// The walk's records with every inherited count resolved; `short`
+    /// keeps what /proc said of short children for the next walk.
+    pub fn resolve(raw: RawWalk, short: &mut ShortChildren, proc: &impl ProcessFds) -> HolderWalk {
         let RawWalk {
-            mut holdings,
+            holdings,
             inherited,
         } = raw;
-        // Each parent's inheritable records, by fd.
-        let mut inheritable: HashMap<u32, HashMap<u32, usize>> = HashMap::new();
-        for (at, h) in holdings.iter().enumerate() {
+        // Each parent's inheritable records: fd and inode, sorted by fd.
+        let mut inheritable: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
+        for h in &holdings {
             if h.record.state == TCP_LISTEN && h.record.inheritable != 0 {
                 let fds = inheritable.entry(h.record.tgid).or_default();
-                fds.insert(h.record.fd, at);
+                fds.push((h.record.fd, h.record.inode));
             }
         }
-        let none = HashMap::new();
-        let mut inheritors = Vec::new();
-        let mut own_copies = Vec::new();
+        for fds in inheritable.values_mut() {
+            fds.sort_unstable();
+            fds.dedup_by_key(|(fd, _)| *fd);
+        }
+        let none: Arc<[u32]> = Arc::from([]);
+        let mut inheritors = Vec::with_capacity(inherited.len());
+        let mut still_short = HashSet::default();
         for child in inherited {
-            let parents = inheritable.get(&child.ppid).unwrap_or(&none);
-            if child.listeners as usize == parents.len() {
-                inheritors.push(Inheritor {
-                    pid: child.pid,
-                    ppid: child.ppid,
-                    comm: child.comm,
-                });
+            // A parent of none shown: nothing to inherit.
+            let Some(parents) = inheritable.get(&child.ppid) else {
                 continue;
-            }
-            for fd in proc.open_fds(child.pid) {
-                let Some(at) = parents.get(&fd) else {
-                    continue;
-                };
-                let parent = holdings[*at];
-                if proc.inode_at(child.pid, fd) != Some(parent.record.inode) {
-                    continue;
-                }
-                let mut copy = parent;
-                copy.record.tgid = child.pid;
-                copy.record.ppid = child.ppid;
-                copy.record.comm = child.comm;
-                copy.record.inheritable = 0;
-                own_copies.push(copy);
-            }
+            };
+            let missing = if child.listeners as usize == parents.len() {
+                none.clone()
+            } else {
+                still_short.insert(child.pid);
+                short.missing(&child, parents, proc)
+            };
+            inheritors.push(Inheritor {
+                pid: child.pid,
+                ppid: child.ppid,
+                comm: child.comm,
+                missing,
+            });
         }
-        holdings.extend(own_copies);
-        inheritors.sort_unstable_by_key(|i| i.pid);
+        short.known.retain(|pid, _| still_short.contains(pid));
         HolderWalk {
             holdings,
             inheritors,
         }
+    }
+}
+
+impl ShortChildren {
+    /// The parent's fds (`parents`: fd and inode) that `child` does not
+    /// hold: as found before, or read from /proc now.
+    fn missing(
+        &mut self,
+        child: &InheritedCount,
+        parents: &[(u32, u64)],
+        proc: &impl ProcessFds,
+    ) -> Arc<[u32]> {
+        if let Some(known) = self.known.get(&child.pid)
+            && known.ppid == child.ppid
+            && known.counted == child.listeners
+            && known.inheritable == parents.len()
+        {
+            return known.missing.clone();
+        }
+        let open: HashSet<u32> = proc.open_fds(child.pid).into_iter().collect();
+        let holds = |(fd, inode): &(u32, u64)| {
+            open.contains(fd) && proc.inode_at(child.pid, *fd) == Some(*inode)
+        };
+        let missing: Arc<[u32]> = parents
+            .iter()
+            .filter(|parent| !holds(parent))
+            .map(|(fd, _)| *fd)
+            .collect();
+        let known = ShortChild {
+            ppid: child.ppid,
+            counted: child.listeners,
+            inheritable: parents.len(),
+            missing: missing.clone(),
+        };
+        self.known.insert(child.pid, known);
+        missing
     }
 }
 
@@ -265,14 +320,16 @@ mod tests {
             listener(10, 1, 5, 102, false).record,
             count(11, 10, 2),
         ]));
-        let walk = HolderWalk::resolve(raw, &Unread);
+        let walk = HolderWalk::resolve(raw, &mut ShortChildren::default(), &Unread);
         assert_eq!(walk.holdings.len(), 3);
         assert_eq!(walk.inheritors.len(), 1);
-        assert_eq!((walk.inheritors[0].pid, walk.inheritors[0].ppid), (11, 10));
+        let child = &walk.inheritors[0];
+        assert_eq!((child.pid, child.ppid), (11, 10));
+        assert!(child.missing.is_empty());
     }
 
     #[test]
-    fn a_child_short_of_its_parent_is_read_from_proc_fd_by_fd() {
+    fn a_short_child_misses_what_proc_says_it_does_not_hold_read_once() {
         let raw = parse(&bytes(&[
             listener(10, 1, 3, 100, true).record,
             listener(10, 1, 4, 101, true).record,
@@ -282,22 +339,35 @@ mod tests {
         // The child closed fds 3 and 5 and keeps fd 4; another file took
         // fd 5's number; fd 7 is one of its own.
         let child = Fds(vec![(11, 0, 1), (11, 4, 101), (11, 5, 999), (11, 7, 7)]);
-        let walk = HolderWalk::resolve(raw, &child);
-        assert!(walk.inheritors.is_empty());
-        let own: Vec<(u32, u32, u64, u8)> = walk
-            .holdings
-            .iter()
-            .filter(|h| h.record.tgid == 11)
-            .map(|h| {
-                (
-                    h.record.ppid,
-                    h.record.fd,
-                    h.record.inode,
-                    h.record.inheritable,
-                )
-            })
-            .collect();
-        assert_eq!(own, vec![(10, 4, 101, 0)]);
+        let mut short = ShortChildren::default();
+        let walk = HolderWalk::resolve(raw.clone(), &mut short, &child);
+        assert_eq!(walk.holdings.len(), 3, "no record for the child's");
+        assert_eq!(&walk.inheritors[0].missing[..], [3, 5]);
+        // The next walk, with the same counts: not read again.
+        let again = HolderWalk::resolve(raw.clone(), &mut short, &Unread);
+        assert_eq!(again.inheritors, walk.inheritors);
+        // Its count changed: read again.
+        let mut changed = raw;
+        changed.inherited[0].listeners = 2;
+        let child = Fds(vec![(11, 3, 100), (11, 4, 101)]);
+        let walk = HolderWalk::resolve(changed, &mut short, &child);
+        assert_eq!(&walk.inheritors[0].missing[..], [5]);
+    }
+
+    #[test]
+    fn a_short_child_that_is_gone_is_forgotten() {
+        let raw = parse(&bytes(&[
+            listener(10, 1, 3, 100, true).record,
+            listener(10, 1, 4, 101, true).record,
+            count(11, 10, 1),
+        ]));
+        let mut short = ShortChildren::default();
+        let child = Fds(vec![(11, 3, 100)]);
+        HolderWalk::resolve(raw, &mut short, &child);
+        assert_eq!(short.known.len(), 1);
+        let gone = parse(&bytes(&[listener(10, 1, 3, 100, true).record]));
+        HolderWalk::resolve(gone, &mut short, &Unread);
+        assert!(short.known.is_empty());
     }
 
     #[test]

@@ -152,6 +152,12 @@ pub fn on_one_cpu<T>(f: impl FnOnce() -> T) -> T {
     unsafe { libc::CPU_SET(cpu as usize, &mut here) };
     // SAFETY: sets the calling thread's affinity from our own set.
     let pinned = unsafe { libc::sched_setaffinity(0, size, &here) } == 0;
+    if !pinned {
+        log::debug!(
+            "could not keep the walk on CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let out = f();
     if pinned {
         // SAFETY: restores the set read above.

@@ -18,7 +18,7 @@ use observer_common::{
 };
 
 use super::{
-    holders::{self, HolderWalk},
+    holders::{self, RawWalk},
     iter,
     offsets::KernelLayout,
     procfs,
@@ -81,7 +81,7 @@ impl AcceptSource {
 
 /// What [`Probes::walks`] read, each with the seconds it took.
 pub struct Walks {
-    pub holders: (Result<HolderWalk>, f64),
+    pub holders: (Result<RawWalk>, f64),
     pub listeners: Option<(Result<Vec<ListenerRecord>>, f64)>,
 }
 
@@ -91,11 +91,10 @@ fn read_listeners(link: &IterLink) -> Result<Vec<ListenerRecord>> {
 }
 
 /// The holder walk's records, read on one CPU (the walk keeps a process's
-/// inherited count per CPU: a read that moved would split it), with the
-/// inherited counts resolved.
-fn read_holders(link: &IterLink) -> Result<HolderWalk> {
+/// inherited count per CPU: a read that moved would split it).
+fn read_holders(link: &IterLink) -> Result<RawWalk> {
     let bytes = iter::on_one_cpu(|| link.read())?;
-    Ok(HolderWalk::resolve(holders::parse(&bytes), &procfs::Fds))
+    Ok(holders::parse(&bytes))
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
@@ -255,7 +254,7 @@ impl Probes {
 
     /// Every process's listening sockets and its accepted connections of the
     /// ports in `LISTEN_PORTS`, right now.
-    pub fn holders(&self) -> Result<HolderWalk> {
+    pub fn holders(&self) -> Result<RawWalk> {
         read_holders(&self.holders)
     }
 
