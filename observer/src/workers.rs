@@ -1710,18 +1710,45 @@ mod tests {
             .collect()
     }
 
+    /// Listeners shown (`shown`: port and inode each) among the listening
+    /// `sockets` of the host (the rest left out by the cap): their views,
+    /// and the collection made of them.
+    fn shown_among(
+        shown: &[(u16, u64)],
+        sockets: &[ListenSocket],
+    ) -> (Vec<ListenerView>, Collection) {
+        let views: Vec<ListenerView> = shown
+            .iter()
+            .map(|(port, inode)| {
+                let mut v = view(*port);
+                v.sockets[0].inode = *inode;
+                v
+            })
+            .collect();
+        let listeners = Collection {
+            listeners: views.clone(),
+            index: ListenerIndex::new(sockets),
+            ..Default::default()
+        };
+        (views, listeners)
+    }
+
+    /// Master 10's record of the listener on `port`, the first to hold
+    /// its file, at `fd`.
+    fn masters(port: u16, inode: u64, fd: u32) -> HolderRecord {
+        HolderRecord {
+            fd,
+            inheritable: 1,
+            ..holder(10, 1, port, TCP_LISTEN, inode)
+        }
+    }
+
     #[test]
     fn each_listener_gets_its_own_holders_and_one_left_out_by_the_cap_none() {
         // Listeners 80 (inode 5) and 81 (inode 6) are shown; 82 (inode 7)
         // exists but was left out by the cap.
         let sockets = [socket(80, 5), socket(81, 6), socket(82, 7)];
-        let mut views = vec![view(80), view(81)];
-        views[1].sockets[0].inode = 6;
-        let listeners = Collection {
-            listeners: views.clone(),
-            index: ListenerIndex::new(&sockets),
-            ..Default::default()
-        };
+        let (views, listeners) = shown_among(&[(80, 5), (81, 6)], &sockets);
         let with_fd = |mut h: HolderRecord, fd: u32| {
             h.fd = fd;
             h
@@ -1763,24 +1790,12 @@ mod tests {
         // fds 3, 4 and 5; its ten children 11 to 20 inherited all three,
         // and 12 also holds 83, of its own.
         let sockets = [socket(80, 5), socket(81, 6), socket(82, 7), socket(83, 8)];
-        let mut views = vec![view(80), view(81), view(83)];
-        views[1].sockets[0].inode = 6;
-        views[2].sockets[0].inode = 8;
-        let listeners = Collection {
-            listeners: views.clone(),
-            index: ListenerIndex::new(&sockets),
-            ..Default::default()
-        };
-        let first = |port, inode, fd| HolderRecord {
-            fd,
-            inheritable: 1,
-            ..holder(10, 1, port, TCP_LISTEN, inode)
-        };
+        let (views, listeners) = shown_among(&[(80, 5), (81, 6), (83, 8)], &sockets);
         let own = HolderRecord {
             fd: 9,
             ..holder(12, 10, 83, TCP_LISTEN, 8)
         };
-        let mut walk = walk(&[first(80, 5, 3), first(81, 6, 4), first(82, 7, 5), own]);
+        let mut walk = walk(&[masters(80, 5, 3), masters(81, 6, 4), masters(82, 7, 5), own]);
         walk.inheritors = (11..=20)
             .map(|pid| Inheritor {
                 pid,
@@ -1817,19 +1832,8 @@ mod tests {
         // A master (10) with 80 and 81 at fds 3 and 4; its children 11 and
         // 12 closed 81, 13 kept both.
         let sockets = [socket(80, 5), socket(81, 6)];
-        let mut views = vec![view(80), view(81)];
-        views[1].sockets[0].inode = 6;
-        let listeners = Collection {
-            listeners: views.clone(),
-            index: ListenerIndex::new(&sockets),
-            ..Default::default()
-        };
-        let first = |port, inode, fd| HolderRecord {
-            fd,
-            inheritable: 1,
-            ..holder(10, 1, port, TCP_LISTEN, inode)
-        };
-        let mut walk = walk(&[first(80, 5, 3), first(81, 6, 4)]);
+        let (views, listeners) = shown_among(&[(80, 5), (81, 6)], &sockets);
+        let mut walk = walk(&[masters(80, 5, 3), masters(81, 6, 4)]);
         let child = |pid, missing: &[u32]| Inheritor {
             pid,
             ppid: 10,

@@ -14,17 +14,22 @@ pub fn file_id(pid: u32, fd: u32) -> Option<crate::activity::FileId> {
     Some(crate::activity::FileId { ino: meta.ino() })
 }
 
+/// The fds open in process `pid` (none if it is gone).
+pub fn open_fds(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Processes' open fds, as /proc lists them.
 pub struct Fds;
 
 impl super::holders::ProcessFds for Fds {
     fn open_fds(&self, pid: u32) -> Vec<u32> {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-            .collect()
+        open_fds(pid)
     }
 
     fn inode_at(&self, pid: u32, fd: u32) -> Option<u64> {
@@ -83,23 +88,13 @@ pub fn process_is_alive(tgid: u32) -> bool {
 /// links are not read: a process holding 10,000 listeners costs a directory
 /// listing, not 10,000 readlinks.
 pub fn epolls_watching(tgid: u32, listen_fds: &[i32]) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{tgid}/fd")) else {
-        return vec![];
-    };
     let sockets: HashSet<i32> = listen_fds.iter().copied().collect();
     let mut epolls = Vec::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for fd in open_fds(tgid).into_iter().map(|fd| fd as i32) {
         if sockets.contains(&fd) {
             continue;
         }
-        let is_epoll = std::fs::read_link(entry.path())
+        let is_epoll = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
             .is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]");
         if !is_epoll {
             continue;
