@@ -125,6 +125,58 @@ fn two_daemons_at_once_both_serve_the_same_truth() {
     );
 }
 
+/// Eight scrapes released at once: the ones that arrive while a collection
+/// runs wait for it and get its very text (the stage timings and the
+/// daemon's CPU seconds in it differ between any two collections), and each
+/// answer still shows the queue as `ss` does.
+#[test]
+fn scrapes_that_arrive_during_a_collection_share_its_text() {
+    // Two thousand listeners make a collection last long enough for the
+    // scrapes released together to overlap it.
+    let limit = libc::rlimit {
+        rlim_cur: 16384,
+        rlim_max: 16384,
+    };
+    // SAFETY: setrlimit with a valid struct, for this test process's fds.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let listeners: Vec<_> = (0..2_000)
+        .map(|_| listen("127.0.0.1:0".parse().expect("addr"), 16))
+        .collect();
+    let port = listeners[0].local_addr().expect("addr").port();
+    let _clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let daemon = Daemon::start();
+    std::thread::sleep(Duration::from_millis(50));
+    let queued = support::ss_listen_queues(port)[0].0 as f64;
+    let release = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let scrapes: Vec<_> = (0..8)
+        .map(|_| {
+            let release = release.clone();
+            let port = daemon.port;
+            std::thread::spawn(move || {
+                release.wait();
+                http_get(port, "/metrics").expect("scrape")
+            })
+        })
+        .collect();
+    let texts: Vec<String> = scrapes
+        .into_iter()
+        .map(|s| s.join().expect("scrape thread"))
+        .collect();
+    for text in &texts {
+        let m = support::Metrics::parse(text);
+        assert_eq!(m.listener("observer_listen_queue_length", port), queued);
+    }
+    let distinct: std::collections::HashSet<&String> = texts.iter().collect();
+    println!("8 scrapes at once: {} collections", distinct.len());
+    assert!(
+        distinct.len() < texts.len(),
+        "each of {} scrapes ran its own collection",
+        texts.len()
+    );
+}
+
 /// Sends raw bytes to the daemon and returns what it answered (may be empty).
 fn raw_request(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");

@@ -186,6 +186,20 @@ impl Pipeline {
         max_listeners: usize,
         max_workers: usize,
     ) -> Result<Self> {
+        let mut pipeline = Self::load(kernel, collectors, max_listeners, max_workers)?;
+        pipeline.collect().context("first collection")?;
+        Ok(pipeline)
+    }
+
+    /// Checks the host, loads and attaches the programs and starts the
+    /// thread sampler; the first [`Pipeline::collect`] is the baseline
+    /// (queue depths at start).
+    pub fn load(
+        kernel: &KernelOptions,
+        collectors: Collectors,
+        max_listeners: usize,
+        max_workers: usize,
+    ) -> Result<Self> {
         let probes = load_probes(kernel, false)?;
         log::info!("accept source: {}", probes.accept_source.name());
         for e in &probes.attach_errors {
@@ -229,7 +243,7 @@ impl Pipeline {
             probes.unix_waits_timed,
             probes.listen_discards.is_ok(),
         );
-        let mut pipeline = Pipeline {
+        Ok(Pipeline {
             probes,
             aggregator,
             max_workers,
@@ -244,9 +258,7 @@ impl Pipeline {
             tcp_walk: TcpWalk::default(),
             run_time_stats,
             health,
-        };
-        pipeline.collect().context("first collection")?;
-        Ok(pipeline)
+        })
     }
 
     /// Every collector, every listener, no cap: the CLI views.

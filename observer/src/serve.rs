@@ -1,12 +1,17 @@
 //! Stage 4b: the daemon. Serves /metrics (collected from the kernel at scrape
 //! time, like node_exporter), /healthz, and a landing page; detaches the
 //! programs on SIGINT/SIGTERM.
+//!
+//! Scrapes that arrive while a collection runs share its result: a pair of
+//! Prometheus replicas, or a scrape that came during start-up, costs one
+//! collection, not one each. /healthz answers 503 until the baseline
+//! collection is done.
 use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -73,11 +78,34 @@ pub struct ServeOptions {
 struct State {
     web: WebConfig,
     collectors: Collectors,
-    pipeline: Mutex<Pipeline>,
+    collecting: Mutex<Collecting>,
     process: prometheus::process_collector::ProcessCollector,
     telemetry_path: String,
     /// The last scrape's size, to size the next one's text.
     exposition_bytes: AtomicUsize,
+    /// The baseline collection is done: /healthz says ok from then on.
+    baselined: AtomicBool,
+}
+
+/// The pipeline, and the text of its newest collection.
+struct Collecting {
+    pipeline: Pipeline,
+    newest: Option<Exposition>,
+}
+
+/// One collection's text, and when it was ready.
+struct Exposition {
+    ready: Instant,
+    text: Bytes,
+}
+
+impl Collecting {
+    /// The newest collection's text, if it was ready after `arrived`: the
+    /// scrape that arrived then was waiting for that very collection.
+    fn shared_since(&self, arrived: Instant) -> Option<Bytes> {
+        let newest = self.newest.as_ref()?;
+        (newest.ready >= arrived).then(|| newest.text.clone())
+    }
 }
 
 const LANDING: &str = "<html><head><title>observer</title></head><body><h1>observer</h1>\
@@ -105,7 +133,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     })?;
     listener.set_nonblocking(true)?;
     let collectors = opts.collectors.resolve();
-    let pipeline = Pipeline::start(
+    let pipeline = Pipeline::load(
         &opts.kernel,
         collectors.clone(),
         opts.max_listeners,
@@ -115,10 +143,14 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     let state = Arc::new(State {
         web,
         collectors,
-        pipeline: Mutex::new(pipeline),
+        collecting: Mutex::new(Collecting {
+            pipeline,
+            newest: None,
+        }),
         process: prometheus::process_collector::ProcessCollector::for_self(),
         telemetry_path: opts.telemetry_path.clone(),
         exposition_bytes: AtomicUsize::new(0),
+        baselined: AtomicBool::new(false),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -134,11 +166,33 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// The baseline collection, on a blocking thread while the port already
+/// answers: a scrape that arrives meanwhile waits for it and shares it.
+async fn baseline(state: Arc<State>) -> Result<()> {
+    let arrived = Instant::now();
+    let collected = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || scrape(&state, arrived)).await
+    };
+    collected
+        .context("first collection")?
+        .context("first collection")?;
+    state.baselined.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
 async fn accept_loop(listener: std::net::TcpListener, state: Arc<State>) -> Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let baseline = baseline(state.clone());
+    tokio::pin!(baseline);
+    let mut baselining = true;
     loop {
         tokio::select! {
+            done = &mut baseline, if baselining => {
+                done?;
+                baselining = false;
+            }
             accepted = listener.accept() => {
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
@@ -186,8 +240,12 @@ where
     }
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
@@ -201,11 +259,7 @@ async fn handle<B>(req: Request<B>, state: Arc<State>) -> Response<Full<Bytes>> 
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes()),
     ) {
-        let mut response = respond(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "unauthorized\n".into(),
-        );
+        let mut response = respond(StatusCode::UNAUTHORIZED, "text/plain", "unauthorized\n");
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Basic realm=\"observer\""),
@@ -216,7 +270,7 @@ async fn handle<B>(req: Request<B>, state: Arc<State>) -> Response<Full<Bytes>> 
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET and HEAD\n".into(),
+            "only GET and HEAD\n",
         );
     }
     match req.uri().path() {
@@ -224,7 +278,8 @@ async fn handle<B>(req: Request<B>, state: Arc<State>) -> Response<Full<Bytes>> 
         // /healthz (and the sampler) never wait for one.
         p if p == state.telemetry_path => {
             let state = state.clone();
-            match tokio::task::spawn_blocking(move || scrape(&state)).await {
+            let arrived = Instant::now();
+            match tokio::task::spawn_blocking(move || scrape(&state, arrived)).await {
                 Ok(Ok(text)) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, text),
                 Ok(Err(e)) => respond(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -238,21 +293,32 @@ async fn handle<B>(req: Request<B>, state: Arc<State>) -> Response<Full<Bytes>> 
                 ),
             }
         }
-        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" if !state.baselined.load(Ordering::Relaxed) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "starting: the first collection is running\n",
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/" => respond(
             StatusCode::OK,
             "text/html",
             LANDING.replace("{path}", &state.telemetry_path),
         ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
-fn scrape(state: &State) -> Result<String> {
-    let mut pipeline = state
-        .pipeline
+/// The text of a collection that ended after `arrived`: the one this scrape
+/// waited for, or a new one.
+fn scrape(state: &State, arrived: Instant) -> Result<Bytes> {
+    let mut collecting = state
+        .collecting
         .lock()
         .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+    if let Some(text) = collecting.shared_since(arrived) {
+        return Ok(text);
+    }
+    let pipeline = &mut collecting.pipeline;
     let snapshot = pipeline.collect()?;
     // Written after the collection: its time is exported by the next
     // scrape's observer_collect_stage_seconds.
@@ -263,15 +329,18 @@ fn scrape(state: &State) -> Result<String> {
         &state.collectors,
         &state.process.collect(),
         state.exposition_bytes.load(Ordering::Relaxed),
-    );
+    )?;
     pipeline
         .health
         .stages
         .set("exposition", started.elapsed().as_secs_f64());
-    if let Ok(text) = &text {
-        state.exposition_bytes.store(text.len(), Ordering::Relaxed);
-    }
-    text
+    state.exposition_bytes.store(text.len(), Ordering::Relaxed);
+    let text = Bytes::from(text);
+    collecting.newest = Some(Exposition {
+        ready: Instant::now(),
+        text: text.clone(),
+    });
+    Ok(text)
 }
 
 /// One malloc arena for the whole daemon. A scrape runs on a blocking
