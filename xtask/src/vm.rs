@@ -42,7 +42,9 @@ pub struct VmOptions {
     /// Debian kernel series to boot, repeatable: 6.1, 6.12, …
     #[arg(long = "kernel", required = true)]
     pub kernels: Vec<String>,
-    /// End-to-end test binaries run once per accept source (comma-separated).
+    /// End-to-end test binaries run once per accept source (comma-separated);
+    /// `binary:filter` runs only the binary's tests whose names contain
+    /// `filter`.
     #[arg(
         long,
         value_delimiter = ',',
@@ -131,7 +133,8 @@ pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Pa
     opts.tests.retain(|t| !t.is_empty());
     opts.once.retain(|t| !t.is_empty());
     let opts = &opts;
-    for name in opts.tests.iter().chain(&opts.once) {
+    for test in opts.tests.iter().chain(&opts.once) {
+        let (name, _) = binary_and_filter(test);
         ensure!(
             binaries.contains_key(name),
             "no end-to-end test binary named {name}"
@@ -384,10 +387,10 @@ cd {root}
 echo "vm: $(uname -r) up"
 {observer} doctor > /vmout/doctor.txt 2>&1; echo "exit $?" >> /vmout/doctor.txt
 cat /vmout/doctor.txt
-run() {{ # <results file> <binary> [env assignments…]
-  out=$1; bin=$2; shift 2
+run() {{ # <results file> <binary> <test name filter> [env assignments…]
+  out=$1; bin=$2; filter=$3; shift 3
   echo "vm: $out"
-  env "$@" "$bin" --test-threads=1 --show-output > "/vmout/$out" 2>&1; echo "exit $?" >> "/vmout/$out"
+  env "$@" "$bin" --test-threads=1 --show-output "$filter" > "/vmout/$out" 2>&1; echo "exit $?" >> "/vmout/$out"
   grep -E '^test result|FAILED|panicked' "/vmout/$out"
 }}
 "#,
@@ -401,8 +404,12 @@ run() {{ # <results file> <binary> [env assignments…]
         let mut lines = String::new();
         for test in tests {
             for i in 1..=opts.repeat {
-                let binary = binaries[test].display();
-                let _ = writeln!(lines, "  run {prefix}.{test}.{i}.txt {binary} {env}");
+                let (name, filter) = binary_and_filter(test);
+                let binary = binaries[name].display();
+                let _ = writeln!(
+                    lines,
+                    "  run {prefix}.{test}.{i}.txt {binary} '{filter}' {env}"
+                );
             }
         }
         lines
@@ -591,6 +598,12 @@ fn read_results(opts: &VmOptions, kernel: &Kernel, out: &Path) -> Result<(Vec<Ro
     Ok((rows, failures))
 }
 
+/// `binary[:filter]`: the test binary, and the filter on its tests' names
+/// (empty: all of them).
+fn binary_and_filter(test: &str) -> (&str, &str) {
+    test.split_once(':').unwrap_or((test, ""))
+}
+
 /// Test names that passed and failed in libtest's plain output.
 /// Which tests of one binary's libtest output passed and failed. A test
 /// that prints (the guest runs them with `--nocapture`) splits its
@@ -762,8 +775,8 @@ mod tests {
         );
         assert!(script.contains(
             "if grep -q '^ok   kprobe ' /vmout/doctor.txt; then\n  :\n  \
-             run kprobe.listen_queue.1.txt /b/lq OBSERVER_ACCEPT_SOURCE=kprobe\n  \
-             run kprobe.unix_listeners.1.txt /b/ul OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
+             run kprobe.listen_queue.1.txt /b/lq '' OBSERVER_ACCEPT_SOURCE=kprobe\n  \
+             run kprobe.unix_listeners.1.txt /b/ul '' OBSERVER_ACCEPT_SOURCE=kprobe\nfi\n"
         ));
         assert_eq!(
             script
@@ -772,6 +785,10 @@ mod tests {
             1
         );
         assert!(script.contains("mount --bind /m /lib/modules/6.12.1"));
+        let mut filtered = VmOptions::one_kernel("6.12");
+        filtered.once = vec!["accept_sources:fexit".into()];
+        let script = guest_script(&filtered, &kernel, &binaries, Path::new("/b/observer"));
+        assert!(script.contains("run auto.accept_sources:fexit.1.txt /b/as 'fexit' \n"));
     }
 
     #[test]
