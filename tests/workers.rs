@@ -459,6 +459,40 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
     );
 }
 
+/// A big host: 10,000 parked threads that belong to no pool, and gunicorn
+/// with 2 workers. The sampler reads the pool's own threads, not the
+/// host's (no pass walks the host), so it keeps its rate, and busy time
+/// adds up, within 5%, to the requests' time by the clients' clocks.
+#[test]
+fn beside_ten_thousand_parked_threads_the_sampler_reads_the_pool_alone_and_busy_time_holds() {
+    let _parked = support::ParkedThreads::start(10_000);
+    let daemon = Daemon::start();
+    let server = gunicorn(&["-w", "2"]);
+    wait_for_idle_pool(&daemon, server.port, 2.0);
+    let before = daemon.scrape();
+    let (done, client_seconds) = finish_timed(load(server.port, 2, 15, 0.4));
+    let m = daemon.scrape();
+    let walked_host = m
+        .get("observer_worker_sample_host_walks_total", &[])
+        .unwrap_or(-1.0)
+        - before
+            .get("observer_worker_sample_host_walks_total", &[])
+            .unwrap_or(0.0);
+    let interval = m.get("observer_worker_sample_interval_seconds", &[]);
+    let busy_s = sum_per_worker(&m, "observer_worker_busy_seconds_total", server.port)
+        - sum_per_worker(&before, "observer_worker_busy_seconds_total", server.port);
+    println!(
+        "{done} requests, {client_seconds:.2} s by the clients; busy {busy_s:.2} s; \
+         interval {interval:?} s; {walked_host} passes walked the host"
+    );
+    assert_eq!(done, 30, "every client request succeeded");
+    assert_eq!(walked_host, 0.0, "passes walked the host's threads");
+    assert!(
+        (busy_s - client_seconds).abs() <= 0.05 * client_seconds,
+        "busy {busy_s} s vs {client_seconds} s by the clients"
+    );
+}
+
 #[test]
 fn all_workers_busy_makes_the_queue_grow_and_waits_show_it_then_both_drain() {
     let daemon = Daemon::start_with_pids();

@@ -868,10 +868,11 @@ pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
     let build = Labels::default()
         .with("accept_source", &d.accept_source)
         .with("lockdown", &d.lockdown)
+        .with("thread_sampler", &d.thread_sampler)
         .with("version", env!("CARGO_PKG_VERSION"));
     text.family(
         "observer_build_info",
-        "Build and probe information: the accept source in use and the kernel lockdown mode.",
+        "Build and probe information: the accept source in use, the kernel lockdown mode, and where the thread sampler reads worker threads (bpf, proc, or none).",
         Gauge,
     )
     .sample(&build, 1.0);
@@ -945,6 +946,12 @@ pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
             "Threads of watched workers read by the thread sampler, summed over its passes.",
             Counter,
             |c| c.threads_sampled as f64,
+        ),
+        (
+            "observer_worker_sample_host_walks_total",
+            "Passes of the thread sampler that walked every thread on the host: the watched processes were too many to read one by one, or the kernel has no per-process task iterator (Linux 6.1+).",
+            Counter,
+            |c| c.host_walks as f64,
         ),
     ];
     if let Some(cost) = &d.sampler {

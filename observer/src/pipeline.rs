@@ -13,7 +13,7 @@ use std::{
 
 use foldhash::{HashMap, HashSet};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use observer_common::{
     AF_UNIX, AcceptKey, AcceptStats, ListenerRecord, TCP_LISTEN, listen_port_key,
@@ -26,11 +26,13 @@ use crate::{
     containers::{ContainerCache, ContainerInfo},
     kernel::{
         holders::{HolderWalk, Holding, ShortChildren},
-        host, offsets,
+        host,
+        iter::IterLink,
+        offsets,
         probes::{self, AcceptSource, Probes},
         procfs,
     },
-    sampler::{self, SamplerCost, ThreadSampler, WorkerActivity},
+    sampler::{self, SamplerCost, ThreadSampler, ThreadSource, WorkerActivity},
     slots::{Finals, Slots},
     sockets::{self, ListenSocket, ListenerId},
     workers::{self, EventLoops, Handoffs, Membership, Pools},
@@ -41,6 +43,9 @@ use crate::{
 pub struct DaemonHealth {
     pub accept_source: String,
     pub lockdown: String,
+    /// Where the thread sampler reads worker threads: `bpf`, `proc`, or
+    /// `none` (the workers collector is off).
+    pub thread_sampler: String,
     /// (program, message) for every non-fatal load/attach failure.
     pub program_errors: Vec<(String, String)>,
     /// (reason, count) of kernel events the programs could not count.
@@ -123,6 +128,41 @@ pub struct KernelOptions {
         value_parser = parse_rate
     )]
     pub sample_rate: f64,
+    /// How worker threads are read: bpf (a sleepable task iterator, Linux
+    /// 5.18+), proc (/proc and the workers' memory, any kernel, more CPU
+    /// per thread), or auto (bpf where it loads, else proc).
+    #[arg(
+        long = "collector.workers.sampler",
+        env = "OBSERVER_THREAD_SAMPLER",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub thread_sampler: SamplerChoice,
+}
+
+/// `--collector.workers.sampler`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerChoice {
+    Auto,
+    Bpf,
+    Proc,
+}
+
+/// The thread sampler's source that `choice` asks for on this kernel
+/// (`bpf`: the sampler's iterator, or why it cannot run).
+fn thread_source(choice: SamplerChoice, bpf: Result<IterLink, String>) -> Result<ThreadSource> {
+    match (choice, bpf) {
+        (SamplerChoice::Proc, _) => Ok(ThreadSource::proc()),
+        (_, Ok(link)) => Ok(ThreadSource::bpf(link)),
+        (SamplerChoice::Bpf, Err(why)) => bail!(
+            "--collector.workers.sampler bpf cannot run here: {why}; \
+             use --collector.workers.sampler proc (or auto)"
+        ),
+        (SamplerChoice::Auto, Err(why)) => {
+            log::info!("worker threads are read from /proc: {why}");
+            Ok(ThreadSource::proc())
+        }
+    }
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -205,17 +245,15 @@ impl Pipeline {
         for e in &probes.attach_errors {
             log::warn!("{}: {}", e.program, e.message);
         }
-        let sampler = match probes.thread_sampler() {
-            _ if !collectors.workers => None,
-            Ok(link) => {
-                let sampler = Arc::new(Mutex::new(ThreadSampler::new(link)));
-                sampler::spawn(&sampler, Duration::from_secs_f64(1.0 / kernel.sample_rate))?;
-                Some(sampler)
-            }
-            Err(why) => {
-                log::warn!("worker busy/idle is not exported: {why}");
-                None
-            }
+        let mut thread_sampler = "none";
+        let sampler = if collectors.workers {
+            let source = thread_source(kernel.thread_sampler, probes.thread_sampler())?;
+            thread_sampler = source.name();
+            let sampler = Arc::new(Mutex::new(ThreadSampler::new(source)));
+            sampler::spawn(&sampler, Duration::from_secs_f64(1.0 / kernel.sample_rate))?;
+            Some(sampler)
+        } else {
+            None
         };
         let mut program_errors: Vec<(String, String)> = probes
             .attach_errors
@@ -234,6 +272,7 @@ impl Pipeline {
         };
         let health = DaemonHealth {
             accept_source: probes.accept_source.name().to_owned(),
+            thread_sampler: thread_sampler.to_owned(),
             lockdown: host::lockdown().label(),
             program_errors,
             ..Default::default()

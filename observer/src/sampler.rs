@@ -21,18 +21,35 @@ use observer_common::ThreadSample;
 
 use crate::{
     activity::{self, FileId, FileLocks, Learnt, ProcessKey, ProcessState, WatchedSet},
-    kernel::{iter::IterLink, probes::parse_records, procfs},
+    kernel::{
+        iter::IterLink,
+        probes::parse_records,
+        proc_threads::ProcThreads,
+        procfs,
+        threads::{ThreadWalk, Walk},
+    },
 };
 
 /// Longest time one pass may account for: a pass delayed longer (a slow
 /// scrape holding the sampler) does not stretch one observation over it.
 const MAX_GAP_NS: u64 = 1_000_000_000;
 
-/// The most of one core the sampler's thread may use. A pass walks every
-/// thread on the host (about 3 µs each here, BENCHMARKS.md); where passes
-/// cost more than this share of the requested interval, the interval
-/// stretches to fit, and resolution, not the host, pays.
+/// The most of one core the sampler's thread may use. A pass reads the
+/// watched processes' threads, or walks every thread on the host where
+/// that is cheaper or the kernel has no per-process walk (about 2 µs per
+/// host thread here, BENCHMARKS.md); where passes cost more than this share
+/// of the requested interval, the interval stretches to fit, and
+/// resolution, not the host, pays.
 pub const MAX_CORE_SHARE: f64 = 0.005;
+
+/// What reading one process's threads through an iterator of its own
+/// costs, in threads of a walk over the host: about 6 µs against 0.4 µs
+/// per thread the walk passes over (BENCHMARKS.md, "The thread sampler on
+/// a big host").
+const PROCESS_READ_IN_HOST_THREADS: u64 = 16;
+
+/// How long the host's thread count is trusted before it is read again.
+const HOST_THREADS_TTL: Duration = Duration::from_secs(1);
 
 /// A worker's state as the sampler last saw it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,12 +74,87 @@ pub struct SamplerCost {
     pub passes: u64,
     pub seconds: f64,
     pub threads_sampled: u64,
+    /// Passes that walked every thread on the host, not the watched
+    /// processes' own.
+    pub host_walks: u64,
     /// The interval between passes in effect (after [`MAX_CORE_SHARE`]).
     pub interval_seconds: f64,
 }
 
+/// Where a pass's thread samples come from.
+pub enum ThreadSource {
+    /// The BPF task iterator (`iter.s/task`, Linux 5.18+): over the watched
+    /// processes, or over the host where that is cheaper.
+    Bpf {
+        walk: ThreadWalk,
+        /// The host's thread count, and when it was read.
+        host_threads: Option<(Instant, u64)>,
+    },
+    /// /proc and the workers' memory, where the kernel cannot run the
+    /// program (`kernel/proc_threads.rs`).
+    Proc(ProcThreads),
+}
+
+impl ThreadSource {
+    pub fn bpf(link: IterLink) -> ThreadSource {
+        ThreadSource::Bpf {
+            walk: ThreadWalk::new(link),
+            host_threads: None,
+        }
+    }
+
+    pub fn proc() -> ThreadSource {
+        ThreadSource::Proc(ProcThreads::default())
+    }
+
+    /// `bpf` or `proc`, as `--collector.workers.sampler` names them.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ThreadSource::Bpf { .. } => "bpf",
+            ThreadSource::Proc(_) => "proc",
+        }
+    }
+
+    /// One pass's samples of `watched`'s threads, and whether it walked
+    /// every thread on the host.
+    fn read(&mut self, watched: &WatchedSet) -> Result<(Vec<ThreadSample>, bool)> {
+        match self {
+            ThreadSource::Bpf { walk, host_threads } => {
+                let chosen = match walk.per_process_refused() {
+                    Some(_) => Walk::Host,
+                    None => cheaper_walk(watched, host_threads),
+                };
+                let samples = parse_records(&walk.read(&chosen)?);
+                let walked_host = chosen == Walk::Host || walk.per_process_refused().is_some();
+                Ok((samples, walked_host))
+            }
+            ThreadSource::Proc(threads) => Ok((threads.samples(watched), false)),
+        }
+    }
+}
+
+/// The watched processes' threads, where reading them one process at a
+/// time costs less than walking the host's.
+fn cheaper_walk(watched: &WatchedSet, host_threads: &mut Option<(Instant, u64)>) -> Walk {
+    let threads = match *host_threads {
+        Some((read, n)) if read.elapsed() < HOST_THREADS_TTL => Some(n),
+        _ => {
+            let n = procfs::threads_on_host();
+            *host_threads = n.map(|n| (Instant::now(), n));
+            n
+        }
+    };
+    let masters: Vec<u32> = watched.masters.keys().copied().collect();
+    choose_walk(
+        watched.workers.keys().copied(),
+        &masters,
+        threads,
+        procfs::children,
+    )
+}
+
 pub struct ThreadSampler {
-    link: IterLink,
+    source: ThreadSource,
     watched: WatchedSet,
     learnt: Learnt,
     accounts: BTreeMap<ProcessKey, Account>,
@@ -77,9 +169,9 @@ pub struct ThreadSampler {
 }
 
 impl ThreadSampler {
-    pub fn new(link: IterLink) -> ThreadSampler {
+    pub fn new(source: ThreadSource) -> ThreadSampler {
         ThreadSampler {
-            link,
+            source,
             watched: WatchedSet::default(),
             learnt: Learnt::default(),
             accounts: BTreeMap::new(),
@@ -108,7 +200,8 @@ impl ThreadSampler {
     /// One pass: read every watched thread, classify, integrate.
     pub fn sample(&mut self) -> Result<()> {
         let started = Instant::now();
-        let samples: Vec<ThreadSample> = parse_records(&self.link.read()?);
+        let (samples, walked_host) = self.source.read(&self.watched)?;
+        self.cost.host_walks += walked_host as u64;
         let now_ns = procfs::monotonic_ns();
         let states = activity::process_states(
             &samples,
@@ -133,6 +226,11 @@ impl ThreadSampler {
         self.cost.threads_sampled += samples.len() as u64;
         self.cost.seconds += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// `bpf` or `proc`: where the samples come from.
+    pub fn source_name(&self) -> &'static str {
+        self.source.name()
     }
 
     /// Each watched process's latest state, by pid (the newest process
@@ -207,6 +305,40 @@ fn integrate(
     }
 }
 
+/// The processes whose threads a pass reads: the watched workers and the
+/// children of the watched masters (a pool's new workers, before a scrape
+/// names them), where reading those one by one costs less than walking
+/// the host's `host_threads`; else every thread. A master's children come
+/// from /proc (`children`), at about the cost of one more process read.
+fn choose_walk(
+    workers: impl ExactSizeIterator<Item = u32>,
+    masters: &[u32],
+    host_threads: Option<u64>,
+    mut children: impl FnMut(u32) -> Option<Vec<u32>>,
+) -> Walk {
+    let Some(host_threads) = host_threads else {
+        return Walk::Host;
+    };
+    let cheaper =
+        |processes: usize| (processes as u64) * PROCESS_READ_IN_HOST_THREADS < host_threads;
+    if !cheaper(workers.len() + 2 * masters.len()) {
+        return Walk::Host;
+    }
+    let mut pids: Vec<u32> = workers.collect();
+    for &master in masters {
+        match children(master) {
+            Some(of_master) => pids.extend(of_master),
+            None => return Walk::Host,
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    if !cheaper(pids.len() + masters.len()) {
+        return Walk::Host;
+    }
+    Walk::Processes(pids)
+}
+
 /// The interval that keeps passes of `pass` duration within
 /// [`MAX_CORE_SHARE`] of a core, and no shorter than `requested`.
 fn budgeted_interval(requested: Duration, pass: Duration) -> Duration {
@@ -265,6 +397,48 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    fn no_children(_: u32) -> Option<Vec<u32>> {
+        Some(Vec::new())
+    }
+
+    #[test]
+    fn a_small_pool_on_a_host_of_ten_thousand_threads_is_read_process_by_process() {
+        let walk = choose_walk([11, 10].into_iter(), &[9], Some(10_113), |master| {
+            (master == 9).then(|| vec![12, 10])
+        });
+        assert_eq!(walk, Walk::Processes(vec![10, 11, 12]));
+    }
+
+    #[test]
+    fn watched_processes_that_cost_more_than_the_host_walk_make_it_walk_the_host() {
+        let workers = 0..1_000u32;
+        assert_eq!(
+            choose_walk(workers, &[], Some(2_113), no_children),
+            Walk::Host
+        );
+        // A master's children, listed, tip the balance too.
+        let walk = choose_walk([1].into_iter(), &[2], Some(200), |_| {
+            Some((100..120).collect())
+        });
+        assert_eq!(walk, Walk::Host);
+    }
+
+    #[test]
+    fn without_a_thread_count_or_a_children_list_the_host_is_walked() {
+        assert_eq!(
+            choose_walk([1].into_iter(), &[], None, no_children),
+            Walk::Host
+        );
+        let walk = choose_walk([1].into_iter(), &[2], Some(10_000), |_| None);
+        assert_eq!(walk, Walk::Host);
+    }
+
+    #[test]
+    fn nothing_watched_reads_nothing() {
+        let walk = choose_walk(std::iter::empty(), &[], Some(100), no_children);
+        assert_eq!(walk, Walk::Processes(vec![]));
+    }
 
     fn pass(pids: &[(u32, u64, bool)]) -> BTreeMap<ProcessKey, ProcessState> {
         pids.iter()

@@ -124,6 +124,40 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
         .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
 }
 
+/// A process of idle threads that belong to no pool (a JVM's, a
+/// sidecar's on a big host): python3, its threads asleep. Killed on drop.
+pub struct ParkedThreads(std::process::Child);
+
+impl ParkedThreads {
+    pub fn start(n: usize) -> ParkedThreads {
+        let script = format!(
+            "import threading, time\n\
+             threading.stack_size(64 * 1024)\n\
+             for _ in range({n}):\n    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n\
+             time.sleep(3600)\n"
+        );
+        let child = Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+            .expect("start python3 to park threads");
+        let parked = ParkedThreads(child);
+        let tasks = format!("/proc/{}/task", parked.0.id());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::read_dir(&tasks).map_or(0, |t| t.count()) <= n {
+            assert!(Instant::now() < deadline, "{n} threads not parked in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        parked
+    }
+}
+
+impl Drop for ParkedThreads {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Parsed Prometheus text: (name, labels) → value.
 pub struct Metrics {
     pub text: String,

@@ -83,13 +83,24 @@ impl ObserverDaemon {
         bin: &Path,
         every: Option<Duration>,
     ) -> Result<ObserverDaemon> {
+        Self::start_with(bin, every, &[])
+    }
+
+    /// [`ObserverDaemon::start_scraped_every`], with more `serve` flags.
+    pub(crate) fn start_with(
+        bin: &Path,
+        every: Option<Duration>,
+        flags: &[&str],
+    ) -> Result<ObserverDaemon> {
         let port = free_port()?;
         let process = spawn(
-            Command::new(bin).args([
-                "serve",
-                "--web.listen-address",
-                &format!("127.0.0.1:{port}"),
-            ]),
+            Command::new(bin)
+                .args([
+                    "serve",
+                    "--web.listen-address",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .args(flags),
             "observer",
         )?;
         wait_for_port(port, "observer")?;
@@ -173,8 +184,17 @@ pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
     status_kib(pid, "VmHWM:") as f64 / 1024.0
 }
 
-/// The sampler's passes, seconds and interval, from one scrape of the daemon.
-fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64, f64) {
+/// The sampler's counters, from one scrape of the daemon.
+#[derive(Clone, Copy, Default)]
+struct SamplerTotals {
+    passes: f64,
+    seconds: f64,
+    threads: f64,
+    host_walks: f64,
+    interval: f64,
+}
+
+fn sampler_totals(daemon: &ObserverDaemon) -> SamplerTotals {
     let text = http_get(daemon.port, "/metrics").unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let value = |name: &str| {
@@ -182,25 +202,47 @@ fn sampler_totals(daemon: &ObserverDaemon) -> (f64, f64, f64) {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     };
-    (
-        value("observer_worker_sample_passes_total"),
-        value("observer_worker_sample_seconds_total"),
-        value("observer_worker_sample_interval_seconds"),
-    )
+    SamplerTotals {
+        passes: value("observer_worker_sample_passes_total"),
+        seconds: value("observer_worker_sample_seconds_total"),
+        threads: value("observer_worker_sample_threads_total"),
+        host_walks: value("observer_worker_sample_host_walks_total"),
+        interval: value("observer_worker_sample_interval_seconds"),
+    }
+}
+
+/// The daemon's CPU and its thread sampler's cost over a window.
+pub(crate) struct SamplerCost {
+    /// The daemon's CPU, % of a core.
+    pub(crate) cpu: f64,
+    /// The interval between passes in effect, s.
+    pub(crate) interval: f64,
+    pub(crate) pass_us: f64,
+    /// Watched threads read per pass.
+    pub(crate) watched_threads: f64,
+    /// Share of passes that walked every thread on the host.
+    pub(crate) host_walk_share: f64,
 }
 
 /// The daemon's CPU over `window` with one scrape at its start (a
 /// Prometheus scraping every `window`): the sampler's passes plus that
-/// scrape. Then the sampler's interval in effect and its time per pass.
-pub(crate) fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<(f64, f64, f64)> {
+/// scrape. Then the sampler's interval in effect, its time per pass, the
+/// watched threads a pass read and how often it walked the host.
+pub(crate) fn sampler_cost(daemon: &ObserverDaemon, window: Duration) -> Result<SamplerCost> {
     let (t0, w0) = (cpu_ticks(daemon.pid()), Instant::now());
-    let (passes0, secs0, _) = sampler_totals(daemon);
+    let before = sampler_totals(daemon);
     std::thread::sleep(window.saturating_sub(w0.elapsed()));
     let cpu = (cpu_ticks(daemon.pid()) - t0) as f64 / 100.0 / w0.elapsed().as_secs_f64() * 100.0;
-    let (passes1, secs1, interval) = sampler_totals(daemon);
-    let (passes, secs) = (passes1 - passes0, secs1 - secs0);
+    let after = sampler_totals(daemon);
+    let passes = after.passes - before.passes;
     if passes < 1.0 {
         bail!("the daemon's thread sampler did not run");
     }
-    Ok((cpu, interval, secs / passes * 1e6))
+    Ok(SamplerCost {
+        cpu,
+        interval: after.interval,
+        pass_us: (after.seconds - before.seconds) / passes * 1e6,
+        watched_threads: (after.threads - before.threads) / passes,
+        host_walk_share: (after.host_walks - before.host_walks) / passes,
+    })
 }

@@ -20,9 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
-use crate::daemon::{ObserverDaemon, http_get, median, peak_rss_mib, rss_mib, sampler_cost};
+use crate::daemon::{
+    ObserverDaemon, SamplerCost, http_get, median, peak_rss_mib, rss_mib, sampler_cost,
+};
 
 /// One row of the table.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +36,12 @@ pub struct Scene {
     /// Worker processes blocked in accept().
     pub workers: usize,
     pub holding: Holding,
+    /// Threads of an unrelated process, parked (a JVM's, a sidecar's): a
+    /// big host's threads that no pool owns.
+    pub parked_threads: usize,
+    /// The daemon reads worker threads from /proc
+    /// (`--collector.workers.sampler proc`, as before Linux 5.18).
+    pub proc_sampler: bool,
 }
 
 /// Which listeners the workers hold.
@@ -61,9 +69,24 @@ impl Holding {
 }
 
 impl Scene {
-    /// `NETNSxLISTENERSxWORKERS[:HOLDING]`, e.g. `1x10000x1000` or
-    /// `1x10000x1000:all` (holding: `first`, the default, `all` or `pools`).
+    /// `NETNSxLISTENERSxWORKERS[:HOLDING][+PARKED][@proc]`, e.g.
+    /// `1x10000x1000`, `1x10000x1000:all` (holding: `first`, the default,
+    /// `all` or `pools`), `1x10x2+10000` (10,000 parked threads besides) or
+    /// `1x10x100@proc` (the /proc thread sampler).
     pub fn parse(text: &str) -> Result<Scene, String> {
+        let (text, proc_sampler) = match text.strip_suffix("@proc") {
+            Some(scene) => (scene, true),
+            None => (text, false),
+        };
+        let (text, parked_threads) = match text.split_once('+') {
+            Some((scene, parked)) => (
+                scene,
+                parked
+                    .parse()
+                    .map_err(|_| format!("{parked:?} is not a number of parked threads"))?,
+            ),
+            None => (text, 0),
+        };
         let (sizes, holding) = text.split_once(':').unwrap_or((text, "first"));
         let holding = match holding {
             "first" => Holding::First,
@@ -92,10 +115,12 @@ impl Scene {
                     listeners,
                     workers,
                     holding,
+                    parked_threads,
+                    proc_sampler,
                 })
             }
             _ => Err(format!(
-                "{text:?} is not NETNSxLISTENERSxWORKERS[:HOLDING] (at least 1 namespace and 1 listener; all and pools in 1 namespace)"
+                "{text:?} is not NETNSxLISTENERSxWORKERS[:HOLDING][+PARKED][@proc] (at least 1 namespace and 1 listener; all and pools in 1 namespace)"
             )),
         }
     }
@@ -104,13 +129,16 @@ impl Scene {
 /// The full table: 10 / 1k / 10k listeners × 10 / 100 / 1,000 workers, and
 /// 100 network namespaces × 100 listeners; then the other holding shapes:
 /// 1,000 workers that inherited 10,000 listeners, 64 that inherited 2,000,
-/// and 1,000 one-worker pools among 10,000 listeners.
+/// and 1,000 one-worker pools among 10,000 listeners; and a big host: a
+/// 2-worker pool beside 10,000 parked threads.
 pub fn scenes(quick: bool) -> Vec<Scene> {
     let s = |netns, listeners, workers, holding| Scene {
         netns,
         listeners,
         workers,
         holding,
+        parked_threads: 0,
+        proc_sampler: false,
     };
     if quick {
         return vec![
@@ -130,6 +158,16 @@ pub fn scenes(quick: bool) -> Vec<Scene> {
     all.push(s(1, 2000, 64, Holding::All));
     all.push(s(1, 10000, 1000, Holding::All));
     all.push(s(1, 10000, 1000, Holding::OnePerPool));
+    all.push(Scene {
+        parked_threads: 10_000,
+        ..s(1, 10, 2, Holding::First)
+    });
+    for workers in [10, 100] {
+        all.push(Scene {
+            proc_sampler: true,
+            ..s(1, 10, workers, Holding::First)
+        });
+    }
     all
 }
 
@@ -360,6 +398,43 @@ fn worker_in_accept(listener: i32, inherit: bool) {
     }
 }
 
+/// A process of `n` threads that sleep (python3, as a JVM's or a
+/// sidecar's idle threads would), killed with `children`; returns once all
+/// of them are there. It is init's child, not this process's: this process
+/// holds a pool's listener, and a holder's children would be its pool's
+/// new workers to the sampler.
+fn park_threads(n: usize, children: &mut Children) -> Result<()> {
+    let script = format!(
+        "import threading, time\n\
+         threading.stack_size(64 * 1024)\n\
+         for _ in range({n}):\n    threading.Thread(target=time.sleep, args=(86400,), daemon=True).start()\n\
+         time.sleep(86400)\n"
+    );
+    // SAFETY: prctl clears a flag of this process, for the moment the shell
+    // below leaves python3 an orphan (init adopts it); set again after.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0) };
+    let spawned = std::process::Command::new("sh")
+        .args(["-c", "python3 -c \"$0\" >/dev/null 2>&1 & echo $!", &script])
+        .output();
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    let spawned = spawned.context("starting python3 to park threads")?;
+    let pid: i32 = String::from_utf8_lossy(&spawned.stdout)
+        .trim()
+        .parse()
+        .context("the parked threads' pid")?;
+    children.pids.push(pid);
+    let tasks = format!("/proc/{pid}/task");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&tasks).map_or(0, |t| t.count()) < n + 1 {
+        if Instant::now() > deadline {
+            bail!("python3 did not park {n} threads within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// What a scene's daemon measured.
 struct Measured {
     start_up: f64,
@@ -369,9 +444,7 @@ struct Measured {
     healthz_ms: Vec<f64>,
     rss: f64,
     peak_rss: f64,
-    cpu: f64,
-    interval: f64,
-    pass_us: f64,
+    sampler: SamplerCost,
     stages: Vec<(String, f64)>,
 }
 
@@ -423,11 +496,11 @@ fn stages(text: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn measure(bin: &Path, window: Duration) -> Result<Measured> {
+fn measure(bin: &Path, window: Duration, flags: &[&str]) -> Result<Measured> {
     // Start-up: the daemon binds its port first, so the first scrape waits
     // in its backlog until the first collection is done.
     let spawned = Instant::now();
-    let daemon = ObserverDaemon::start_scraped_every(bin, None)?;
+    let daemon = ObserverDaemon::start_with(bin, None, flags)?;
     let _ = http_get(daemon.port, "/metrics");
     let start_up = spawned.elapsed().as_secs_f64();
     let mut times = Vec::new();
@@ -441,7 +514,7 @@ fn measure(bin: &Path, window: Duration) -> Result<Measured> {
     let size = text.len();
     let stages = stages(&String::from_utf8_lossy(&text));
     let rss = rss_mib(daemon.pid());
-    let (cpu, interval, pass_us) = sampler_cost(&daemon, window)?;
+    let sampler = sampler_cost(&daemon, window)?;
     let peak_rss = peak_rss_mib(daemon.pid());
     Ok(Measured {
         start_up,
@@ -450,9 +523,7 @@ fn measure(bin: &Path, window: Duration) -> Result<Measured> {
         healthz_ms: healthz,
         rss,
         peak_rss,
-        cpu,
-        interval,
-        pass_us,
+        sampler,
         stages,
     })
 }
@@ -483,12 +554,25 @@ fn host_threads() -> usize {
         .sum()
 }
 
+/// The "workers hold" cell: the holding shape, and the parked threads
+/// beside it.
+fn holding_cell(scene: &Scene) -> String {
+    let mut cell = scene.holding.name().to_owned();
+    if scene.parked_threads > 0 {
+        cell.push_str(&format!(", {} parked threads beside", scene.parked_threads));
+    }
+    if scene.proc_sampler {
+        cell.push_str(", /proc sampler");
+    }
+    cell
+}
+
 /// Start-up, scrape latency, exposition, memory, /healthz and CPU per scene;
 /// then where each scene's scrape spent its time.
 pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) -> Result<()> {
     report.push_str(
-        "\n| netns | listeners | workers | workers hold | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon peak RSS MiB (VmHWM) | /healthz ms during a scrape (median, max) | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "\n| netns | listeners | workers | workers hold | start-up s (spawn to first /metrics) | scrape ms (median of 5) | /metrics KiB | daemon RSS MiB | daemon peak RSS MiB (VmHWM) | /healthz ms during a scrape (median, max) | daemon CPU % of a core, 15 s scrapes (sampler + scrape) | sampler interval s | sampler µs per pass | threads on the host | sampler ns per host thread | watched threads per pass | sampler ns per watched thread | passes that walked the host % |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let most = scenes.iter().map(|s| s.listeners).max().unwrap_or(0);
     raise_fd_limit(most as u64 + 1024);
@@ -497,24 +581,32 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
     for scene in scenes {
         let mut children = Children::default();
         let host = open_scene(scene, &mut children)?;
-        let m = measure(bin, window)?;
+        let flags: &[&str] = if scene.proc_sampler {
+            &["--collector.workers.sampler", "proc"]
+        } else {
+            &[]
+        };
+        let m = measure(bin, window, flags)?;
         let threads = host_threads();
         report.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.3} | {:.0} | {threads} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             scene.netns,
             scene.listeners * scene.netns,
             scene.workers,
-            scene.holding.name(),
+            holding_cell(scene),
             m.start_up,
             m.scrape_ms,
             m.size as f64 / 1024.0,
             m.rss,
             m.peak_rss,
             healthz_cell(&m.healthz_ms),
-            m.cpu,
-            m.interval,
-            m.pass_us,
-            m.pass_us * 1e3 / threads.max(1) as f64
+            m.sampler.cpu,
+            m.sampler.interval,
+            m.sampler.pass_us,
+            m.sampler.pass_us * 1e3 / threads.max(1) as f64,
+            m.sampler.watched_threads,
+            m.sampler.pass_us * 1e3 / m.sampler.watched_threads.max(1.0),
+            m.sampler.host_walk_share * 100.0,
         ));
         let stages: Vec<String> = m
             .stages
@@ -526,7 +618,7 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
             scene.netns,
             scene.listeners * scene.netns,
             scene.workers,
-            scene.holding.name(),
+            holding_cell(scene),
             stages.join(", ")
         ));
         drop(host);
@@ -541,6 +633,9 @@ pub fn run(scenes: &[Scene], window: Duration, bin: &Path, report: &mut String) 
 /// Opens a scene's listeners and forks its pools (killed with
 /// `children`); returns the listeners this process holds.
 fn open_scene(scene: &Scene, children: &mut Children) -> Result<Vec<TcpListener>> {
+    if scene.parked_threads > 0 {
+        park_threads(scene.parked_threads, children)?;
+    }
     let bind = || TcpListener::bind("127.0.0.1:0");
     match scene.holding {
         Holding::First => {

@@ -509,6 +509,26 @@ fn test(vm_kernel: &str, args: &[String]) -> Result<()> {
             .current_dir(workspace_root()),
         "end-to-end tests",
     )?;
+    // Busy/idle as kernels before 5.18 read it: the worker tests again,
+    // with the /proc sampler in place of the BPF one.
+    if args.is_empty() {
+        check(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "test",
+                    "--package",
+                    "observer-tests",
+                    "--test",
+                    "workers",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .env("OBSERVER_BIN", &bin)
+                .env("OBSERVER_THREAD_SAMPLER", "proc")
+                .current_dir(workspace_root()),
+            "worker tests with the /proc thread sampler",
+        )?;
+    }
     // The same figures on another kernel, where fexit and kprobe load too.
     if vm_kernel != "none" {
         ensure_packages(vm::PACKAGES)?;

@@ -37,6 +37,23 @@ fn bpf(cmd: libc::c_long, attr: &BpfAttr) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// `BPF_LINK_CREATE` of an iterator program, with the iterator's
+/// parameters (`union bpf_iter_link_info`) where there are some.
+fn link(program: &OwnedFd, info: Option<&[u32; 4]>) -> std::io::Result<OwnedFd> {
+    let mut attr = BpfAttr([0; 32]);
+    attr.0[0] = program.as_raw_fd() as u32; // link_create.prog_fd
+    attr.0[2] = BPF_TRACE_ITER; // link_create.attach_type
+    if let Some(info) = info {
+        // link_create.iter_info (a pointer, 8-aligned) and iter_info_len.
+        let address = info.as_ptr() as u64;
+        attr.0[4] = address as u32;
+        attr.0[5] = (address >> 32) as u32;
+        attr.0[6] = std::mem::size_of_val(info) as u32;
+    }
+    // `info` outlives the call: the kernel copies it during it.
+    bpf(BPF_LINK_CREATE, &attr)
+}
+
 /// What an EAGAIN from an iterator read means.
 #[derive(Clone, Copy)]
 enum Eagain {
@@ -50,6 +67,8 @@ enum Eagain {
 #[derive(Debug)]
 pub struct IterLink {
     fd: OwnedFd,
+    /// The program, for links of its own over one process (task iterators).
+    program: OwnedFd,
     name: &'static str,
     /// Bytes the last read returned: the next one reserves that much and a
     /// little more up front, instead of growing (and copying) a
@@ -60,14 +79,29 @@ pub struct IterLink {
 impl IterLink {
     /// Links the loaded iterator program `program` (no iterator parameters).
     pub fn create(program: BorrowedFd<'_>, name: &'static str) -> Result<IterLink> {
-        let mut attr = BpfAttr([0; 32]);
-        attr.0[0] = program.as_raw_fd() as u32; // link_create.prog_fd
-        attr.0[2] = BPF_TRACE_ITER; // link_create.attach_type
-        let fd = bpf(BPF_LINK_CREATE, &attr)
+        let program = program
+            .try_clone_to_owned()
+            .context("duplicating an iterator program's fd")?;
+        let fd = link(&program, None)
             .with_context(|| format!("attaching the {name} iterator (bpf_link_create)"))?;
         Ok(IterLink {
             fd,
+            program,
             name,
+            last_len: AtomicUsize::new(0),
+        })
+    }
+
+    /// A link of this task iterator's program over the threads of process
+    /// `pid` only (`bpf_iter_link_info.task.pid`, Linux 6.1+; older kernels
+    /// refuse it with EINVAL).
+    pub fn for_process(&self, pid: u32) -> std::io::Result<IterLink> {
+        // union bpf_iter_link_info: task { tid, pid, pid_fd }, 16 bytes in all.
+        let info: [u32; 4] = [0, pid, 0, 0];
+        Ok(IterLink {
+            fd: link(&self.program, Some(&info))?,
+            program: self.program.try_clone()?,
+            name: self.name,
             last_len: AtomicUsize::new(0),
         })
     }
@@ -124,6 +158,10 @@ impl IterLink {
                 .fd
                 .try_clone()
                 .context("duplicating an iterator link")?,
+            program: self
+                .program
+                .try_clone()
+                .context("duplicating an iterator program's fd")?,
             name: self.name,
             last_len: AtomicUsize::new(0),
         })

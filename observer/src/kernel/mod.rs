@@ -7,4 +7,6 @@ pub mod iter;
 pub mod kretprobe;
 pub mod offsets;
 pub mod probes;
+pub mod proc_threads;
 pub mod procfs;
+pub mod threads;

@@ -188,6 +188,49 @@ pub fn function_ranges(kallsyms: &str, names: &[&str]) -> Result<Vec<Option<[u64
         .collect())
 }
 
+/// The children of every thread of process `pid`
+/// (`/proc/PID/task/TID/children`), or `None` where this kernel does not
+/// list them (no `CONFIG_PROC_CHILDREN`) or the process is gone.
+pub fn children(pid: u32) -> Option<Vec<u32>> {
+    let mut children = Vec::new();
+    for tid in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let mut path = tid.path();
+        path.push("children");
+        // A thread that exited since the listing has no children to give.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            children.extend(parse_pids(&text));
+        } else if !tid.path().exists() {
+            continue;
+        } else {
+            return None;
+        }
+    }
+    Some(children)
+}
+
+/// Space-separated pids (a `children` file).
+fn parse_pids(text: &str) -> impl Iterator<Item = u32> + '_ {
+    text.split_ascii_whitespace().filter_map(|p| p.parse().ok())
+}
+
+/// Threads on the host, from `/proc/loadavg` (its fourth field,
+/// `running/total`).
+pub fn threads_on_host() -> Option<u64> {
+    parse_loadavg_threads(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_loadavg_threads(text: &str) -> Option<u64> {
+    text.split_ascii_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()
+}
+
 /// Whether `kernel.bpf_stats_enabled` is on: the kernel then counts every
 /// BPF program's runs and run time.
 pub fn bpf_stats_enabled() -> bool {
@@ -208,6 +251,40 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_on_the_host_are_the_fourth_field_of_loadavg() {
+        assert_eq!(
+            parse_loadavg_threads("0.52 0.58 0.59 2/10113 4242\n"),
+            Some(10113)
+        );
+        assert_eq!(parse_loadavg_threads("0.52 0.58\n"), None);
+    }
+
+    #[test]
+    fn a_children_file_lists_pids_separated_by_spaces() {
+        assert_eq!(
+            parse_pids("812 813 9001 ").collect::<Vec<_>>(),
+            [812, 813, 9001]
+        );
+        assert_eq!(parse_pids("").count(), 0);
+    }
+
+    #[test]
+    fn this_process_children_are_listed_from_proc() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let children = children(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            children
+                .expect("CONFIG_PROC_CHILDREN")
+                .contains(&child.id())
+        );
+    }
 
     #[test]
     fn a_function_ends_where_the_next_text_symbol_starts() {

@@ -9,7 +9,7 @@ use crate::{
         offsets::{self, KernelLayout},
         probes::{AcceptSource, Probes, UNIX_WAITS_UNTIMED},
     },
-    pipeline::KernelOptions,
+    pipeline::{KernelOptions, SamplerChoice},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -152,7 +152,10 @@ fn program_checks(layout: &KernelLayout, opts: &DoctorOptions) -> Vec<Check> {
         };
         if used_by_serve {
             serve_would_load = Some(programs_summary(&loaded));
-            sampler = loaded.as_ref().ok().map(sampler_check);
+            sampler = loaded
+                .as_ref()
+                .ok()
+                .map(|probes| sampler_check(probes, opts.kernel.thread_sampler));
             unix = loaded.as_ref().ok().map(unix_check);
             drops = loaded.as_ref().ok().map(drops_check);
         }
@@ -242,16 +245,39 @@ fn unix_check(probes: &Probes) -> Result<String, String> {
     ))
 }
 
-/// Whether worker busy/idle can be sampled, and what its absence costs.
-fn sampler_check(probes: &Probes) -> Result<String, String> {
-    match probes.thread_sampler() {
-        Ok(_) => Ok(
-            "worker busy/idle is read by a thread sampler (iter.s/task): no program on \
-                     any wait syscall"
-                .into(),
-        ),
-        Err(why) => Err(format!(
-            "{why} — observer_workers and observer_worker_busy* are not exported"
+/// How worker busy/idle is read here: the BPF sampler (over the watched
+/// processes where the kernel can), or its /proc fallback.
+fn sampler_check(probes: &Probes, choice: SamplerChoice) -> Result<String, String> {
+    const NO_HOOK: &str = "no program on any wait syscall";
+    match (choice, probes.thread_sampler()) {
+        (SamplerChoice::Proc, _) => Ok(format!(
+            "worker busy/idle is read from /proc and the workers' memory \
+             (--collector.workers.sampler proc): {NO_HOOK}; it costs more CPU per watched \
+             thread than the BPF sampler"
+        )),
+        (_, Ok(link)) => {
+            let reads = match link.for_process(std::process::id()) {
+                Ok(_) => "the watched processes' threads, one task iterator each \
+                          (every thread on the host where that is cheaper)"
+                    .to_owned(),
+                Err(e) => format!(
+                    "every thread on the host at each pass: this kernel has no task \
+                     iterator over one process ({e}; Linux 6.1+), so a host with many \
+                     threads stretches the sampling interval"
+                ),
+            };
+            Ok(format!(
+                "worker busy/idle is read by a thread sampler (iter.s/task): {NO_HOOK}; \
+                 it reads {reads}"
+            ))
+        }
+        (SamplerChoice::Bpf, Err(why)) => Err(format!(
+            "{why} — --collector.workers.sampler bpf cannot run here; proc (or auto) can"
+        )),
+        (SamplerChoice::Auto, Err(why)) => Ok(format!(
+            "worker busy/idle is read from /proc and the workers' memory: {NO_HOOK}; \
+             the BPF sampler cannot run here ({why}), and /proc costs more CPU per \
+             watched thread"
         )),
     }
 }
