@@ -386,6 +386,31 @@ pub fn loading_accept_sources() -> Vec<String> {
         .collect()
 }
 
+/// Whether the accept source in use counts Unix-domain accepts: every
+/// source but kprobe (a kretprobe cannot read `unix_accept`'s new socket;
+/// `doctor` says so).
+pub fn counts_unix_accepts() -> bool {
+    expected_accept_source() != "kprobe"
+}
+
+/// `doctor`'s line for check `name`, with the accept source the daemon
+/// must be using.
+pub fn doctor_says(name: &str) -> String {
+    doctor_says_with(name, &expected_accept_source())
+}
+
+/// `doctor`'s line for check `name`, with accept source `source`.
+pub fn doctor_says_with(name: &str, source: &str) -> String {
+    let out = run(Command::new(observer_bin())
+        .arg("doctor")
+        .args(["--accept-source", source]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some(name))
+        .unwrap_or_else(|| panic!("doctor printed no {name} line"))
+        .to_owned()
+}
+
 /// The accept source the daemon must be using: the one the environment forces
 /// (`OBSERVER_ACCEPT_SOURCE`, as the VM matrix does), else the best that loads.
 pub fn expected_accept_source() -> String {

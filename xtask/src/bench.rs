@@ -82,9 +82,23 @@ enum Beside {
 }
 
 fn start_condition(c: Condition, bin: &Path, script: &Path) -> Result<Beside> {
+    start_scraped_every(c, bin, script, Duration::from_secs(1))
+}
+
+/// [`start_condition`], with the daemon scraped every `scrape_every`.
+fn start_scraped_every(
+    c: Condition,
+    bin: &Path,
+    script: &Path,
+    scrape_every: Duration,
+) -> Result<Beside> {
     Ok(match c {
         Condition::Baseline => Beside::Nothing,
-        Condition::Observer => Beside::Observer(ObserverDaemon::start(bin)?),
+        Condition::Observer => {
+            let daemon = ObserverDaemon::start_scraped_every(bin, Some(scrape_every))?;
+            daemon.wait_until_healthy()?;
+            Beside::Observer(daemon)
+        }
         Condition::Bpftrace => {
             // A program id not loaded before (counting them would race the
             // last condition's daemon, whose programs the kernel may still
@@ -361,6 +375,82 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
     Ok(())
 }
 
+/// Connections a second in the CPU-per-connection figure: about a third
+/// of what nginx serves here with 2 workers, so that no condition is short
+/// of CPU.
+const PACED_RATE: u32 = 2_000;
+
+/// CPU time per connection at a fixed rate ([`crate::paced`]): the CPU all
+/// tasks on the host used while [`PACED_RATE`] connections a second were
+/// served, per connection served, for each condition in interleaved
+/// rounds; the median and its 95% interval, and each condition's extra
+/// over the same round's baseline. The daemon is scraped every 15 s, as
+/// Prometheus does by default.
+fn cpu_per_connection(
+    port: u16,
+    rounds: usize,
+    seconds: u64,
+    bin: &Path,
+    script: &Path,
+    report: &mut String,
+) -> Result<()> {
+    let conditions = [
+        Condition::Baseline,
+        Condition::Observer,
+        Condition::Bpftrace,
+    ];
+    let mut per_conn: HashMap<Condition, Vec<f64>> = HashMap::new();
+    let mut extra: HashMap<Condition, Vec<f64>> = HashMap::new();
+    for round in 0..rounds {
+        let mut this_round = HashMap::new();
+        for i in 0..conditions.len() {
+            let c = conditions[(i + round) % conditions.len()];
+            let beside = start_scraped_every(c, bin, script, Duration::from_secs(15))?;
+            // Past the daemon's start-up and first scrape.
+            std::thread::sleep(Duration::from_millis(500));
+            let cpu_before = crate::paced::host_cpu_ns()?;
+            let served = crate::paced::load(port, PACED_RATE, seconds)?;
+            let cpu_ns = crate::paced::host_cpu_ns()? - cpu_before;
+            drop(beside);
+            if served == 0 {
+                bail!("no connection was served at {PACED_RATE}/s ({})", c.name());
+            }
+            let ns = cpu_ns as f64 / served as f64;
+            this_round.insert(c, ns);
+            per_conn.entry(c).or_default().push(ns);
+        }
+        for c in [Condition::Observer, Condition::Bpftrace] {
+            extra
+                .entry(c)
+                .or_default()
+                .push(this_round[&c] - this_round[&Condition::Baseline]);
+        }
+    }
+    report.push_str(&format!(
+        "\n| nginx at {PACED_RATE} connections/s ({rounds} rounds × {seconds} s, interleaved) | host CPU µs per connection: median [95% interval] | interval half-width, % of the baseline's median | extra over the same round's baseline, µs: median [95% interval] |\n|---|---|---|---|\n"
+    ));
+    let (base, _, _) = crate::paced::median_interval(&per_conn[&Condition::Baseline])?;
+    for c in conditions {
+        let (m, low, high) = crate::paced::median_interval(&per_conn[&c])?;
+        let extra_cell = match extra.get(&c) {
+            Some(e) => {
+                let (m, low, high) = crate::paced::median_interval(e)?;
+                format!("{:+.2} [{:+.2}, {:+.2}]", m / 1e3, low / 1e3, high / 1e3)
+            }
+            None => "—".into(),
+        };
+        report.push_str(&format!(
+            "| {} | {:.2} [{:.2}, {:.2}] | {:.2} | {extra_cell} |\n",
+            c.name(),
+            m / 1e3,
+            low / 1e3,
+            high / 1e3,
+            (high - low) / 2.0 / base * 100.0,
+        ));
+    }
+    Ok(())
+}
+
 /// The daemon's own CPU and memory at fixed accept rates (hey, rate-limited).
 fn daemon_cost(port: u16, seconds: u64, bin: &Path, report: &mut String) -> Result<()> {
     report.push_str("\n| target accepts/s | achieved req/s | daemon CPU % of a core (1 s scrapes) | daemon RSS MiB |\n|---|---|---|---|\n");
@@ -477,6 +567,16 @@ fn costs(rounds: usize, seconds: u64, quick: bool, bin: &Path, report: &mut Stri
             *ns as f64 / *cnt as f64
         ));
     }
+    show(report);
+    println!("bench: CPU per connection at a fixed rate…");
+    cpu_per_connection(
+        servers.nginx_port,
+        if quick { 6 } else { rounds.max(12) },
+        seconds,
+        bin,
+        &script,
+        report,
+    )?;
     show(report);
     println!("bench: syscalls of untracked processes…");
     untracked_syscalls(if quick { 1 } else { 5 }, bin, &script, report)?;

@@ -125,6 +125,20 @@ impl ObserverDaemon {
     pub(crate) fn pid(&self) -> u32 {
         self.process.0.id()
     }
+
+    /// Waits until /healthz says ok: the programs are loaded and the
+    /// baseline collection is done (the port answers before).
+    pub(crate) fn wait_until_healthy(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ok = |reply: Vec<u8>| reply.starts_with(b"HTTP/1.1 200") && reply.ends_with(b"ok\n");
+        while !http_get(self.port, "/healthz").is_some_and(ok) {
+            if Instant::now() > deadline {
+                bail!("observer did not say ok on /healthz within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for ObserverDaemon {

@@ -15,6 +15,7 @@ mod bench;
 mod daemon;
 mod deb;
 mod growth;
+mod paced;
 mod soak;
 mod vm;
 

@@ -199,25 +199,78 @@ fn snapshot_binaries(
 /// The newest `linux-image-<series>.…-amd64` Debian offers (not cloud, rt,
 /// unsigned or dbg), downloaded and unpacked once.
 fn fetch_kernel(series: &str) -> Result<Kernel> {
-    let cached = Kernel::named(&newest_kernel_package(series)?);
-    if cached.is_unpacked() {
+    let apt = Apt::for_series(series)?;
+    let cached = newest_kernel_package(&apt, series)
+        .ok()
+        .map(|name| Kernel::named(&name));
+    if let Some(cached) = cached.filter(Kernel::is_unpacked) {
         return Ok(cached);
     }
     // Not cached: refresh the lists first, so that the name is one the
     // mirror still serves.
     check(
-        Command::new("apt-get").args(["update", "-qq"]),
+        apt.command("apt-get").args(["update", "-qq"]),
         "`apt-get update`",
     )?;
-    let kernel = Kernel::named(&newest_kernel_package(series)?);
+    let kernel = Kernel::named(&newest_kernel_package(&apt, series)?);
     if !kernel.is_unpacked() {
-        download_kernel(&kernel)?;
+        download_kernel(&apt, &kernel)?;
     }
     Ok(kernel)
 }
 
-fn newest_kernel_package(series: &str) -> Result<String> {
-    let names = output(Command::new("apt-cache").args(["pkgnames", "linux-image-"]))
+/// Debian releases whose kernels the host's apt lists lack: the series, and
+/// the suites that carry its newest package (the release and its security
+/// updates).
+const OLDER_RELEASES: [(&str, &str, &str); 1] = [("5.10", "bullseye", "bullseye-security")];
+
+/// apt as the host has it, or with a list of its own for an older Debian
+/// release's kernels (under target/vm/apt/<release>): the host's sources
+/// stay as they are.
+struct Apt {
+    options: Vec<String>,
+}
+
+impl Apt {
+    fn for_series(series: &str) -> Result<Apt> {
+        let Some((_, release, security)) = OLDER_RELEASES.iter().find(|(s, _, _)| *s == series)
+        else {
+            return Ok(Apt {
+                options: Vec::new(),
+            });
+        };
+        let dir = crate::workspace_root().join("target/vm/apt").join(release);
+        std::fs::create_dir_all(dir.join("lists/partial"))?;
+        std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
+        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        std::fs::write(
+            dir.join("sources.list"),
+            format!(
+                "deb [signed-by={keyring}] http://deb.debian.org/debian {release} main\n\
+                 deb [signed-by={keyring}] http://deb.debian.org/debian-security {security} main\n"
+            ),
+        )?;
+        let at = |name: &str| dir.join(name).display().to_string();
+        Ok(Apt {
+            options: vec![
+                format!("-oDir::Etc::SourceList={}", at("sources.list")),
+                "-oDir::Etc::SourceParts=/nonexistent".into(),
+                format!("-oDir::State::Lists={}", at("lists")),
+                format!("-oDir::Cache={}", at("cache")),
+            ],
+        })
+    }
+
+    /// `program` (apt-get, apt-cache) with these lists.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.args(&self.options);
+        command
+    }
+}
+
+fn newest_kernel_package(apt: &Apt, series: &str) -> Result<String> {
+    let names = output(apt.command("apt-cache").args(["pkgnames", "linux-image-"]))
         .context("apt-cache pkgnames failed")?;
     let prefix = format!("linux-image-{series}.");
     let mut candidates: Vec<&str> = names
@@ -237,13 +290,13 @@ fn newest_kernel_package(series: &str) -> Result<String> {
 }
 
 /// apt-get download, unpack, depmod.
-fn download_kernel(kernel: &Kernel) -> Result<()> {
+fn download_kernel(apt: &Apt, kernel: &Kernel) -> Result<()> {
     let (package, dir) = (&kernel.package, &kernel.dir);
     println!("xtask: downloading {package}");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     check(
-        Command::new("apt-get")
+        apt.command("apt-get")
             .args(["download", package])
             .current_dir(dir),
         &format!("apt-get download {package}"),
