@@ -130,7 +130,7 @@ impl ObserverDaemon {
     /// baseline collection is done (the port answers before).
     pub(crate) fn wait_until_healthy(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let ok = |reply: Vec<u8>| reply.starts_with(b"HTTP/1.1 200") && reply.ends_with(b"ok\n");
+        let ok = |reply: Vec<u8>| reply.starts_with(b"HTTP/1.") && reply.ends_with(b"\r\n\r\nok\n");
         while !http_get(self.port, "/healthz").is_some_and(ok) {
             if Instant::now() > deadline {
                 bail!("observer did not say ok on /healthz within 60 s");
