@@ -290,7 +290,8 @@ fn programs_summary(loaded: &Result<Probes>) -> Result<String, String> {
             probes.accept_source.name()
         )),
         Ok(probes) => Ok(format!(
-            "load, with {} attach point(s) missing (non-fatal): {}",
+            "load: accept source {}, with {} attach point(s) missing (non-fatal): {}",
+            probes.accept_source.name(),
             probes.attach_errors.len(),
             probes
                 .attach_errors
