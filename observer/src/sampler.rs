@@ -124,9 +124,8 @@ impl ThreadSource {
                     Some(_) => Walk::Host,
                     None => cheaper_walk(watched, host_threads),
                 };
-                let samples = parse_records(&walk.read(&chosen)?);
-                let walked_host = chosen == Walk::Host || walk.per_process_refused().is_some();
-                Ok((samples, walked_host))
+                let (bytes, walked_host) = walk.read(&chosen)?;
+                Ok((parse_records(&bytes), walked_host))
             }
             ThreadSource::Proc(threads) => Ok((threads.samples(watched), false)),
         }
@@ -226,11 +225,6 @@ impl ThreadSampler {
         self.cost.threads_sampled += samples.len() as u64;
         self.cost.seconds += started.elapsed().as_secs_f64();
         Ok(())
-    }
-
-    /// `bpf` or `proc`: where the samples come from.
-    pub fn source_name(&self) -> &'static str {
-        self.source.name()
     }
 
     /// Each watched process's latest state, by pid (the newest process

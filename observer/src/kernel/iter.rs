@@ -67,8 +67,10 @@ enum Eagain {
 #[derive(Debug)]
 pub struct IterLink {
     fd: OwnedFd,
-    /// The program, for links of its own over one process (task iterators).
-    program: OwnedFd,
+    /// The program, for links of its own over one process (task
+    /// iterators); `None` on such a link (one fd per watched process is
+    /// enough).
+    program: Option<OwnedFd>,
     name: &'static str,
     /// Bytes the last read returned: the next one reserves that much and a
     /// little more up front, instead of growing (and copying) a
@@ -86,7 +88,7 @@ impl IterLink {
             .with_context(|| format!("attaching the {name} iterator (bpf_link_create)"))?;
         Ok(IterLink {
             fd,
-            program,
+            program: Some(program),
             name,
             last_len: AtomicUsize::new(0),
         })
@@ -96,11 +98,15 @@ impl IterLink {
     /// `pid` only (`bpf_iter_link_info.task.pid`, Linux 6.1+; older kernels
     /// refuse it with EINVAL).
     pub fn for_process(&self, pid: u32) -> std::io::Result<IterLink> {
+        let program = self
+            .program
+            .as_ref()
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
         // union bpf_iter_link_info: task { tid, pid, pid_fd }, 16 bytes in all.
         let info: [u32; 4] = [0, pid, 0, 0];
         Ok(IterLink {
-            fd: link(&self.program, Some(&info))?,
-            program: self.program.try_clone()?,
+            fd: link(program, Some(&info))?,
+            program: None,
             name: self.name,
             last_len: AtomicUsize::new(0),
         })
@@ -158,10 +164,14 @@ impl IterLink {
                 .fd
                 .try_clone()
                 .context("duplicating an iterator link")?,
-            program: self
-                .program
-                .try_clone()
-                .context("duplicating an iterator program's fd")?,
+            program: match &self.program {
+                Some(program) => Some(
+                    program
+                        .try_clone()
+                        .context("duplicating an iterator program's fd")?,
+                ),
+                None => None,
+            },
             name: self.name,
             last_len: AtomicUsize::new(0),
         })

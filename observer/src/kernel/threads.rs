@@ -42,45 +42,50 @@ impl ThreadWalk {
         self.per_process_refused.as_deref()
     }
 
-    /// Runs the iterator over `walk`'s threads and returns what it wrote.
-    /// Where the kernel refuses a per-process link, this pass and every
-    /// later one walk the host.
-    pub fn read(&mut self, walk: &Walk) -> Result<Vec<u8>> {
+    /// Runs the iterator over `walk`'s threads and returns what it wrote,
+    /// and whether it walked the host. Where the kernel refuses a
+    /// per-process link, this pass and every later one walk the host; where
+    /// a link cannot be made for another reason (out of fds or memory),
+    /// this pass does.
+    pub fn read(&mut self, walk: &Walk) -> Result<(Vec<u8>, bool)> {
         let Walk::Processes(pids) = walk else {
-            return self.host.read();
+            return Ok((self.host.read()?, true));
         };
         if self.per_process_refused.is_some() {
-            return self.host.read();
+            return Ok((self.host.read()?, true));
         }
         self.processes.retain(|pid, _| pids.contains(pid));
-        let mut bytes = Vec::new();
         for &pid in pids {
-            if !self.processes.contains_key(&pid) {
-                match self.host.for_process(pid) {
-                    Ok(link) => {
-                        self.processes.insert(pid, link);
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        return self.refuse_per_process(e);
-                    }
-                    // A process gone since it was chosen has no threads.
-                    Err(e) => {
-                        log::debug!("a task iterator over process {pid}: {e}");
-                        continue;
-                    }
+            if self.processes.contains_key(&pid) {
+                continue;
+            }
+            match self.host.for_process(pid) {
+                Ok(link) => {
+                    self.processes.insert(pid, link);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refuse_per_process(e);
+                    return Ok((self.host.read()?, true));
+                }
+                Err(e) => {
+                    log::debug!("a task iterator over process {pid}: {e}; walking the host");
+                    return Ok((self.host.read()?, true));
                 }
             }
-            if let Some(link) = self.processes.get(&pid) {
+        }
+        let mut bytes = Vec::new();
+        for pid in pids {
+            if let Some(link) = self.processes.get(pid) {
                 bytes.extend(
                     link.read()
                         .with_context(|| format!("the threads of process {pid}"))?,
                 );
             }
         }
-        Ok(bytes)
+        Ok((bytes, false))
     }
 
-    fn refuse_per_process(&mut self, e: std::io::Error) -> Result<Vec<u8>> {
+    fn refuse_per_process(&mut self, e: std::io::Error) {
         let why = format!(
             "this kernel has no task iterator over one process ({e}; Linux 6.1+): \
              each pass walks every thread on the host"
@@ -88,6 +93,5 @@ impl ThreadWalk {
         log::info!("thread sampler: {why}");
         self.per_process_refused = Some(why);
         self.processes.clear();
-        self.host.read()
     }
 }
