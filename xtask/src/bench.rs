@@ -51,6 +51,17 @@ enum Condition {
 }
 
 impl Condition {
+    const ALL: [Condition; 3] = [
+        Condition::Baseline,
+        Condition::Observer,
+        Condition::Bpftrace,
+    ];
+
+    /// Every condition, in round `round`'s order (it rotates each round).
+    fn in_round(round: usize) -> impl Iterator<Item = Condition> {
+        (0..Self::ALL.len()).map(move |i| Self::ALL[(i + round) % Self::ALL.len()])
+    }
+
     fn name(self) -> &'static str {
         match self {
             Condition::Baseline => "baseline",
@@ -242,18 +253,12 @@ fn throughput(
     report: &mut String,
     server: &str,
 ) -> Result<HashMap<String, (u64, u64)>> {
-    let conditions = [
-        Condition::Baseline,
-        Condition::Observer,
-        Condition::Bpftrace,
-    ];
     let mut rates: HashMap<Condition, Vec<f64>> = HashMap::new();
     let mut ratios: HashMap<Condition, Vec<f64>> = HashMap::new();
     let mut costs: HashMap<String, (u64, u64)> = HashMap::new();
     for round in 0..rounds {
         let mut this_round = HashMap::new();
-        for i in 0..conditions.len() {
-            let c = conditions[(i + round) % conditions.len()]; // rotate the order each round
+        for c in Condition::in_round(round) {
             let loaded_before = prog_stats()?;
             let beside = start_condition(c, bin, script)?;
             let before = prog_stats()?;
@@ -273,12 +278,7 @@ fn throughput(
             this_round.insert(c, rate);
             rates.entry(c).or_default().push(rate);
         }
-        for c in [Condition::Observer, Condition::Bpftrace] {
-            ratios
-                .entry(c)
-                .or_default()
-                .push(this_round[&c] / this_round[&Condition::Baseline]);
-        }
+        against_baseline(&this_round, &mut ratios, |c, base| c / base);
     }
     report.push_str(&format!(
         "| {server} | {:.0} | {} | {} |\n",
@@ -287,6 +287,20 @@ fn throughput(
         spread(&ratios[&Condition::Bpftrace]),
     ));
     Ok(costs)
+}
+
+/// Each condition beside the baseline, held against the same round's
+/// baseline by `compare` (a ratio, a difference), appended to `into`.
+fn against_baseline(
+    this_round: &HashMap<Condition, f64>,
+    into: &mut HashMap<Condition, Vec<f64>>,
+    compare: impl Fn(f64, f64) -> f64,
+) {
+    for c in [Condition::Observer, Condition::Bpftrace] {
+        into.entry(c)
+            .or_default()
+            .push(compare(this_round[&c], this_round[&Condition::Baseline]));
+    }
 }
 
 /// Nanoseconds per call of `f`, over `n` calls.
@@ -344,12 +358,7 @@ fn untracked_syscalls(rounds: usize, bin: &Path, script: &Path, report: &mut Str
     ];
     let mut ns: HashMap<(usize, Condition), Vec<f64>> = HashMap::new();
     for round in 0..rounds {
-        for i in 0..3 {
-            let c = [
-                Condition::Baseline,
-                Condition::Observer,
-                Condition::Bpftrace,
-            ][(i + round) % 3];
+        for c in Condition::in_round(round) {
             let beside = start_condition(c, bin, script)?;
             // The daemon's thread sampler runs meanwhile, as it would.
             std::thread::sleep(Duration::from_millis(200));
@@ -394,17 +403,11 @@ fn cpu_per_connection(
     script: &Path,
     report: &mut String,
 ) -> Result<()> {
-    let conditions = [
-        Condition::Baseline,
-        Condition::Observer,
-        Condition::Bpftrace,
-    ];
     let mut per_conn: HashMap<Condition, Vec<f64>> = HashMap::new();
     let mut extra: HashMap<Condition, Vec<f64>> = HashMap::new();
     for round in 0..rounds {
         let mut this_round = HashMap::new();
-        for i in 0..conditions.len() {
-            let c = conditions[(i + round) % conditions.len()];
+        for c in Condition::in_round(round) {
             let beside = start_scraped_every(c, bin, script, Duration::from_secs(15))?;
             // Past the daemon's start-up and first scrape.
             std::thread::sleep(Duration::from_millis(500));
@@ -419,18 +422,13 @@ fn cpu_per_connection(
             this_round.insert(c, ns);
             per_conn.entry(c).or_default().push(ns);
         }
-        for c in [Condition::Observer, Condition::Bpftrace] {
-            extra
-                .entry(c)
-                .or_default()
-                .push(this_round[&c] - this_round[&Condition::Baseline]);
-        }
+        against_baseline(&this_round, &mut extra, |c, base| c - base);
     }
     report.push_str(&format!(
         "\n| nginx at {PACED_RATE} connections/s ({rounds} rounds × {seconds} s, interleaved) | host CPU µs per connection: median [95% interval] | interval half-width, % of the baseline's median | extra over the same round's baseline, µs: median [95% interval] |\n|---|---|---|---|\n"
     ));
     let (base, _, _) = crate::paced::median_interval(&per_conn[&Condition::Baseline])?;
-    for c in conditions {
+    for c in Condition::ALL {
         let (m, low, high) = crate::paced::median_interval(&per_conn[&c])?;
         let extra_cell = match extra.get(&c) {
             Some(e) => {
