@@ -148,20 +148,49 @@ pub enum SamplerChoice {
     Proc,
 }
 
-/// The thread sampler's source that `choice` asks for on this kernel
-/// (`bpf`: the sampler's iterator, or why it cannot run).
-fn thread_source(choice: SamplerChoice, bpf: Result<IterLink, String>) -> Result<ThreadSource> {
+/// Where worker threads are read, as `--collector.workers.sampler` asks on
+/// this kernel (the daemon starts it; `doctor` describes it).
+pub enum ThreadReader {
+    /// The BPF sampler, through its iterator.
+    Bpf(IterLink),
+    /// /proc and the workers' memory; `instead_of_bpf`: why `auto` could not
+    /// take the BPF sampler (`None`: proc was asked for).
+    Proc { instead_of_bpf: Option<String> },
+}
+
+/// The reader `choice` gets, given the BPF sampler's iterator or why this
+/// kernel cannot run it; `Err` (why) where `bpf` was asked for and cannot
+/// run.
+pub fn thread_reader(
+    choice: SamplerChoice,
+    bpf: Result<IterLink, String>,
+) -> Result<ThreadReader, String> {
     match (choice, bpf) {
-        (SamplerChoice::Proc, _) => Ok(ThreadSource::proc()),
-        (_, Ok(link)) => Ok(ThreadSource::bpf(link)),
-        (SamplerChoice::Bpf, Err(why)) => bail!(
+        (SamplerChoice::Proc, _) => Ok(ThreadReader::Proc {
+            instead_of_bpf: None,
+        }),
+        (_, Ok(link)) => Ok(ThreadReader::Bpf(link)),
+        (SamplerChoice::Bpf, Err(why)) => Err(why),
+        (SamplerChoice::Auto, Err(why)) => Ok(ThreadReader::Proc {
+            instead_of_bpf: Some(why),
+        }),
+    }
+}
+
+/// The thread sampler's source that `choice` asks for on this kernel.
+fn thread_source(choice: SamplerChoice, bpf: Result<IterLink, String>) -> Result<ThreadSource> {
+    match thread_reader(choice, bpf) {
+        Ok(ThreadReader::Bpf(link)) => Ok(ThreadSource::bpf(link)),
+        Ok(ThreadReader::Proc { instead_of_bpf }) => {
+            if let Some(why) = instead_of_bpf {
+                log::info!("worker threads are read from /proc: {why}");
+            }
+            Ok(ThreadSource::proc())
+        }
+        Err(why) => bail!(
             "--collector.workers.sampler bpf cannot run here: {why}; \
              use --collector.workers.sampler proc (or auto)"
         ),
-        (SamplerChoice::Auto, Err(why)) => {
-            log::info!("worker threads are read from /proc: {why}");
-            Ok(ThreadSource::proc())
-        }
     }
 }
 
@@ -245,15 +274,14 @@ impl Pipeline {
         for e in &probes.attach_errors {
             log::warn!("{}: {}", e.program, e.message);
         }
-        let mut thread_sampler = "none";
-        let sampler = if collectors.workers {
+        let (sampler, thread_sampler) = if collectors.workers {
             let source = thread_source(kernel.thread_sampler, probes.thread_sampler())?;
-            thread_sampler = source.name();
+            let name = source.name();
             let sampler = Arc::new(Mutex::new(ThreadSampler::new(source)));
             sampler::spawn(&sampler, Duration::from_secs_f64(1.0 / kernel.sample_rate))?;
-            Some(sampler)
+            (Some(sampler), name)
         } else {
-            None
+            (None, "none")
         };
         let mut program_errors: Vec<(String, String)> = probes
             .attach_errors

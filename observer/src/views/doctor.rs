@@ -9,7 +9,7 @@ use crate::{
         offsets::{self, KernelLayout},
         probes::{AcceptSource, Probes, UNIX_WAITS_UNTIMED},
     },
-    pipeline::{KernelOptions, SamplerChoice},
+    pipeline::{KernelOptions, SamplerChoice, ThreadReader, thread_reader},
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -249,13 +249,15 @@ fn unix_check(probes: &Probes) -> Result<String, String> {
 /// processes where the kernel can), or its /proc fallback.
 fn sampler_check(probes: &Probes, choice: SamplerChoice) -> Result<String, String> {
     const NO_HOOK: &str = "no program on any wait syscall";
-    match (choice, probes.thread_sampler()) {
-        (SamplerChoice::Proc, _) => Ok(format!(
+    match thread_reader(choice, probes.thread_sampler()) {
+        Ok(ThreadReader::Proc {
+            instead_of_bpf: None,
+        }) => Ok(format!(
             "worker busy/idle is read from /proc and the workers' memory \
              (--collector.workers.sampler proc): {NO_HOOK}; it costs more CPU per watched \
              thread than the BPF sampler"
         )),
-        (_, Ok(link)) => {
+        Ok(ThreadReader::Bpf(link)) => {
             let reads = match link.for_process(std::process::id()) {
                 Ok(_) => "the watched processes' threads, one task iterator each \
                           (every thread on the host where that is cheaper)"
@@ -271,10 +273,12 @@ fn sampler_check(probes: &Probes, choice: SamplerChoice) -> Result<String, Strin
                  it reads {reads}"
             ))
         }
-        (SamplerChoice::Bpf, Err(why)) => Err(format!(
+        Err(why) => Err(format!(
             "{why} — --collector.workers.sampler bpf cannot run here; proc (or auto) can"
         )),
-        (SamplerChoice::Auto, Err(why)) => Ok(format!(
+        Ok(ThreadReader::Proc {
+            instead_of_bpf: Some(why),
+        }) => Ok(format!(
             "worker busy/idle is read from /proc and the workers' memory: {NO_HOOK}; \
              the BPF sampler cannot run here ({why}), and /proc costs more CPU per \
              watched thread"
