@@ -360,11 +360,10 @@ fn no_program_of_ours_runs_on_another_process_s_wait_syscalls() {
             .map(|p| p.name.as_str())
             .collect();
         tracepoints.sort();
-        // connect_exit needs bpf_task_pt_regs (5.15+); doctor says where not.
-        let stamps_unix_connects =
-            !support::doctor_says_with("programs", &source).contains("waits are not timed");
         let expected: Vec<&str> = match source.as_str() {
-            "tracepoint" if stamps_unix_connects => vec!["accept_exit", "connect_exit"],
+            "tracepoint" if support::stamps_unix_connects(&source) => {
+                vec!["accept_exit", "connect_exit"]
+            }
             "tracepoint" => vec!["accept_exit"],
             _ => vec![],
         };

@@ -145,10 +145,9 @@ fn stream_and_seqpacket_listeners_report_ss_depth_and_limit_from_the_first_scrap
 }
 
 /// Whether it times their waits too: not where the program that stamps
-/// Unix connects cannot load (the tracepoint source's needs
-/// `bpf_task_pt_regs`, Linux 5.15+), which `doctor`'s programs line says.
+/// Unix connects cannot load.
 fn times_unix_waits() -> bool {
-    counts_unix_accepts() && !support::doctor_says("programs").contains("waits are not timed")
+    counts_unix_accepts() && support::stamps_unix_connects(&support::expected_accept_source())
 }
 
 /// Connects to `path`, with the client's clock around the call: the

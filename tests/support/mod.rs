@@ -393,14 +393,16 @@ pub fn counts_unix_accepts() -> bool {
     expected_accept_source() != "kprobe"
 }
 
-/// `doctor`'s line for check `name`, with the accept source the daemon
-/// must be using.
-pub fn doctor_says(name: &str) -> String {
-    doctor_says_with(name, &expected_accept_source())
+/// Whether accept source `source` loads the program that stamps Unix
+/// connects here, so that Unix-domain waits are timed: `doctor`'s programs
+/// line says where it cannot (the tracepoint source's needs
+/// `bpf_task_pt_regs`, Linux 5.15+).
+pub fn stamps_unix_connects(source: &str) -> bool {
+    !doctor_says("programs", source).contains("waits are not timed")
 }
 
 /// `doctor`'s line for check `name`, with accept source `source`.
-pub fn doctor_says_with(name: &str, source: &str) -> String {
+fn doctor_says(name: &str, source: &str) -> String {
     let out = run(Command::new(observer_bin())
         .arg("doctor")
         .args(["--accept-source", source]));
