@@ -261,3 +261,37 @@ fn program_stats_are_the_kernels_own_counters_when_asked_for() {
         "the holder walk ran at each scrape: {holders}"
     );
 }
+
+/// Where worker threads are read, as `observer_build_info{thread_sampler}`
+/// says: what `doctor`'s sampler line names by default (the BPF sampler
+/// where it loads, /proc elsewhere), `proc` where asked for, `none` with
+/// the workers collector off.
+#[test]
+fn build_info_names_the_thread_sampler_doctor_names() {
+    let doctor = support::run(std::process::Command::new(support::observer_bin()).arg("doctor"));
+    let line = String::from_utf8_lossy(&doctor.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("sampler"))
+        .expect("doctor's sampler line")
+        .to_owned();
+    let by_doctor = if line.contains("(iter.s/task)") {
+        "bpf"
+    } else if line.contains("from /proc") {
+        "proc"
+    } else {
+        panic!("doctor names no sampler: {line}")
+    };
+    for (flags, want) in [
+        (&[][..], by_doctor),
+        (&["--collector.workers.sampler", "proc"][..], "proc"),
+        (&["--no-collector.workers"][..], "none"),
+    ] {
+        let m = Daemon::start_with(flags).scrape();
+        assert_eq!(
+            m.get("observer_build_info", &[("thread_sampler", want)]),
+            Some(1.0),
+            "{flags:?}: observer_build_info\n{}",
+            m.text
+        );
+    }
+}
