@@ -937,7 +937,7 @@ pub fn daemon_families(text: &mut Text, snapshot: &Snapshot, d: &DaemonHealth) {
         ),
         (
             "observer_worker_sample_seconds_total",
-            "Time the thread sampler spent in its passes (kernel iterator and classification).",
+            "CPU time the thread sampler spent in its passes (kernel iterator and classification).",
             Counter,
             |c| c.seconds,
         ),

@@ -198,7 +198,7 @@ impl ThreadSampler {
 
     /// One pass: read every watched thread, classify, integrate.
     pub fn sample(&mut self) -> Result<()> {
-        let started = Instant::now();
+        let cpu_started_ns = procfs::thread_cpu_ns();
         let (samples, walked_host) = self.source.read(&self.watched)?;
         self.cost.host_walks += walked_host as u64;
         let now_ns = procfs::monotonic_ns();
@@ -223,7 +223,7 @@ impl ThreadSampler {
         self.in_accept = activity::waiting_in_accept(&samples, &self.watched.workers);
         self.cost.passes += 1;
         self.cost.threads_sampled += samples.len() as u64;
-        self.cost.seconds += started.elapsed().as_secs_f64();
+        self.cost.seconds += pass_cpu(cpu_started_ns).as_secs_f64();
         Ok(())
     }
 
@@ -333,10 +333,18 @@ fn choose_walk(
     Walk::Processes(pids)
 }
 
-/// The interval that keeps passes of `pass` duration within
+/// The interval that keeps passes of `pass_cpu` CPU time within
 /// [`MAX_CORE_SHARE`] of a core, and no shorter than `requested`.
-fn budgeted_interval(requested: Duration, pass: Duration) -> Duration {
-    requested.max(pass.div_f64(MAX_CORE_SHARE))
+fn budgeted_interval(requested: Duration, pass_cpu: Duration) -> Duration {
+    requested.max(pass_cpu.div_f64(MAX_CORE_SHARE))
+}
+
+/// The CPU time this thread used since `cpu_started_ns`. A pass is
+/// budgeted on CPU, not on wall time: on a saturated host a pass waits
+/// for a core, and that wait costs the host nothing, so it must not
+/// stretch the interval (and coarsen busy time) when it matters most.
+fn pass_cpu(cpu_started_ns: u64) -> Duration {
+    Duration::from_nanos(procfs::thread_cpu_ns().saturating_sub(cpu_started_ns))
 }
 
 /// Runs `sampler` every `interval` (stretched by [`budgeted_interval`]) on
@@ -359,10 +367,11 @@ pub fn spawn(sampler: &Arc<Mutex<ThreadSampler>>, requested: Duration) -> Result
                     return;
                 };
                 let started = Instant::now();
+                let cpu_started_ns = procfs::thread_cpu_ns();
                 if let Err(e) = sampler.sample() {
                     log::debug!("thread sampler: {e:#}");
                 }
-                let interval = budgeted_interval(requested, started.elapsed());
+                let interval = budgeted_interval(requested, pass_cpu(cpu_started_ns));
                 sampler.cost.interval_seconds = interval.as_secs_f64();
                 // From this pass's start; a late pass is not followed by a burst.
                 next = (started + interval).max(Instant::now());
@@ -506,6 +515,23 @@ mod tests {
         assert_eq!(
             budgeted_interval(requested, Duration::from_millis(2)),
             Duration::from_millis(400)
+        );
+    }
+
+    #[test]
+    fn a_pass_is_charged_its_cpu_time_not_the_time_it_waited() {
+        // A pass that waits 50 ms for a core (here: sleeps) and computes
+        // for 5 ms is charged about 5 ms, not 55 ms.
+        let started = procfs::thread_cpu_ns();
+        std::thread::sleep(Duration::from_millis(50));
+        let give_up = Instant::now() + Duration::from_secs(2);
+        while pass_cpu(started) < Duration::from_millis(5) && Instant::now() < give_up {
+            std::hint::spin_loop();
+        }
+        let charged = pass_cpu(started);
+        assert!(
+            charged >= Duration::from_millis(5) && charged < Duration::from_millis(40),
+            "{charged:?}"
         );
     }
 
