@@ -471,6 +471,87 @@ fn gunicorn_sync_busy_workers_track_the_semaphore_and_accepts_add_up() {
     );
 }
 
+/// A WSGI app whose every request forks a child that holds the worker's
+/// fds (the listener among them) for twice the request's time: what a CGI,
+/// or any subprocess between its fork and its exec, looks like to the
+/// kernel.
+const FORKING_WSGI_APP: &str = r#"import os, time
+def app(environ, start_response):
+    seconds = float(environ.get('QUERY_STRING') or 0.3)
+    if os.fork() == 0:
+        time.sleep(2 * seconds)
+        os._exit(0)
+    time.sleep(seconds)
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'ok\n']
+"#;
+
+/// gunicorn's sync workers fork a child on every request, which holds the
+/// listener beside them. Throughout, the pool's workers are gunicorn's
+/// own (a worker with a child holding the listener is not taken for a
+/// master, and the child is not taken for a worker), the busy count
+/// tracks the semaphore, and per-worker accepts add up to the requests.
+#[test]
+fn gunicorn_workers_whose_children_inherit_the_listener_stay_the_pool_and_accepts_add_up() {
+    let daemon = Daemon::start_with_pids();
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let server = Server::start(
+        "gunicorn",
+        port,
+        &[("app.py", FORKING_WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
+        &[
+            "gunicorn", "-c", "hooks.py", "-b", &bind, "-w", "2", "app:app",
+        ],
+    );
+    wait_for_idle_pool(&daemon, port, 2.0);
+    let workers = server.worker_pids();
+    let load = load_at(port, "/", 2, 8, 0.3);
+    let mut seen = Vec::new();
+    let mut with_children = 0;
+    for _ in 0..16 {
+        std::thread::sleep(Duration::from_millis(150));
+        let truth_before = server.semaphore() as f64;
+        let m = daemon.scrape();
+        let truth_after = server.semaphore() as f64;
+        with_children += workers
+            .iter()
+            .filter(|w| !support::children_of(**w).is_empty())
+            .count();
+        seen.push((
+            worker_pids_seen(&m, port),
+            pool_state(&m, port, "busy"),
+            (truth_before, truth_after),
+        ));
+    }
+    let done = finish(load);
+    println!("{with_children} worker samples with a child; (pids, busy, semaphore): {seen:?}");
+    assert!(
+        with_children > 0,
+        "the workers' children were alive meanwhile"
+    );
+    for (pids, busy, (before, after)) in &seen {
+        assert_eq!(
+            pids, &workers,
+            "the pool's workers, and only them: {seen:?}"
+        );
+        assert!(
+            *busy >= before.min(*after) - 1.0 && *busy <= before.max(*after) + 1.0,
+            "busy {busy} vs the semaphore {before}..{after}: {seen:?}"
+        );
+    }
+    let m = daemon.scrape();
+    assert_eq!(done, 16, "every client request succeeded");
+    assert_eq!(
+        (
+            sum_per_worker(&m, "observer_worker_accepts_total", port),
+            m.listener("observer_connections_accepted_total", port)
+        ),
+        (done as f64, done as f64),
+        "per-worker accepts = the listener's = the clients' requests"
+    );
+}
+
 /// A big host: 10,000 parked threads that belong to no pool, and gunicorn
 /// with 2 workers. The sampler reads the pool's own threads, not the
 /// host's (no pass walks the host), so it keeps its rate, and busy time

@@ -229,7 +229,7 @@ impl Handoffs {
         // Listeners with the very same large set of holders (a pool holding
         // many listeners) and nothing known of them but their masters share
         // one computation.
-        let mut shared: HashMap<(usize, Vec<u32>), Arc<Roles>> = HashMap::new();
+        let mut shared: HashMap<(usize, Vec<u32>, Vec<u32>), Arc<Roles>> = HashMap::new();
         let (no_one, no_one_else) = (BTreeMap::new(), BTreeSet::new());
         for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
             let id = &view.id;
@@ -259,16 +259,27 @@ impl Handoffs {
                 .filter(|(pid, seen)| seen.still_master(holds(holding, **pid), accepted(pid)))
                 .map(|(pid, _)| *pid)
                 .collect();
+            let serving: BTreeSet<u32> = view
+                .by_process
+                .iter()
+                .filter(|(pid, a)| a.accepted > 0 && holds(holding, **pid))
+                .map(|(pid, _)| *pid)
+                .collect();
             let known = Known {
                 dispatchers: self.dispatchers.get(id).unwrap_or(&no_one_else),
                 masters: &known_masters,
+                serving: &serving,
             };
             let fed = self.fed.get(id).unwrap_or(&no_one);
             let r = if fed.is_empty()
                 && known.dispatchers.is_empty()
                 && holding.len() > FEW_PROCESSES
             {
-                let key = (holding.identity(), known_masters.iter().copied().collect());
+                let key = (
+                    holding.identity(),
+                    known_masters.iter().copied().collect(),
+                    serving.iter().copied().collect(),
+                );
                 shared
                     .entry(key)
                     .or_insert_with(|| Arc::new(roles(holding, fed, known)))
@@ -339,11 +350,13 @@ fn remember(known: &mut BTreeMap<ListenerId, BTreeSet<u32>>, id: &ListenerId, pi
     }
 }
 
-/// A listener's processes of each role seen before.
+/// A listener's processes of each role seen before, and the holders that
+/// have accepted from it.
 #[derive(Clone, Copy)]
 struct Known<'a> {
     dispatchers: &'a BTreeSet<u32>,
     masters: &'a BTreeSet<u32>,
+    serving: &'a BTreeSet<u32>,
 }
 
 /// A listener's place in the collection's listeners (sorted by id): the
@@ -398,15 +411,22 @@ struct Roles {
 /// Who serves a listener, from its holders (sorted by pid) and its fed
 /// workers (each pid → its parent's pid) and the roles known before: a
 /// holder whose child also holds the listener, or that was seen as its
-/// master, is its master; one whose child is a fed worker, or that was
-/// seen as a dispatcher, a dispatcher; the other holders and every fed
-/// worker are workers.
+/// master, is its master, unless it accepts from the listener itself; one
+/// whose child is a fed worker, or that was seen as a dispatcher, a
+/// dispatcher; the other holders and every fed worker are workers. A
+/// worker's own child that holds the listener without accepting from it
+/// (a CGI or a subprocess between its fork and its exec, which inherited
+/// the worker's fds) is none of these: its parent stays the worker.
 fn roles(holders: &[Process], fed: &BTreeMap<u32, u32>, known: Known) -> Roles {
     let parents_of_holders = Parents::of(holders.iter().map(|p| p.ppid));
     let parents_of_fed = Parents::of(fed.values().copied());
+    let serves = |pid: u32| known.serving.contains(&pid);
     let mut roles = Roles::default();
     for p in holders {
-        let has_child = parents_of_holders.contains(p.pid);
+        if !serves(p.pid) && serves(p.ppid) {
+            continue; // a serving worker's child
+        }
+        let has_child = parents_of_holders.contains(p.pid) && !serves(p.pid);
         if has_child || known.masters.contains(&p.pid) {
             roles.masters.push(p.pid);
             if !has_child {
@@ -1640,15 +1660,15 @@ mod tests {
         assert_eq!(workers_after(&[arbiter], &[], &mut handoffs), [10]);
 
         // A single-process server caught between a fork and its child's
-        // exec holding the listener: a master for that moment, a worker
-        // again as soon as it accepts.
+        // exec holding the listener: it has accepted, so it stays the
+        // worker, and the child is none of the pool.
         let mut handoffs = Handoffs::default();
         let server = holder(20, 1, 80, TCP_LISTEN, 5);
         let child = holder(21, 20, 80, TCP_LISTEN, 5);
         assert_eq!(workers_after(&[server], &[(20, 7)], &mut handoffs), [20]);
         assert_eq!(
             workers_after(&[server, child], &[(20, 7)], &mut handoffs),
-            [21]
+            [20]
         );
         assert_eq!(workers_after(&[server], &[(20, 8)], &mut handoffs), [20]);
     }
@@ -1668,6 +1688,7 @@ mod tests {
         let none = Known {
             dispatchers: &empty,
             masters: &empty,
+            serving: &empty,
         };
         let r = roles(&held(&[(10, 1)]), &m(&[(21, 10), (22, 10)]), none);
         assert_eq!(r.workers, [21, 22]);
@@ -1684,6 +1705,7 @@ mod tests {
         let dispatcher = Known {
             dispatchers: &ten,
             masters: &empty,
+            serving: &empty,
         };
         let r = roles(&held(&[(10, 1)]), &m(&[]), dispatcher);
         assert!(r.workers.is_empty());
@@ -1693,10 +1715,40 @@ mod tests {
         let master = Known {
             dispatchers: &empty,
             masters: &ten,
+            serving: &empty,
         };
         let r = roles(&held(&[(10, 1)]), &m(&[]), master);
         assert!(r.workers.is_empty());
         assert_eq!(r.masters, [10]);
+    }
+
+    #[test]
+    fn a_worker_whose_child_inherited_the_listener_stays_the_worker() {
+        // Apache prefork: parent 10, children 11 and 12 accept; 12 forks a
+        // CGI (20) that holds the listener until its exec.
+        let held = [(10, 1), (11, 10), (12, 10), (20, 12)].map(|(pid, ppid)| Process { pid, ppid });
+        let (empty, serving) = (BTreeSet::new(), BTreeSet::from([11, 12]));
+        let known = Known {
+            dispatchers: &empty,
+            masters: &empty,
+            serving: &serving,
+        };
+        let r = roles(&held, &BTreeMap::new(), known);
+        assert_eq!(r.masters, [10]);
+        assert_eq!(
+            r.workers,
+            [11, 12],
+            "12 serves; its child 20 is not a worker"
+        );
+        // Before it has accepted anything, a holder with a holding child is
+        // its master (a pool's master and its workers, which never accept).
+        let nobody = Known {
+            serving: &empty,
+            ..known
+        };
+        let r = roles(&held, &BTreeMap::new(), nobody);
+        assert_eq!(r.masters, [10, 12]);
+        assert_eq!(r.workers, [11, 20]);
     }
 
     /// Each pool's port and worker pids.
