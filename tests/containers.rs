@@ -458,3 +458,41 @@ fn tempdir(what: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The arm64 image `cargo xtask image --arch arm64` builds on an amd64
+/// machine (as `cargo xtask test` does).
+const ARM64_IMAGE: &str = concat!("localhost/observer:", env!("CARGO_PKG_VERSION"), "-arm64");
+
+#[test]
+fn the_arm64_image_says_arm64_and_holds_an_aarch64_binary_with_its_loader_and_libraries() {
+    if run_ok(Command::new("dpkg").arg("--print-architecture")) != "amd64" {
+        return; // built only where it is a cross build
+    }
+    let arch = run_ok(podman().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Architecture}}/{{.Os}}",
+        ARM64_IMAGE,
+    ]));
+    assert_eq!(arch, "arm64/linux");
+    let root = PathBuf::from(run_ok(podman().args(["image", "mount", ARM64_IMAGE])));
+    let read = |path: &str| std::fs::read(root.join(path.trim_start_matches('/')));
+    let binary = read("/usr/local/bin/observer").expect("the binary in the image");
+    let unmount = || run(podman().args(["image", "unmount", ARM64_IMAGE]));
+    // ELF, 64-bit, e_machine EM_AARCH64 (183).
+    let header = (
+        &binary[..4],
+        binary[4],
+        u16::from_le_bytes([binary[18], binary[19]]),
+    );
+    let loader = read("/lib/ld-linux-aarch64.so.1").map(|b| b.len());
+    let libc = read("/lib/aarch64-linux-gnu/libc.so.6").map(|b| b.len());
+    unmount();
+    assert_eq!(header, (&b"\x7fELF"[..], 2, 183), "a 64-bit arm64 binary");
+    assert!(
+        loader.is_ok_and(|n| n > 0),
+        "the arm64 loader is in the image"
+    );
+    assert!(libc.is_ok_and(|n| n > 0), "arm64 glibc is in the image");
+}

@@ -12,22 +12,37 @@ use support::{run, run_ok};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// target/debian/observer_<version>_<arch>.deb.
+/// target/debian/observer_<version>_<arch>.deb for this host's arch.
 fn package() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
-    let found = std::fs::read_dir(&dir).ok().and_then(|entries| {
-        entries.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&format!("observer_{VERSION}_")) && n.ends_with(".deb")
-            })
-        })
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no observer_{VERSION}_*.deb in {}: run `cargo xtask deb` (cargo xtask test builds it)",
-            dir.display()
-        )
-    })
+    package_for(&run_ok(Command::new("dpkg").arg("--print-architecture")))
+}
+
+/// target/debian/observer_<version>_<arch>.deb.
+fn package_for(arch: &str) -> PathBuf {
+    let deb = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debian")
+        .join(format!("observer_{VERSION}_{arch}.deb"));
+    assert!(
+        deb.exists(),
+        "no {}: run `cargo xtask deb --arch {arch}` (cargo xtask test builds it)",
+        deb.display()
+    );
+    deb
+}
+
+/// `e_machine` of an arm64 ELF binary.
+const EM_AARCH64: u16 = 183;
+
+/// The ELF class (2: 64-bit) and machine a binary's header names.
+fn elf_class_and_machine(path: &Path) -> (u8, u16) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    assert_eq!(
+        &bytes[..4],
+        b"\x7fELF",
+        "{} is not an ELF file",
+        path.display()
+    );
+    (bytes[4], u16::from_le_bytes([bytes[18], bytes[19]]))
 }
 
 fn installed_status() -> String {
@@ -130,4 +145,37 @@ fn tempdir() -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+#[test]
+fn the_arm64_package_holds_an_aarch64_binary_with_the_same_unit_and_man_page() {
+    let (host, arm64) = (package(), package_for("arm64"));
+    let field =
+        |deb: &Path, name: &str| run_ok(Command::new("dpkg-deb").arg("-f").arg(deb).arg(name));
+    assert_eq!(field(&arm64, "Architecture"), "arm64");
+    assert_eq!(field(&arm64, "Version"), VERSION);
+    assert!(
+        field(&arm64, "Depends").starts_with("libc6 (>= 2."),
+        "{}",
+        field(&arm64, "Depends")
+    );
+    let dir = tempdir();
+    let (host_dir, arm64_dir) = (dir.join("host"), dir.join("arm64"));
+    for (deb, to) in [(&host, &host_dir), (&arm64, &arm64_dir)] {
+        run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(to));
+    }
+    assert_eq!(
+        elf_class_and_machine(&arm64_dir.join("usr/bin/observer")),
+        (2, EM_AARCH64),
+        "a 64-bit arm64 binary"
+    );
+    for file in FILES.iter().filter(|f| !f.ends_with("/observer")) {
+        let read = |root: &Path| std::fs::read(root.join(file.trim_start_matches('/')));
+        assert_eq!(
+            read(&arm64_dir).ok(),
+            read(&host_dir).ok(),
+            "{file} is the same in both packages"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -206,16 +206,50 @@ impl Default for UnixNameRecord {
 /// set (the process's listeners found in it) that a [`ThreadSample`] carries.
 pub const POLLED_FDS: usize = 16;
 
-/// x86_64 syscall numbers the thread sampler reads details of (the daemon's
-/// busy/idle rule in `activity.rs` names the rest).
-pub const SYS_POLL: i64 = 7;
-pub const SYS_SELECT: i64 = 23;
-pub const SYS_FUTEX: i64 = 202;
-pub const SYS_PSELECT6: i64 = 270;
-pub const SYS_PPOLL: i64 = 271;
-pub const SYS_EPOLL_WAIT: i64 = 232;
-pub const SYS_EPOLL_PWAIT: i64 = 281;
-pub const SYS_EPOLL_PWAIT2: i64 = 441;
+/// The syscalls whose numbers the thread sampler and the busy/idle rule
+/// (`activity.rs`) read: the target architecture's own table, for the
+/// daemon (`target_arch`) and for the eBPF programs built for it
+/// (`bpf_target_arch`, which aya-build sets from the daemon's target).
+pub use syscalls::*;
+
+#[cfg(not(any(target_arch = "aarch64", bpf_target_arch = "aarch64")))]
+mod syscalls {
+    //! x86_64 (arch/x86/entry/syscalls/syscall_64.tbl).
+    pub const SYS_POLL: i64 = 7;
+    pub const SYS_SELECT: i64 = 23;
+    pub const SYS_ACCEPT: i64 = 43;
+    pub const SYS_FCNTL: i64 = 72;
+    pub const SYS_FLOCK: i64 = 73;
+    pub const SYS_FUTEX: i64 = 202;
+    pub const SYS_EPOLL_WAIT: i64 = 232;
+    pub const SYS_PSELECT6: i64 = 270;
+    pub const SYS_PPOLL: i64 = 271;
+    pub const SYS_EPOLL_PWAIT: i64 = 281;
+    pub const SYS_ACCEPT4: i64 = 288;
+    pub const SYS_IO_URING_ENTER: i64 = 426;
+    pub const SYS_EPOLL_PWAIT2: i64 = 441;
+}
+
+#[cfg(any(target_arch = "aarch64", bpf_target_arch = "aarch64"))]
+mod syscalls {
+    //! arm64: the generic table (include/uapi/asm-generic/unistd.h), which
+    //! has no poll, select or epoll_wait (libc calls ppoll, pselect6 and
+    //! epoll_pwait). Those three get numbers no syscall has, so that they
+    //! match nothing.
+    pub const SYS_POLL: i64 = -1001;
+    pub const SYS_SELECT: i64 = -1002;
+    pub const SYS_EPOLL_WAIT: i64 = -1003;
+    pub const SYS_EPOLL_PWAIT: i64 = 22;
+    pub const SYS_FCNTL: i64 = 25;
+    pub const SYS_FLOCK: i64 = 32;
+    pub const SYS_PSELECT6: i64 = 72;
+    pub const SYS_PPOLL: i64 = 73;
+    pub const SYS_FUTEX: i64 = 98;
+    pub const SYS_ACCEPT: i64 = 202;
+    pub const SYS_ACCEPT4: i64 = 242;
+    pub const SYS_IO_URING_ENTER: i64 = 426;
+    pub const SYS_EPOLL_PWAIT2: i64 = 441;
+}
 
 /// One thread of a watched worker process, as the sleepable `iter/task`
 /// sampler writes it: whether it runs, which syscall it is blocked in with
@@ -431,11 +465,14 @@ pub struct KernelOffsets {
     pub task_state: u32,
     pub task_group_leader: u32,
     pub task_start_time: u32,
-    pub regs_orig_ax: u32,
-    pub regs_di: u32,
-    pub regs_si: u32,
-    pub regs_dx: u32,
-    pub regs_r10: u32,
+    /// `pt_regs`: the syscall number a task entered with (x86_64:
+    /// `orig_ax`, 8 bytes; arm64: `syscallno`, a 4-byte s32), and its first
+    /// four arguments as the syscall received them (x86_64: `di`, `si`,
+    /// `dx`, `r10`; arm64: `orig_x0`, `regs[1..=3]`, since `regs[0]` takes
+    /// the return value).
+    pub regs_syscall_nr: u32,
+    pub regs_syscall_nr_bytes: u32,
+    pub regs_args: [u32; 4],
     pub sk_receive_queue_next: u32,
     pub sk_receive_queue_qlen: u32,
     pub skb_sk: u32,
@@ -476,9 +513,6 @@ pub struct KernelOffsets {
 /// Bytes of `struct sock_common` read at once: every field of it the
 /// programs use lies within (the daemon checks this against BTF).
 pub const SOCK_COMMON_HEAD: usize = 96;
-
-/// Bytes of `struct pt_regs` read at once (x86_64: 21 registers).
-pub const PT_REGS_BYTES: usize = 168;
 
 /// Slots of the `HEALTH` per-CPU array: events the programs could not fully
 /// handle. Exported so that nothing is lost silently.

@@ -28,7 +28,7 @@ use aya_ebpf::{
 use observer_common::{AF_UNIX, KernelOffsets, SOCK_SEQPACKET, SOCK_STREAM};
 
 use crate::{
-    kernel::{current_fd_sock, offsets, read, read_ptr, sys_exit_ret},
+    kernel::{current_fd_sock, offsets, read, read_ptr, sys_exit_ret, syscall_arg},
     maps::UNIX_QUEUED,
 };
 
@@ -57,7 +57,7 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
     // The arguments, from the registers the task entered the syscall with.
     // SAFETY: the helpers take the running task, which they return typed.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let Some(uservaddr) = read::<u64>(regs, off.regs_si) else {
+    let Some(uservaddr) = syscall_arg(regs, &off, 1) else {
         return 0;
     };
     // SAFETY: bpf_probe_read_user checks the user address and fails cleanly.
@@ -65,8 +65,7 @@ pub fn connect_exit(ctx: TracePointContext) -> u32 {
     if family != Ok(AF_UNIX) {
         return 0;
     }
-    let Some(client) = read::<u64>(regs, off.regs_di).and_then(|fd| current_fd_sock(fd, &off))
-    else {
+    let Some(client) = syscall_arg(regs, &off, 0).and_then(|fd| current_fd_sock(fd, &off)) else {
         return 0;
     };
     stamp_queued_child(client, &off);

@@ -60,11 +60,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_state: 0,
     task_group_leader: 0,
     task_start_time: 0,
-    regs_orig_ax: 0,
-    regs_di: 0,
-    regs_si: 0,
-    regs_dx: 0,
-    regs_r10: 0,
+    regs_syscall_nr: 0,
+    regs_syscall_nr_bytes: 0,
+    regs_args: [0; 4],
     sk_receive_queue_next: 0,
     sk_receive_queue_qlen: 0,
     skb_sk: 0,
@@ -158,6 +156,23 @@ pub fn read_into(base: u64, dst: &mut [u8]) -> bool {
 #[inline(always)]
 pub fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     read::<u64>(base, offset).filter(|p| *p != 0)
+}
+
+/// The syscall number saved in the `pt_regs` at `regs` (-1: none), in the
+/// width this architecture saves it.
+#[inline(always)]
+pub fn syscall_nr(regs: u64, off: &KernelOffsets) -> Option<i64> {
+    if off.regs_syscall_nr_bytes == 4 {
+        read::<i32>(regs, off.regs_syscall_nr).map(i64::from)
+    } else {
+        read::<i64>(regs, off.regs_syscall_nr)
+    }
+}
+
+/// Argument `n` (0..=3) of the syscall whose `pt_regs` are at `regs`.
+#[inline(always)]
+pub fn syscall_arg(regs: u64, off: &KernelOffsets, n: usize) -> Option<u64> {
+    read::<u64>(regs, *off.regs_args.get(n)?)
 }
 
 /// `N` bytes of kernel memory read in one helper call into a buffer that is

@@ -20,12 +20,12 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use observer_common::{
     EPOLL_UNCHECKED, EPOLL_WATCHES_LISTENER, EPOLL_WATCHES_NO_LISTENER, KernelOffsets, POLLED_FDS,
-    PT_REGS_BYTES, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2, SYS_EPOLL_WAIT, SYS_FUTEX, SYS_POLL,
-    SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
+    SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2, SYS_EPOLL_WAIT, SYS_FUTEX, SYS_POLL, SYS_PPOLL,
+    SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
 };
 
 use crate::{
-    kernel::{KernelBytes, fdtable_head, offsets, read, read_ptr},
+    kernel::{fdtable_head, offsets, read, read_ptr, syscall_arg, syscall_nr},
     maps::{WATCHED, WATCHED_MASTERS},
 };
 
@@ -96,15 +96,14 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
         ..Default::default()
     };
     // SAFETY: a trusted task pointer from the iterator's context.
-    let regs_addr = unsafe { bpf_task_pt_regs(task_ptr) } as u64;
-    let mut buf = KernelBytes::<PT_REGS_BYTES>::new();
-    if let Some(regs) = buf.read(regs_addr) {
-        sample.syscall = reg(regs, off.regs_orig_ax) as i64;
+    let regs = unsafe { bpf_task_pt_regs(task_ptr) } as u64;
+    if let Some(nr) = syscall_nr(regs, &off) {
+        sample.syscall = nr;
         sample.args = [
-            reg(regs, off.regs_di),
-            reg(regs, off.regs_si),
-            reg(regs, off.regs_dx),
-            reg(regs, off.regs_r10),
+            syscall_arg(regs, &off, 0).unwrap_or(0),
+            syscall_arg(regs, &off, 1).unwrap_or(0),
+            syscall_arg(regs, &off, 2).unwrap_or(0),
+            syscall_arg(regs, &off, 3).unwrap_or(0),
         ];
     }
     // A running thread's registers are in flux and its wait does not matter.
@@ -120,17 +119,6 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
         );
     }
     0
-}
-
-/// A saved register by its byte offset in `struct pt_regs`.
-#[inline(always)]
-fn reg(regs: &[u8; PT_REGS_BYTES], offset: u32) -> u64 {
-    let offset = offset as usize;
-    if offset + 8 > PT_REGS_BYTES {
-        return 0;
-    }
-    // SAFETY: in bounds (checked above); unaligned read of plain data.
-    unsafe { core::ptr::read_unaligned(regs.as_ptr().add(offset) as *const u64) }
 }
 
 /// Reads `T` at `addr` in the task's own memory.

@@ -48,17 +48,10 @@ use std::collections::BTreeMap;
 use foldhash::{HashMap, HashSet};
 
 use observer_common::{
-    EPOLL_WATCHES_LISTENER, EPOLL_WATCHES_NO_LISTENER, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2,
-    SYS_EPOLL_WAIT, SYS_FUTEX, SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample,
-    WorkerFds,
+    EPOLL_WATCHES_LISTENER, EPOLL_WATCHES_NO_LISTENER, SYS_ACCEPT, SYS_ACCEPT4, SYS_EPOLL_PWAIT,
+    SYS_EPOLL_PWAIT2, SYS_EPOLL_WAIT, SYS_FCNTL, SYS_FLOCK, SYS_FUTEX, SYS_IO_URING_ENTER,
+    SYS_POLL, SYS_PPOLL, SYS_PSELECT6, SYS_SELECT, ThreadSample, WorkerFds,
 };
-
-// x86_64 syscall numbers (the sampler reads x86_64 registers).
-const SYS_ACCEPT: i64 = 43;
-const SYS_ACCEPT4: i64 = 288;
-const SYS_IO_URING_ENTER: i64 = 426;
-const SYS_FCNTL: i64 = 72;
-const SYS_FLOCK: i64 = 73;
 
 const FUTEX_PRIVATE_FLAG: u64 = 128;
 const FUTEX_CMD_MASK: u64 = 127;

@@ -14,29 +14,28 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{check, output, workspace_root};
+use crate::{arch::Arch, check, output, workspace_root};
 
 const MAINTAINER: &str = "observer developers <observer@localhost>";
 
-/// Builds `target/debian/observer_<version>_<arch>.deb` from
-/// `target/release/observer` and returns its path.
-pub fn build() -> Result<PathBuf> {
+/// Builds `target/debian/observer_<version>_<arch>.deb` from the release
+/// binary for `arch` (its man page from this machine's, which runs here)
+/// and returns its path.
+pub fn build(arch: Arch) -> Result<PathBuf> {
     let root = workspace_root();
-    let binary = root.join("target/release/observer");
-    let version = observer_version(&binary)?;
-    let arch = output(Command::new("dpkg").arg("--print-architecture"))
-        .context("dpkg --print-architecture (is this Debian?)")?
-        .trim()
-        .to_owned();
+    let binary = arch.release_binary();
+    let host_binary = Arch::host().release_binary();
+    let version = observer_version(&host_binary)?;
+    let arch_name = arch.debian();
     let out_dir = root.join("target/debian");
-    let stage = out_dir.join("root");
+    let stage = out_dir.join(format!("root-{arch_name}"));
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&stage)?;
 
     let bin = stage.join("usr/bin/observer");
     fs::create_dir_all(parent(&bin)?)?;
     check(
-        Command::new("strip")
+        Command::new(arch.tool("strip"))
             .args(["--strip-unneeded", "-o"])
             .arg(&bin)
             .arg(&binary),
@@ -51,7 +50,7 @@ pub fn build() -> Result<PathBuf> {
     )?;
     write_gzipped(
         &stage.join("usr/share/man/man1/observer.1.gz"),
-        &man_page(&binary, &version)?,
+        &man_page(&host_binary, &version)?,
     )?;
     write(
         &stage.join("usr/share/doc/observer/copyright"),
@@ -64,11 +63,16 @@ pub fn build() -> Result<PathBuf> {
     let installed_kib = du_kib(&stage)?;
     write(
         &stage.join("DEBIAN/control"),
-        &control(&version, &arch, &glibc_needed(&binary)?, installed_kib),
+        &control(
+            &version,
+            arch_name,
+            &glibc_needed(arch, &binary)?,
+            installed_kib,
+        ),
         0o644,
     )?;
 
-    let deb = out_dir.join(format!("observer_{version}_{arch}.deb"));
+    let deb = out_dir.join(format!("observer_{version}_{arch_name}.deb"));
     check(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", "-Zxz", "--build"])
@@ -125,9 +129,9 @@ fn observer_version(binary: &Path) -> Result<String> {
 }
 
 /// The newest GLIBC_x.y symbol version the binary needs.
-fn glibc_needed(binary: &Path) -> Result<String> {
-    let symbols = output(Command::new("objdump").arg("-T").arg(binary))
-        .context("objdump -T on the observer binary")?;
+fn glibc_needed(arch: Arch, binary: &Path) -> Result<String> {
+    let symbols = output(Command::new(arch.tool("objdump")).arg("-T").arg(binary))
+        .with_context(|| format!("{} -T on the observer binary", arch.tool("objdump")))?;
     let newest = symbols
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
         .filter_map(|w| w.strip_prefix("GLIBC_"))

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod arch;
 mod bench;
 mod daemon;
 mod deb;
@@ -30,8 +31,13 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent).
     Setup,
-    /// Set up, then build the release binary (target/release/observer).
-    Build,
+    /// Set up, then build the release binary (target/release/observer;
+    /// for another architecture, target/<rust target>/release/observer).
+    Build {
+        /// amd64 or arm64 (default: this machine's).
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
+    },
     /// rustfmt check and clippy -D warnings on every crate (the eBPF crate on
     /// nightly for its own target).
     Lint,
@@ -67,12 +73,21 @@ enum Task {
     /// once per accept source each kernel supports; prints the matrix.
     VmTest(vm::VmOptions),
     /// Build the container image `observer:<version>` offline with buildah:
-    /// the release binary and the libraries it links, on scratch.
-    Image,
+    /// the release binary and the libraries it links, on scratch
+    /// (`observer:<version>-arm64` for arm64 from an amd64 machine).
+    Image {
+        /// amd64 or arm64 (default: this machine's).
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
+    },
     /// Build the Debian package target/debian/observer_<version>_<arch>.deb:
     /// the release binary in /usr/bin, the systemd unit, a man page and the
     /// copyright file (with Debian's dpkg-deb).
-    Deb,
+    Deb {
+        /// amd64 or arm64 (default: this machine's).
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
+    },
     /// Set up, build, and run `observer serve` with the given arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -128,9 +143,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup(),
-        Task::Build => {
+        Task::Build { arch } => {
             setup()?;
-            cargo(&["build", "--release", "--package", "observer"])
+            arch.build_release().map(|_| ())
         }
         Task::Lint => {
             setup()?;
@@ -146,16 +161,19 @@ fn run(cli: Cli) -> Result<()> {
             cargo(&["build", "--release", "--package", "observer"])?;
             soak::run(minutes, &workspace_root().join("target/release/observer"))
         }
-        Task::Image => {
+        Task::Image { arch } => {
             setup()?;
             ensure_packages(&["buildah"])?;
-            cargo(&["build", "--release", "--package", "observer"])?;
-            image()
+            arch.build_release()?;
+            image(arch)
         }
-        Task::Deb => {
+        Task::Deb { arch } => {
             setup()?;
+            // The man page comes from this machine's binary (the same
+            // `--help` on every architecture).
             cargo(&["build", "--release", "--package", "observer"])?;
-            deb::build().map(|_| ())
+            arch.build_release()?;
+            deb::build(arch).map(|_| ())
         }
         Task::VmTest(opts) => {
             setup()?;
@@ -359,15 +377,24 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
     )
 }
 
-/// The image tag `cargo xtask image` builds.
+/// The image tag `cargo xtask image` builds for this machine's
+/// architecture; another architecture's gets its name as a suffix.
 const IMAGE: &str = concat!("observer:", env!("CARGO_PKG_VERSION"));
 
-/// Stages target/image/root (binary + the shared libraries `ldd` names) and
-/// builds deploy/container/Containerfile from it.
-fn image() -> Result<()> {
+fn image_tag(arch: arch::Arch) -> String {
+    if arch == arch::Arch::host() {
+        IMAGE.to_owned()
+    } else {
+        format!("{IMAGE}-{}", arch.debian())
+    }
+}
+
+/// Stages target/image/<arch>/root (binary + the shared libraries it
+/// loads) and builds deploy/container/Containerfile from it.
+fn image(arch: arch::Arch) -> Result<()> {
     let root = workspace_root();
-    let binary = root.join("target/release/observer");
-    let context = root.join("target/image");
+    let binary = arch.release_binary();
+    let context = root.join("target/image").join(arch.debian());
     let _ = std::fs::remove_dir_all(&context);
     let stage = |from: &Path, to: &str| -> Result<()> {
         let dest = context.join("root").join(to.trim_start_matches('/'));
@@ -376,11 +403,8 @@ fn image() -> Result<()> {
         Ok(())
     };
     stage(&binary, "/usr/local/bin/observer")?;
-    let libraries =
-        output(Command::new("ldd").arg(&binary)).context("ldd on the observer binary")?;
-    for path in libraries.split_whitespace().filter(|w| w.starts_with('/')) {
-        let real = std::fs::canonicalize(path).with_context(|| format!("resolving {path}"))?;
-        stage(&real, path)?;
+    for (here, there) in arch.libraries(&binary)? {
+        stage(&here, &there)?;
     }
     std::fs::copy(
         root.join("deploy/container/Containerfile"),
@@ -388,21 +412,13 @@ fn image() -> Result<()> {
     )?;
     check(
         Command::new("buildah")
-            .args([
-                "--storage-driver",
-                "vfs",
-                "bud",
-                "--quiet",
-                "-f",
-                "Containerfile",
-                "-t",
-                IMAGE,
-                ".",
-            ])
+            .args(["--storage-driver", "vfs", "bud", "--quiet"])
+            .args(["--os", "linux", "--arch", arch.debian()])
+            .args(["-f", "Containerfile", "-t", &image_tag(arch), "."])
             .current_dir(&context),
         "buildah bud",
     )?;
-    println!("xtask: built image {IMAGE}");
+    println!("xtask: built image {}", image_tag(arch));
     Ok(())
 }
 
@@ -483,8 +499,14 @@ fn test(vm_kernel: &str, args: &[String]) -> Result<()> {
     cargo(&["build", "--package", "observer"])?;
     // The image too (release build), so that the tests can inspect it.
     cargo(&["build", "--release", "--package", "observer"])?;
-    image()?;
-    deb::build()?;
+    image(arch::Arch::host())?;
+    deb::build(arch::Arch::host())?;
+    // arm64's too, cross-built, for the package tests to inspect.
+    if arch::Arch::host() == arch::Arch::Amd64 {
+        arch::Arch::Arm64.build_release()?;
+        image(arch::Arch::Arm64)?;
+        deb::build(arch::Arch::Arm64)?;
+    }
     let bin = workspace_root().join("target/debug/observer");
     // Unit tests run in parallel; end-to-end tests one at a time, so that one
     // test's load does not skew another's timings.

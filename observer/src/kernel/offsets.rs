@@ -1,6 +1,6 @@
 //! The kernel struct offsets the eBPF programs need, from this kernel's BTF.
 use anyhow::{Context as _, Result, ensure};
-use observer_common::{KernelOffsets, PT_REGS_BYTES, SOCK_COMMON_HEAD};
+use observer_common::{KernelOffsets, SOCK_COMMON_HEAD};
 
 use super::btf::Btf;
 
@@ -8,6 +8,7 @@ use super::btf::Btf;
 /// kernel lacks.
 pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     let at = |s: &str, path: &[&str]| btf.member_offset(s, path);
+    let syscall = syscall_registers(btf)?;
     let offsets = KernelOffsets {
         task_files: at("task_struct", &["files"])?,
         files_fdt: at("files_struct", &["fdt"])?,
@@ -45,11 +46,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         task_state: at("task_struct", &["__state"]).or_else(|_| at("task_struct", &["state"]))?,
         task_group_leader: at("task_struct", &["group_leader"])?,
         task_start_time: at("task_struct", &["start_time"])?,
-        regs_orig_ax: at("pt_regs", &["orig_ax"])?,
-        regs_di: at("pt_regs", &["di"])?,
-        regs_si: at("pt_regs", &["si"])?,
-        regs_dx: at("pt_regs", &["dx"])?,
-        regs_r10: at("pt_regs", &["r10"])?,
+        regs_syscall_nr: syscall.nr,
+        regs_syscall_nr_bytes: syscall.nr_bytes,
+        regs_args: syscall.args,
         sk_receive_queue_next: at("sock", &["sk_receive_queue", "next"])?,
         sk_receive_queue_qlen: at("sock", &["sk_receive_queue", "qlen"])?,
         skb_sk: at("sk_buff", &["sk"])?,
@@ -87,9 +86,45 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     Ok(offsets)
 }
 
+/// Where a task's saved user registers (`struct pt_regs`) keep the number
+/// of the syscall it is in and that syscall's first four arguments.
+struct SyscallRegisters {
+    nr: u32,
+    nr_bytes: u32,
+    args: [u32; 4],
+}
+
+/// x86_64: `orig_ax` (a long), then `di`, `si`, `dx`, `r10` (the syscall
+/// ABI's argument registers).
+#[cfg(target_arch = "x86_64")]
+fn syscall_registers(btf: &Btf) -> Result<SyscallRegisters> {
+    let at = |field: &str| btf.member_offset("pt_regs", &[field]);
+    Ok(SyscallRegisters {
+        nr: at("orig_ax")?,
+        nr_bytes: 8,
+        args: [at("di")?, at("si")?, at("dx")?, at("r10")?],
+    })
+}
+
+/// arm64: `syscallno` (an s32), then `orig_x0` (the first argument: `x0`
+/// is overwritten by the return value) and `regs[1..=3]`.
+#[cfg(target_arch = "aarch64")]
+fn syscall_registers(btf: &Btf) -> Result<SyscallRegisters> {
+    let at = |field: &str| btf.member_offset("pt_regs", &[field]);
+    let regs = at("regs")?;
+    Ok(SyscallRegisters {
+        nr: at("syscallno")?,
+        nr_bytes: 4,
+        args: [at("orig_x0")?, regs + 8, regs + 16, regs + 24],
+    })
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("observer reads syscall registers on x86_64 and aarch64 only");
+
 /// The programs read some structs in one helper call instead of one per
-/// field: the head of `sock_common`, `fdtable`'s first two fields and the
-/// saved registers. Refuse a kernel whose layout would put a field outside.
+/// field: the head of `sock_common` and `fdtable`'s first two fields.
+/// Refuse a kernel whose layout would put a field outside.
 fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
     // (field, its offset, its size)
     let head_fields = [
@@ -117,18 +152,6 @@ fn check_wide_reads(o: &KernelOffsets) -> Result<()> {
         o.fdtable_fd == o.fdtable_max_fds + 8,
         "fdtable.fd is not 8 bytes after fdtable.max_fds (observer reads both at once)"
     );
-    for (name, offset) in [
-        ("orig_ax", o.regs_orig_ax),
-        ("di", o.regs_di),
-        ("si", o.regs_si),
-        ("dx", o.regs_dx),
-        ("r10", o.regs_r10),
-    ] {
-        ensure!(
-            offset as usize + 8 <= PT_REGS_BYTES,
-            "pt_regs.{name} lies past the {PT_REGS_BYTES} bytes observer reads"
-        );
-    }
     Ok(())
 }
 
