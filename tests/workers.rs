@@ -1135,17 +1135,33 @@ fn apache_busy(status_port: u16) -> f64 {
     mod_status_auto(status_port, "BusyWorkers").map_or(-1.0, |n| n - 1.0)
 }
 
+/// [`apache_busy`] for prefork, whose children serve the status page
+/// too: the child that served it lingers on its connection for a moment
+/// after the reply (Apache's lingering close) while the accept mutex passes
+/// to another, and under load a scrape right then sees both busy. This
+/// gives them that moment before the scrape that follows.
+fn prefork_busy_settled(status_port: u16) -> f64 {
+    let busy = apache_busy(status_port);
+    std::thread::sleep(Duration::from_millis(100));
+    busy
+}
+
 /// The children waiting for the accept mutex are idle, as mod_status says
 /// (before this, an idle pool read 3 busy / 1 idle), and under 2 clients
 /// exactly 2 are busy.
 fn apache_pool_tracks_mod_status(mutex: &str) {
     let daemon = Daemon::start_with_pids();
     let (server, status_port) = apache_prefork(mutex);
-    assert_eq!(apache_busy(status_port), 0.0, "{}", server.log());
+    let busy_at_rest = support::until("mod_status to answer", 10, || {
+        Some(apache_busy(status_port)).filter(|busy| *busy >= 0.0)
+    });
+    assert_eq!(busy_at_rest, 0.0, "{}", server.log());
     let run = PoolRun {
         workers: 4.0,
         clients: 2,
-        requests: 6,
+        // 4.8 s of requests per client: longer than the samples take
+        // under load (10 × 200 ms, plus the truth's reads and settling).
+        requests: 12,
         sleep_s: 0.4,
         samples: 10,
         every_ms: 200,
@@ -1153,7 +1169,7 @@ fn apache_pool_tracks_mod_status(mutex: &str) {
         truth_connections: 0,
     };
     busy_tracks_truth_at(&daemon, server.port, (server.port, "/sleep"), &run, || {
-        apache_busy(status_port)
+        prefork_busy_settled(status_port)
     });
 }
 
@@ -1371,7 +1387,7 @@ fn apache_prefork_accept_mutex_pool_reads_the_same_whenever_the_daemon_starts() 
     let under_load = Daemon::start_with_pids();
     std::thread::sleep(Duration::from_millis(300));
     let (first, second) = sample_two_daemons([&at_rest, &under_load], server.port, || {
-        apache_busy(status_port)
+        prefork_busy_settled(status_port)
     });
     let done = finish(load);
     assert_tracks(&first, "Apache prefork, 2 clients: busy vs mod_status");
