@@ -119,19 +119,34 @@ impl Arch {
     /// with it: aya-build compiles them for the target's registers).
     pub fn build_release(self) -> Result<PathBuf> {
         self.ensure_toolchain()?;
-        if self.is_host() {
-            cargo(&["build", "--release", "--package", "observer"])?;
-        } else {
-            cargo(&[
-                "build",
-                "--release",
-                "--package",
-                "observer",
-                "--target",
-                self.rust_target(),
-            ])?;
-        }
+        let mut args = vec!["build", "--release", "--package", "observer"];
+        args.extend(self.cargo_target());
+        cargo(&args)?;
         Ok(self.release_binary())
+    }
+
+    /// Builds the debug binary (what the end-to-end tests run) for this
+    /// architecture.
+    pub fn build_debug(self) -> Result<PathBuf> {
+        self.ensure_toolchain()?;
+        let mut args = vec!["build", "--package", "observer"];
+        args.extend(self.cargo_target());
+        cargo(&args)?;
+        let target = workspace_root().join("target");
+        Ok(if self.is_host() {
+            target.join("debug/observer")
+        } else {
+            target.join(self.rust_target()).join("debug/observer")
+        })
+    }
+
+    /// cargo's `--target` for this architecture (none for this machine's).
+    pub fn cargo_target(self) -> Vec<&'static str> {
+        if self.is_host() {
+            Vec::new()
+        } else {
+            vec!["--target", self.rust_target()]
+        }
     }
 
     /// The shared libraries `binary` loads, its dynamic loader included:

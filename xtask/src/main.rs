@@ -17,6 +17,7 @@ mod daemon;
 mod deb;
 mod growth;
 mod paced;
+mod rootfs;
 mod soak;
 mod vm;
 
@@ -177,14 +178,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::VmTest(opts) => {
             setup()?;
-            ensure_packages(vm::PACKAGES)?;
-            cargo(&["build", "--package", "observer"])?;
-            let binaries = test_binaries()?;
-            vm::run(
-                &opts,
-                &binaries,
-                &workspace_root().join("target/debug/observer"),
-            )
+            ensure_packages(&vm::packages(opts.arch))?;
+            let observer = opts.arch.build_debug()?;
+            let binaries = test_binaries(opts.arch)?;
+            vm::run(&opts, &binaries, &observer)
         }
         Task::Bench(opts) => {
             setup()?;
@@ -554,19 +551,31 @@ fn test(vm_kernel: &str, args: &[String]) -> Result<()> {
     }
     // The same figures on another kernel, where fexit and kprobe load too.
     if vm_kernel != "none" {
-        ensure_packages(vm::PACKAGES)?;
+        ensure_packages(&vm::packages(arch::Arch::host()))?;
         vm::run(
             &vm::VmOptions::one_kernel(vm_kernel),
-            &test_binaries()?,
+            &test_binaries(arch::Arch::host())?,
             &bin,
         )?;
+        // arm64 too, emulated: the reduced set (`cargo xtask vm-test --arch
+        // arm64` runs the full one).
+        if arch::Arch::host() == arch::Arch::Amd64 {
+            let arm64 = arch::Arch::Arm64;
+            ensure_packages(&vm::packages(arm64))?;
+            let observer = arm64.build_debug()?;
+            vm::run(
+                &vm::VmOptions::arm64_reduced(vm_kernel),
+                &test_binaries(arm64)?,
+                &observer,
+            )?;
+        }
     }
     // The parsers we own, briefly (cargo xtask fuzz runs longer).
     fuzz(10)
 }
 
 /// Builds the end-to-end test binaries and returns them by test name.
-fn test_binaries() -> Result<std::collections::BTreeMap<String, PathBuf>> {
+fn test_binaries(arch: arch::Arch) -> Result<std::collections::BTreeMap<String, PathBuf>> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
             "test",
@@ -575,6 +584,7 @@ fn test_binaries() -> Result<std::collections::BTreeMap<String, PathBuf>> {
             "--no-run",
             "--message-format=json",
         ])
+        .args(arch.cargo_target())
         .current_dir(workspace_root())
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -1,19 +1,25 @@
 //! `cargo xtask vm-test`: the end-to-end tests on other kernels, under qemu.
 //!
 //! For each `--kernel` series (6.1, 6.12, …) the harness:
-//! 1. downloads Debian's newest `linux-image-<series>.*-amd64` package with
+//! 1. downloads Debian's newest `linux-image-<series>.*-<arch>` package with
 //!    apt and unpacks it under `target/vm/kernels/` (cached);
 //! 2. builds a tiny initramfs (busybox-static, the guest kernel's virtio,
 //!    9p and overlay modules, and an init script);
-//! 3. boots it under qemu (software emulation by default). The init script mounts this machine's own root filesystem
-//!    read-only over virtio-9p with a tmpfs overlay on top, so the guest runs
-//!    the very binaries, servers and test executables of the host, and
-//!    `target/vm/out/<release>/` read-write for results;
+//! 3. boots it under qemu (software emulation by default). The init script
+//!    mounts the guest's root filesystem read-only over virtio-9p with a
+//!    tmpfs overlay on top, and `target/vm/out/<release>/` read-write for
+//!    results. On this machine's arch the guest's root is this machine's
+//!    own, so the guest runs the very binaries, servers and test
+//!    executables of the host. For arm64 (`--arch arm64` on amd64) it is an
+//!    arm64 Debian root made once with mmdebstrap (`rootfs.rs`), with the
+//!    workspace mounted read-only at its own path for the cross-built
+//!    observer and test executables;
 //! 4. inside, as root: `observer doctor`, then each test binary once per
 //!    accept source that doctor says loads, forced through
 //!    `OBSERVER_ACCEPT_SOURCE`; then powers off;
 //! 5. reads the results back and prints one line per kernel × source (and
-//!    writes `target/vm/matrix.md`, the table docs/kernels.md shows).
+//!    writes `target/vm/matrix.md`, or `matrix-arm64.md` for an arm64
+//!    guest on amd64: the tables docs/kernels.md shows).
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
@@ -25,10 +31,17 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{check, output, workspace_root};
+use crate::{arch::Arch, check, output, rootfs, workspace_root};
 
-/// Host packages the harness needs.
-pub const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "xz-utils"];
+/// Host packages the harness needs for a guest of `arch`.
+pub fn packages(arch: Arch) -> Vec<&'static str> {
+    let mut packages = vec!["busybox-static", "kmod", "xz-utils"];
+    match arch {
+        Arch::Amd64 => packages.push("qemu-system-x86"),
+        Arch::Arm64 => packages.extend(["qemu-system-arm"].iter().chain(rootfs::PACKAGES)),
+    }
+    packages
+}
 
 /// The accept sources, best first (as `--accept-source=auto` tries them).
 const SOURCES: &[&str] = &["fexit", "kprobe", "tracepoint"];
@@ -68,17 +81,42 @@ pub struct VmOptions {
     /// Give up on a guest after this many seconds.
     #[arg(long, default_value_t = 1500)]
     pub timeout_secs: u64,
+    /// The guest's architecture: this machine's, or arm64 from amd64
+    /// (emulated; the test executables cross-built).
+    #[arg(long, value_enum, default_value_t = Arch::host())]
+    pub arch: Arch,
 }
 
 impl VmOptions {
     /// The defaults, for one kernel (what `cargo xtask test` runs).
     pub fn one_kernel(series: &str) -> Self {
+        Self::parse(&["--kernel", series])
+    }
+
+    /// What `cargo xtask test` runs on emulated arm64: doctor, the listener
+    /// tests under the source `auto` picks, and one gunicorn worker test
+    /// (busy = its semaphore, the pool's pids, exact accepts).
+    pub fn arm64_reduced(series: &str) -> Self {
+        Self::parse(&[
+            "--arch",
+            "arm64",
+            "--kernel",
+            series,
+            "--tests",
+            "",
+            "--once",
+            "listen_queue,workers:gunicorn_workers_whose_children",
+        ])
+    }
+
+    fn parse(args: &[&str]) -> Self {
         #[derive(clap::Parser)]
         struct Defaults {
             #[command(flatten)]
             opts: VmOptions,
         }
-        <Defaults as clap::Parser>::parse_from(["vm-test", "--kernel", series]).opts
+        let args = std::iter::once("vm-test").chain(args.iter().copied());
+        <Defaults as clap::Parser>::parse_from(args).opts
     }
 }
 
@@ -144,18 +182,22 @@ pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Pa
     let (binaries, observer) = snapshot_binaries(binaries, observer)?;
     let mut rows = Vec::new();
     let mut failures = 0;
+    let guest_root = match opts.arch {
+        arch if arch == Arch::host() => PathBuf::from("/"),
+        _ => rootfs::arm64()?,
+    };
     for series in &opts.kernels {
-        let kernel = fetch_kernel(series)?;
+        let kernel = fetch_kernel(series, opts.arch)?;
         let out = workspace_root().join("target/vm/out").join(&kernel.release);
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        let initramfs = build_initramfs(&kernel)?;
+        let initramfs = build_initramfs(&kernel, &guest_root)?;
         std::fs::write(
             out.join("guest.sh"),
             guest_script(opts, &kernel, &binaries, &observer),
         )?;
         let started = Instant::now();
-        boot(opts, &kernel, &initramfs, &out)?;
+        boot(opts, &kernel, &initramfs, &guest_root, &out)?;
         println!(
             "xtask: {} ran its tests in {:.0} s",
             kernel.release,
@@ -167,7 +209,10 @@ pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Pa
     }
     let table = matrix_table(&rows);
     println!("\n{table}");
-    let matrix = workspace_root().join("target/vm/matrix.md");
+    let matrix = workspace_root().join(match opts.arch {
+        arch if arch == Arch::host() => "target/vm/matrix.md".to_owned(),
+        arch => format!("target/vm/matrix-{}.md", arch.debian()),
+    });
     std::fs::write(&matrix, &table)?;
     println!("xtask: matrix written to {}", matrix.display());
     if failures > 0 {
@@ -196,11 +241,11 @@ fn snapshot_binaries(
     Ok((copies, copy(observer, "observer")?))
 }
 
-/// The newest `linux-image-<series>.…-amd64` Debian offers (not cloud, rt,
+/// The newest `linux-image-<series>.…-<arch>` Debian offers (not cloud, rt,
 /// unsigned or dbg), downloaded and unpacked once.
-fn fetch_kernel(series: &str) -> Result<Kernel> {
-    let apt = Apt::for_series(series)?;
-    let cached = newest_kernel_package(&apt, series)
+fn fetch_kernel(series: &str, arch: Arch) -> Result<Kernel> {
+    let apt = Apt::for_kernel(series, arch)?;
+    let cached = newest_kernel_package(&apt, series, arch)
         .ok()
         .map(|name| Kernel::named(&name));
     if let Some(cached) = cached.filter(Kernel::is_unpacked) {
@@ -212,7 +257,7 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
         apt.command("apt-get").args(["update", "-qq"]),
         "`apt-get update`",
     )?;
-    let kernel = Kernel::named(&newest_kernel_package(&apt, series)?);
+    let kernel = Kernel::named(&newest_kernel_package(&apt, series, arch)?);
     if !kernel.is_unpacked() {
         download_kernel(&apt, &kernel)?;
     }
@@ -224,22 +269,36 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
 /// updates).
 const OLDER_RELEASES: [(&str, &str, &str); 1] = [("5.10", "bullseye", "bullseye-security")];
 
-/// apt as the host has it, or with a list of its own for an older Debian
-/// release's kernels (under target/vm/apt/<release>): the host's sources
+/// apt as the host has it, or with lists of its own for an older Debian
+/// release's kernels or another architecture's (under
+/// target/vm/apt/<release>[-<arch>]): the host's sources and architectures
 /// stay as they are.
 struct Apt {
     options: Vec<String>,
 }
 
 impl Apt {
-    fn for_series(series: &str) -> Result<Apt> {
-        let Some((_, release, security)) = OLDER_RELEASES.iter().find(|(s, _, _)| *s == series)
-        else {
-            return Ok(Apt {
-                options: Vec::new(),
-            });
+    fn for_kernel(series: &str, arch: Arch) -> Result<Apt> {
+        let older = OLDER_RELEASES.iter().find(|(s, _, _)| *s == series);
+        let (release, security) = match older {
+            Some((_, release, security)) => (release.to_string(), security.to_string()),
+            None if arch == Arch::host() => {
+                return Ok(Apt {
+                    options: Vec::new(),
+                });
+            }
+            None => {
+                let release = host_release()?;
+                let security = format!("{release}-security");
+                (release, security)
+            }
         };
-        let dir = crate::workspace_root().join("target/vm/apt").join(release);
+        let name = if arch == Arch::host() {
+            release.clone()
+        } else {
+            format!("{release}-{}", arch.debian())
+        };
+        let dir = crate::workspace_root().join("target/vm/apt").join(name);
         std::fs::create_dir_all(dir.join("lists/partial"))?;
         std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -247,6 +306,7 @@ impl Apt {
             dir.join("sources.list"),
             format!(
                 "deb [signed-by={keyring}] http://deb.debian.org/debian {release} main\n\
+                 deb [signed-by={keyring}] http://deb.debian.org/debian {release}-updates main\n\
                  deb [signed-by={keyring}] http://deb.debian.org/debian-security {security} main\n"
             ),
         )?;
@@ -257,6 +317,8 @@ impl Apt {
                 "-oDir::Etc::SourceParts=/nonexistent".into(),
                 format!("-oDir::State::Lists={}", at("lists")),
                 format!("-oDir::Cache={}", at("cache")),
+                format!("-oAPT::Architecture={}", arch.debian()),
+                format!("-oAPT::Architectures={}", arch.debian()),
             ],
         })
     }
@@ -269,13 +331,23 @@ impl Apt {
     }
 }
 
-fn newest_kernel_package(apt: &Apt, series: &str) -> Result<String> {
+/// This machine's Debian release (`VERSION_CODENAME`, e.g. bookworm).
+pub fn host_release() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .context("/etc/os-release names no VERSION_CODENAME (is this Debian?)")
+}
+
+fn newest_kernel_package(apt: &Apt, series: &str, arch: Arch) -> Result<String> {
     let names = output(apt.command("apt-cache").args(["pkgnames", "linux-image-"]))
         .context("apt-cache pkgnames failed")?;
     let prefix = format!("linux-image-{series}.");
+    let suffix = format!("-{}", arch.debian());
     let mut candidates: Vec<&str> = names
         .lines()
-        .filter(|n| n.starts_with(&prefix) && n.ends_with("-amd64"))
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(&suffix))
         .filter(|n| {
             !["cloud", "-rt-", "unsigned", "dbg"]
                 .iter()
@@ -286,7 +358,7 @@ fn newest_kernel_package(apt: &Apt, series: &str) -> Result<String> {
     candidates
         .last()
         .map(|n| n.to_string())
-        .with_context(|| format!("Debian offers no {prefix}*-amd64 package"))
+        .with_context(|| format!("Debian offers no {prefix}*{suffix} package"))
 }
 
 /// apt-get download, unpack, depmod.
@@ -362,7 +434,7 @@ fn boot_modules(modules_dep: &str) -> Vec<String> {
 
 /// target/vm/initramfs-<release>.cpio: busybox, the boot modules
 /// (decompressed), /init and /dev/console.
-fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
+fn build_initramfs(kernel: &Kernel, guest_root: &Path) -> Result<PathBuf> {
     let path = workspace_root().join(format!("target/vm/initramfs-{}.cpio", kernel.release));
     let dep = std::fs::read_to_string(kernel.modules.join("modules.dep"))?;
     let mut cpio = Cpio::default();
@@ -372,7 +444,9 @@ fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
         cpio.dir(dir);
     }
     cpio.char_device("dev/console", 5, 1);
-    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
+    let busybox_path = guest_root.join("bin/busybox");
+    let busybox = std::fs::read(&busybox_path)
+        .with_context(|| format!("reading {} (busybox-static)", busybox_path.display()))?;
     cpio.file("bin/busybox", 0o755, &busybox);
     let mut order = String::new();
     for (i, module) in boot_modules(&dep).iter().enumerate() {
@@ -395,9 +469,11 @@ fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The initramfs' /init: load the boot modules, put the host's root (ro,
-/// 9p) under a tmpfs overlay, mount the results share, and hand over to
-/// /vmout/guest.sh in the new root. Any failure powers the guest off.
+/// The initramfs' /init: load the boot modules, put the guest's root (ro,
+/// 9p) under a tmpfs overlay, mount the results share and, where the
+/// command line names one (`observer.workspace=`), the workspace at that
+/// path, and hand over to /vmout/guest.sh in the new root. Any failure
+/// powers the guest off.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 fail() { echo "vm-init: $*"; echo o > /proc/sysrq-trigger; sleep 10; }
@@ -411,6 +487,11 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot || fail "overlay"
 mkdir -p /newroot/vmout
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmout /newroot/vmout || fail "mounting vmout"
+ws=$(sed -n 's/.*observer\.workspace=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$ws" ]; then
+  mkdir -p "/newroot$ws"
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose workspace "/newroot$ws" || fail "mounting the workspace"
+fi
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
 exec switch_root /newroot /bin/sh /vmout/guest.sh
 "#;
@@ -485,7 +566,13 @@ run() {{ # <results file> <binary> <test name filter> [env assignments…]
 
 /// Boots the kernel and waits for it to power off, with the console in
 /// `out/console.log`.
-fn boot(opts: &VmOptions, kernel: &Kernel, initramfs: &Path, out: &Path) -> Result<()> {
+fn boot(
+    opts: &VmOptions,
+    kernel: &Kernel,
+    initramfs: &Path,
+    guest_root: &Path,
+    out: &Path,
+) -> Result<()> {
     let console = std::fs::File::create(out.join("console.log"))?;
     println!(
         "xtask: booting {} under qemu (console: {})",
@@ -499,28 +586,35 @@ fn boot(opts: &VmOptions, kernel: &Kernel, initramfs: &Path, out: &Path) -> Resu
             if ro { ",readonly=on" } else { "" }
         )
     };
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(match opts.accel {
-            Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
-            Accel::Kvm => ["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
-        })
+    let machine = Machine::of(opts.arch, opts.accel)?;
+    let mut append = format!(
+        "console={} rdinit=/init panic=-1 quiet loglevel=3 mitigations=off",
+        machine.console
+    );
+    let mut qemu = Command::new(machine.qemu);
+    qemu.args(&machine.args)
         .args(["-smp", "2", "-m", &opts.memory_mib.to_string()])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3 mitigations=off",
-        ])
-        .args(["-virtfs", &virtfs(Path::new("/"), "hostroot", true)])
-        .args(["-virtfs", &virtfs(out, "vmout", false)])
+        .args(["-virtfs", &virtfs(guest_root, "hostroot", true)])
+        .args(["-virtfs", &virtfs(out, "vmout", false)]);
+    if guest_root != Path::new("/") {
+        // The guest's root is not this machine's: the workspace (observer,
+        // the test executables, the kernel's modules) at its own path.
+        let workspace = workspace_root();
+        let _ = write!(append, " observer.workspace={}", workspace.display());
+        qemu.args(["-virtfs", &virtfs(&workspace, "workspace", true)]);
+    }
+    let mut qemu = qemu
+        .args(["-append", &append])
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console)
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {}", machine.qemu))?;
     let deadline = Instant::now() + Duration::from_secs(opts.timeout_secs);
     loop {
         if let Some(status) = qemu.try_wait()? {
@@ -541,6 +635,55 @@ fn boot(opts: &VmOptions, kernel: &Kernel, initramfs: &Path, out: &Path) -> Resu
             );
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// How qemu emulates a guest of one architecture.
+struct Machine {
+    qemu: &'static str,
+    args: Vec<&'static str>,
+    /// The guest's serial console device.
+    console: &'static str,
+}
+
+impl Machine {
+    fn of(arch: Arch, accel: Accel) -> Result<Machine> {
+        Ok(match (arch, accel) {
+            (Arch::Amd64, Accel::Tcg) => Machine {
+                qemu: "qemu-system-x86_64",
+                args: vec!["-accel", "tcg,thread=multi", "-cpu", "max"],
+                console: "ttyS0",
+            },
+            (Arch::Amd64, Accel::Kvm) => Machine {
+                qemu: "qemu-system-x86_64",
+                args: vec!["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
+                console: "ttyS0",
+            },
+            // The `virt` board; `max` with the cheaper pointer
+            // authentication algorithm, which emulates much faster.
+            (Arch::Arm64, Accel::Tcg) => Machine {
+                qemu: "qemu-system-aarch64",
+                args: vec![
+                    "-machine",
+                    "virt",
+                    "-accel",
+                    "tcg,thread=multi",
+                    "-cpu",
+                    "max,pauth-impdef=on",
+                ],
+                console: "ttyAMA0",
+            },
+            (Arch::Arm64, Accel::Kvm) if Arch::host() != Arch::Arm64 => {
+                bail!(
+                    "--accel kvm runs a guest of this machine's arch only: use --accel tcg for arm64"
+                )
+            }
+            (Arch::Arm64, Accel::Kvm) => Machine {
+                qemu: "qemu-system-aarch64",
+                args: vec!["-machine", "virt", "-accel", "kvm", "-cpu", "host"],
+                console: "ttyAMA0",
+            },
+        })
     }
 }
 
