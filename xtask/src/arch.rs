@@ -60,8 +60,19 @@ impl Arch {
         }
     }
 
-    fn is_host(self) -> bool {
+    pub fn is_host(self) -> bool {
         self == Arch::host()
+    }
+
+    /// What a name of an artifact or cache gains for this architecture:
+    /// nothing for this machine's, `-arm64` for another
+    /// (`observer:0.1.0-arm64`, `matrix-arm64.md`).
+    pub fn suffix(self) -> String {
+        if self.is_host() {
+            String::new()
+        } else {
+            format!("-{}", self.debian())
+        }
     }
 
     /// A binutils tool (`strip`, `objdump`, `readelf`) that reads this
@@ -76,12 +87,19 @@ impl Arch {
 
     /// Where `cargo xtask build --arch` leaves the release binary.
     pub fn release_binary(self) -> PathBuf {
+        self.binary("release")
+    }
+
+    /// Where cargo leaves the binary of `profile` (release, debug) for
+    /// this architecture.
+    fn binary(self, profile: &str) -> PathBuf {
         let target = workspace_root().join("target");
-        if self.is_host() {
-            target.join("release/observer")
+        let dir = if self.is_host() {
+            target
         } else {
-            target.join(self.rust_target()).join("release/observer")
-        }
+            target.join(self.rust_target())
+        };
+        dir.join(profile).join("observer")
     }
 
     /// Installs what building for this architecture needs beyond setup's:
@@ -132,12 +150,7 @@ impl Arch {
         let mut args = vec!["build", "--package", "observer"];
         args.extend(self.cargo_target());
         cargo(&args)?;
-        let target = workspace_root().join("target");
-        Ok(if self.is_host() {
-            target.join("debug/observer")
-        } else {
-            target.join(self.rust_target()).join("debug/observer")
-        })
+        Ok(self.binary("debug"))
     }
 
     /// cargo's `--target` for this architecture (none for this machine's).

@@ -172,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             // The man page comes from this machine's binary (the same
             // `--help` on every architecture).
-            cargo(&["build", "--release", "--package", "observer"])?;
+            arch::Arch::host().build_release()?;
             arch.build_release()?;
             deb::build(arch).map(|_| ())
         }
@@ -379,11 +379,7 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
 const IMAGE: &str = concat!("observer:", env!("CARGO_PKG_VERSION"));
 
 fn image_tag(arch: arch::Arch) -> String {
-    if arch == arch::Arch::host() {
-        IMAGE.to_owned()
-    } else {
-        format!("{IMAGE}-{}", arch.debian())
-    }
+    format!("{IMAGE}{}", arch.suffix())
 }
 
 /// Stages target/image/<arch>/root (binary + the shared libraries it

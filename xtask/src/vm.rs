@@ -182,9 +182,10 @@ pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Pa
     let (binaries, observer) = snapshot_binaries(binaries, observer)?;
     let mut rows = Vec::new();
     let mut failures = 0;
-    let guest_root = match opts.arch {
-        arch if arch == Arch::host() => PathBuf::from("/"),
-        _ => rootfs::arm64()?,
+    let guest_root = if opts.arch.is_host() {
+        PathBuf::from("/")
+    } else {
+        rootfs::arm64()?
     };
     for series in &opts.kernels {
         let kernel = fetch_kernel(series, opts.arch)?;
@@ -209,10 +210,7 @@ pub fn run(opts: &VmOptions, binaries: &BTreeMap<String, PathBuf>, observer: &Pa
     }
     let table = matrix_table(&rows);
     println!("\n{table}");
-    let matrix = workspace_root().join(match opts.arch {
-        arch if arch == Arch::host() => "target/vm/matrix.md".to_owned(),
-        arch => format!("target/vm/matrix-{}.md", arch.debian()),
-    });
+    let matrix = workspace_root().join(format!("target/vm/matrix{}.md", opts.arch.suffix()));
     std::fs::write(&matrix, &table)?;
     println!("xtask: matrix written to {}", matrix.display());
     if failures > 0 {
@@ -282,7 +280,7 @@ impl Apt {
         let older = OLDER_RELEASES.iter().find(|(s, _, _)| *s == series);
         let (release, security) = match older {
             Some((_, release, security)) => (release.to_string(), security.to_string()),
-            None if arch == Arch::host() => {
+            None if arch.is_host() => {
                 return Ok(Apt {
                     options: Vec::new(),
                 });
@@ -293,12 +291,9 @@ impl Apt {
                 (release, security)
             }
         };
-        let name = if arch == Arch::host() {
-            release.clone()
-        } else {
-            format!("{release}-{}", arch.debian())
-        };
-        let dir = crate::workspace_root().join("target/vm/apt").join(name);
+        let dir = crate::workspace_root()
+            .join("target/vm/apt")
+            .join(format!("{release}{}", arch.suffix()));
         std::fs::create_dir_all(dir.join("lists/partial"))?;
         std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
