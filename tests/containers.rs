@@ -480,16 +480,15 @@ fn the_arm64_image_says_arm64_and_holds_an_aarch64_binary_with_its_loader_and_li
     let read = |path: &str| std::fs::read(root.join(path.trim_start_matches('/')));
     let binary = read("/usr/local/bin/observer").expect("the binary in the image");
     let unmount = || run(podman().args(["image", "unmount", ARM64_IMAGE]));
-    // ELF, 64-bit, e_machine EM_AARCH64 (183).
-    let header = (
-        &binary[..4],
-        binary[4],
-        u16::from_le_bytes([binary[18], binary[19]]),
-    );
+    let header = support::elf_class_and_machine(&binary);
     let loader = read("/lib/ld-linux-aarch64.so.1").map(|b| b.len());
     let libc = read("/lib/aarch64-linux-gnu/libc.so.6").map(|b| b.len());
     unmount();
-    assert_eq!(header, (&b"\x7fELF"[..], 2, 183), "a 64-bit arm64 binary");
+    assert_eq!(
+        header,
+        Some((support::ELF_64_BIT, support::EM_AARCH64)),
+        "a 64-bit arm64 binary"
+    );
     assert!(
         loader.is_ok_and(|n| n > 0),
         "the arm64 loader is in the image"

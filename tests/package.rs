@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use support::{run, run_ok};
+use support::{ELF_64_BIT, EM_AARCH64, elf_class_and_machine, run, run_ok};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -28,21 +28,6 @@ fn package_for(arch: &str) -> PathBuf {
         deb.display()
     );
     deb
-}
-
-/// `e_machine` of an arm64 ELF binary.
-const EM_AARCH64: u16 = 183;
-
-/// The ELF class (2: 64-bit) and machine a binary's header names.
-fn elf_class_and_machine(path: &Path) -> (u8, u16) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    assert_eq!(
-        &bytes[..4],
-        b"\x7fELF",
-        "{} is not an ELF file",
-        path.display()
-    );
-    (bytes[4], u16::from_le_bytes([bytes[18], bytes[19]]))
 }
 
 fn installed_status() -> String {
@@ -165,8 +150,10 @@ fn the_arm64_package_holds_an_aarch64_binary_with_the_same_unit_and_man_page() {
         run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(to));
     }
     assert_eq!(
-        elf_class_and_machine(&arm64_dir.join("usr/bin/observer")),
-        (2, EM_AARCH64),
+        elf_class_and_machine(
+            &std::fs::read(arm64_dir.join("usr/bin/observer")).expect("the binary")
+        ),
+        Some((ELF_64_BIT, EM_AARCH64)),
         "a 64-bit arm64 binary"
     );
     for file in FILES.iter().filter(|f| !f.ends_with("/observer")) {

@@ -692,3 +692,20 @@ pub fn apache_setup(dir: &std::path::Path, mpm: &str, mpm_lines: &str, ports: &[
     run_ok(Command::new("chmod").args(["755", &d.to_string(), &format!("{d}/sleep.cgi")]));
     conf_path.display().to_string()
 }
+
+/// `EI_CLASS` of a 64-bit ELF file.
+pub const ELF_64_BIT: u8 = 2;
+/// `e_machine` of an arm64 ELF file.
+pub const EM_AARCH64: u16 = 183;
+
+/// The class and machine an ELF file's header names (`EI_CLASS`,
+/// `e_machine`); `None` if `bytes` are not an ELF file.
+pub fn elf_class_and_machine(bytes: &[u8]) -> Option<(u8, u16)> {
+    if bytes.get(..4)? != b"\x7fELF" {
+        return None;
+    }
+    Some((
+        *bytes.get(4)?,
+        u16::from_le_bytes([*bytes.get(18)?, *bytes.get(19)?]),
+    ))
+}
