@@ -105,6 +105,11 @@ impl Drop for Server {
 }
 
 fn gunicorn(extra: &[&str]) -> Server {
+    gunicorn_serving(WSGI_APP, extra)
+}
+
+/// gunicorn with its busy semaphore hooks, serving the WSGI `app`.
+fn gunicorn_serving(app: &str, extra: &[&str]) -> Server {
     let port = free_port();
     let bind = format!("127.0.0.1:{port}");
     let mut cmd = vec!["gunicorn", "-c", "hooks.py", "-b", &bind];
@@ -113,7 +118,7 @@ fn gunicorn(extra: &[&str]) -> Server {
     Server::start(
         "gunicorn",
         port,
-        &[("app.py", WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
+        &[("app.py", app), ("hooks.py", GUNICORN_HOOKS)],
         &cmd,
     )
 }
@@ -494,16 +499,8 @@ def app(environ, start_response):
 #[test]
 fn gunicorn_workers_whose_children_inherit_the_listener_stay_the_pool_and_accepts_add_up() {
     let daemon = Daemon::start_with_pids();
-    let port = free_port();
-    let bind = format!("127.0.0.1:{port}");
-    let server = Server::start(
-        "gunicorn",
-        port,
-        &[("app.py", FORKING_WSGI_APP), ("hooks.py", GUNICORN_HOOKS)],
-        &[
-            "gunicorn", "-c", "hooks.py", "-b", &bind, "-w", "2", "app:app",
-        ],
-    );
+    let server = gunicorn_serving(FORKING_WSGI_APP, &["-w", "2"]);
+    let port = server.port;
     wait_for_idle_pool(&daemon, port, 2.0);
     let workers = server.worker_pids();
     let load = load_at(port, "/", 2, 8, 0.3);
