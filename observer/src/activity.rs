@@ -20,6 +20,10 @@
 //!   on another one is busy (Apache's mod_cgi waits on the CGI's pipes in
 //!   an epoll of its own);
 //! - in `io_uring_enter` waiting for completions (an io_uring event loop);
+//! - on a CPU, in a process with other threads, with its saved registers
+//!   still naming `accept` on a listener or `epoll_wait` on its event loop:
+//!   an acceptor leaving its wait (woken by a connection, no syscall or
+//!   interrupt since), whose process is as free as its pool;
 //! - waiting for the pool's **accept lock**: a process-shared lock (futex,
 //!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
 //!   seen holding while it waited on the listener (Apache httpd with several
@@ -58,6 +62,8 @@ const FUTEX_CMD_MASK: u64 = 127;
 const FUTEX_WAIT: u64 = 0;
 const FUTEX_LOCK_PI: u64 = 6;
 const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAKE: u64 = 1;
+const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_LOCK_PI2: u64 = 13;
 /// The owner's thread id in a PI or robust mutex's futex word.
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
@@ -169,6 +175,10 @@ enum Doing {
     /// Blocked in a private futex wait with no timeout: how an idle pool
     /// thread waits for its next task.
     Parked,
+    /// On a CPU, in a process with other threads, just out of a private
+    /// futex wake: an acceptor that has handed a connection to its pool
+    /// (if it is one), working otherwise.
+    Waking,
     Other,
 }
 
@@ -181,7 +191,12 @@ fn contains(fds: &[i32], fd: u64) -> bool {
 /// one thread in this pass.
 fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
     if s.state == 0 {
-        return Doing::Other; // on a CPU, or about to be
+        // On a CPU, or woken and about to be.
+        return match multithreaded {
+            true if leaving_its_wait_for_work(s, w) => Doing::WaitsForWork,
+            true if waking(s) => Doing::Waking,
+            _ => Doing::Other,
+        };
     }
     let listen = &w.fds.listen;
     let [a0, a1, _, a3] = s.args;
@@ -218,6 +233,33 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
         None if parked(s) => Doing::Parked,
         None => Doing::Other,
     }
+}
+
+/// Whether a thread on a CPU is on its way out of a wait for work: its
+/// saved registers still name `accept` on one of its listeners or
+/// `epoll_wait` on its event loop, which holds from its wake-up until its
+/// next syscall or interrupt (an interrupt's entry marks them "no
+/// syscall"), so within a tick of it. In a process with other threads this
+/// is an acceptor between two waits (Apache event's listener thread woken
+/// by a connection a fellow child takes, gthread's main thread dispatching
+/// one): its process is as free as its pool. A thread that serves has made
+/// a syscall or taken a tick since.
+fn leaving_its_wait_for_work(s: &ThreadSample, w: &Watched) -> bool {
+    match s.syscall {
+        SYS_ACCEPT | SYS_ACCEPT4 => in_accept_on_listener(s, w),
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => contains(&w.fds.epoll, s.args[0]),
+        _ => false,
+    }
+}
+
+/// Whether a thread's last syscall was a private futex wake (the registers
+/// of a thread on a CPU, as in [`leaving_its_wait_for_work`]): glibc's,
+/// CPython's and APR's way to signal a pool's condition variable.
+fn waking(s: &ThreadSample) -> bool {
+    let [_, a1, _, _] = s.args;
+    s.syscall == SYS_FUTEX
+        && a1 & FUTEX_PRIVATE_FLAG != 0
+        && matches!(a1 & FUTEX_CMD_MASK, FUTEX_WAKE | FUTEX_WAKE_BITSET)
 }
 
 /// A private futex wait with no timeout (the timeout pointer is `args[3]`).
@@ -292,6 +334,13 @@ impl Learnt {
         self.accept_locks.retain(|(pool, _)| pools.contains(pool));
         self.threads
             .retain(|k, _| watched.workers.contains_key(&k.pid));
+    }
+
+    /// Whether the process's thread `tid` was seen waiting for work.
+    fn is_acceptor(&self, key: ProcessKey, tid: u32) -> bool {
+        self.threads
+            .get(&key)
+            .is_some_and(|roles| roles.waiters.contains(&tid))
     }
 
     /// The most pool threads of each pool, from its workers' own.
@@ -471,9 +520,12 @@ fn process_state(
     threads: &[(u32, Doing)],
     learnt: &mut Learnt,
 ) -> ProcessState {
+    // A known acceptor waking its pool has handed it a connection: it is
+    // on its way back to its wait.
+    let handing_off = |tid: &u32, d: &Doing| *d == Doing::Waking && learnt.is_acceptor(key, *tid);
     let waiting: Vec<u32> = threads
         .iter()
-        .filter(|(_, d)| *d == Doing::WaitsForWork)
+        .filter(|(tid, d)| *d == Doing::WaitsForWork || handing_off(tid, d))
         .map(|(tid, _)| *tid)
         .collect();
     let idle_threads = if waiting.is_empty() {
@@ -685,8 +737,81 @@ mod tests {
         assert_eq!(states(&samples, &w), vec![(30, false), (40, true)]);
     }
 
+    /// Recorded on 6.18, Apache 2.4 event, 1 client: child 19219's
+    /// listener thread is on a CPU, its registers still naming the
+    /// `epoll_wait` on its pollset (fd 7) it was woken from, while both its
+    /// worker threads are parked and its main thread reads the pipe of
+    /// death. A child busy in that pass contradicted mod_status
+    /// ("accepting: yes"). A worker thread woken from the pool's condition
+    /// variable (on a CPU, registers naming the futex) has been handed a
+    /// connection: with the other one serving, its child is full.
     #[test]
-    fn a_running_thread_is_busy_whatever_its_registers_say() {
+    fn an_acceptor_leaving_its_wait_leaves_its_process_as_free_as_its_pool() {
+        let w = watched(&[19218, 19219], &[3, 4], &[7]);
+        let mut learnt = Learnt::default();
+        let worker_thread =
+            |pid, tid| blocked(pid, tid, SYS_FUTEX, [0x7f94_a6eb_e164, 0x189, 0, 0]);
+        let listener = |pid, tid| {
+            let mut s = blocked(pid, tid, SYS_EPOLL_WAIT, [7, 0x7f94_a6eb_e3c8, 8, 0x596f]);
+            s.epoll_listeners = EPOLL_WATCHES_LISTENER;
+            s
+        };
+        let pipe_of_death = |pid| blocked(pid, pid, 0, [5, 0x7ffd_78a0_a0a3, 1, 8]);
+        let on_cpu = |mut s: ThreadSample| {
+            s.state = 0;
+            s.epoll_listeners = 0;
+            s
+        };
+        let at_rest: Vec<ThreadSample> = [19218, 19219]
+            .into_iter()
+            .flat_map(|pid| {
+                let tid = pid * 10;
+                [
+                    pipe_of_death(pid),
+                    worker_thread(pid, tid + 1),
+                    worker_thread(pid, tid + 2),
+                    listener(pid, tid + 3),
+                ]
+            })
+            .collect();
+        let s = busy_by_pid(&process_states(&at_rest, &w, &mut learnt, &mut NoFiles));
+        assert_eq!(s, vec![(19218, false), (19219, false)]);
+
+        let serving = blocked(19218, 192_182, SYS_POLL, [0x7f94_a5d7_38f0, 1, 60_000, 0]);
+        let pass = [
+            pipe_of_death(19218),
+            on_cpu(worker_thread(19218, 192_181)),
+            serving,
+            listener(19218, 192_183),
+            pipe_of_death(19219),
+            worker_thread(19219, 192_191),
+            worker_thread(19219, 192_192),
+            on_cpu(listener(19219, 192_193)),
+        ];
+        let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
+        assert_eq!(s, vec![(19218, true), (19219, false)]);
+
+        // The child that took the connection: its listener thread has woken
+        // a worker thread (`futex(…, FUTEX_WAKE_PRIVATE, 1)`) and is
+        // preempted by it; the other worker thread is parked.
+        let handing_off = ThreadSample {
+            args: [0x7f0b_c9dd_e0e8, 0x81, 1, 0],
+            ..on_cpu(blocked(19219, 192_193, SYS_FUTEX, [0; 4]))
+        };
+        let pass = [
+            pipe_of_death(19219),
+            on_cpu(worker_thread(19219, 192_191)),
+            worker_thread(19219, 192_192),
+            handing_off,
+        ];
+        let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
+        assert_eq!(s, vec![(19219, false)]);
+    }
+
+    /// One thread on a CPU serves, whatever its registers say: its event
+    /// loop or its accept returned into the work itself.
+    #[test]
+    fn a_single_threaded_worker_on_a_cpu_is_busy_whatever_its_registers_say() {
         let mut r = blocked(11, 11, SYS_ACCEPT4, [3, 0, 0, 0]);
         r.state = 0;
         assert_eq!(states(&[r], &watched(&[11], &[3], &[])), vec![(11, true)]);
@@ -1045,6 +1170,44 @@ mod tests {
             let s = process_states(&[select, helper], &w, &mut learnt, &mut NoFiles);
             assert_eq!(idle_threads(&s), vec![(30, false, 1)]);
         }
+    }
+
+    /// The same worker with a connection: its thread on a CPU just out of
+    /// `accept4` on the listener is leaving its wait (idle, its helper
+    /// parked); once it reads the request (a syscall) or runs past a tick
+    /// (an interrupt's "no syscall"), it serves (busy), and so it does
+    /// while it wakes its helper.
+    #[test]
+    fn a_worker_serving_on_a_cpu_beside_a_parked_helper_is_busy() {
+        let w = watched(&[30], &[5], &[]);
+        let mut learnt = Learnt::default();
+        let mut select = blocked(30, 30, SYS_PSELECT6, [8, 0x7000, 0, 0]);
+        select.polled_fds[0] = 5;
+        let parked = blocked(30, 31, SYS_FUTEX, [0x5000, 0x189, 0, 0]);
+        process_states(&[select, parked], &w, &mut learnt, &mut NoFiles);
+        let on_cpu = |syscall, args| ThreadSample {
+            state: 0,
+            ..blocked(30, 30, syscall, args)
+        };
+        let leaving = on_cpu(SYS_ACCEPT4, [5, 0, 0, 0x80800]);
+        let reading = on_cpu(0, [9, 0x7100, 8192, 0]);
+        let computing = on_cpu(-1, [0; 4]);
+        let mut busy = |main, helper| {
+            let s = process_states(&[main, helper], &w, &mut learnt, &mut NoFiles);
+            busy_by_pid(&s)[0].1
+        };
+        assert_eq!(
+            [
+                busy(leaving, parked),
+                busy(reading, parked),
+                busy(computing, parked)
+            ],
+            [false, true, true]
+        );
+        // Serving, it wakes its helper (to send a report): nothing of it
+        // is parked then.
+        let waking = on_cpu(SYS_FUTEX, [0x5000, 0x81, 1, 0]);
+        assert!(busy(waking, running(30, 31)));
     }
 
     #[test]
