@@ -552,16 +552,21 @@ fn gunicorn_workers_whose_children_inherit_the_listener_stay_the_pool_and_accept
 /// A big host: 10,000 parked threads that belong to no pool, and gunicorn
 /// with 2 workers. The sampler reads the pool's own threads, not the
 /// host's (no pass walks the host), so it keeps its rate, and busy time
-/// adds up, within 5%, to the requests' time by the clients' clocks.
+/// adds up, within 5%, to the requests' time by the clients' clocks. The
+/// CPU time the sampler says it spent is its thread's, as the scheduler
+/// counts it.
 #[test]
-fn beside_ten_thousand_parked_threads_the_sampler_reads_the_pool_alone_and_busy_time_holds() {
+fn beside_ten_thousand_parked_threads_the_sampler_reads_the_pool_alone_and_busy_time_and_its_cost_hold()
+ {
     let _parked = support::ParkedThreads::start(10_000);
     let daemon = Daemon::start();
     let server = gunicorn(&["-w", "2"]);
     wait_for_idle_pool(&daemon, server.port, 2.0);
+    let sampler_cpu_before = sampler_thread_cpu_seconds(&daemon);
     let before = daemon.scrape();
     let (done, client_seconds) = finish_timed(load(server.port, 2, 15, 0.4));
     let m = daemon.scrape();
+    let sampler_cpu = sampler_thread_cpu_seconds(&daemon) - sampler_cpu_before;
     let walked_host = m
         .get("observer_worker_sample_host_walks_total", &[])
         .unwrap_or(-1.0)
@@ -580,6 +585,53 @@ fn beside_ten_thousand_parked_threads_the_sampler_reads_the_pool_alone_and_busy_
     assert!(
         (busy_s - client_seconds).abs() <= 0.05 * client_seconds,
         "busy {busy_s} s vs {client_seconds} s by the clients"
+    );
+    assert_sampler_cost_is_its_threads(&before, &m, sampler_cpu);
+}
+
+/// The scheduler's count of the daemon's sampler thread's time on a CPU
+/// (`/proc/PID/task/TID/schedstat`, its first field, in ns), the thread
+/// found by its name.
+fn sampler_thread_cpu_seconds(daemon: &Daemon) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).expect("daemon's tasks");
+    let sampler = tasks
+        .flatten()
+        .map(|task| task.path())
+        .find(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == "thread-sampler")
+        })
+        .expect("the daemon's thread-sampler thread");
+    let schedstat = std::fs::read_to_string(sampler.join("schedstat")).expect("schedstat");
+    let ns: f64 = schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .expect("schedstat's run time");
+    ns / 1e9
+}
+
+/// `observer_worker_sample_seconds_total` between two scrapes against the
+/// sampler thread's CPU time read around them: at most that, and at least
+/// three quarters of it (the rest: its sleeps and wake-ups between passes,
+/// 11% in a debug build), but for the passes at either edge (the later
+/// scrape's own pass runs on another thread; one background pass may fall
+/// between a scrape and a read).
+fn assert_sampler_cost_is_its_threads(before: &Metrics, after: &Metrics, sampler_cpu: f64) {
+    let delta = |name| after.get(name, &[]).unwrap_or(-1.0) - before.get(name, &[]).unwrap_or(0.0);
+    let (said, passes) = (
+        delta("observer_worker_sample_seconds_total"),
+        delta("observer_worker_sample_passes_total"),
+    );
+    let per_pass = said / passes.max(1.0);
+    println!(
+        "sampler: {said:.4} s of CPU over {passes} passes by its counter, \
+         {sampler_cpu:.4} s by the scheduler"
+    );
+    assert!(passes > 0.0, "the sampler ran");
+    let edges = 2.0 * per_pass;
+    assert!(
+        said <= sampler_cpu + edges && said >= 0.75 * sampler_cpu - edges,
+        "observer_worker_sample_seconds_total grew {said} s; its thread ran {sampler_cpu} s"
     );
 }
 

@@ -63,6 +63,7 @@ const FUTEX_WAIT: u64 = 0;
 const FUTEX_LOCK_PI: u64 = 6;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAKE: u64 = 1;
+const GLIBC_MUTEX_LOCKED_WITH_WAITERS: u64 = 2;
 const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_LOCK_PI2: u64 = 13;
 /// The owner's thread id in a PI or robust mutex's futex word.
@@ -175,6 +176,11 @@ enum Doing {
     /// Blocked in a private futex wait with no timeout: how an idle pool
     /// thread waits for its next task.
     Parked,
+    /// Parked on a contended mutex: a thread waiting for its turn at the
+    /// listener where the process's threads take turns (uWSGI's thread
+    /// lock), a serving thread otherwise (CPython's GIL: its threads take
+    /// the GIL's mutex while they serve).
+    OnMutex,
     /// On a CPU, in a process with other threads, just out of a private
     /// futex wake: an acceptor that has handed a connection to its pool
     /// (if it is one), working otherwise.
@@ -230,6 +236,7 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
     }
     match lock_wait(s) {
         Some((lock, owner)) => Doing::WaitsOnLock { lock, owner },
+        None if parked(s) && on_a_mutex(s) => Doing::OnMutex,
         None if parked(s) => Doing::Parked,
         None => Doing::Other,
     }
@@ -237,17 +244,21 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
 
 /// Whether a thread on a CPU is on its way out of a wait for work: its
 /// saved registers still name `accept` on one of its listeners or
-/// `epoll_wait` on its event loop, which holds from its wake-up until its
-/// next syscall or interrupt (an interrupt's entry marks them "no
-/// syscall"), so within a tick of it. In a process with other threads this
-/// is an acceptor between two waits (Apache event's listener thread woken
-/// by a connection a fellow child takes, gthread's main thread dispatching
-/// one): its process is as free as its pool. A thread that serves has made
-/// a syscall or taken a tick since.
+/// `epoll_wait` on an epoll instance that watches one now, which holds
+/// from its wake-up until its next syscall or interrupt (an interrupt's
+/// entry marks them "no syscall"), so within a tick of it. In a process
+/// with other threads this is an acceptor between two waits (Apache
+/// event's listener thread woken by a connection a fellow child takes,
+/// gthread's main thread dispatching one): its process is as free as its
+/// pool. A thread that serves has made a syscall or taken a tick since; an
+/// Apache event listener thread woken in a pollset without its listeners
+/// (every worker thread taken) is not waiting for work.
 fn leaving_its_wait_for_work(s: &ThreadSample, w: &Watched) -> bool {
     match s.syscall {
         SYS_ACCEPT | SYS_ACCEPT4 => in_accept_on_listener(s, w),
-        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => contains(&w.fds.epoll, s.args[0]),
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
+            s.epoll_listeners == EPOLL_WATCHES_LISTENER
+        }
         _ => false,
     }
 }
@@ -270,6 +281,15 @@ fn parked(s: &ThreadSample) -> bool {
         && a1 & FUTEX_PRIVATE_FLAG != 0
         && matches!(cmd, FUTEX_WAIT | FUTEX_WAIT_BITSET)
         && a3 == 0
+}
+
+/// Of parked waits, glibc's for a contended mutex: `FUTEX_WAIT` for the
+/// value 2, "locked, with waiters" (`args[2]`), as `pthread_mutex_lock`
+/// blocks. glibc's condition variables and semaphores, where idle pool
+/// threads wait, use `FUTEX_WAIT_BITSET`.
+fn on_a_mutex(s: &ThreadSample) -> bool {
+    let [_, a1, a2, _] = s.args;
+    a1 & FUTEX_CMD_MASK == FUTEX_WAIT && a2 == GLIBC_MUTEX_LOCKED_WITH_WAITERS
 }
 
 /// A wait on a process-shared lock, with the owner a futex word names.
@@ -371,16 +391,18 @@ impl Learnt {
                 roles.waiters.insert(*tid);
             }
         }
+        let takes_turns = roles.waiters.len() > 1;
+        let free = |d: &Doing| *d == Doing::Parked || (takes_turns && *d == Doing::OnMutex);
         let parked: Vec<u32> = threads
             .iter()
-            .filter(|(tid, d)| *d == Doing::Parked && !roles.waiters.contains(tid))
+            .filter(|(tid, d)| free(d) && !roles.waiters.contains(tid))
             .map(|(tid, _)| *tid)
             .collect();
         roles.pool.extend(&parked);
         roles
             .pool
             .retain(|tid| alive.contains(tid) && !roles.waiters.contains(tid));
-        if roles.waiters.len() > 1 {
+        if takes_turns {
             // Its threads take turns at the listener: each one waiting is free.
             return Some(waiting.len() + parked.len());
         }
@@ -741,8 +763,9 @@ mod tests {
     /// listener thread is on a CPU, its registers still naming the
     /// `epoll_wait` on its pollset (fd 7) it was woken from, while both its
     /// worker threads are parked and its main thread reads the pipe of
-    /// death. A child busy in that pass contradicted mod_status
-    /// ("accepting: yes"). A worker thread woken from the pool's condition
+    /// death; its pollset watches the listener (the sampler reads that of a
+    /// thread on a CPU whose registers name an epoll wait). A child busy in
+    /// that pass contradicted mod_status ("accepting: yes"). A worker thread woken from the pool's condition
     /// variable (on a CPU, registers naming the futex) has been handed a
     /// connection: with the other one serving, its child is full.
     #[test]
@@ -757,11 +780,7 @@ mod tests {
             s
         };
         let pipe_of_death = |pid| blocked(pid, pid, 0, [5, 0x7ffd_78a0_a0a3, 1, 8]);
-        let on_cpu = |mut s: ThreadSample| {
-            s.state = 0;
-            s.epoll_listeners = 0;
-            s
-        };
+        let on_cpu = |s: ThreadSample| ThreadSample { state: 0, ..s };
         let at_rest: Vec<ThreadSample> = [19218, 19219]
             .into_iter()
             .flat_map(|pid| {
@@ -806,6 +825,23 @@ mod tests {
         ];
         let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
         assert_eq!(s, vec![(19219, false)]);
+
+        // Every worker thread was taken, so the listener thread took the
+        // listeners out of its pollset; woken there (a worker thread that
+        // has just finished parks), it has not yet put them back: busy,
+        // as mod_status' "accepting: no" says until it does.
+        let woken_without_listeners = ThreadSample {
+            epoll_listeners: EPOLL_WATCHES_NO_LISTENER,
+            ..on_cpu(listener(19219, 192_193))
+        };
+        let pass = [
+            pipe_of_death(19219),
+            worker_thread(19219, 192_191),
+            blocked(19219, 192_192, SYS_POLL, [0x7f94_a5d7_38f0, 1, 60_000, 0]),
+            woken_without_listeners,
+        ];
+        let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
+        assert_eq!(s, vec![(19219, true)]);
     }
 
     /// One thread on a CPU serves, whatever its registers say: its event
@@ -1135,6 +1171,31 @@ mod tests {
         assert_eq!(pass(full), vec![(30, true, 0), (40, false, 2)]);
     }
 
+    /// gunicorn gthread `--threads 4`, all 4 pool threads serving: one is
+    /// caught taking the GIL's mutex (`futex(…, FUTEX_WAIT_PRIVATE, 2,
+    /// NULL)`), which is no free thread; one idle thread parks on the
+    /// executor's queue (a semaphore: `FUTEX_WAIT_BITSET`).
+    #[test]
+    fn a_pool_thread_taking_a_contended_mutex_is_serving_not_parked() {
+        let w = watched(&[70], &[5], &[9]);
+        let mut learnt = Learnt::default();
+        let mut main = blocked(70, 70, SYS_EPOLL_WAIT, [9, 0x7000, 4, 1000]);
+        main.epoll_listeners = EPOLL_WATCHES_LISTENER;
+        let queue = |tid| blocked(70, tid, SYS_FUTEX, [0x5500, 0x189, 0, 0]);
+        let gil = |tid| blocked(70, tid, SYS_FUTEX, [0x9a40, 0x80, 2, 0]);
+        let sleeping = |tid| blocked(70, tid, 230, [1, 0, 0x7100, 0]);
+        let pass = |pool: Vec<ThreadSample>, learnt: &mut Learnt| {
+            let s = process_states(&[vec![main], pool].concat(), &w, learnt, &mut NoFiles);
+            idle_threads(&s)
+        };
+        let at_rest = (71..75).map(queue).collect();
+        assert_eq!(pass(at_rest, &mut learnt), vec![(70, false, 4)]);
+        let full = vec![gil(71), sleeping(72), sleeping(73), sleeping(74)];
+        assert_eq!(pass(full, &mut learnt), vec![(70, true, 0)]);
+        let one_free = vec![gil(71), sleeping(72), sleeping(73), queue(74)];
+        assert_eq!(pass(one_free, &mut learnt), vec![(70, false, 1)]);
+    }
+
     #[test]
     fn a_pool_reloaded_with_fewer_threads_forgets_the_old_workers_count() {
         // Workers 30 and 40 ran 4 threads each; a reload replaced them with
@@ -1225,10 +1286,11 @@ mod tests {
         let mut pass = |samples: Vec<ThreadSample>| {
             idle_threads(&process_states(&samples, &w, &mut learnt, &mut NoFiles))
         };
-        // Not yet seen taking turns: the acceptor is not counted.
+        // Not yet seen taking turns: a wait on a mutex may be a serving
+        // thread's (CPython's GIL), so only the acceptor is known free.
         assert_eq!(
             pass(vec![epoll(50), lock(51), lock(52)]),
-            vec![(50, false, 2)]
+            vec![(50, false, 1)]
         );
         assert_eq!(
             pass(vec![running(50, 50), epoll(51), lock(52)]),
