@@ -106,14 +106,8 @@ pub unsafe extern "C" fn threads(ctx: *mut c_void) -> i32 {
             syscall_arg(regs, &off, 3).unwrap_or(0),
         ];
     }
-    // A blocked thread's wait, read in full. Of a thread on a CPU only
-    // whether the epoll it last waited in watches a listener: registers
-    // that still name that wait say it is leaving it (the daemon's rule).
-    let epoll = matches!(
-        sample.syscall,
-        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2
-    );
-    if sample.state != 0 || epoll {
+    // A running thread's registers are in flux and its wait does not matter.
+    if sample.state != 0 {
         read_wait_details(&mut sample, fds, task_ptr, task);
     }
     // SAFETY: `seq` is the iterator's seq_file; the sample lives on our stack.

@@ -244,23 +244,28 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
 
 /// Whether a thread on a CPU is on its way out of a wait for work: its
 /// saved registers still name `accept` on one of its listeners or
-/// `epoll_wait` on an epoll instance that watches one now, which holds
-/// from its wake-up until its next syscall or interrupt (an interrupt's
-/// entry marks them "no syscall"), so within a tick of it. In a process
-/// with other threads this is an acceptor between two waits (Apache
-/// event's listener thread woken by a connection a fellow child takes,
-/// gthread's main thread dispatching one): its process is as free as its
-/// pool. A thread that serves has made a syscall or taken a tick since; an
-/// Apache event listener thread woken in a pollset without its listeners
-/// (every worker thread taken) is not waiting for work.
+/// `epoll_wait` on its event loop (an epoll instance known to watch its
+/// listeners), which holds from its wake-up until its next syscall or
+/// interrupt (an interrupt's entry marks them "no syscall"), so within a
+/// tick of it. In a process with other threads this is an acceptor between
+/// two waits (Apache event's listener thread woken by a connection a
+/// fellow child takes, gthread's main thread dispatching one): its process
+/// is as free as its pool. A thread that serves has made a syscall or
+/// taken a tick since. (One woken where its event loop watched no listener
+/// is no acceptor leaving a wait for work: [`Learnt::woken_without_listeners`].)
 fn leaving_its_wait_for_work(s: &ThreadSample, w: &Watched) -> bool {
     match s.syscall {
         SYS_ACCEPT | SYS_ACCEPT4 => in_accept_on_listener(s, w),
-        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => {
-            s.epoll_listeners == EPOLL_WATCHES_LISTENER
-        }
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => contains(&w.fds.epoll, s.args[0]),
         _ => false,
     }
+}
+
+fn in_epoll_wait(s: &ThreadSample) -> bool {
+    matches!(
+        s.syscall,
+        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2
+    )
 }
 
 /// Whether a thread's last syscall was a private futex wake (the registers
@@ -332,6 +337,10 @@ pub struct Learnt {
     /// at once (made again at each pass: a pool reloaded with fewer threads
     /// forgets the old workers' count with them).
     most_pool_threads: HashMap<PoolTag, usize>,
+    /// Threads last seen blocked in an epoll wait whose instance watched
+    /// none of their listeners (Apache event's listener thread while every
+    /// worker thread is taken), and still on a CPU since.
+    listenerless_epoll_waiters: HashSet<u32>,
 }
 
 /// The roles of a process's threads, as seen so far.
@@ -354,6 +363,29 @@ impl Learnt {
         self.accept_locks.retain(|(pool, _)| pools.contains(pool));
         self.threads
             .retain(|k, _| watched.workers.contains_key(&k.pid));
+    }
+
+    /// Whether a thread on a CPU was woken in an epoll wait that watched
+    /// none of its listeners: its registers name its event loop, but what
+    /// it waited for was not new work (an Apache event child whose worker
+    /// threads were all taken, until its listener thread puts the
+    /// listeners back).
+    fn woken_without_listeners(&self, s: &ThreadSample) -> bool {
+        s.state == 0 && in_epoll_wait(s) && self.listenerless_epoll_waiters.contains(&s.tid)
+    }
+
+    /// Notes the threads blocked in an epoll wait that watches none of
+    /// their listeners, and keeps those of them still on a CPU.
+    fn note_listenerless_epoll_waits(&mut self, samples: &[ThreadSample]) {
+        let before = std::mem::take(&mut self.listenerless_epoll_waiters);
+        self.listenerless_epoll_waiters = samples
+            .iter()
+            .filter(|s| match s.state {
+                0 => before.contains(&s.tid),
+                _ => in_epoll_wait(s) && s.epoll_listeners == EPOLL_WATCHES_NO_LISTENER,
+            })
+            .map(|s| s.tid)
+            .collect();
     }
 
     /// Whether the process's thread `tid` was seen waiting for work.
@@ -466,9 +498,14 @@ pub fn process_states(
         .filter_map(|s| {
             let w = watched.of(s)?;
             let multithreaded = threads_per_process.get(&s.tgid).is_some_and(|n| *n > 1);
-            Some((s, *w, doing(s, w, multithreaded)))
+            let d = match doing(s, w, multithreaded) {
+                Doing::WaitsForWork if learnt.woken_without_listeners(s) => Doing::Other,
+                d => d,
+            };
+            Some((s, *w, d))
         })
         .collect();
+    learnt.note_listenerless_epoll_waits(samples);
     let waiting = |d: &Doing| *d == Doing::WaitsForWork;
     // Threads that wait for work, by thread id, and processes with one.
     let waiting_threads: HashMap<u32, PoolTag> = threads
@@ -763,9 +800,8 @@ mod tests {
     /// listener thread is on a CPU, its registers still naming the
     /// `epoll_wait` on its pollset (fd 7) it was woken from, while both its
     /// worker threads are parked and its main thread reads the pipe of
-    /// death; its pollset watches the listener (the sampler reads that of a
-    /// thread on a CPU whose registers name an epoll wait). A child busy in
-    /// that pass contradicted mod_status ("accepting: yes"). A worker thread woken from the pool's condition
+    /// death. A child busy in that pass contradicted mod_status
+    /// ("accepting: yes"). A worker thread woken from the pool's condition
     /// variable (on a CPU, registers naming the futex) has been handed a
     /// connection: with the other one serving, its child is full.
     #[test]
@@ -826,21 +862,30 @@ mod tests {
         let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
         assert_eq!(s, vec![(19219, false)]);
 
-        // Every worker thread was taken, so the listener thread took the
-        // listeners out of its pollset; woken there (a worker thread that
-        // has just finished parks), it has not yet put them back: busy,
-        // as mod_status' "accepting: no" says until it does.
-        let woken_without_listeners = ThreadSample {
+        // Every worker thread taken, the listener thread took the
+        // listeners out of its pollset and waits there. Woken (a worker
+        // thread that has just finished parks), it has not yet put them
+        // back: busy, as mod_status' "accepting: no" says until it does.
+        let serving = |tid| blocked(19219, tid, SYS_POLL, [0x7f94_a5d7_38f0, 1, 60_000, 0]);
+        let without_listeners = ThreadSample {
             epoll_listeners: EPOLL_WATCHES_NO_LISTENER,
-            ..on_cpu(listener(19219, 192_193))
+            ..listener(19219, 192_193)
         };
-        let pass = [
+        let full = [
+            pipe_of_death(19219),
+            serving(192_191),
+            serving(192_192),
+            without_listeners,
+        ];
+        let s = busy_by_pid(&process_states(&full, &w, &mut learnt, &mut NoFiles));
+        assert_eq!(s, vec![(19219, true)]);
+        let woken = [
             pipe_of_death(19219),
             worker_thread(19219, 192_191),
-            blocked(19219, 192_192, SYS_POLL, [0x7f94_a5d7_38f0, 1, 60_000, 0]),
-            woken_without_listeners,
+            serving(192_192),
+            on_cpu(listener(19219, 192_193)),
         ];
-        let s = busy_by_pid(&process_states(&pass, &w, &mut learnt, &mut NoFiles));
+        let s = busy_by_pid(&process_states(&woken, &w, &mut learnt, &mut NoFiles));
         assert_eq!(s, vec![(19219, true)]);
     }
 
