@@ -21,9 +21,11 @@
 //!   an epoll of its own);
 //! - in `io_uring_enter` waiting for completions (an io_uring event loop);
 //! - on a CPU, in a process with other threads, with its saved registers
-//!   still naming `accept` on a listener or `epoll_wait` on its event loop:
-//!   an acceptor leaving its wait (woken by a connection, no syscall or
-//!   interrupt since), whose process is as free as its pool;
+//!   still naming `accept` on a listener or `epoll_wait` on its event loop
+//!   (unless it last waited there with no listener in the set), or, for a
+//!   known acceptor, a private futex wake: an acceptor leaving its wait or
+//!   handing a connection to its pool (no syscall or interrupt since),
+//!   whose process is as free as its pool;
 //! - waiting for the pool's **accept lock**: a process-shared lock (futex,
 //!   `flock`, `fcntl(F_SETLKW)`) that a fellow worker of the same pool was
 //!   seen holding while it waited on the listener (Apache httpd with several
@@ -36,7 +38,9 @@
 //! accept lock). Such a process is idle only while a thread of its pool is
 //! free: **parked** (blocked in a private futex wait with no timeout, as an
 //! idle pool thread waits on its condition variable in glibc, CPython, Ruby
-//! and the JVM), or one it can start again (fewer pool threads alive than
+//! and the JVM; glibc's wait for a contended mutex is a serving thread's,
+//! as CPython's take the GIL's, unless the threads take turns at the
+//! listener), or one it can start again (fewer pool threads alive than
 //! the most a worker of the pool has run at once). Pool threads are the
 //! ones seen parked; until one is seen, the process is idle while its
 //! acceptor waits, and so is one that held no accepted connection at the
@@ -63,9 +67,10 @@ const FUTEX_WAIT: u64 = 0;
 const FUTEX_LOCK_PI: u64 = 6;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAKE: u64 = 1;
-const GLIBC_MUTEX_LOCKED_WITH_WAITERS: u64 = 2;
 const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_LOCK_PI2: u64 = 13;
+/// A glibc mutex's futex word while it is locked and has waiters.
+const GLIBC_MUTEX_LOCKED_WITH_WAITERS: u64 = 2;
 /// The owner's thread id in a PI or robust mutex's futex word.
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 const IORING_ENTER_GETEVENTS: u64 = 1;
