@@ -182,14 +182,19 @@ fn collectors_turned_off_leave_their_families_out_and_the_rest_exact() {
 /// `run_cnt` of the loaded program named `name`, as `bpftool` reads the
 /// kernel's counter (the daemon's programs are the only ones named so; the
 /// kernel keeps 15 characters of a name, bpftool may show them only).
-fn bpftool_run_count(name: &str) -> f64 {
+/// `bpftool`'s run count of the daemon's program `name`: the programs of
+/// that name among those the daemon holds (another observer on the host
+/// loads programs of the same names).
+fn bpftool_run_count(name: &str, daemon: &Daemon) -> f64 {
     let kept = &name[..name.len().min(15)];
+    let held = support::program_ids_held_by(daemon.pid());
     let out = support::run(std::process::Command::new("bpftool").args(["-j", "prog", "show"]));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     list.as_array()
         .into_iter()
         .flatten()
         .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with(kept)))
+        .filter(|p| p["id"].as_u64().is_some_and(|id| held.contains(&id)))
         .filter_map(|p| p["run_cnt"].as_u64())
         .sum::<u64>() as f64
 }
@@ -234,9 +239,9 @@ fn program_stats_are_the_kernels_own_counters_when_asked_for() {
     let daemon = Daemon::start_with(&["--collector.program-stats"]);
     let _clients: Vec<TcpStream> = (0..5).map(|_| one_accepted(&listener)).collect();
     let program = accept_program(&daemon.scrape());
-    let before = bpftool_run_count(program);
+    let before = bpftool_run_count(program, &daemon);
     let m = daemon.scrape();
-    let after = bpftool_run_count(program);
+    let after = bpftool_run_count(program, &daemon);
     let runs = m
         .get("observer_program_runs_total", &[("program", program)])
         .unwrap_or_else(|| panic!("no runs for {program}:\n{}", m.text));

@@ -693,6 +693,22 @@ pub fn apache_setup(dir: &std::path::Path, mpm: &str, mpm_lines: &str, ports: &[
     conf_path.display().to_string()
 }
 
+/// The ids of the BPF programs a process holds open (`prog_id` in its
+/// fds' fdinfo).
+pub fn program_ids_held_by(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Default::default();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
+}
+
 /// `EI_CLASS` of a 64-bit ELF file.
 pub const ELF_64_BIT: u8 = 2;
 /// `e_machine` of an arm64 ELF file.
