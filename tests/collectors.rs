@@ -179,12 +179,10 @@ fn collectors_turned_off_leave_their_families_out_and_the_rest_exact() {
     drop((clients, waiting));
 }
 
-/// `run_cnt` of the loaded program named `name`, as `bpftool` reads the
-/// kernel's counter (the daemon's programs are the only ones named so; the
-/// kernel keeps 15 characters of a name, bpftool may show them only).
-/// `bpftool`'s run count of the daemon's program `name`: the programs of
-/// that name among those the daemon holds (another observer on the host
-/// loads programs of the same names).
+/// `run_cnt` of the daemon's program named `name`, as `bpftool` reads the
+/// kernel's counter: of the programs so named (the kernel keeps 15
+/// characters of a name, bpftool may show them only), those the daemon
+/// holds, as another observer on the host loads programs of the same names.
 fn bpftool_run_count(name: &str, daemon: &Daemon) -> f64 {
     let kept = &name[..name.len().min(15)];
     let held = support::program_ids_held_by(daemon.pid());

@@ -556,8 +556,7 @@ fn gunicorn_workers_whose_children_inherit_the_listener_stay_the_pool_and_accept
 /// CPU time the sampler says it spent is its thread's, as the scheduler
 /// counts it.
 #[test]
-fn beside_ten_thousand_parked_threads_the_sampler_reads_the_pool_alone_and_busy_time_and_its_cost_hold()
- {
+fn beside_ten_thousand_parked_threads_the_sampler_reads_only_the_pool_and_its_figures_hold() {
     let _parked = support::ParkedThreads::start(10_000);
     let daemon = Daemon::start();
     let server = gunicorn(&["-w", "2"]);
