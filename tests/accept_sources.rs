@@ -14,7 +14,8 @@ use std::{
 };
 
 use support::{
-    Daemon, accept_sources_on_this_kernel, listen, loading_accept_sources, observer_bin, run,
+    Daemon, accept_sources_on_this_kernel, bpftool_json, listen, loading_accept_sources,
+    observer_bin, run,
 };
 
 /// Three clients accepted by a forced source: counted exactly, and the
@@ -245,11 +246,6 @@ struct Program {
     kind: String,
     name: String,
     run_cnt: u64,
-}
-
-fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = run(Command::new("bpftool").arg("-j").args(args));
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 
 fn programs() -> Vec<Program> {

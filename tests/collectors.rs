@@ -186,8 +186,7 @@ fn collectors_turned_off_leave_their_families_out_and_the_rest_exact() {
 fn bpftool_run_count(name: &str, daemon: &Daemon) -> f64 {
     let kept = &name[..name.len().min(15)];
     let held = support::program_ids_held_by(daemon.pid());
-    let out = support::run(std::process::Command::new("bpftool").args(["-j", "prog", "show"]));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let list = support::bpftool_json(&["prog", "show"]);
     list.as_array()
         .into_iter()
         .flatten()

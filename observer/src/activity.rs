@@ -259,11 +259,7 @@ fn doing(s: &ThreadSample, w: &Watched, multithreaded: bool) -> Doing {
 /// taken a tick since. (One woken where its event loop watched no listener
 /// is no acceptor leaving a wait for work: [`Learnt::woken_without_listeners`].)
 fn leaving_its_wait_for_work(s: &ThreadSample, w: &Watched) -> bool {
-    match s.syscall {
-        SYS_ACCEPT | SYS_ACCEPT4 => in_accept_on_listener(s, w),
-        SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => contains(&w.fds.epoll, s.args[0]),
-        _ => false,
-    }
+    in_accept_on_listener(s, w) || (in_epoll_wait(s) && contains(&w.fds.epoll, s.args[0]))
 }
 
 fn in_epoll_wait(s: &ThreadSample) -> bool {

@@ -693,6 +693,12 @@ pub fn apache_setup(dir: &std::path::Path, mpm: &str, mpm_lines: &str, ports: &[
     conf_path.display().to_string()
 }
 
+/// What `bpftool -j ARGS` prints, parsed.
+pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = run(Command::new("bpftool").arg("-j").args(args));
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
 /// The ids of the BPF programs a process holds open (`prog_id` in its
 /// fds' fdinfo).
 pub fn program_ids_held_by(pid: u32) -> std::collections::HashSet<u64> {
