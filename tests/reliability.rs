@@ -5,26 +5,16 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use support::{Daemon, http_get, listen, run};
+use support::{Daemon, http_get, listen};
 
-/// Loaded eBPF programs under our programs' names (bpftool).
-/// The ids of the loaded programs that bear our programs' names (those of
-/// any daemon on the host: the tests compare the sets before and after).
-fn our_programs() -> std::collections::BTreeSet<u32> {
-    let out = run(Command::new("bpftool").args(["prog", "show"]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            ["accept_exit", "listeners", "holders", "threads"]
-                .iter()
-                .any(|n| l.contains(&format!(" name {n}")))
-        })
-        .filter_map(|l| l.split(':').next()?.trim().parse().ok())
-        .collect()
+/// The ids of every BPF program loaded now (bpftool).
+fn loaded_programs() -> std::collections::HashSet<u64> {
+    let shown = support::bpftool_json(&["prog", "show"]);
+    let programs = shown.as_array().into_iter().flatten();
+    programs.filter_map(|p| p["id"].as_u64()).collect()
 }
 
 /// Keeps connecting to `port` (and closing) until dropped.
@@ -64,7 +54,6 @@ impl Load {
 
 #[test]
 fn kill_9_under_load_leaves_no_programs_and_a_restart_serves_within_2_seconds() {
-    let before = our_programs();
     let listener = listen("127.0.0.1:0".parse().expect("addr"), 1024);
     let port = listener.local_addr().expect("addr").port();
     let acceptor = std::thread::spawn(move || {
@@ -77,13 +66,15 @@ fn kill_9_under_load_leaves_no_programs_and_a_restart_serves_within_2_seconds() 
     });
     let load = Load::start(port);
     let mut daemon = Daemon::start();
-    let loaded: Vec<u32> = our_programs().difference(&before).copied().collect();
+    // This daemon's own programs, by the ids its fds hold (another
+    // observer on the host loads programs of the same names).
+    let loaded = support::program_ids_held_by(daemon.pid());
     assert!(!loaded.is_empty(), "programs loaded");
     daemon.kill_hard();
     // Nothing is pinned: the kernel frees the programs with the process's
-    // fds. (Other daemons on the host may load and free theirs meanwhile.)
+    // fds.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while loaded.iter().any(|id| our_programs().contains(id)) {
+    while !loaded.is_disjoint(&loaded_programs()) {
         assert!(
             Instant::now() < deadline,
             "programs left in the kernel after kill -9"
