@@ -209,6 +209,8 @@ struct KernelView {
     holders: HolderWalk,
     accepts: Vec<(AcceptKey, AcceptStats)>,
     kernel_events_lost: Vec<(&'static str, u64)>,
+    /// The processes that exist, listed once.
+    alive: HashSet<u32>,
 }
 
 /// The writes one collection asks of the kernel maps.
@@ -240,6 +242,8 @@ pub struct Pipeline {
     /// `None` where this kernel cannot run the thread sampler.
     sampler: Option<Arc<Mutex<ThreadSampler>>>,
     tcp_walk: TcpWalk,
+    /// The last collection's membership, until [`Pipeline::take_spent`].
+    spent: Option<Membership>,
     /// Held while `--collector.program-stats` keeps the kernel's BPF
     /// run-time statistics on.
     run_time_stats: Option<std::os::fd::OwnedFd>,
@@ -323,6 +327,7 @@ impl Pipeline {
             started: Instant::now(),
             sampler,
             tcp_walk: TcpWalk::default(),
+            spent: None,
             run_time_stats,
             health,
         })
@@ -331,6 +336,12 @@ impl Pipeline {
     /// Every collector, every listener, no cap: the CLI views.
     pub fn start_unbounded(kernel: &KernelOptions) -> Result<Self> {
         Self::start(kernel, CollectorOptions::all(), usize::MAX, usize::MAX)
+    }
+
+    /// What the last collection built and no longer needs: for the caller
+    /// to free once its reply is out ([`drop_off_path`]).
+    pub fn take_spent(&mut self) -> Option<Membership> {
+        self.spent.take()
     }
 
     /// One collection: observe, compute, apply, then sample the workers.
@@ -356,12 +367,12 @@ impl Pipeline {
             self.aggregator.collect(
                 &all,
                 &view.accepts,
-                procfs::process_is_alive,
+                |pid| view.alive.contains(&pid),
                 self.started.elapsed(),
             )
         });
         let membership = st.time("membership", || {
-            self.handoffs.retain_alive(procfs::process_is_alive);
+            self.handoffs.retain_alive(|pid| view.alive.contains(&pid));
             Membership::from_holders(&listeners, &view.holders, &mut self.handoffs)
         });
         if self.collectors.workers {
@@ -405,7 +416,7 @@ impl Pipeline {
         let stats_on = self.run_time_stats.is_some() || procfs::bpf_stats_enabled();
         self.health.program_costs = stats_on.then(|| self.probes.program_costs());
         let containers = st.time("containers", || {
-            self.containers.retain(procfs::process_is_alive);
+            self.containers.retain(|pid| view.alive.contains(&pid));
             listeners
                 .listeners
                 .iter()
@@ -432,6 +443,7 @@ impl Pipeline {
         let previous = &self.health.stages.0;
         st.0.extend(previous.iter().filter(|(name, _)| *name == "exposition"));
         self.health.stages = st;
+        self.spent = Some(membership);
         Ok(Snapshot {
             listeners,
             pools,
@@ -496,6 +508,7 @@ impl Pipeline {
             None => Vec::new(),
         };
         let accepts = st.time("accepts_map", || self.probes.accepts())?;
+        let alive = st.time("processes", procfs::live_processes);
         let kernel_events_lost = self
             .probes
             .health()?
@@ -512,6 +525,7 @@ impl Pipeline {
             holders,
             accepts,
             kernel_events_lost,
+            alive,
         })
     }
 
@@ -581,6 +595,15 @@ struct Sampled {
     activity: HashMap<u32, WorkerActivity>,
     /// The final busy time of processes no longer watched, by pid.
     retired_busy_seconds: HashMap<u32, f64>,
+}
+
+/// Drops `value` on a thread of its own: a collection at 10,000 listeners
+/// leaves tens of thousands of allocations, a few ms of frees that no
+/// scrape needs to wait for. Dropped here when no thread can be had.
+pub fn drop_off_path<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("free".into())
+        .spawn(move || drop(value));
 }
 
 fn lock(sampler: &Mutex<ThreadSampler>) -> Result<std::sync::MutexGuard<'_, ThreadSampler>> {

@@ -28,7 +28,7 @@ use prometheus::core::Collector as _;
 use crate::{
     collectors::{CollectorOptions, Collectors},
     metrics,
-    pipeline::{KernelOptions, Pipeline},
+    pipeline::{self, KernelOptions, Pipeline},
     webconfig::WebConfig,
 };
 
@@ -335,6 +335,7 @@ fn scrape(state: &State, arrived: Instant) -> Result<Bytes> {
         .stages
         .set("exposition", started.elapsed().as_secs_f64());
     state.exposition_bytes.store(text.len(), Ordering::Relaxed);
+    pipeline::drop_off_path((snapshot, pipeline.take_spent()));
     let text = Bytes::from(text);
     collecting.newest = Some(Exposition {
         ready: Instant::now(),

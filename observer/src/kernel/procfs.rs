@@ -1,9 +1,8 @@
-//! The few facts the daemon reads from /proc: whether a process still
-//! exists, which epoll instances watch a listener, who holds a file lock,
+//! The few facts the daemon reads from /proc: which processes exist,
+//! which epoll instances watch a listener, who holds a file lock,
 //! and for `explain` a process's scheduler state, the daemon's network
 //! namespace and `net.core.somaxconn`. A process that vanishes mid-read is simply "not alive", never an
 //! error.
-use std::path::Path;
 
 use foldhash::HashSet;
 
@@ -77,9 +76,18 @@ pub fn parse_proc_locks(text: &str) -> Vec<LockLine> {
         .collect()
 }
 
-/// Whether a process (by its id in the initial PID namespace) still exists.
-pub fn process_is_alive(tgid: u32) -> bool {
-    Path::new("/proc").join(tgid.to_string()).exists()
+/// The processes that exist now (their ids in the daemon's PID namespace),
+/// from one listing of /proc: a few `getdents` calls for the whole host,
+/// where a lookup per process would cost a path walk each (2,000 of them
+/// were 4 ms of a scrape). Empty when /proc cannot be listed.
+pub fn live_processes() -> HashSet<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashSet::default();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// The epoll fds of process `tgid` whose interest list contains one of
@@ -349,7 +357,8 @@ ffffffffc0001000 t cookie_v6_check\t[ipv6]
     #[test]
     fn this_process_is_alive() {
         let pid = std::process::id();
-        assert!(process_is_alive(pid));
-        assert!(!process_is_alive(u32::MAX));
+        let alive = live_processes();
+        assert!(alive.contains(&pid));
+        assert!(!alive.contains(&u32::MAX));
     }
 }
