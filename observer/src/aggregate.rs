@@ -403,7 +403,9 @@ fn group_listeners(
 ) -> Vec<ListenerView> {
     let mut order: Vec<(&ListenSocket, SocketView)> = sockets.iter().zip(socket_views).collect();
     order.sort_unstable_by(|(a, _), (b, _)| (&a.id, a.inode).cmp(&(&b.id, b.inode)));
-    let mut views: Vec<ListenerView> = Vec::new();
+    // At most one view per socket: sized once, not regrown (and recopied)
+    // a dozen times at 10,000 listeners.
+    let mut views: Vec<ListenerView> = Vec::with_capacity(order.len());
     for (s, socket) in order {
         let view = match views.last_mut() {
             Some(view) if view.id == s.id => view,

@@ -212,7 +212,7 @@ impl Slots {
         let elapsed = self.last.map(|last| now.saturating_sub(last));
         self.last = Some(now);
         self.pending.add(&finals.busy_seconds);
-        let mut kept = HashMap::with_capacity(pools.pools.len());
+        let mut kept = HashMap::with_capacity(self.pools.len());
         for pool in &mut pools.pools {
             let mut slots = self.pools.remove(&pool.listener).unwrap_or_default();
             let before = slots.len();
@@ -225,7 +225,11 @@ impl Slots {
                 slot.accepts_seen = slot.counts(no).accepts;
             }
             pool.busiest_accept_share = busiest_share(&mut slots, elapsed);
-            kept.insert(pool.listener, slots);
+            // A listener without workers keeps no entry (most of them, on a
+            // host of 10,000 listeners): a missing one reads as no slots.
+            if !slots.is_empty() {
+                kept.insert(pool.listener, slots);
+            }
         }
         self.pools = kept;
         self.pending.age();

@@ -226,9 +226,9 @@ impl Handoffs {
         // One empty set of roles, shared by the listeners nobody serves.
         let nobody = Arc::new(Roles::default());
         let mut roles_of: Vec<Arc<Roles>> = (0..listeners.len()).map(|_| nobody.clone()).collect();
-        // Listeners with the very same large set of holders (a pool holding
-        // many listeners) and nothing known of them but their masters share
-        // one computation.
+        // Listeners with the very same set of holders (a pool holding many
+        // listeners, one process holding thousands) and nothing known of
+        // them but their masters share one computation.
         let mut shared: HashMap<(usize, Vec<u32>, Vec<u32>), Arc<Roles>> = HashMap::new();
         let (no_one, no_one_else) = (BTreeMap::new(), BTreeSet::new());
         for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
@@ -273,7 +273,7 @@ impl Handoffs {
             let fed = self.fed.get(id).unwrap_or(&no_one);
             let r = if fed.is_empty()
                 && known.dispatchers.is_empty()
-                && holding.len() > FEW_PROCESSES
+                && (holding.len() > FEW_PROCESSES || holding.is_shared())
             {
                 let key = (
                     holding.identity(),
@@ -388,6 +388,11 @@ impl HolderSet {
     /// Which set this is, for as long as it lives.
     fn identity(&self) -> usize {
         Arc::as_ptr(&self.0) as *const Process as usize
+    }
+
+    /// Whether other listeners have this very set too.
+    fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
     }
 }
 
@@ -546,6 +551,17 @@ struct InheritedGroups {
     sockets: Vec<(u64, usize)>,
 }
 
+/// The holder sets made so far in one collection, each shared by every
+/// listener with the same holders (one process holding 9,000 listeners
+/// is one set, not 9,000).
+#[derive(Default)]
+struct HolderSets {
+    /// Those holding by a record of their own only, sorted by pid.
+    own: HashMap<Vec<Process>, HolderSet>,
+    /// Those with inherited groups too.
+    with_groups: HashMap<(Vec<Process>, Vec<usize>), HolderSet>,
+}
+
 impl InheritedGroups {
     /// Groups `inheritors` by parent and missed fds; each child's listening
     /// fds are its parent's inheritable ones but those it misses, and its
@@ -614,18 +630,19 @@ impl InheritedGroups {
     /// Listener `no`'s holders: those holding it by a record of their own
     /// (`own`, sorted by pid) and its groups, as one set; listeners with
     /// the same holders get the same set (`sets` keeps them).
-    fn holders(
-        &self,
-        no: ListenerNo,
-        own: Vec<Process>,
-        sets: &mut HashMap<(Vec<Process>, Vec<usize>), HolderSet>,
-    ) -> HolderSet {
+    fn holders(&self, no: ListenerNo, own: &[Process], sets: &mut HolderSets) -> HolderSet {
         let groups = &self.by_listener[no];
         if groups.is_empty() {
-            return HolderSet(Arc::from(own));
+            if let Some(set) = sets.own.get(own) {
+                return set.clone();
+            }
+            let set = HolderSet(Arc::from(own));
+            sets.own.insert(own.to_vec(), set.clone());
+            return set;
         }
-        let key = (own, groups.clone());
-        sets.entry(key)
+        let key = (own.to_vec(), groups.clone());
+        sets.with_groups
+            .entry(key)
             .or_insert_with_key(|(own, groups)| {
                 let mut all = own.clone();
                 for group in groups {
@@ -677,7 +694,9 @@ impl Membership {
             .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
             .filter(|(inode, _)| *inode != 0) // iter/tcp's socket without a file
             .collect();
-        let mut own: Vec<Vec<Process>> = vec![Vec::new(); views.len()];
+        // (listener, holder) for every record of a holder's own: one vector
+        // for all, sorted below, not one per listener.
+        let mut own: Vec<(ListenerNo, Process)> = Vec::with_capacity(walk.holdings.len());
         // Accepted connections held: (listener, pid, parent, inode).
         let mut connections: Vec<(ListenerNo, u32, u32, u64)> = Vec::new();
         let mut connection_fds: HashMap<u32, BTreeSet<i32>> = HashMap::new();
@@ -688,12 +707,19 @@ impl Membership {
         let mut unread: HashMap<ListenerNo, Unread> = HashMap::new();
         let mut seen_sockets = HashSet::new();
         let mut seen_unread = HashSet::new();
-        let mut listen_fds: HashMap<u32, Vec<i32>> = HashMap::new();
+        // (pid, fd) of every listener held: grouped by pid below.
+        let mut listen_fds: Vec<(u32, i32)> = Vec::new();
         let mut inheritable: HashMap<u32, Vec<InheritableSocket>> = HashMap::new();
-        let mut socket_holders: Vec<(u64, u32)> = Vec::new();
+        // One per listener record at most: sized once.
+        let mut socket_holders: Vec<(u64, u32)> = Vec::with_capacity(walk.holdings.len());
+        let mut named = None;
         for holding in &walk.holdings {
             let h = &holding.record;
-            comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
+            // A process's records come together: its name once.
+            if named != Some(h.tgid) {
+                comms.entry(h.tgid).or_insert_with(|| comm_string(&h.comm));
+                named = Some(h.tgid);
+            }
             if h.state == TCP_LISTEN {
                 let no = numbers.get(&h.inode).copied();
                 // A listener left out by the cap is not a pool (its holders
@@ -704,7 +730,7 @@ impl Membership {
                 if no.is_none() && !indexed() {
                     continue;
                 }
-                listen_fds.entry(h.tgid).or_default().push(h.fd as i32);
+                listen_fds.push((h.tgid, h.fd as i32));
                 socket_holders.push((h.inode, h.tgid));
                 if h.inheritable != 0 {
                     inheritable
@@ -717,10 +743,11 @@ impl Membership {
                         });
                 }
                 if let Some(no) = no {
-                    own[no].push(Process {
+                    let holder = Process {
                         pid: h.tgid,
                         ppid: h.ppid,
-                    });
+                    };
+                    own.push((no, holder));
                 }
             } else if let Some(no) = index
                 .listener_of_held(h)
@@ -762,9 +789,10 @@ impl Membership {
         }
         // Sorted, once each (the walk gives a process's fds in order, and
         // a listener's holders in pid order: these sorts find them sorted).
+        listen_fds.sort_unstable();
         let mut listen_fds: HashMap<u32, Arc<[i32]>> = listen_fds
-            .into_iter()
-            .map(|(pid, fds)| (pid, sorted_fds(fds.into_iter())))
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|fds| (fds[0].0, sorted_fds(fds.iter().map(|(_, fd)| *fd))))
             .collect();
         let inherited = InheritedGroups::of(
             &walk.inheritors,
@@ -773,18 +801,20 @@ impl Membership {
             &mut listen_fds,
             &mut comms,
         );
-        let mut sets = HashMap::new();
-        let holders: Vec<HolderSet> = own
-            .into_iter()
-            .enumerate()
-            .map(|(no, mut holding)| {
-                if holding.len() > 1 {
-                    holding.sort_unstable();
-                    holding.dedup_by_key(|p| p.pid);
-                }
-                inherited.holders(no, holding, &mut sets)
+        own.sort_unstable();
+        own.dedup_by_key(|(no, p)| (*no, p.pid));
+        let (own_numbers, own): (Vec<ListenerNo>, Vec<Process>) = own.into_iter().unzip();
+        let mut sets = HolderSets::default();
+        let mut first = 0;
+        let holders: Vec<HolderSet> = (0..views.len())
+            .map(|no| {
+                let end = first + own_numbers[first..].partition_point(|n| *n == no);
+                let set = inherited.holders(no, &own[first..end], &mut sets);
+                first = end;
+                set
             })
             .collect();
+        drop(sets);
         let roles = handoffs.learn(views, &holders, &servers);
         handoffs.remember_comms(&mut comms);
         socket_holders.sort_unstable();
