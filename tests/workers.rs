@@ -58,7 +58,8 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("start {name} (cargo xtask setup installs it): {e}"));
         let server = Server { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Ruby's servers take over 20 s to boot in an emulated guest.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !listening() {
             assert!(
                 Instant::now() < deadline,
@@ -1445,19 +1446,48 @@ fn apache_prefork_accept_mutex_pool_reads_the_same_whenever_the_daemon_starts() 
     assert_eq!(done, 2 * 14, "every request was served");
 }
 
-/// raindrops' view of a listener: connections being served ("active").
-fn raindrops_active(port: u16) -> f64 {
-    let script = format!(
-        "s = Raindrops::Linux.tcp_listener_stats(['127.0.0.1:{port}'])['127.0.0.1:{port}']; print s.active"
-    );
-    let out = Command::new("ruby")
-        .args(["-rraindrops", "-e", &script])
-        .output()
-        .expect("ruby raindrops");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(-1.0)
+/// raindrops' view of a listener: connections being served ("active"),
+/// read by one ruby process kept for the test. A `ruby` started per read
+/// takes 6 to 11 s to boot in an emulated guest: the clients' 5 s of load
+/// were over before the first sample.
+struct Raindrops {
+    ruby: Child,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Raindrops {
+    fn start(port: u16) -> Raindrops {
+        let script = format!(
+            "STDOUT.sync = true; while STDIN.gets; \
+             s = Raindrops::Linux.tcp_listener_stats(['127.0.0.1:{port}'])['127.0.0.1:{port}']; \
+             puts s.active; end"
+        );
+        let mut ruby = Command::new("ruby")
+            .args(["-rraindrops", "-e", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ruby raindrops");
+        let replies = std::io::BufReader::new(ruby.stdout.take().expect("ruby's stdout"));
+        Raindrops { ruby, replies }
+    }
+
+    fn active(&mut self) -> f64 {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        let asked = writeln!(self.ruby.stdin.as_mut().expect("ruby's stdin"));
+        if asked.is_err() || self.replies.read_line(&mut line).is_err() {
+            return -1.0;
+        }
+        line.trim().parse().unwrap_or(-1.0)
+    }
+}
+
+impl Drop for Raindrops {
+    fn drop(&mut self) {
+        let _ = self.ruby.kill();
+        let _ = self.ruby.wait();
+    }
 }
 
 #[test]
@@ -1486,14 +1516,23 @@ fn unicorn_busy_workers_track_raindrops_active_connections() {
     let run = PoolRun {
         workers: 3.0,
         clients: 2,
-        requests: 12,
+        requests: 24,
         sleep_s: 0.4,
         samples: 10,
         every_ms: 200,
         what: "unicorn busy workers vs raindrops active",
         truth_connections: 0,
     };
-    busy_tracks_truth(&daemon, server.port, &run, || raindrops_active(server.port));
+    let raindrops = std::cell::RefCell::new(Raindrops::start(server.port));
+    // Ruby has booted (and reads the listener) before the load starts.
+    assert_eq!(
+        raindrops.borrow_mut().active(),
+        0.0,
+        "raindrops reads the idle listener"
+    );
+    busy_tracks_truth(&daemon, server.port, &run, || {
+        raindrops.borrow_mut().active()
+    });
 }
 
 /// Puma in cluster mode (`-w 2 -t THREADS`) with its control server; each
