@@ -1910,6 +1910,33 @@ mod tests {
     }
 
     #[test]
+    fn listeners_held_by_the_same_process_share_one_holder_set_and_one_computation() {
+        // One process (30) holds 80 and 81, at fds 3 and 4; another (40)
+        // holds 82.
+        let sockets = [socket(80, 5), socket(81, 6), socket(82, 7)];
+        let (views, listeners) = shown_among(&[(80, 5), (81, 6), (82, 7)], &sockets);
+        let on = |pid, port, inode, fd| HolderRecord {
+            fd,
+            ..holder(pid, 1, port, TCP_LISTEN, inode)
+        };
+        let walk = walk(&[on(30, 80, 5, 3), on(30, 81, 6, 4), on(40, 82, 7, 3)]);
+        let m = Membership::from_holders(&listeners, &walk, &mut Handoffs::default());
+        let p = pools(&views, &m, &HashMap::new(), 100);
+        assert_eq!(
+            workers_by_port(&p),
+            [(80, vec![30]), (81, vec![30]), (82, vec![40])]
+        );
+        assert_eq!(m.holders[0].identity(), m.holders[1].identity());
+        assert!(
+            Arc::ptr_eq(&m.roles[0], &m.roles[1]),
+            "one set, one computation"
+        );
+        assert_ne!(m.holders[0].identity(), m.holders[2].identity());
+        assert!(!Arc::ptr_eq(&m.roles[0], &m.roles[2]));
+        assert_eq!(m.worker_listen_fds()[&30][..], [3, 4]);
+    }
+
+    #[test]
     fn children_missing_some_of_the_masters_listeners_are_workers_of_the_rest() {
         // A master (10) with 80 and 81 at fds 3 and 4; its children 11 and
         // 12 closed 81, 13 kept both.
