@@ -1448,8 +1448,8 @@ fn apache_prefork_accept_mutex_pool_reads_the_same_whenever_the_daemon_starts() 
 
 /// raindrops' view of a listener: connections being served ("active"),
 /// read by one ruby process kept for the test. A `ruby` started per read
-/// takes 6 to 11 s to boot in an emulated guest: the clients' 5 s of load
-/// were over before the first sample.
+/// takes 6 to 11 s to boot in an emulated guest, longer than a test's load
+/// lasts: every sample would come after it.
 struct Raindrops {
     ruby: Child,
     replies: std::io::BufReader<std::process::ChildStdout>,

@@ -814,6 +814,8 @@ impl Membership {
                 set
             })
             .collect();
+        // Only the listeners' references are left: a set counts as shared
+        // (`HolderSet::is_shared`) where two listeners have it.
         drop(sets);
         let roles = handoffs.learn(views, &holders, &servers);
         handoffs.remember_comms(&mut comms);
