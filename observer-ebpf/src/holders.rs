@@ -114,7 +114,10 @@ pub unsafe extern "C" fn holders(ctx: *mut c_void) -> i32 {
                     fd,
                     sk,
                     inode,
-                    first: matches!(inheritance, Inheritance::First),
+                    first: match inheritance {
+                        Inheritance::First(mark) => Some(mark),
+                        _ => None,
+                    },
                 };
                 holder(seq, visit.process, socket, session, &off)
             }
@@ -132,8 +135,9 @@ struct HeldSocket {
     fd: u32,
     sk: u64,
     inode: u64,
-    /// No process held this file earlier in the scan (see [`Inheritance`]).
-    first: bool,
+    /// No process held this file earlier in the scan (see [`Inheritance`]):
+    /// its mark from an earlier scan, if the map still has one.
+    first: Option<Option<*mut InheritableListener>>,
 }
 
 /// Reports one socket of `process` (see the module's summary); false when
@@ -152,7 +156,7 @@ fn holder(
         return true;
     };
     let state: u8 = head.field(off.sk_state).unwrap_or(0);
-    let inheritable = (state == TCP_LISTEN && socket.first) as u8;
+    let inheritable = (state == TCP_LISTEN && socket.first.is_some()) as u8;
     let Some(record) = HOLDER.get_ptr_mut(0) else {
         return true;
     };
@@ -244,8 +248,9 @@ enum Inheritance {
     /// Its parent held the same file at the same fd earlier in the scan,
     /// and wrote the record.
     FromParent,
-    /// No process held it earlier in the scan.
-    First,
+    /// No process held it earlier in the scan; the mark an earlier scan
+    /// left, where the map has one, to be rewritten in place.
+    First(Option<*mut InheritableListener>),
     /// Another process held it first (a socket passed over a Unix socket,
     /// a grandparent's), or the same process at another fd.
     Other,
@@ -253,27 +258,30 @@ enum Inheritance {
 
 #[inline(always)]
 fn inheritance(file: u64, fd: u32, session: u64, process: &VisitedProcess) -> Inheritance {
-    let Some(first) = INHERITABLE.get_ptr(file) else {
-        return Inheritance::First;
+    let Some(mark) = INHERITABLE.get_ptr_mut(file) else {
+        return Inheritance::First(None);
     };
     // SAFETY: a value of our map, read at once (an LRU entry may be reused
     // under us; a torn read only costs a record written in full).
-    let first = unsafe { *first };
+    let first = unsafe { *mark };
     if first.session != session {
-        return Inheritance::First;
+        return Inheritance::First(Some(mark));
     }
     if first.tgid == process.ppid && first.fd == fd && process.ppid != 0 {
         Inheritance::FromParent
     } else if first.tgid == process.tgid && first.fd == fd {
         // This record again (it did not fit the output last time).
-        Inheritance::First
+        Inheritance::First(Some(mark))
     } else {
         Inheritance::Other
     }
 }
 
 /// Writes a listening socket's record; a first holder's file is remembered
-/// for the children that inherited it.
+/// for the children that inherited it: in the mark an earlier scan left,
+/// rewritten in place (the common case: a listener lives across many
+/// scrapes, and an LRU insert takes a free node and frees the old one), or
+/// in a new one.
 #[inline(always)]
 fn write_listener(
     seq: *mut seq_file,
@@ -287,9 +295,18 @@ fn write_listener(
             tgid: record.tgid,
             fd: socket.fd,
         };
-        // A full map forgets its oldest entry; a failed insert only costs
-        // the children's records, written in full.
-        let _ = INHERITABLE.insert(socket.file, first, 0);
+        match socket.first {
+            // SAFETY: a value of our map. Only holder walks insert into it,
+            // so only another walk running at once (a second daemon) can
+            // reuse this node for another file; the mark it then finds has
+            // another session, and costs a record written in full.
+            Some(Some(mark)) => unsafe { *mark = first },
+            // A full map forgets its oldest entry; a failed insert only
+            // costs the children's records, written in full.
+            _ => {
+                let _ = INHERITABLE.insert(socket.file, first, 0);
+            }
+        }
     }
     write(seq, record)
 }

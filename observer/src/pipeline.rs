@@ -406,8 +406,8 @@ impl Pipeline {
             accepts: std::mem::take(&mut listeners.exited_accepts),
             busy_seconds: sampled.retired_busy_seconds,
         };
-        self.slots
-            .assign(&mut pools, &finals, self.started.elapsed());
+        let now = self.started.elapsed();
+        st.time("slots", || self.slots.assign(&mut pools, &finals, now));
         for id in pools.serving() {
             self.aggregator.mark_traffic(id);
             listeners.mark_traffic(id);
@@ -476,7 +476,15 @@ impl Pipeline {
     /// Reads everything a collection needs from the kernel; writes nothing.
     fn observe(&mut self, st: &mut Stages) -> Result<KernelView> {
         let now = self.started.elapsed();
-        let walks = self.probes.walks(self.tcp_walk.due(now));
+        let probes = &self.probes;
+        // Beside the walks: the accepts, then which processes exist, in that
+        // order, so that every process with accepts is either in `alive` or
+        // gone (its accepts then final).
+        let (walks, beside) = probes.walks(self.tcp_walk.due(now), || {
+            let accepts = timed(|| probes.accepts());
+            let alive = timed(procfs::live_processes);
+            (accepts, alive)
+        });
         let (holders, seconds) = walks.holders;
         let resolving = Instant::now();
         let holders = HolderWalk::resolve(holders?, &mut self.short_children, &procfs::Fds);
@@ -507,8 +515,10 @@ impl Pipeline {
             }
             None => Vec::new(),
         };
-        let accepts = st.time("accepts_map", || self.probes.accepts())?;
-        let alive = st.time("processes", procfs::live_processes);
+        let ((accepts, accepts_seconds), (alive, alive_seconds)) = beside?;
+        st.set("accepts_map", accepts_seconds);
+        st.set("processes", alive_seconds);
+        let accepts = accepts?;
         let kernel_events_lost = self
             .probes
             .health()?
@@ -538,6 +548,13 @@ impl Pipeline {
             .set_watched_masters(&fds(&writes.watched.masters))?;
         self.probes.forget_accepts(&writes.forget_accepts)
     }
+}
+
+/// `f`'s result, and the seconds it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let started = Instant::now();
+    let out = f();
+    (out, started.elapsed().as_secs_f64())
 }
 
 /// When `iter/tcp` walks the daemon's namespace. Every listener a process

@@ -13,7 +13,7 @@
 //! its workers' totals over any window. Pure logic, no I/O.
 use std::{collections::BTreeMap, time::Duration};
 
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::HashMap;
 
 use crate::{
     sockets::ListenerId,
@@ -48,7 +48,10 @@ pub struct SlotCounts {
 /// The slots of every pool, kept from scrape to scrape.
 #[derive(Debug, Default)]
 pub struct Slots {
-    pools: HashMap<ListenerId, Vec<Slot>>,
+    /// By listener, sorted by id: the pools of a scrape come in the same
+    /// order, so each finds its slots at the next place, without hashing
+    /// (10,000 pools on a large host).
+    pools: Vec<(ListenerId, Vec<Slot>)>,
     pending: PendingBusy,
     /// When the last scrape assigned them.
     last: Option<Duration>,
@@ -212,27 +215,68 @@ impl Slots {
         let elapsed = self.last.map(|last| now.saturating_sub(last));
         self.last = Some(now);
         self.pending.add(&finals.busy_seconds);
-        let mut kept = HashMap::with_capacity(self.pools.len());
+        let mut before = SortedSlots::new(std::mem::take(&mut self.pools));
+        let mut kept = Vec::with_capacity(pools.pools.len());
         for pool in &mut pools.pools {
-            let mut slots = self.pools.remove(&pool.listener).unwrap_or_default();
-            let before = slots.len();
+            let mut slots = before.take(&pool.listener);
+            let known = slots.len();
             let exited = finals.accepts.get(&pool.listener);
             pool.vacant_slots =
                 assign_pool(&mut slots, &mut pool.workers, exited, &mut self.pending);
             // A new slot's rate starts from what it holds now, not from all
             // its first process accepted before.
-            for (no, slot) in slots.iter_mut().enumerate().skip(before) {
+            for (no, slot) in slots.iter_mut().enumerate().skip(known) {
                 slot.accepts_seen = slot.counts(no).accepts;
             }
             pool.busiest_accept_share = busiest_share(&mut slots, elapsed);
             // A listener without workers keeps no entry (most of them, on a
             // host of 10,000 listeners): a missing one reads as no slots.
             if !slots.is_empty() {
-                kept.insert(pool.listener, slots);
+                kept.push((pool.listener, slots));
             }
+        }
+        if !kept.is_sorted_by(|a, b| a.0 <= b.0) {
+            kept.sort_unstable_by_key(|(id, _)| *id);
         }
         self.pools = kept;
         self.pending.age();
+    }
+}
+
+/// The slots of the last scrape, sorted by listener, taken pool by pool.
+struct SortedSlots {
+    by_listener: Vec<(ListenerId, Vec<Slot>)>,
+    /// Where the next pool's are, when pools come in listener order.
+    next: usize,
+}
+
+impl SortedSlots {
+    fn new(by_listener: Vec<(ListenerId, Vec<Slot>)>) -> SortedSlots {
+        SortedSlots {
+            by_listener,
+            next: 0,
+        }
+    }
+
+    /// `listener`'s slots (none when it had none): looked for at the next
+    /// place first, else searched for (a listener new since the last
+    /// scrape, or pools out of order).
+    fn take(&mut self, listener: &ListenerId) -> Vec<Slot> {
+        let at = match self.by_listener.get(self.next) {
+            Some((id, _)) if id == listener => self.next,
+            _ => match self
+                .by_listener
+                .binary_search_by(|(id, _)| id.cmp(listener))
+            {
+                Ok(at) => at,
+                Err(at) => {
+                    self.next = at;
+                    return Vec::new();
+                }
+            },
+        };
+        self.next = at + 1;
+        std::mem::take(&mut self.by_listener[at].1)
     }
 }
 
@@ -244,18 +288,20 @@ fn assign_pool(
     exited: Option<&BTreeMap<u32, u64>>,
     pending: &mut PendingBusy,
 ) -> Vec<SlotCounts> {
-    let slot_of: HashMap<u32, usize> = slots
-        .iter()
-        .enumerate()
-        .filter_map(|(no, s)| Some((s.holder.as_ref()?.own.pid, no)))
-        .collect();
+    let slot_of = PidIndex::new(
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(no, s)| Some((s.holder.as_ref()?.own.pid, no)))
+            .collect(),
+    );
     // Slots whose process left first, so that a newcomer can take one.
-    let present: HashSet<u32> = workers.iter().map(|w| w.pid).collect();
+    let present = PidIndex::new(workers.iter().map(|w| (w.pid, 0)).collect());
     for slot in slots.iter_mut() {
         if slot
             .holder
             .as_ref()
-            .is_some_and(|h| !present.contains(&h.own.pid))
+            .is_some_and(|h| present.get(h.own.pid).is_none())
         {
             slot.retire(exited, pending);
         }
@@ -263,13 +309,13 @@ fn assign_pool(
     let comm = (workers.first().map(|w| w.comm.clone()))
         .or_else(|| slots.iter().find_map(|s| s.comm.clone()));
     for (pid, accepts) in exited.into_iter().flatten() {
-        if !slot_of.contains_key(pid) {
+        if slot_of.get(*pid).is_none() {
             count_exited(slots, (*pid, *accepts), pending, &comm);
         }
     }
     for w in workers.iter_mut() {
-        let (no, base) = match slot_of.get(&w.pid) {
-            Some(no) => (*no, Counted::default()),
+        let (no, base) = match slot_of.get(w.pid) {
+            Some(no) => (no, Counted::default()),
             None => (free_slot(slots), came_back(slots, w)),
         };
         slots[no].hold(w, base, pending);
@@ -281,6 +327,23 @@ fn assign_pool(
         .filter(|(_, s)| s.holder.is_none() && s.comm.is_some())
         .map(|(no, s)| s.counts(no))
         .collect()
+}
+
+/// Pids and a number each, sorted by pid: a pool's lookups by pid without
+/// a hash table (most pools are small, and 10,000 of them are assigned a
+/// scrape on a large host).
+struct PidIndex(Vec<(u32, usize)>);
+
+impl PidIndex {
+    fn new(mut pids: Vec<(u32, usize)>) -> PidIndex {
+        pids.sort_unstable_by_key(|(pid, _)| *pid);
+        PidIndex(pids)
+    }
+
+    fn get(&self, pid: u32) -> Option<usize> {
+        let at = self.0.binary_search_by_key(&pid, |(p, _)| *p).ok()?;
+        Some(self.0[at].1)
+    }
 }
 
 /// Counts a process that exited since the last scrape without holding a
@@ -409,6 +472,15 @@ mod tests {
         }
     }
 
+    impl Slots {
+        fn of(&self, listener: &ListenerId) -> &[Slot] {
+            self.pools
+                .iter()
+                .find(|(id, _)| id == listener)
+                .map_or(&[], |(_, slots)| slots)
+        }
+    }
+
     /// One pool, of `workers`, on the test's listener.
     fn one_pool(workers: Vec<WorkerView>) -> Pools {
         Pools {
@@ -474,6 +546,77 @@ mod tests {
         assert_eq!(pools.pools[0].workers[1].slot.busy_seconds, 2.0);
     }
 
+    /// Pools on `(port, workers)`, in the order given.
+    fn pools_on(ports: &[(u16, Vec<WorkerView>)]) -> Pools {
+        let pools = ports
+            .iter()
+            .map(|(port, workers)| PoolView {
+                listener: ListenerId::tcp(1, observer_common::AF_INET, id().addr, *port),
+                workers: workers.clone(),
+                dispatchers: vec![],
+                unread: Default::default(),
+                vacant_slots: vec![],
+                busiest_accept_share: None,
+            })
+            .collect();
+        Pools {
+            pools,
+            workers_over_cap: 0,
+        }
+    }
+
+    #[test]
+    fn each_pool_keeps_its_slots_as_listeners_come_and_go_in_any_order() {
+        let mut slots = Slots::default();
+        let none = Finals::default();
+        let mut first = pools_on(&[
+            (8001, vec![worker(10, 1, 0.0)]),
+            (8002, vec![worker(20, 2, 0.0)]),
+            (8003, vec![worker(30, 3, 0.0), worker(31, 4, 0.0)]),
+        ]);
+        slots.assign(&mut first, &none, Duration::ZERO);
+        // 8002 closed, 8000 is new, and the pools come out of order; 31
+        // exited after 6 accepts, and 32 took its place; 10 after 2, and 11.
+        let mut finals = Finals::default();
+        finals
+            .accepts
+            .insert(first.pools[2].listener, BTreeMap::from([(31, 6)]));
+        finals
+            .accepts
+            .insert(first.pools[0].listener, BTreeMap::from([(10, 2)]));
+        let mut second = pools_on(&[
+            (8003, vec![worker(32, 1, 0.0), worker(30, 5, 0.0)]),
+            (8000, vec![worker(40, 7, 0.0)]),
+            (8001, vec![worker(11, 1, 0.0)]),
+        ]);
+        slots.assign(&mut second, &finals, Duration::ZERO);
+        let seen = |pools: &Pools| -> Vec<Vec<(u32, u32, u64)>> {
+            pools
+                .pools
+                .iter()
+                .map(|p| {
+                    p.workers
+                        .iter()
+                        .map(|w| (w.pid, w.slot.no, w.slot.accepts))
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(
+            seen(&second),
+            vec![
+                vec![(32, 1, 7), (30, 0, 5)],
+                vec![(40, 0, 7)],
+                vec![(11, 0, 3)],
+            ]
+        );
+        // 8002's slots are gone: a pool there again starts afresh.
+        let mut third = pools_on(&[(8002, vec![worker(21, 1, 0.0)])]);
+        slots.assign(&mut third, &none, Duration::ZERO);
+        assert_eq!(seen(&third), vec![vec![(21, 0, 1)]]);
+        assert_eq!(slots.pools.len(), 1, "only the pools of the last scrape");
+    }
+
     #[test]
     fn slots_never_outnumber_the_most_workers_alive_at_once() {
         let mut slots = Slots::default();
@@ -488,7 +631,7 @@ mod tests {
             assert_eq!(seen.iter().map(|w| w.1).collect::<Vec<_>>(), vec![0, 1]);
             assert_eq!(seen[0].2, u64::from(round) + 1, "one accept per process");
         }
-        assert_eq!(slots.pools[&id()].len(), 2);
+        assert_eq!(slots.of(&id()).len(), 2);
     }
 
     #[test]
@@ -506,8 +649,8 @@ mod tests {
             scrape(&mut slots, vec![worker(12, 1, 0.25)], &finals),
             vec![(12, 0, 7)]
         );
-        assert_eq!(slots.pools[&id()].len(), 1);
-        assert_eq!(slots.pools[&id()][0].counts(0).busy_seconds, 1.75);
+        assert_eq!(slots.of(&id()).len(), 1);
+        assert_eq!(slots.of(&id())[0].counts(0).busy_seconds, 1.75);
     }
 
     #[test]
@@ -526,7 +669,7 @@ mod tests {
             scrape(&mut slots, vec![worker(11, 1, 0.25)], &exited),
             vec![(11, 0, 6)]
         );
-        assert_eq!(slots.pools[&id()][0].counts(0).busy_seconds, 1.65);
+        assert_eq!(slots.of(&id())[0].counts(0).busy_seconds, 1.65);
     }
 
     #[test]
@@ -547,7 +690,8 @@ mod tests {
             &none,
         );
         let total: u64 = back.iter().map(|w| w.2).sum::<u64>()
-            + slots.pools[&id()]
+            + slots
+                .of(&id())
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.holder.is_none())

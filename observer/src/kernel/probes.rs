@@ -258,37 +258,37 @@ impl Probes {
         read_holders(&self.holders)
     }
 
-    /// The holder walk ([`Probes::holders`]) and, when `tcp`, the `iter/tcp`
-    /// walk ([`Probes::listeners`]) beside it on a second thread: two
-    /// independent kernel walks, so a collection waits for the longer of
-    /// the two, not for their sum. Each comes with its own seconds.
-    pub fn walks(&self, tcp: bool) -> Walks {
+    /// The holder walk ([`Probes::holders`]) and, on a second thread beside
+    /// it, the `iter/tcp` walk ([`Probes::listeners`]) when `tcp`, then
+    /// `beside`: work that needs neither walk. A collection then waits for
+    /// the longer of the two threads, not for their sum. Each walk comes
+    /// with its own seconds.
+    pub fn walks<T: Send>(
+        &self,
+        tcp: bool,
+        beside: impl FnOnce() -> T + Send,
+    ) -> (Walks, Result<T>) {
         // The links, not `self`: the second thread needs only its own.
         let (holders, listeners) = (&self.holders, &self.listeners);
-        let walk_holders = || timed(|| read_holders(holders));
-        let walk_tcp = || timed(|| read_listeners(listeners));
-        if !tcp {
-            return Walks {
-                holders: walk_holders(),
-                listeners: None,
-            };
-        }
+        let beside = std::sync::Mutex::new(Some(beside));
+        // Run by the second thread, or here when none can be had.
+        let second = || {
+            let listeners = tcp.then(|| timed(|| read_listeners(listeners)));
+            let beside = beside.lock().ok().and_then(|mut job| job.take());
+            (listeners, beside.map(|job| job()))
+        };
         std::thread::scope(|scope| {
-            let beside = std::thread::Builder::new()
-                .name("iter-tcp".into())
-                .spawn_scoped(scope, walk_tcp);
-            let holders = walk_holders();
-            let listeners = match beside {
-                Ok(thread) => thread
-                    .join()
-                    .unwrap_or_else(|_| (Err(anyhow!("the iter/tcp walk's thread panicked")), 0.0)),
-                // No thread to spare: one walk after the other.
-                Err(_) => walk_tcp(),
+            let spawned = std::thread::Builder::new()
+                .name("collect-beside".into())
+                .spawn_scoped(scope, second);
+            let holders = timed(|| read_holders(holders));
+            let (listeners, beside) = match spawned {
+                Ok(thread) => thread.join().unwrap_or((None, None)),
+                Err(_) => second(),
             };
-            Walks {
-                holders,
-                listeners: Some(listeners),
-            }
+            let beside =
+                beside.ok_or_else(|| anyhow!("the thread beside the holder walk panicked"));
+            (Walks { holders, listeners }, beside)
         })
     }
 
