@@ -288,33 +288,43 @@ impl Handoffs {
                 Arc::new(roles(holding, fed, known))
             };
             remember(&mut self.dispatchers, id, &r.dispatchers);
-            let before = self.masters.remove(id).unwrap_or_default();
-            let masters: BTreeMap<u32, MasterSeen> = r
-                .masters
-                .iter()
-                .map(|pid| {
-                    let has_child = r.lone_masters.binary_search(pid).is_err();
-                    let seen = MasterSeen {
-                        accepted: accepted(pid),
-                        alone: match before.get(pid) {
-                            Some(seen) if !has_child => seen.alone.saturating_add(1),
-                            _ => 0,
-                        },
-                    };
-                    (*pid, seen)
-                })
-                .collect();
-            if !masters.is_empty() {
-                self.masters.insert(*id, masters);
+            // A listener without masters now keeps none: its entry goes
+            // below, with those of listeners gone.
+            if !r.masters.is_empty() {
+                self.remember_masters(id, &r, accepted);
             }
             roles_of[no] = r;
         }
         self.dispatchers
             .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
-        self.masters
-            .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
+        self.masters.retain(|id, _| {
+            number(id).is_some_and(|no| !holders[no].is_empty() && !roles_of[no].masters.is_empty())
+        });
         self.forget_empty();
         roles_of
+    }
+
+    /// Keeps what is known of listener `id`'s masters now: what each had
+    /// accepted, and how many collections in a row it held the listener
+    /// alone.
+    fn remember_masters(&mut self, id: &ListenerId, r: &Roles, accepted: impl Fn(&u32) -> u64) {
+        let before = self.masters.remove(id).unwrap_or_default();
+        let masters: BTreeMap<u32, MasterSeen> = r
+            .masters
+            .iter()
+            .map(|pid| {
+                let has_child = r.lone_masters.binary_search(pid).is_err();
+                let seen = MasterSeen {
+                    accepted: accepted(pid),
+                    alone: match before.get(pid) {
+                        Some(seen) if !has_child => seen.alone.saturating_add(1),
+                        _ => 0,
+                    },
+                };
+                (*pid, seen)
+            })
+            .collect();
+        self.masters.insert(*id, masters);
     }
 }
 
