@@ -29,7 +29,7 @@ use crate::{
         host,
         iter::IterLink,
         offsets,
-        probes::{self, AcceptSource, Probes},
+        probes::{self, AcceptSource, Probes, timed},
         procfs,
     },
     sampler::{self, SamplerCost, ThreadSampler, ThreadSource, WorkerActivity},
@@ -69,9 +69,7 @@ pub struct Stages(pub Vec<(&'static str, f64)>);
 impl Stages {
     /// Runs `f`, adding its time to `stage`.
     pub fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> T) -> T {
-        let started = Instant::now();
-        let out = f();
-        let seconds = started.elapsed().as_secs_f64();
+        let (out, seconds) = timed(f);
         match self.0.iter_mut().find(|(name, _)| *name == stage) {
             Some((_, total)) => *total += seconds,
             None => self.0.push((stage, seconds)),
@@ -548,13 +546,6 @@ impl Pipeline {
             .set_watched_masters(&fds(&writes.watched.masters))?;
         self.probes.forget_accepts(&writes.forget_accepts)
     }
-}
-
-/// `f`'s result, and the seconds it took.
-fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let started = Instant::now();
-    let out = f();
-    (out, started.elapsed().as_secs_f64())
 }
 
 /// When `iter/tcp` walks the daemon's namespace. Every listener a process

@@ -97,7 +97,8 @@ fn read_holders(link: &IterLink) -> Result<RawWalk> {
     Ok(holders::parse(&bytes))
 }
 
-fn timed<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, f64) {
+/// `f`'s result, and the seconds it took.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let started = std::time::Instant::now();
     let out = f();
     (out, started.elapsed().as_secs_f64())
