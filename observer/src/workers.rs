@@ -35,7 +35,7 @@ use crate::{
     kernel::holders::{HolderWalk, Inheritor},
     sampler::WorkerActivity,
     slots::SlotCounts,
-    sockets::{ListenSocket, ListenerId},
+    sockets::{ByListener, ListenSocket, ListenerId},
 };
 
 /// A process's name (`comm`), shared by every view that shows it.
@@ -153,8 +153,9 @@ pub struct Handoffs {
     /// one in the moment between a worker's exit and its replacement's
     /// fork, when it holds the listener alone, but not once it accepts
     /// (a server whose fork was caught before its exec: a CGI, a
-    /// subprocess) or after [`MASTER_ALONE`] collections alone.
-    masters: BTreeMap<ListenerId, BTreeMap<u32, MasterSeen>>,
+    /// subprocess) or after [`MASTER_ALONE`] collections alone. Only
+    /// listeners with masters have an entry.
+    masters: ByListener<BTreeMap<u32, MasterSeen>>,
     /// Fed workers' names, from when they were seen: one between
     /// connections holds nothing that would name it.
     comms: HashMap<u32, Comm>,
@@ -195,7 +196,7 @@ impl Handoffs {
     fn forget_empty(&mut self) {
         self.fed.retain(|_, fed| !fed.is_empty());
         self.dispatchers.retain(|_, d| !d.is_empty());
-        self.masters.retain(|_, m| !m.is_empty());
+        self.masters.retain(|m| !m.is_empty());
     }
 
     /// Learns this collection's fed workers (processes holding a
@@ -213,6 +214,10 @@ impl Handoffs {
         servers: &BTreeMap<ListenerNo, BTreeMap<u32, u32>>,
     ) -> Vec<Arc<Roles>> {
         let number = |id: &ListenerId| listeners.binary_search_by(|v| v.id.cmp(id)).ok();
+        // Taken listener by listener, in order; what is not taken (a
+        // listener gone, or held by no one now) is forgotten.
+        let mut masters_before = std::mem::take(&mut self.masters);
+        let mut masters_now = Vec::new();
         self.fed.retain(|id, _| number(id).is_some());
         for (no, servers) in servers {
             let holding = &holders[*no];
@@ -228,8 +233,11 @@ impl Handoffs {
         let mut roles_of: Vec<Arc<Roles>> = (0..listeners.len()).map(|_| nobody.clone()).collect();
         // Listeners with the very same set of holders (a pool holding many
         // listeners, one process holding thousands) and nothing known of
-        // them but their masters share one computation.
+        // them but their masters share one computation: looked up by the
+        // set alone where nothing else is known (most listeners), a key
+        // that hashes as one number.
         let mut shared: HashMap<(usize, Vec<u32>, Vec<u32>), Arc<Roles>> = HashMap::new();
+        let mut shared_plain: HashMap<usize, Arc<Roles>> = HashMap::new();
         let (no_one, no_one_else) = (BTreeMap::new(), BTreeSet::new());
         for (no, (view, holding)) in listeners.iter().zip(holders).enumerate() {
             let id = &view.id;
@@ -251,11 +259,9 @@ impl Handoffs {
                 dispatchers.retain(|pid| holds(holding, *pid));
             }
             let accepted = |pid: &u32| view.by_process.get(pid).map_or(0, |a| a.accepted);
-            let known_masters: BTreeSet<u32> = self
-                .masters
-                .get(id)
-                .into_iter()
-                .flatten()
+            let masters_seen = masters_before.take(id);
+            let known_masters: BTreeSet<u32> = masters_seen
+                .iter()
                 .filter(|(pid, seen)| seen.still_master(holds(holding, **pid), accepted(pid)))
                 .map(|(pid, _)| *pid)
                 .collect();
@@ -275,57 +281,60 @@ impl Handoffs {
                 && known.dispatchers.is_empty()
                 && (holding.len() > FEW_PROCESSES || holding.is_shared())
             {
-                let key = (
-                    holding.identity(),
-                    known_masters.iter().copied().collect(),
-                    serving.iter().copied().collect(),
-                );
-                shared
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(roles(holding, fed, known)))
-                    .clone()
+                let compute = || Arc::new(roles(holding, fed, known));
+                if known_masters.is_empty() && serving.is_empty() {
+                    shared_plain
+                        .entry(holding.identity())
+                        .or_insert_with(compute)
+                        .clone()
+                } else {
+                    let key = (
+                        holding.identity(),
+                        known_masters.iter().copied().collect(),
+                        serving.iter().copied().collect(),
+                    );
+                    shared.entry(key).or_insert_with(compute).clone()
+                }
             } else {
                 Arc::new(roles(holding, fed, known))
             };
             remember(&mut self.dispatchers, id, &r.dispatchers);
-            // A listener without masters now keeps none: its entry goes
-            // below, with those of listeners gone.
+            // A listener without masters now keeps none.
             if !r.masters.is_empty() {
-                self.remember_masters(id, &r, accepted);
+                masters_now.push((*id, masters_seen_now(&r, &masters_seen, accepted)));
             }
             roles_of[no] = r;
         }
         self.dispatchers
             .retain(|id, _| number(id).is_some_and(|no| !holders[no].is_empty()));
-        self.masters.retain(|id, _| {
-            number(id).is_some_and(|no| !holders[no].is_empty() && !roles_of[no].masters.is_empty())
-        });
+        self.masters = ByListener::new(masters_now);
         self.forget_empty();
         roles_of
     }
+}
 
-    /// Keeps what is known of listener `id`'s masters now: what each had
-    /// accepted, and how many collections in a row it held the listener
-    /// alone.
-    fn remember_masters(&mut self, id: &ListenerId, r: &Roles, accepted: impl Fn(&u32) -> u64) {
-        let before = self.masters.remove(id).unwrap_or_default();
-        let masters: BTreeMap<u32, MasterSeen> = r
-            .masters
-            .iter()
-            .map(|pid| {
-                let has_child = r.lone_masters.binary_search(pid).is_err();
-                let seen = MasterSeen {
-                    accepted: accepted(pid),
-                    alone: match before.get(pid) {
-                        Some(seen) if !has_child => seen.alone.saturating_add(1),
-                        _ => 0,
-                    },
-                };
-                (*pid, seen)
-            })
-            .collect();
-        self.masters.insert(*id, masters);
-    }
+/// What is known of a listener's masters now (`r.masters`): what each had
+/// accepted, and how many collections in a row it held the listener alone
+/// (`before`: as the last collection saw them).
+fn masters_seen_now(
+    r: &Roles,
+    before: &BTreeMap<u32, MasterSeen>,
+    accepted: impl Fn(&u32) -> u64,
+) -> BTreeMap<u32, MasterSeen> {
+    r.masters
+        .iter()
+        .map(|pid| {
+            let has_child = r.lone_masters.binary_search(pid).is_err();
+            let seen = MasterSeen {
+                accepted: accepted(pid),
+                alone: match before.get(pid) {
+                    Some(seen) if !has_child => seen.alone.saturating_add(1),
+                    _ => 0,
+                },
+            };
+            (*pid, seen)
+        })
+        .collect()
 }
 
 /// How many collections in a row a master may hold its listener alone
@@ -698,12 +707,14 @@ impl Membership {
         let index = &listeners.index;
         // Each listening socket's listener, by inode: a holder record's
         // listener in one lookup of a number.
-        let numbers: HashMap<u64, ListenerNo> = views
-            .iter()
-            .enumerate()
-            .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
-            .filter(|(inode, _)| *inode != 0) // iter/tcp's socket without a file
-            .collect();
+        let mut numbers: HashMap<u64, ListenerNo> = HashMap::with_capacity(views.len());
+        numbers.extend(
+            views
+                .iter()
+                .enumerate()
+                .flat_map(|(no, v)| v.sockets.iter().map(move |s| (s.inode, no)))
+                .filter(|(inode, _)| *inode != 0), // iter/tcp's socket without a file
+        );
         // (listener, holder) for every record of a holder's own: one vector
         // for all, sorted below, not one per listener.
         let mut own: Vec<(ListenerNo, Process)> = Vec::with_capacity(walk.holdings.len());
